@@ -1,0 +1,139 @@
+"""Every refusal and failure the sidecar returns, and the one mapping to HTTP.
+
+The hierarchy::
+
+    SidecarError                      status  code
+    ├── BadRequest                    400     bad_request
+    ├── InvalidClientId               400     invalid_client_id
+    ├── MissingIdentity               401     missing_identity
+    ├── InvalidToken                  401     invalid_token
+    ├── ClientNotAllowed              403     client_not_allowed
+    ├── DestinationNotAllowed         403     destination_not_allowed
+    ├── NoCredential                  403     no_credential
+    ├── UnknownUpstream               404     unknown_upstream
+    ├── UpstreamUnreachable           502     upstream_unreachable
+    ├── SecretStoreUnavailable        503     secret_store_unavailable
+    └── UpstreamTimeout               504     upstream_timeout
+
+    ConfigError (not an HTTP error: a list of "field.path: problem" lines)
+
+Messages are written by us, never copied from a library exception, so no
+secret or URL with an injected key can reach a response or a log line through
+them. ``reason`` is a short machine-readable detail for the access log (for
+example ``expired`` for an invalid token); it is never a secret either.
+"""
+
+from __future__ import annotations
+
+import json
+
+
+class SidecarError(Exception):
+    """A refusal or failure that becomes the contract's JSON error response."""
+
+    status = 500
+    code = "internal_error"
+    default_message = "The sidecar failed to handle the request."
+
+    def __init__(self, message: str | None = None, *, reason: str | None = None) -> None:
+        self.message = message or self.default_message
+        self.reason = reason or self.code
+        super().__init__(self.message)
+
+    def body(self) -> bytes:
+        """The JSON body sent to the app."""
+        return json.dumps({"error": self.code, "message": self.message}).encode()
+
+
+class BadRequest(SidecarError):
+    status = 400
+    code = "bad_request"
+    default_message = "The request is malformed and will not be forwarded."
+
+
+class InvalidClientId(SidecarError):
+    status = 400
+    code = "invalid_client_id"
+    default_message = (
+        "The client ID must match ^[A-Za-z0-9][A-Za-z0-9._@+=-]{0,127}$."
+    )
+
+
+class MissingIdentity(SidecarError):
+    status = 401
+    code = "missing_identity"
+    default_message = "No client identity was sent with the request."
+
+
+class InvalidToken(SidecarError):
+    status = 401
+    code = "invalid_token"
+    default_message = "The identity token is missing, expired or not valid."
+
+
+class ClientNotAllowed(SidecarError):
+    status = 403
+    code = "client_not_allowed"
+    default_message = "This client may not use this upstream."
+
+
+class DestinationNotAllowed(SidecarError):
+    status = 403
+    code = "destination_not_allowed"
+    default_message = "The destination is not a configured upstream."
+
+
+class NoCredential(SidecarError):
+    status = 403
+    code = "no_credential"
+    default_message = "No credential is stored for this client and upstream."
+
+
+class UnknownUpstream(SidecarError):
+    status = 404
+    code = "unknown_upstream"
+    default_message = "No upstream is configured under this name."
+
+
+class UpstreamUnreachable(SidecarError):
+    status = 502
+    code = "upstream_unreachable"
+    default_message = "The upstream could not be reached."
+
+
+class SecretStoreUnavailable(SidecarError):
+    status = 503
+    code = "secret_store_unavailable"
+    default_message = "The secret store is unavailable and no cached credential can be used."
+
+
+class UpstreamTimeout(SidecarError):
+    status = 504
+    code = "upstream_timeout"
+    default_message = "The upstream did not answer in time."
+
+
+ERROR_CODES: tuple[str, ...] = tuple(
+    cls.code
+    for cls in (
+        BadRequest,
+        InvalidClientId,
+        MissingIdentity,
+        InvalidToken,
+        ClientNotAllowed,
+        DestinationNotAllowed,
+        NoCredential,
+        UnknownUpstream,
+        UpstreamUnreachable,
+        SecretStoreUnavailable,
+        UpstreamTimeout,
+    )
+)
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; ``problems`` holds one "path: message" line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))

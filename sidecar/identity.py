@@ -1,0 +1,105 @@
+"""Request headers in, client ID out: the forwarded header, or a verified JWT.
+
+Header mode trusts the pod: whoever can reach the sidecar's port can name any
+client. JWT mode (``identity.jwt``) takes the client ID from a token whose
+signature the sidecar verifies itself; see ``sidecar/tokens.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from sidecar.config import CLIENT_ID_PATTERN, IdentitySettings
+from sidecar.errors import BadRequest, InvalidClientId, MissingIdentity
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who is calling: the client ID, and for JWT callers the scopes and groups held."""
+
+    client_id: str
+    source: str = "header"  # header | jwt | default
+    scopes: frozenset[str] = field(default_factory=frozenset)
+
+
+class HeaderReader(Protocol):
+    """The part of a multidict the resolvers need."""
+
+    def getall(self, key: str, default: list[str] = ...) -> list[str]: ...
+
+
+class IdentityResolver(Protocol):
+    """Turns request headers into an Identity or raises a SidecarError."""
+
+    #: lower-case header names that carried identity; they never reach the upstream
+    strip_headers: frozenset[str]
+
+    async def start(self) -> None:
+        """Warm up (JWT mode loads the keys); failures are logged, not raised."""
+
+    async def resolve(self, headers: HeaderReader) -> Identity: ...
+
+    async def close(self) -> None: ...
+
+
+def validate_client_id(client_id: str) -> str:
+    """Refuse IDs that could escape a secret-name template (``/``, ``..``, ARNs, length)."""
+    if CLIENT_ID_PATTERN.fullmatch(client_id) is None:
+        raise InvalidClientId()
+    return client_id
+
+
+def single_header(headers: HeaderReader, name: str) -> str | None:
+    """The one value of ``name``; two differing values are ambiguous and refused."""
+    values = headers.getall(name, [])
+    if not values:
+        return None
+    if len(values) > 1 and any(v != values[0] for v in values[1:]):
+        raise BadRequest(f"The request carries more than one {name} header.", reason="duplicate_identity")
+    return values[0]
+
+
+class HeaderIdentity:
+    """Trust the client ID the MCP server forwards in a header (``X-Client-Id``)."""
+
+    def __init__(self, settings: IdentitySettings) -> None:
+        self.header = settings.header
+        self.default = settings.default_client_id
+        self.strip_headers = frozenset({settings.header.lower()})
+
+    async def resolve(self, headers: HeaderReader) -> Identity:
+        value = single_header(headers, self.header)
+        if value is None or value == "":
+            if self.default is None:
+                raise MissingIdentity(f"No {self.header} header and no default client ID.")
+            return Identity(self.default, "default")
+        return Identity(validate_client_id(value), "header")
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+def build_identity_resolver(settings: IdentitySettings) -> IdentityResolver:
+    """Header mode, or JWT mode when ``identity.jwt`` is configured."""
+    if settings.jwt is not None:
+        from sidecar.tokens import JwtIdentity
+
+        return JwtIdentity(settings)
+    return HeaderIdentity(settings)
+
+
+def claim_strings(claims: Mapping[str, object], *names: str) -> frozenset[str]:
+    """Collect string values (space-separated or list) of the named claims."""
+    out: set[str] = set()
+    for name in names:
+        value = claims.get(name)
+        if isinstance(value, str):
+            out.update(value.split())
+        elif isinstance(value, list):
+            out.update(v for v in value if isinstance(v, str))
+    return frozenset(out)

@@ -1,0 +1,66 @@
+"""Every metric the sidecar exports, declared in one place.
+
+Labels are bounded by construction: upstream names come from the config,
+statuses are HTTP codes, reasons are error codes or short fixed words. A client
+ID, a path or a secret never becomes a label.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+# Requests the data plane answered, by upstream ("-" when none matched) and status.
+REQUESTS = Counter(
+    "sidecar_requests", "Proxied or refused requests.", ["upstream", "status"], registry=REGISTRY
+)
+# Time from request start to the end of the streamed response.
+REQUEST_DURATION = Histogram(
+    "sidecar_request_duration_seconds",
+    "Request duration including the streamed body.",
+    ["upstream"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+# Secret cache outcomes: hit, miss, stale, negative, error.
+SECRET_LOOKUPS = Counter(
+    "sidecar_secret_lookups", "Secret lookups by cache outcome.", ["result"], registry=REGISTRY
+)
+# Time spent in the secret store per fetch.
+SECRET_FETCH_DURATION = Histogram(
+    "sidecar_secret_fetch_duration_seconds",
+    "Secret store fetch duration.",
+    ["backend"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+# Store failures by kind: not_found, access_denied, throttled, timeout, unavailable, invalid.
+SECRET_STORE_ERRORS = Counter(
+    "sidecar_secret_store_errors", "Secret store failures by kind.", ["backend", "kind"], registry=REGISTRY
+)
+# Entries currently held by the secret cache (positive and negative).
+SECRET_CACHE_ENTRIES = Gauge("sidecar_secret_cache_entries", "Entries in the secret cache.", registry=REGISTRY)
+# Refusals by the contract's error code.
+DENIED = Counter("sidecar_denied", "Requests refused or failed by the sidecar.", ["reason"], registry=REGISTRY)
+# Requests in flight on the data plane.
+INFLIGHT = Gauge("sidecar_inflight_requests", "Requests being handled.", registry=REGISTRY)
+# Connection-level failures talking to upstreams: connect, tls, timeout, protocol, forbidden_address.
+UPSTREAM_ERRORS = Counter(
+    "sidecar_upstream_errors", "Upstream connection failures by kind.", ["upstream", "kind"], registry=REGISTRY
+)
+# Upstream 401/403 answers that led to a refetch of the client's secret; result: replayed, unchanged, not_replayable.
+ROTATIONS = Counter(
+    "sidecar_secret_rotations", "Credential refreshes after an upstream refused a key.", ["upstream", "result"],
+    registry=REGISTRY,
+)
+# JWKS fetches by result: ok, error, cooldown (a refresh that was skipped).
+JWKS_REFRESHES = Counter("sidecar_jwks_refreshes", "JWKS fetches by result.", ["result"], registry=REGISTRY)
+# Verified-token cache outcomes: hit, miss.
+TOKEN_CACHE = Counter("sidecar_token_cache", "Verified token cache lookups.", ["result"], registry=REGISTRY)
+# Config reloads by result: ok, invalid.
+CONFIG_RELOADS = Counter("sidecar_config_reloads", "SIGHUP config reloads.", ["result"], registry=REGISTRY)
+# 1 while /readyz answers 200.
+READY = Gauge("sidecar_ready", "1 when ready to serve.", registry=REGISTRY)
