@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from multidict import CIMultiDict, CIMultiDictProxy
+
 from sidecar.config import CLIENT_ID_PATTERN, IdentitySettings
 from sidecar.errors import BadRequest, InvalidClientId, MissingIdentity
 
@@ -24,10 +26,8 @@ class Identity:
     scopes: frozenset[str] = field(default_factory=frozenset)
 
 
-class HeaderReader(Protocol):
-    """The part of a multidict the resolvers need."""
-
-    def getall(self, key: str, default: list[str] = ...) -> list[str]: ...
+#: Request headers as aiohttp hands them over (case-insensitive multidict).
+HeaderReader = CIMultiDictProxy[str] | CIMultiDict[str]
 
 
 class IdentityResolver(Protocol):

@@ -1,0 +1,126 @@
+"""Logging: JSON (or text) lines on stdout, and the one access line per request.
+
+The access line is built by hand and written straight to stdout: the stdlib
+logging chain (records, filters, formatters) costs several times more per
+request. Writes are flushed at most every FLUSH_SECONDS so a busy sidecar does
+not make one syscall per request, and a quiet one still shows its lines at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from aiohttp.web import BaseRequest
+
+    from sidecar.proxy import _Record
+
+FLUSH_SECONDS = 0.05
+#: Attributes every LogRecord has; anything else came in through ``extra=`` and is logged.
+_STANDARD = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime", "taskName"}
+
+
+def _timestamp(now: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: ts, level, logger, message and the ``extra`` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": _timestamp(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD:
+                line[key] = value
+        if record.exc_info and record.exc_info[0] is not None:
+            # The type only: exception text from libraries can carry URLs with keys.
+            line["exception"] = record.exc_info[0].__name__
+        return json.dumps(line, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """Human-readable lines for local runs."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        extras = " ".join(f"{k}={v}" for k, v in vars(record).items() if k not in _STANDARD)
+        text = f"{_timestamp(record.created)} {record.levelname:<7} {record.name}: {record.getMessage()}"
+        if record.exc_info and record.exc_info[0] is not None:
+            text += f" exception={record.exc_info[0].__name__}"
+        return f"{text} {extras}" if extras else text
+
+
+def configure_logging(level: str, fmt: str, stream: TextIO | None = None) -> None:
+    """Send every logger to stdout in the chosen format; quiet aiohttp's own access log."""
+    handler = logging.StreamHandler(stream or sys.stdout)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # botocore logs request details at debug; never let it speak below warning.
+    for noisy in ("botocore", "boto3", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class AccessLog:
+    """Writes the canonical request line."""
+
+    def __init__(self, fmt: str = "json", stream: TextIO | None = None) -> None:
+        self.fmt = fmt
+        self.stream = stream or sys.stdout
+        self._flush_pending = False
+
+    def request(self, request: BaseRequest, rec: _Record, elapsed: float) -> None:
+        path = request.raw_path
+        if rec.mode == "proxy":
+            # Absolute form: keep scheme://host/path, never userinfo or query.
+            path = path.split("?", 1)[0].split("#", 1)[0]
+        else:
+            path = path.split("?", 1)[0]
+        entry: dict[str, Any] = {
+            "ts": _timestamp(time.time()),
+            "event": "request",
+            "mode": rec.mode,
+            "client_id": rec.client_id,
+            "identity": rec.identity,
+            "upstream": rec.upstream,
+            "method": request.method,
+            "path": path[:512],
+            "status": rec.status,
+            "duration_ms": round(elapsed * 1000, 3),
+            "cache": rec.cache,
+        }
+        if rec.error is not None:
+            entry["error"] = rec.error
+        if rec.reason is not None:
+            entry["reason"] = rec.reason
+        if self.fmt == "json":
+            line = json.dumps(entry)
+        else:
+            line = " ".join(f"{k}={v}" for k, v in entry.items() if v is not None)
+        self.stream.write(line + "\n")
+        if not self._flush_pending:
+            self._flush_pending = True
+            try:
+                asyncio.get_running_loop().call_later(FLUSH_SECONDS, self._flush)
+            except RuntimeError:
+                self._flush()
+
+    def _flush(self) -> None:
+        self._flush_pending = False
+        try:
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass

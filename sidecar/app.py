@@ -1,0 +1,333 @@
+"""Wiring: build the runtime from settings, serve both listeners, reload, drain.
+
+Lifecycle::
+
+    start ─▶ backend + identity + upstreams ─▶ listeners bound ─▶ prefetch ─▶ ready
+    SIGHUP ─▶ load + validate ─▶ new Runtime swapped in (in-flight requests keep theirs)
+    SIGTERM ─▶ not ready ─▶ listener closed ─▶ in-flight finish (≤ grace) ─▶ exit 0
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from sidecar import metrics
+from sidecar.access_log import AccessLog, configure_logging
+from sidecar.admin import build_admin_app
+from sidecar.config import SecretsSettings, Settings, load_settings
+from sidecar.errors import ConfigError, NoCredential, SecretStoreUnavailable
+from sidecar.identity import IdentityResolver, build_identity_resolver
+from sidecar.proxy import DataPlane, Runtime
+from sidecar.secrets.base import SecretBackend, StoreError
+from sidecar.secrets.cache import SecretCache
+from sidecar.upstream import Upstream
+
+log = logging.getLogger("sidecar.app")
+
+#: Longest wait between prefetch attempts while the store is failing.
+PREFETCH_MAX_BACKOFF = 30.0
+#: Largest request line or header the data plane accepts (aiohttp default is 8190).
+MAX_HEADER_BYTES = 16 * 1024
+
+
+class StartupError(Exception):
+    """The sidecar cannot start (a port in use, an unreadable secrets file, no AWS region)."""
+
+
+def build_backend(settings: SecretsSettings) -> SecretBackend:
+    """The configured store; boto3 is imported only for the AWS backend."""
+    if settings.backend == "aws":
+        from sidecar.secrets.aws import AwsBackend
+
+        return AwsBackend(settings.aws)
+    from sidecar.secrets.file import FileBackend
+
+    assert settings.file.path is not None
+    return FileBackend(settings.file.path)
+
+
+@dataclass
+class _Parts:
+    """The long-lived objects a Runtime is assembled from; kept across reloads when unchanged."""
+
+    settings: Settings
+    backend: SecretBackend
+    cache: SecretCache
+    identity: IdentityResolver
+    upstreams: dict[str, Upstream]
+
+
+class Sidecar:
+    """The running process: listeners, current runtime, readiness."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.ready = False
+        self.draining = False
+        self._parts: _Parts | None = None
+        self._plane: DataPlane | None = None
+        self._data_runner: web.ServerRunner | None = None
+        self._admin_runner: web.AppRunner | None = None
+        self._prefetch_task: asyncio.Task[None] | None = None
+        self._retire_tasks: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------------ start
+
+    async def start(self) -> None:
+        """Build everything and bind both listeners; raises StartupError."""
+        parts = await self._build(self.settings, None)
+        self._parts = parts
+        self._plane = DataPlane(self._runtime(parts), AccessLog(self.settings.log.format))
+        s = self.settings
+        server = web.Server(
+            self._plane.handle,
+            access_log=None,
+            max_line_size=MAX_HEADER_BYTES,
+            max_field_size=MAX_HEADER_BYTES,
+        )
+        self._data_runner = web.ServerRunner(server, shutdown_timeout=s.shutdown_grace_seconds)
+        self._admin_runner = web.AppRunner(
+            build_admin_app(lambda: self.ready and not self.draining), access_log=None
+        )
+        await self._data_runner.setup()
+        await self._admin_runner.setup()
+        try:
+            await web.TCPSite(self._admin_runner, s.admin_listen.host, s.admin_listen.port).start()
+            await web.TCPSite(self._data_runner, s.listen.host, s.listen.port).start()
+        except OSError as exc:
+            await self._close_parts(parts)
+            raise StartupError(f"cannot listen: {exc.strerror or exc}") from None
+        log.info(
+            "listening",
+            extra={
+                "listen": self.bound_address(self._data_runner),
+                "admin_listen": self.bound_address(self._admin_runner),
+                "upstreams": sorted(s.upstreams),
+                "backend": s.secrets.backend,
+                "identity": "jwt" if s.identity.jwt else "header",
+            },
+        )
+        self._prefetch_task = asyncio.get_running_loop().create_task(self._prefetch_then_ready(parts))
+
+    @staticmethod
+    def bound_address(runner: web.BaseRunner | None) -> str | None:
+        if runner is None or not runner.addresses:
+            return None
+        host, port = runner.addresses[0][:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    async def _build(self, settings: Settings, previous: _Parts | None) -> _Parts:
+        """Build the parts for ``settings``, reusing unchanged ones from ``previous``."""
+        if previous is not None and previous.settings.secrets == settings.secrets:
+            backend, cache = previous.backend, previous.cache
+        else:
+            backend = build_backend(settings.secrets)
+            try:
+                await backend.start()
+            except StoreError as exc:
+                raise StartupError(f"secrets.{settings.secrets.backend}: {exc.detail or exc.kind}") from None
+            except Exception as exc:
+                raise StartupError(f"secrets.{settings.secrets.backend}: {exc}") from None
+            cache = SecretCache(backend, settings.secrets.cache)
+            backend.on_change = cache.clear
+        if previous is not None and previous.settings.identity == settings.identity:
+            identity = previous.identity
+        else:
+            identity = build_identity_resolver(settings.identity)
+            await identity.start()
+        upstreams: dict[str, Upstream] = {}
+        for name, up_settings in settings.upstreams.items():
+            old = previous.upstreams.get(name) if previous is not None else None
+            if old is not None and old.settings == up_settings:
+                upstreams[name] = old
+                continue
+            upstream = Upstream(up_settings)
+            await upstream.start()
+            upstreams[name] = upstream
+        return _Parts(settings, backend, cache, identity, upstreams)
+
+    @staticmethod
+    def _runtime(parts: _Parts) -> Runtime:
+        by_origin: dict[tuple[str, int], Upstream] = {}
+        for up in parts.upstreams.values():
+            s = up.settings
+            by_origin[(s.host, s.port)] = up
+            if s.scheme == "https" and s.port == 443:
+                # HTTP_PROXY clients send http://host/ (port 80) for an https upstream:
+                # the sidecar upgrades it to TLS.
+                by_origin.setdefault((s.host, 80), up)
+        return Runtime(
+            upstreams=dict(parts.upstreams),
+            by_origin=by_origin,
+            identity=parts.identity,
+            cache=parts.cache,
+            forward_proxy=parts.settings.forward_proxy.enabled,
+            drop_headers={
+                name: up.drop_request_headers | parts.identity.strip_headers
+                for name, up in parts.upstreams.items()
+            },
+        )
+
+    async def _prefetch_then_ready(self, parts: _Parts) -> None:
+        pending = [
+            (client, up)
+            for client in parts.settings.secrets.prefetch
+            for up in parts.upstreams.values()
+            if up.client_matcher is None or up.client_matcher.match(client)
+        ]
+        delay = 0.5
+        while pending:
+            retry = []
+            for client, up in pending:
+                secret_id = up.settings.secret.format(client_id=client, upstream=up.name)
+                try:
+                    await parts.cache.get(secret_id, up.settings.secret_field)
+                except NoCredential:
+                    log.warning("prefetch: no credential", extra={"client_id": client, "upstream": up.name})
+                except SecretStoreUnavailable:
+                    retry.append((client, up))
+            pending = retry
+            if pending:
+                log.warning("prefetch: secret store unavailable; retrying", extra={"remaining": len(pending)})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, PREFETCH_MAX_BACKOFF)
+        if parts.settings.secrets.prefetch:
+            log.info("prefetch done", extra={"clients": len(parts.settings.secrets.prefetch)})
+        self.ready = True
+        metrics.READY.set(1)
+
+    # ------------------------------------------------------------------ reload
+
+    async def reload(self, path: Path) -> bool:
+        """SIGHUP: apply a valid new config; keep the old one on any problem."""
+        try:
+            settings = await asyncio.get_running_loop().run_in_executor(None, load_settings, path)
+        except ConfigError as exc:
+            metrics.CONFIG_RELOADS.labels("invalid").inc()
+            log.error("config reload refused; the running config stays", extra={"problems": exc.problems})
+            return False
+        old = self._parts
+        assert old is not None and self._plane is not None
+        for key in ("listen", "admin_listen", "workers"):
+            if getattr(settings, key) != getattr(old.settings, key):
+                log.warning("config reload: %s changes need a restart; not applied", key)
+        try:
+            parts = await self._build(settings, old)
+        except StartupError as exc:
+            metrics.CONFIG_RELOADS.labels("invalid").inc()
+            log.error("config reload refused; the running config stays", extra={"problems": [str(exc)]})
+            return False
+        self._parts = parts
+        self._plane.runtime = self._runtime(parts)
+        if settings.log != old.settings.log:
+            configure_logging(settings.log.level, settings.log.format)
+            self._plane.access_log = AccessLog(settings.log.format)
+        self.settings = settings
+        metrics.CONFIG_RELOADS.labels("ok").inc()
+        log.info("config reloaded", extra={"upstreams": sorted(settings.upstreams)})
+        self._retire(old, parts)
+        return True
+
+    def _retire(self, old: _Parts, new: _Parts) -> None:
+        """Close what the new runtime dropped, after in-flight requests had time to finish."""
+        upstreams = [u for n, u in old.upstreams.items() if new.upstreams.get(n) is not u]
+        identity = old.identity if old.identity is not new.identity else None
+        backend = old.backend if old.backend is not new.backend else None
+
+        async def later() -> None:
+            await asyncio.sleep(self.settings.shutdown_grace_seconds)
+            for up in upstreams:
+                await up.close()
+            if identity is not None:
+                await identity.close()
+            if backend is not None:
+                await backend.close()
+
+        task = asyncio.get_running_loop().create_task(later())
+        self._retire_tasks.add(task)
+        task.add_done_callback(self._retire_tasks.discard)
+
+    # ------------------------------------------------------------------ stop
+
+    async def drain(self) -> None:
+        """Stop accepting, let in-flight requests finish within the grace, close everything."""
+        self.draining = True
+        metrics.READY.set(0)
+        log.info("draining", extra={"grace_seconds": self.settings.shutdown_grace_seconds})
+        if self._prefetch_task is not None:
+            self._prefetch_task.cancel()
+        if self._data_runner is not None:
+            await self._data_runner.cleanup()
+        for task in list(self._retire_tasks):
+            task.cancel()
+        if self._parts is not None:
+            await self._close_parts(self._parts)
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+        log.info("stopped")
+
+    @staticmethod
+    async def _close_parts(parts: _Parts) -> None:
+        for up in parts.upstreams.values():
+            await up.close()
+        await parts.identity.close()
+        await parts.backend.close()
+
+
+async def serve(settings: Settings, config_path: Path | None) -> int:
+    """Run until SIGTERM/SIGINT; SIGHUP reloads ``config_path``. Returns the exit code."""
+    loop = asyncio.get_running_loop()
+    sidecar = Sidecar(settings)
+    try:
+        await sidecar.start()
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    stop = asyncio.Event()
+
+    def on_stop(signame: str) -> None:
+        if stop.is_set():
+            log.warning("second %s: exiting now", signame)
+            os._exit(1)
+        log.info("%s received", signame)
+        sidecar.draining = True
+        stop.set()
+
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def on_hup() -> None:
+        if config_path is None:
+            log.warning("SIGHUP ignored: no config file to reload")
+            return
+        task = loop.create_task(sidecar.reload(config_path))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
+    loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    await stop.wait()
+    await sidecar.drain()
+    return 0
+
+
+def run(settings: Settings, config_path: Path | None) -> int:
+    """Blocking entry point: logging, event loop (uvloop when installed), serve."""
+    configure_logging(settings.log.level, settings.log.format)
+    runner: Callable[[Coroutine[Any, Any, int]], int] = asyncio.run
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:
+        pass
+    return runner(serve(settings, config_path))

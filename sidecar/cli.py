@@ -1,0 +1,62 @@
+"""The thin command line: ``credential-sidecar run|check [--config FILE]``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from sidecar import __version__
+from sidecar.config import Settings, load_settings
+from sidecar.errors import ConfigError
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="credential-sidecar",
+        description="Inject each MCP client's API key into outbound calls; refuse every other destination.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("run", "start the data plane and the admin listener"),
+        ("check", "validate the config file and print a summary"),
+    ):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument(
+            "--config",
+            default=os.environ.get("SIDECAR_CONFIG"),
+            help="config file (default: $SIDECAR_CONFIG)",
+        )
+    return parser
+
+
+def _load(config: str | None) -> tuple[Settings, Path] | None:
+    if not config:
+        print("error: no config file: pass --config FILE or set SIDECAR_CONFIG", file=sys.stderr)
+        return None
+    try:
+        return load_settings(config), Path(config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script and ``python -m sidecar``."""
+    args = _parser().parse_args(argv)
+    loaded = _load(args.config)
+    if loaded is None:
+        return EXIT_CONFIG
+    settings, path = loaded
+    if args.command == "check":
+        print(settings.summary())
+        print("config OK")
+        return 0
+    from sidecar.app import run
+
+    return run(settings, path)

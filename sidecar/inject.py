@@ -1,0 +1,71 @@
+"""Injection rules, compiled once per upstream into small functions.
+
+A query rule removes every parameter the app sent under the injection name
+(compared after percent-decoding and case-folding, so ``APIKEY`` or ``api%4Bey``
+cannot smuggle a second key past the upstream) and appends the client's key.
+A header rule is handled in ``Upstream`` by dropping the header from the copy of
+the request headers and setting the formatted value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import quote, unquote_plus
+
+from sidecar.config import InjectSettings
+from sidecar.secrets.base import Secret
+
+#: (raw query string without '?', secret) -> new raw query string
+QueryInjector = Callable[[str, Secret], str]
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledInjection:
+    """What one upstream does with a key: a query rewrite or a header value."""
+
+    query: QueryInjector | None
+    header: str | None  # header name when the key goes into a header
+    render: Callable[[Secret], str]  # the value as placed on the wire
+
+    def scrub_forms(self, secret: Secret) -> tuple[str, ...]:
+        """Spellings of the key that must never be echoed back to the app."""
+        value = secret.reveal()
+        forms = {value, self.render(secret), quote(value, safe=""), quote(value, safe="/")}
+        return tuple(f for f in forms if f)
+
+
+def compile_injector(rule: InjectSettings) -> CompiledInjection:
+    """Check and pre-shape a rule once, at start."""
+    if rule.kind == "query":
+        name = rule.name
+        folded = name.casefold()
+        quoted_name = quote(name, safe="")
+        before, _, after = rule.format.partition("{secret}")
+
+        def render(secret: Secret) -> str:
+            return before + secret.reveal() + after
+
+        def inject_query(query: str, secret: Secret) -> str:
+            pair = quoted_name + "=" + quote(render(secret), safe="")
+            if not query:
+                return pair
+            if "%" in query or "+" in query or folded in query.casefold():
+                kept = [
+                    part
+                    for part in query.split("&")
+                    if unquote_plus(part.partition("=")[0]).casefold() != folded
+                ]
+                query = "&".join(kept)
+                if not query:
+                    return pair
+            return query + "&" + pair
+
+        return CompiledInjection(query=inject_query, header=None, render=render)
+
+    before, _, after = rule.format.partition("{secret}")
+
+    def render_header(secret: Secret) -> str:
+        return before + secret.reveal() + after
+
+    return CompiledInjection(query=None, header=rule.name, render=render_header)

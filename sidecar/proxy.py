@@ -1,0 +1,269 @@
+"""The data plane: identity -> policy -> secret -> inject -> forward -> stream back.
+
+Runs on aiohttp's low-level server (no router, no middlewares): the first path
+segment or the absolute-form host picks the upstream with one dict look-up.
+Every refusal is a SidecarError turned into a response in one place
+(``error_response``); every request ends in one access-log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlsplit
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from sidecar import metrics
+from sidecar.config import normalize_host
+from sidecar.errors import (
+    BadRequest,
+    ClientNotAllowed,
+    DestinationNotAllowed,
+    NoCredential,
+    SecretStoreUnavailable,
+    SidecarError,
+    UnknownUpstream,
+)
+from sidecar.policy import client_allowed, scopes_allowed
+from sidecar.upstream import HOP_BY_HOP, Upstream
+
+if TYPE_CHECKING:
+    from sidecar.access_log import AccessLog
+    from sidecar.identity import IdentityResolver
+    from sidecar.secrets.base import Secret
+    from sidecar.secrets.cache import SecretCache
+
+log = logging.getLogger("sidecar.proxy")
+
+_DENIED = {code: metrics.DENIED.labels(code) for code in (
+    "bad_request", "invalid_client_id", "missing_identity", "invalid_token", "client_not_allowed",
+    "destination_not_allowed", "no_credential", "unknown_upstream", "upstream_unreachable",
+    "secret_store_unavailable", "upstream_timeout", "internal_error",
+)}
+_RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
+_REDACTED = "[redacted]"
+#: Longest path kept in the access log.
+LOG_PATH_LIMIT = 512
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """Everything compiled from one config. A request keeps the Runtime it started with."""
+
+    upstreams: dict[str, Upstream]
+    by_origin: dict[tuple[str, int], Upstream]
+    identity: IdentityResolver
+    cache: SecretCache
+    forward_proxy: bool
+    drop_headers: dict[str, frozenset[str]]  # per upstream: request headers never forwarded
+
+
+class _Record:
+    """What the access log line says about one request."""
+
+    __slots__ = ("cache", "client_id", "error", "identity", "mode", "reason", "status", "upstream")
+
+    def __init__(self) -> None:
+        self.upstream = "-"
+        self.client_id: str | None = None
+        self.identity: str | None = None
+        self.cache: str | None = None
+        self.status = 0
+        self.error: str | None = None
+        self.reason: str | None = None
+        self.mode = "route"
+
+
+def error_response(err: SidecarError) -> web.Response:
+    """The contract's JSON error with ``X-Sidecar-Error``; the one place refusals take shape."""
+    return web.Response(
+        status=err.status,
+        body=err.body(),
+        content_type="application/json",
+        headers={"X-Sidecar-Error": err.code, "Cache-Control": "no-store"},
+    )
+
+
+def _check_path(path: str) -> None:
+    """Refuse dot segments (also percent-encoded) and other paths an upstream could reinterpret."""
+    if "#" in path or "\\" in path:
+        raise BadRequest("The request path contains characters the sidecar will not forward.", reason="bad_path")
+    if "." in path:
+        decoded = unquote(path) if "%" in path else path
+        for segment in decoded.replace("\\", "/").split("/"):
+            if segment in (".", ".."):
+                raise BadRequest("Dot segments are not allowed in the path.", reason="dot_segment")
+
+
+class DataPlane:
+    """The request handler for aiohttp's low-level ``web.Server``."""
+
+    def __init__(self, runtime: Runtime, access_log: AccessLog) -> None:
+        self.runtime = runtime
+        self.access_log = access_log
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        rt = self.runtime
+        started = time.perf_counter()
+        rec = _Record()
+        metrics.INFLIGHT.inc()
+        try:
+            return await self._proxy(rt, request, rec)
+        except SidecarError as err:
+            return self._refuse(err, rec)
+        except Exception:
+            # A bug, not a refusal. The exception text could hold a URL with a key in it,
+            # so only its type is logged.
+            log.error("unexpected failure handling a request", exc_info=False, extra={"upstream": rec.upstream})
+            return self._refuse(SidecarError(reason="internal_error"), rec)
+        finally:
+            metrics.INFLIGHT.dec()
+            elapsed = time.perf_counter() - started
+            metrics.REQUESTS.labels(rec.upstream, str(rec.status)).inc()
+            metrics.REQUEST_DURATION.labels(rec.upstream).observe(elapsed)
+            self.access_log.request(request, rec, elapsed)
+
+    def _refuse(self, err: SidecarError, rec: _Record) -> web.Response:
+        rec.status = err.status
+        rec.error = err.code
+        rec.reason = err.reason
+        _DENIED.get(err.code, _DENIED["internal_error"]).inc()
+        return error_response(err)
+
+    def _route(self, rt: Runtime, request: web.BaseRequest, rec: _Record) -> tuple[Upstream, str, str]:
+        """Pick the upstream; return it with the path and raw query to send."""
+        raw = request.raw_path
+        if raw.startswith("/"):
+            path, _, query = raw.partition("?")
+            name, slash, rest = path[1:].partition("/")
+            upstream = rt.upstreams.get(name)
+            if upstream is None:
+                raise UnknownUpstream()
+            target = upstream.settings.base_path + ("/" + rest if slash else "")
+            return upstream, target or "/", query
+        rec.mode = "proxy"
+        if request.method == "CONNECT":
+            raise DestinationNotAllowed("CONNECT tunnels are not enabled on this sidecar.", reason="connect")
+        if not rt.forward_proxy:
+            raise BadRequest("Forward-proxy requests are disabled.", reason="forward_proxy_disabled")
+        return self._match_absolute(rt, raw)
+
+    def _match_absolute(self, rt: Runtime, raw: str) -> tuple[Upstream, str, str]:
+        try:
+            parts = urlsplit(raw)
+            port = parts.port
+        except ValueError:
+            raise BadRequest("The request target is not a valid URL.", reason="bad_target") from None
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https"):
+            raise DestinationNotAllowed("Only http and https destinations exist here.", reason="scheme")
+        if "@" in parts.netloc or parts.fragment:
+            raise BadRequest("The request target carries user information or a fragment.", reason="bad_target")
+        host = normalize_host(parts.hostname or "")
+        if host is None:
+            raise DestinationNotAllowed("The destination host is not valid.", reason="bad_host")
+        upstream = rt.by_origin.get((host, port or (443 if scheme == "https" else 80)))
+        if upstream is None:
+            raise DestinationNotAllowed(reason="not_an_upstream")
+        return upstream, parts.path or "/", parts.query
+
+    async def _proxy(self, rt: Runtime, request: web.BaseRequest, rec: _Record) -> web.StreamResponse:
+        upstream, path, query = self._route(rt, request, rec)
+        rec.upstream = upstream.name
+        _check_path(path)
+        identity = await rt.identity.resolve(request.headers)
+        rec.client_id = identity.client_id
+        rec.identity = identity.source
+        if not client_allowed(upstream.client_matcher, identity.client_id):
+            raise ClientNotAllowed(reason="client_glob")
+        if upstream.scopes and not scopes_allowed(upstream.scopes, identity.scopes):
+            raise ClientNotAllowed("The caller holds none of the scopes this upstream needs.", reason="scope")
+        settings = upstream.settings
+        secret_id = settings.secret.format(client_id=identity.client_id, upstream=upstream.name)
+        try:
+            secret, rec.cache = await rt.cache.get(secret_id, settings.secret_field)
+        except NoCredential:
+            rec.cache = "negative"
+            raise
+        except SecretStoreUnavailable:
+            rec.cache = "error"
+            raise
+
+        headers = CIMultiDict(request.headers)
+        for name in rt.drop_headers[upstream.name]:
+            headers.popall(name, None)
+        connection = request.headers.get("Connection")
+        if connection:
+            # RFC 9110 7.6.1: fields named in Connection are for this hop only.
+            for token in connection.split(","):
+                headers.popall(token.strip(), None)
+        injection = upstream.injection
+        if injection.query is not None:
+            query = injection.query(query, secret)
+        else:
+            headers[injection.header] = injection.render(secret)  # type: ignore[index]
+        url = URL(upstream.origin + path + ("?" + query if query else ""), encoded=True)
+
+        data = None
+        if request.body_exists:
+            if request.headers.get("Expect", "").lower() == "100-continue":
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            data = request.content
+        answer = await upstream.send(request.method, url, headers, data)
+        return await self._stream_back(request, answer, upstream, secret, rec)
+
+    async def _stream_back(
+        self,
+        request: web.BaseRequest,
+        answer: aiohttp.ClientResponse,
+        upstream: Upstream,
+        secret: Secret,
+        rec: _Record,
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(status=answer.status, reason=answer.reason)
+        out = response.headers
+        forms: tuple[str, ...] | None = None
+        drop = _RESPONSE_DROP
+        connection = answer.headers.get("Connection")
+        if connection:
+            drop = drop | {t.strip().lower() for t in connection.split(",")}
+        for name, value in answer.headers.items():
+            if name.lower() in drop:
+                continue
+            if forms is None:
+                forms = upstream.injection.scrub_forms(secret)
+            for form in forms:
+                if form in value:
+                    value = value.replace(form, _REDACTED)
+            out.add(name, value)
+        length = answer.content_length
+        if length is not None and "chunked" not in answer.headers.get("Transfer-Encoding", "").lower():
+            response.content_length = length
+        rec.status = answer.status
+        try:
+            await response.prepare(request)
+            if request.method != "HEAD" and answer.status not in (204, 304):
+                content = answer.content
+                while True:
+                    chunk = await content.readany()
+                    if not chunk:
+                        break
+                    await response.write(chunk)
+        except (TimeoutError, ConnectionError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError):
+            # Either side broke mid-body. The app must see a cut response, never a clean
+            # end, and the upstream connection must not go back to the pool half-read.
+            answer.close()
+            rec.reason = "stream_interrupted"
+            transport = request.transport
+            if transport is not None:
+                transport.close()
+            return response
+        answer.release()
+        await response.write_eof()
+        return response

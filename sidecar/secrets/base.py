@@ -1,0 +1,104 @@
+"""The backend protocol, the redacting ``Secret`` type and the store's own errors."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+from sidecar.errors import NoCredential
+
+#: What a backend hands back: a string, or a mapping (a JSON object secret).
+RawSecret = str | Mapping[str, Any]
+
+
+class Secret:
+    """A secret value that never prints itself; ``reveal()`` is the one way to read it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """The value, for the injector and nothing else."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Secret):
+            return NotImplemented
+        return hmac.compare_digest(self._value.encode(), other._value.encode())
+
+    def __hash__(self) -> int:
+        raise TypeError("Secret is not hashable")
+
+    def __reduce__(self) -> Any:
+        raise TypeError("Secret cannot be pickled")
+
+
+class SecretNotFound(Exception):
+    """The store has no secret under this id (negative-cacheable)."""
+
+
+class StoreError(Exception):
+    """The store failed; ``kind`` is a bounded word for metrics and logs."""
+
+    def __init__(self, kind: str, detail: str = "") -> None:
+        self.kind = kind
+        self.detail = detail
+        super().__init__(f"secret store error: {kind}" + (f" ({detail})" if detail else ""))
+
+
+class SecretBackend(Protocol):
+    """Where secrets live. Implementations never block the event loop."""
+
+    name: str
+    #: called after the store's contents changed on their own (the file was edited)
+    on_change: Callable[[], None] | None
+
+    async def start(self) -> None: ...
+
+    async def fetch(self, secret_id: str) -> RawSecret:
+        """Return the secret or raise SecretNotFound / StoreError. Never logs the value."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def extract(raw: RawSecret, field: str | None, secret_id: str) -> Secret:
+    """Turn a stored value into the Secret to inject, taking ``field`` from JSON objects."""
+    secret = _extract(raw, field)
+    value = secret.reveal()
+    # A key with CR, LF or NUL would split a header line; an empty one injects nothing.
+    if not value or any(c in value for c in "\r\n\0"):
+        raise NoCredential("The stored secret is empty or holds control characters.", reason="secret_invalid")
+    return secret
+
+
+def _extract(raw: RawSecret, field: str | None) -> Secret:
+    if field is None:
+        if isinstance(raw, str):
+            return Secret(raw)
+        raise NoCredential(
+            "The stored secret is an object; the upstream needs secret_field.", reason="secret_is_object"
+        )
+    obj: Any = raw
+    if isinstance(raw, str):
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            raise NoCredential(
+                "The stored secret is not a JSON object.", reason="secret_not_json"
+            ) from None
+    if not isinstance(obj, Mapping) or field not in obj:
+        raise NoCredential("The stored secret has no such field.", reason="secret_field_missing")
+    value = obj[field]
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise NoCredential("The stored secret field is not a string.", reason="secret_field_type")
+    return Secret(str(value))

@@ -1,0 +1,196 @@
+"""The secret cache: TTL, negative caching, stale-if-error, bounded size, single flight.
+
+States of one entry (key: secret id and field)::
+
+    fresh ──ttl──▶ expired ──fetch ok──▶ fresh
+                      │
+                      ├─ not found ─▶ negative (for negative_ttl)
+                      └─ store error ─▶ stale: served, retried every STALE_RETRY_SECONDS,
+                                         until stale_if_error_seconds past expiry
+
+A warm lookup is a dict get and a clock read; only a miss awaits the store, and
+concurrent misses for one key share one store call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sidecar import metrics
+from sidecar.config import CacheSettings
+from sidecar.errors import NoCredential, SecretStoreUnavailable
+from sidecar.secrets.base import Secret, SecretBackend, SecretNotFound, StoreError, extract
+
+log = logging.getLogger("sidecar.secrets.cache")
+
+#: While serving stale values, how long until the store is tried again. Without
+#: it every request in an outage would wait for a failing store call.
+STALE_RETRY_SECONDS = 5.0
+#: At most one "serving stale" warning per this many seconds.
+STALE_WARNING_INTERVAL = 30.0
+
+CacheKey = tuple[str, str | None]
+
+_HIT = metrics.SECRET_LOOKUPS.labels("hit")
+_MISS = metrics.SECRET_LOOKUPS.labels("miss")
+_STALE = metrics.SECRET_LOOKUPS.labels("stale")
+_NEGATIVE = metrics.SECRET_LOOKUPS.labels("negative")
+_ERROR = metrics.SECRET_LOOKUPS.labels("error")
+
+
+@dataclass(slots=True)
+class _Entry:
+    secret: Secret | None  # None: the store said there is no such secret
+    fresh_until: float
+    stale_until: float
+    stale: bool = False
+    reason: str = "not_found"
+
+
+class SecretCache:
+    """Front of a SecretBackend; ``get`` returns the Secret and the cache outcome."""
+
+    def __init__(
+        self,
+        backend: SecretBackend,
+        settings: CacheSettings,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.backend = backend
+        self.settings = settings
+        self._clock = clock
+        self._entries: OrderedDict[CacheKey, _Entry] = OrderedDict()
+        self._inflight: dict[CacheKey, asyncio.Future[_Entry]] = {}
+        self._fetch_duration = metrics.SECRET_FETCH_DURATION.labels(backend.name)
+        self._last_stale_warning = -STALE_WARNING_INTERVAL
+        self.store_calls = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def get(self, secret_id: str, field: str | None = None) -> tuple[Secret, str]:
+        """The secret for ``secret_id`` (and ``field``), and hit/miss/stale/negative."""
+        key = (secret_id, field)
+        entry = self._entries.get(key)
+        if entry is not None and self._clock() < entry.fresh_until:
+            self._entries.move_to_end(key)
+            if entry.secret is None:
+                _NEGATIVE.inc()
+                raise NoCredential(reason=entry.reason)
+            if entry.stale:
+                _STALE.inc()
+                return entry.secret, "stale"
+            _HIT.inc()
+            return entry.secret, "hit"
+        try:
+            entry = await self._load(key)
+        except SecretStoreUnavailable:
+            _ERROR.inc()
+            raise
+        if entry.secret is None:
+            _MISS.inc()
+            raise NoCredential(reason=entry.reason)
+        if entry.stale:
+            _STALE.inc()
+            return entry.secret, "stale"
+        _MISS.inc()
+        return entry.secret, "miss"
+
+    def invalidate(self, secret_id: str, field: str | None = None) -> None:
+        """Forget one entry (an upstream refused its value)."""
+        self._entries.pop((secret_id, field), None)
+        metrics.SECRET_CACHE_ENTRIES.set(len(self._entries))
+
+    async def refresh(self, secret_id: str, field: str | None = None) -> Secret | None:
+        """Fetch again now, bypassing freshness; None when the store has nothing usable."""
+        try:
+            entry = await self._load((secret_id, field), force=True)
+        except SecretStoreUnavailable:
+            return None
+        return entry.secret if not entry.stale else None
+
+    def clear(self) -> None:
+        """Forget everything (the file backend's contents changed)."""
+        self._entries.clear()
+        metrics.SECRET_CACHE_ENTRIES.set(0)
+
+    async def _load(self, key: CacheKey, force: bool = False) -> _Entry:
+        pending = self._inflight.get(key)
+        if pending is None:
+            pending = asyncio.get_running_loop().create_future()
+            self._inflight[key] = pending
+            try:
+                pending.set_result(await self._fetch(key, force))
+            except BaseException as exc:
+                pending.set_exception(exc)
+                pending.exception()  # mark retrieved: waiters may be none
+                raise
+            finally:
+                del self._inflight[key]
+            return pending.result()
+        # Another request is already asking the store: wait for its answer.
+        return await asyncio.shield(pending)
+
+    async def _fetch(self, key: CacheKey, force: bool) -> _Entry:
+        secret_id, field = key
+        s = self.settings
+        started = time.perf_counter()
+        self.store_calls += 1
+        try:
+            raw = await self.backend.fetch(secret_id)
+        except SecretNotFound:
+            now = self._clock()
+            entry = _Entry(None, now + s.negative_ttl_seconds, now + s.negative_ttl_seconds)
+            self._store(key, entry)
+            return entry
+        except StoreError as exc:
+            metrics.SECRET_STORE_ERRORS.labels(self.backend.name, exc.kind).inc()
+            return self._on_store_error(key, exc, force)
+        finally:
+            self._fetch_duration.observe(time.perf_counter() - started)
+        now = self._clock()
+        try:
+            secret = extract(raw, field, secret_id)
+        except NoCredential as exc:
+            log.warning(
+                "stored secret cannot be used",
+                extra={"secret_id": secret_id, "reason": exc.reason},
+            )
+            entry = _Entry(None, now + s.negative_ttl_seconds, now + s.negative_ttl_seconds, reason=exc.reason)
+            self._store(key, entry)
+            return entry
+        fresh_until = now + s.ttl_seconds
+        entry = _Entry(secret, fresh_until, fresh_until + s.stale_if_error_seconds)
+        self._store(key, entry)
+        return entry
+
+    def _on_store_error(self, key: CacheKey, exc: StoreError, force: bool) -> _Entry:
+        now = self._clock()
+        entry = self._entries.get(key)
+        if entry is not None and entry.secret is not None and now < entry.stale_until:
+            entry.stale = True
+            entry.fresh_until = min(now + STALE_RETRY_SECONDS, entry.stale_until)
+            if now - self._last_stale_warning >= STALE_WARNING_INTERVAL:
+                self._last_stale_warning = now
+                log.warning(
+                    "secret store failing; serving cached values past their TTL",
+                    extra={"kind": exc.kind, "stale_entries": self._count_stale()},
+                )
+            return entry
+        log.error("secret store failed and nothing usable is cached", extra={"kind": exc.kind})
+        raise SecretStoreUnavailable(reason=exc.kind) from None
+
+    def _count_stale(self) -> int:
+        return sum(1 for e in self._entries.values() if e.stale)
+
+    def _store(self, key: CacheKey, entry: _Entry) -> None:
+        self._entries[key] = entry
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.settings.max_entries:
+            self._entries.popitem(last=False)
+        metrics.SECRET_CACHE_ENTRIES.set(len(self._entries))

@@ -1,0 +1,118 @@
+"""Secrets from a local YAML/JSON file, reread when it changes (local runs, mounted Secrets)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import yaml
+
+from sidecar.secrets.base import RawSecret, SecretNotFound, StoreError
+
+log = logging.getLogger("sidecar.secrets.file")
+
+#: How often the file's identity (inode, size, mtime) is compared. Kubernetes
+#: updates mounted Secrets by swapping a symlink, which this catches too.
+POLL_SECONDS = 1.0
+
+
+class FileLoadError(Exception):
+    """The file is unreadable or not a mapping; the message holds no value from it."""
+
+
+def load_secret_file(path: Path) -> dict[str, RawSecret]:
+    """Read the mapping ``secret id -> string or mapping``; numbers become strings."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise FileLoadError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        # The parser's message can quote the offending line, which may hold a key.
+        raise FileLoadError(f"{path} is not valid YAML or JSON") from None
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise FileLoadError(f"{path} must hold a mapping of secret id to value")
+    out: dict[str, RawSecret] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            out[str(key)] = {str(k): v for k, v in value.items()}
+        elif isinstance(value, str | int | float) and not isinstance(value, bool):
+            out[str(key)] = str(value)
+        else:
+            raise FileLoadError(f"{path}: the value of {str(key)!r} must be a string or a mapping")
+    return out
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class FileBackend:
+    """Keeps the file's mapping in memory; a watcher task swaps it when the file changes."""
+
+    name = "file"
+
+    def __init__(self, path: Path, on_change: Callable[[], None] | None = None) -> None:
+        self.path = path
+        self.on_change = on_change
+        self._data: dict[str, RawSecret] = {}
+        self._stamp: tuple[int, int, int] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._stamp = _identity(self.path)
+        self._data = load_secret_file(self.path)  # a bad file at start is fatal
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def fetch(self, secret_id: str) -> RawSecret:
+        try:
+            return self._data[secret_id]
+        except KeyError:
+            raise SecretNotFound(secret_id) from None
+
+    async def reload_if_changed(self) -> bool:
+        """Reread the file when its identity changed; keep the old data if it is broken."""
+        stamp = _identity(self.path)
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        try:
+            data = await asyncio.get_running_loop().run_in_executor(None, load_secret_file, self.path)
+        except FileLoadError as exc:
+            log.error("secrets file not reloaded, keeping the previous contents: %s", exc)
+            return False
+        self._data = data
+        log.info("secrets file reloaded", extra={"entries": len(data)})
+        if self.on_change is not None:
+            self.on_change()
+        return True
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(POLL_SECONDS)
+            try:
+                await self.reload_if_changed()
+            except Exception:  # the watcher must outlive any surprise
+                log.exception("secrets file watcher failed")
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            try:
+                await self._watcher
+            except asyncio.CancelledError:
+                pass
+            self._watcher = None
+
+
+__all__ = ["FileBackend", "FileLoadError", "StoreError", "load_secret_file"]

@@ -1,0 +1,547 @@
+"""A verified JWT in, an Identity out: keys from the provider's JWKS, claims checked here.
+
+The flow for one request::
+
+    header -> token -> cache (sha256 of the token) -> hit: Identity
+                                                   -> miss: header checks (alg, crit, kid)
+                                                            -> key from the JWKS
+                                                            -> signature (PyJWT)
+                                                            -> claims (exp nbf iat iss aud token_use)
+                                                            -> client ID + scopes -> cache
+
+Security choices, each for a known attack on JWT verifiers:
+
+- The algorithm must be one of ``identity.jwt.algorithms`` (asymmetric only; config
+  refuses ``none`` and ``HS*``), and the key is built for that algorithm from the
+  JWKS entry, so a public key can never become an HMAC secret.
+- Keys come only from the configured JWKS (or the issuer's discovery document).
+  Token headers such as ``jku``, ``x5u``, ``jwk`` and ``x5c`` are ignored: a token
+  cannot name where its own key comes from.
+- A ``kid`` the cache does not know triggers at most one JWKS fetch per
+  ``jwks_cooldown_seconds``, and concurrent refreshes share one fetch, so a flood
+  of made-up ``kid`` values cannot hammer the identity provider.
+- Tokens are never logged or put in an error message; the verified-token cache is
+  keyed by a SHA-256 digest of the token.
+
+PyJWT only checks the signature here; every claim is checked by this module against
+one clock so a cached result and a fresh verification always agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import logging
+import math
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import aiohttp
+import jwt
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
+from jwt.algorithms import AllowedPublicKeys
+
+from sidecar.config import ASYMMETRIC_ALGORITHMS, IdentitySettings, JwtSettings
+from sidecar.errors import InvalidToken
+from sidecar.identity import HeaderReader, Identity, claim_strings, single_header, validate_client_id
+from sidecar.metrics import JWKS_REFRESHES, TOKEN_CACHE
+
+log = logging.getLogger("sidecar.tokens")
+
+# A bearer token larger than this is refused before any parsing. Real access and ID
+# tokens from Cognito, Keycloak, Entra and Okta stay well under 8 KiB.
+MAX_TOKEN_LENGTH: Final = 16 * 1024
+# A longer "kid" is not a key ID any provider issues; refusing it early keeps
+# attacker-chosen junk out of every lookup.
+MAX_KID_LENGTH: Final = 256
+# Discovery documents and JWKS are a few KiB; more is a misbehaving endpoint.
+MAX_DOCUMENT_BYTES: Final = 1024 * 1024
+# RSA keys shorter than this are not accepted from a JWKS (NIST SP 800-131A).
+MIN_RSA_KEY_BITS: Final = 2048
+# Claims whose values become Identity.scopes (OAuth scopes and IdP groups).
+SCOPE_CLAIMS: Final = ("scope", "scp", "cognito:groups", "groups")
+DISCOVERY_PATH: Final = "/.well-known/openid-configuration"
+USER_AGENT: Final = "mcp-credential-sidecar"
+
+# Compact JWS: three base64url parts. The signature may be empty so that an
+# ``alg: none`` token is refused for its algorithm, which is the clearer reason.
+_COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+# JWK members that only private keys carry; a JWKS must never publish them.
+_PRIVATE_JWK_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+
+_JWS = jwt.PyJWS()
+
+_MESSAGES: Final[Mapping[str, str]] = {
+    "missing": "No identity token was sent with the request.",
+    "not_bearer": "The Authorization header does not carry a Bearer token.",
+    "oversized": "The identity token is too large.",
+    "malformed": "The identity token is malformed.",
+    "alg_not_allowed": "The identity token is signed with an algorithm that is not allowed.",
+    "unsupported_crit": "The identity token requires an extension the sidecar does not support.",
+    "jwks_unavailable": "The identity provider's signing keys could not be loaded.",
+    "unknown_kid": "The identity token is signed with a key the identity provider does not publish.",
+    "key_mismatch": "The identity token's algorithm does not match its signing key.",
+    "bad_signature": "The identity token's signature is not valid.",
+    "no_expiry": "The identity token has no expiry time.",
+    "expired": "The identity token has expired.",
+    "not_yet_valid": "The identity token is not valid yet.",
+    "wrong_issuer": "The identity token was issued by an issuer that is not trusted.",
+    "wrong_audience": "The identity token is not meant for this audience.",
+    "wrong_token_use": "The identity token is not of the required kind (token_use).",
+    "no_client_id_claim": "The identity token carries none of the configured client ID claims.",
+}
+
+
+def _refuse(reason: str) -> InvalidToken:
+    """The InvalidToken for ``reason``, with our fixed sentence (never library text, never the token)."""
+    return InvalidToken(_MESSAGES[reason], reason=reason)
+
+
+# --------------------------------------------------------------------------- keys
+
+
+@dataclass(frozen=True, slots=True)
+class _Jwk:
+    """One usable JWKS entry: its kid and the verification key per allowed algorithm."""
+
+    kid: str | None
+    keys: Mapping[str, AllowedPublicKeys]
+
+
+@dataclass(frozen=True, slots=True)
+class KeySet:
+    """The usable keys of one JWKS document, indexed by kid."""
+
+    entries: tuple[_Jwk, ...]
+
+    def find(self, kid: str | None, alg: str) -> _Jwk | None:
+        """The entry for ``kid``; without a kid, the one entry usable with ``alg`` if unambiguous."""
+        if kid is not None:
+            return next((e for e in self.entries if e.kid == kid), None)
+        usable = [e for e in self.entries if alg in e.keys]
+        return usable[0] if len(usable) == 1 else None
+
+    @property
+    def kids(self) -> frozenset[str]:
+        return frozenset(e.kid for e in self.entries if e.kid is not None)
+
+
+class _FetchError(Exception):
+    """A discovery or JWKS fetch failed; the message is ours and safe to log."""
+
+
+def parse_jwks(document: object, algorithms: tuple[str, ...]) -> KeySet:
+    """Build the usable keys of a JWKS document; entries that fail to parse are skipped."""
+    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+        raise _FetchError("the JWKS document has no 'keys' list")
+    entries: list[_Jwk] = []
+    seen: set[str] = set()
+    for index, raw in enumerate(document["keys"]):
+        entry = _parse_jwk(raw, index, algorithms)
+        if entry is None:
+            continue
+        if entry.kid is not None:
+            if entry.kid in seen:
+                log.warning("JWKS key %d repeats kid %r; the first one is used", index, entry.kid[:64])
+                continue
+            seen.add(entry.kid)
+        entries.append(entry)
+    return KeySet(tuple(entries))
+
+
+def _parse_jwk(raw: object, index: int, algorithms: tuple[str, ...]) -> _Jwk | None:
+    if not isinstance(raw, dict):
+        log.warning("JWKS key %d is not an object; skipped", index)
+        return None
+    kid = raw.get("kid")
+    if kid is not None and (not isinstance(kid, str) or len(kid) > MAX_KID_LENGTH):
+        log.warning("JWKS key %d has an unusable kid; skipped", index)
+        return None
+    if raw.get("use") not in (None, "sig"):
+        return None  # an encryption key published alongside the signing keys
+    if _PRIVATE_JWK_MEMBERS & raw.keys():
+        # Never verify with (or keep in memory) key material that should be secret.
+        log.warning("JWKS key %d carries private or symmetric key material; skipped", index)
+        return None
+    jwk_alg = raw.get("alg")
+    candidates = algorithms if jwk_alg is None else tuple(a for a in algorithms if a == jwk_alg)
+    keys: dict[str, AllowedPublicKeys] = {}
+    for alg in candidates:
+        key = _key_for_algorithm(raw, alg)
+        if key is not None:
+            keys[alg] = key
+    if not keys:
+        log.info("JWKS key %d (kid %r) fits none of the allowed algorithms; skipped", index, str(kid)[:64])
+        return None
+    return _Jwk(kid, keys)
+
+
+def _key_for_algorithm(raw: dict[str, Any], alg: str) -> AllowedPublicKeys | None:
+    """The public key of ``raw`` prepared for ``alg``, or None when the two do not fit."""
+    algorithm = jwt.get_algorithm_by_name(alg)
+    try:
+        # from_jwk checks kty (RSA, EC, OKP); prepare_key checks the curve fits the alg.
+        key: AllowedPublicKeys = algorithm.prepare_key(algorithm.from_jwk(raw))
+    except (jwt.PyJWTError, ValueError, TypeError, KeyError):
+        return None
+    if isinstance(key, RSAPublicKey) and key.key_size < MIN_RSA_KEY_BITS:
+        return None
+    return key
+
+
+class JwksSource:
+    """The provider's signing keys: fetched with aiohttp, cached, refreshed with a cooldown.
+
+    - Keys are reused for ``jwks_cache_seconds``; after that the next request refreshes them.
+    - A kid the cache does not know triggers a refresh, but fetches start at most once
+      per ``jwks_cooldown_seconds`` and concurrent callers share one in-flight fetch.
+    - When a refresh fails, the last good keys stay in use (the provider may be briefly down).
+    - Discovery and JWKS fetch together are bounded by ``jwks_timeout_seconds``.
+    """
+
+    def __init__(
+        self, settings: JwtSettings, *, monotonic: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._settings = settings
+        self._monotonic = monotonic
+        self._jwks_url = settings.jwks_url
+        self._keys: KeySet | None = None
+        self._fetched_at = 0.0
+        self._last_attempt: float | None = None
+        self._refresh_task: asyncio.Task[None] | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def keys(self) -> KeySet | None:
+        """The last good key set, or None before the first successful fetch."""
+        return self._keys
+
+    async def key_for(self, kid: str | None, alg: str) -> AllowedPublicKeys:
+        """The key that verifies a token with this ``kid`` and ``alg``; raises InvalidToken."""
+        entry = self._keys.find(kid, alg) if self._keys is not None else None
+        stale = self._monotonic() - self._fetched_at >= self._settings.jwks_cache_seconds
+        if entry is None or stale:
+            await self.refresh()
+            entry = self._keys.find(kid, alg) if self._keys is not None else None
+        if entry is None:
+            raise _refuse("jwks_unavailable" if self._keys is None else "unknown_kid")
+        key = entry.keys.get(alg)
+        if key is None:
+            raise _refuse("key_mismatch")
+        return key
+
+    async def refresh(self) -> None:
+        """Fetch the keys unless a fetch ran within the cooldown; join a fetch in flight."""
+        task = self._refresh_task
+        if task is None:
+            now = self._monotonic()
+            if self._last_attempt is not None and now - self._last_attempt < self._settings.jwks_cooldown_seconds:
+                JWKS_REFRESHES.labels(result="cooldown").inc()
+                return
+            self._last_attempt = now
+            task = asyncio.create_task(self._fetch_keys(), name="sidecar-jwks-refresh")
+            self._refresh_task = task
+            task.add_done_callback(self._refresh_finished)
+        # asyncio.wait, unlike awaiting the task, leaves the shared fetch running when
+        # this one caller is cancelled.
+        await asyncio.wait((task,))
+
+    def _refresh_finished(self, task: asyncio.Task[None]) -> None:
+        if self._refresh_task is task:
+            self._refresh_task = None
+
+    async def _fetch_keys(self) -> None:
+        try:
+            async with asyncio.timeout(self._settings.jwks_timeout_seconds):
+                url = self._jwks_url or await self._discover()
+                document = await self._get_json(url)
+            keys = parse_jwks(document, self._settings.algorithms)
+            if not keys.entries:
+                raise _FetchError("the JWKS has no key usable with the allowed algorithms")
+        except _FetchError as exc:
+            self._failed(str(exc))
+            return
+        except TimeoutError:
+            self._failed(f"no answer within {self._settings.jwks_timeout_seconds:g}s")
+            return
+        except (aiohttp.ClientError, OSError) as exc:
+            # The class name only: library messages are not ours to put in a log line.
+            self._failed(f"request failed ({type(exc).__name__})")
+            return
+        JWKS_REFRESHES.labels(result="ok").inc()
+        previous = self._keys.kids if self._keys is not None else None
+        self._keys = keys
+        self._fetched_at = self._monotonic()
+        if previous != keys.kids:
+            log.info("loaded %d signing keys from %s", len(keys.entries), url)
+
+    def _failed(self, problem: str) -> None:
+        JWKS_REFRESHES.labels(result="error").inc()
+        kept = "keeping the previously loaded keys" if self._keys is not None else "no keys are loaded"
+        log.warning("could not load the identity provider's signing keys: %s; %s", problem, kept)
+
+    async def _discover(self) -> str:
+        issuer = self._settings.issuer
+        assert issuer is not None  # config requires jwks_url or issuer
+        document = await self._get_json(issuer.rstrip("/") + DISCOVERY_PATH)
+        if not isinstance(document, dict):
+            raise _FetchError("the discovery document is not a JSON object")
+        # OpenID Connect Discovery 1.0 section 4.3: the document must name the issuer it
+        # was fetched for, or its keys are not that issuer's.
+        if document.get("issuer") != issuer:
+            raise _FetchError("the discovery document names a different issuer than identity.jwt.issuer")
+        jwks_uri = document.get("jwks_uri")
+        if not isinstance(jwks_uri, str) or urlsplit(jwks_uri).scheme not in ("http", "https"):
+            raise _FetchError("the discovery document has no http(s) jwks_uri")
+        self._jwks_url = jwks_uri
+        return jwks_uri
+
+    async def _get_json(self, url: str) -> object:
+        if self._session is None:
+            # trust_env stays off: HTTP_PROXY in this pod may well point at the sidecar itself.
+            self._session = aiohttp.ClientSession(headers={"User-Agent": USER_AGENT, "Accept": "application/json"})
+        async with self._session.get(url) as response:
+            if response.status != 200:
+                raise _FetchError(f"{url} answered HTTP {response.status}")
+            body = bytearray()
+            async for chunk in response.content.iter_chunked(64 * 1024):
+                body += chunk
+                if len(body) > MAX_DOCUMENT_BYTES:
+                    raise _FetchError(f"{url} returned more than {MAX_DOCUMENT_BYTES} bytes")
+        try:
+            return json.loads(body)
+        except (ValueError, RecursionError):
+            raise _FetchError(f"{url} did not return JSON") from None
+
+    async def close(self) -> None:
+        """Stop a fetch in flight and close the HTTP session."""
+        task = self._refresh_task
+        if task is not None:
+            task.cancel()
+            await asyncio.wait((task,))
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+# --------------------------------------------------------------------------- cache
+
+
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    identity: Identity
+    expires_at: float  # the token's exp
+
+
+class VerifiedTokenCache:
+    """Identities of verified tokens by SHA-256 of the token, LRU-bounded, dropped at exp."""
+
+    def __init__(self, max_entries: int) -> None:
+        self._max_entries = max_entries
+        self._entries: OrderedDict[bytes, _Verified] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, digest: bytes, now: float) -> Identity | None:
+        entry = self._entries.get(digest)
+        if entry is None:
+            return None
+        if now >= entry.expires_at:
+            del self._entries[digest]
+            return None
+        self._entries.move_to_end(digest)
+        return entry.identity
+
+    def put(self, digest: bytes, identity: Identity, expires_at: float, now: float) -> None:
+        if self._max_entries <= 0 or now >= expires_at:
+            return
+        self._entries[digest] = _Verified(identity, expires_at)
+        self._entries.move_to_end(digest)
+        while len(self._entries) > self._max_entries:
+            self._entries.popitem(last=False)
+
+
+# --------------------------------------------------------------------------- resolver
+
+
+class JwtIdentity:
+    """Take the client ID from a JWT whose signature and claims the sidecar verifies.
+
+    ``iss`` is compared with ``identity.jwt.issuer``. When only ``jwks_url`` is
+    configured there is no issuer to compare with and ``iss`` is not checked: any
+    token signed by a key in that JWKS is accepted, so configure ``issuer`` too.
+
+    With ``audience`` configured, ``aud`` must name one of its values; a Cognito access
+    token has no ``aud``, so for ``token_use: access`` its ``client_id`` is compared instead.
+    """
+
+    def __init__(
+        self,
+        settings: IdentitySettings,
+        *,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        jwt_settings = settings.jwt
+        if jwt_settings is None:
+            raise ValueError("JwtIdentity needs identity.jwt settings")
+        self._settings = jwt_settings
+        self._header = jwt_settings.header
+        self._bearer = jwt_settings.header.lower() == "authorization"
+        # Config already refuses none/HS*; intersecting again keeps that true for any caller.
+        self._algorithms = frozenset(jwt_settings.algorithms) & ASYMMETRIC_ALGORITHMS
+        self._audience = frozenset(jwt_settings.audience)
+        self._clock = clock
+        self._keys = JwksSource(jwt_settings, monotonic=monotonic)
+        self._cache = VerifiedTokenCache(jwt_settings.cache_max_entries)
+        # A forwarded client ID header is stripped too: in JWT mode only the token speaks.
+        self.strip_headers = frozenset({jwt_settings.header.lower(), settings.header.lower()})
+        if jwt_settings.issuer is None:
+            log.warning("identity.jwt.issuer is not set: the iss claim of tokens is not checked")
+
+    async def start(self) -> None:
+        """Load the signing keys once; a failure is logged and retried on demand."""
+        try:
+            await self._keys.refresh()
+        except Exception:  # start() must never keep the sidecar from serving
+            log.warning("loading the identity provider's signing keys failed unexpectedly", exc_info=True)
+
+    async def close(self) -> None:
+        await self._keys.close()
+
+    async def resolve(self, headers: HeaderReader) -> Identity:
+        """The verified caller, from the cache or a full verification; raises InvalidToken."""
+        token = self._read_token(headers)
+        digest = hashlib.sha256(token.encode()).digest()
+        cached = self._cache.get(digest, self._clock())
+        if cached is not None:
+            TOKEN_CACHE.labels(result="hit").inc()
+            return cached
+        TOKEN_CACHE.labels(result="miss").inc()
+        try:
+            identity, expires_at = await self._verify(token)
+        except InvalidToken as exc:
+            log.debug("identity token refused: %s", exc.reason)
+            raise
+        self._cache.put(digest, identity, expires_at, self._clock())
+        return identity
+
+    def _read_token(self, headers: HeaderReader) -> str:
+        value = single_header(headers, self._header)
+        value = (value or "").strip()
+        if not value:
+            raise _refuse("missing")
+        scheme, _, rest = value.partition(" ")
+        if scheme.lower() == "bearer":
+            value = rest.strip()
+        elif self._bearer:
+            raise _refuse("not_bearer")
+        if not value:
+            raise _refuse("missing")
+        return value
+
+    async def _verify(self, token: str) -> tuple[Identity, float]:
+        if len(token) > MAX_TOKEN_LENGTH:
+            raise _refuse("oversized")
+        if _COMPACT_JWS.fullmatch(token) is None:
+            raise _refuse("malformed")
+        header = _decode_part(token.partition(".")[0])
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in self._algorithms:
+            raise _refuse("alg_not_allowed")
+        if "crit" in header:
+            raise _refuse("unsupported_crit")
+        kid = header.get("kid")
+        if kid is not None and (not isinstance(kid, str) or not kid or len(kid) > MAX_KID_LENGTH):
+            raise _refuse("malformed")
+        key = await self._keys.key_for(kid, alg)
+        try:
+            decoded = _JWS.decode_complete(token, key=key, algorithms=[alg])
+        except jwt.InvalidSignatureError:
+            raise _refuse("bad_signature") from None
+        except (jwt.PyJWTError, ValueError, TypeError):
+            raise _refuse("malformed") from None
+        claims = _load_object(decoded["payload"])
+        return self._check_claims(claims)
+
+    def _check_claims(self, claims: dict[str, Any]) -> tuple[Identity, float]:
+        s = self._settings
+        now = self._clock()
+        exp = claims.get("exp")
+        if exp is None:
+            raise _refuse("no_expiry")
+        exp = _numeric_date(exp)
+        if now >= exp + s.leeway_seconds:
+            raise _refuse("expired")
+        nbf = claims.get("nbf")
+        if nbf is not None and _numeric_date(nbf) > now + s.leeway_seconds:
+            raise _refuse("not_yet_valid")
+        iat = claims.get("iat")
+        if iat is not None and _numeric_date(iat) > now + s.leeway_seconds:
+            raise _refuse("not_yet_valid")  # issued in the future
+        if s.issuer is not None and claims.get("iss") != s.issuer:
+            raise _refuse("wrong_issuer")
+        if s.require_token_use is not None and claims.get("token_use") != s.require_token_use:
+            raise _refuse("wrong_token_use")
+        if self._audience and not self._audience & _audiences(claims):
+            raise _refuse("wrong_audience")
+        client_id = next(
+            (v for v in (claims.get(name) for name in s.client_id_claims) if isinstance(v, str) and v),
+            None,
+        )
+        if client_id is None:
+            raise _refuse("no_client_id_claim")
+        identity = Identity(validate_client_id(client_id), "jwt", claim_strings(claims, *SCOPE_CLAIMS))
+        return identity, exp
+
+
+def _decode_part(part: str) -> dict[str, Any]:
+    try:
+        raw = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+    except ValueError:
+        raise _refuse("malformed") from None
+    return _load_object(raw)
+
+
+def _load_object(raw: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise _refuse("malformed") from None
+    if not isinstance(value, dict):
+        raise _refuse("malformed")
+    return value
+
+
+def _numeric_date(value: object) -> float:
+    # RFC 7519 NumericDate: a finite JSON number. A bool is an int in Python and is
+    # refused; NaN would make every comparison false and the token never expire.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _refuse("malformed")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise _refuse("malformed") from None
+    if not math.isfinite(number):
+        raise _refuse("malformed")
+    return number
+
+
+def _audiences(claims: Mapping[str, Any]) -> frozenset[str]:
+    aud = claims.get("aud")
+    if isinstance(aud, str):
+        return frozenset({aud})
+    if isinstance(aud, list):
+        return frozenset(a for a in aud if isinstance(a, str))
+    if aud is None and claims.get("token_use") == "access" and isinstance(claims.get("client_id"), str):
+        # Cognito access tokens carry the app client in client_id and no aud.
+        return frozenset({claims["client_id"]})
+    return frozenset()

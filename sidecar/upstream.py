@@ -1,0 +1,165 @@
+"""One configured upstream: its pooled client session, address guard, TLS and rules.
+
+Everything per upstream is built once (origin string, injection rule, client
+glob, timeouts, header drop list); a request only does look-ups. aiohttp client
+exceptions are translated into our errors here, at the boundary where they arise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import ssl
+from typing import Any
+
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
+
+from sidecar.config import UpstreamSettings
+from sidecar.errors import (
+    DestinationNotAllowed,
+    SidecarError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from sidecar.inject import CompiledInjection, compile_injector
+from sidecar.metrics import UPSTREAM_ERRORS
+from sidecar.policy import compile_client_matcher, is_forbidden_address
+
+#: RFC 9110 7.6.1 connection-specific fields, plus the proxy ones.
+HOP_BY_HOP = frozenset(
+    {
+        "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
+        "te", "trailer", "transfer-encoding", "upgrade",
+    }
+)
+#: Headers aiohttp would add on its own; the sidecar forwards what the app sent, no more.
+SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+#: Idle keep-alive connections to an upstream live this long.
+KEEPALIVE_SECONDS = 30.0
+#: Upper bound on pooled connections per upstream.
+POOL_LIMIT = 256
+READ_BUFFER = 64 * 1024
+
+
+class ForbiddenAddressError(OSError):
+    """Every address a name resolved to is loopback, private, link-local or reserved."""
+
+
+class GuardedResolver(AbstractResolver):
+    """Resolve, then keep only allowed addresses; the connector connects to what it returns."""
+
+    def __init__(self, inner: AbstractResolver | None = None) -> None:
+        self._inner = inner or DefaultResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        results = await self._inner.resolve(host, port, family)
+        allowed = [r for r in results if not is_forbidden_address(ipaddress.ip_address(r["host"]))]
+        if not allowed:
+            raise ForbiddenAddressError(f"{host} resolves only to addresses the sidecar may not reach")
+        return allowed
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+class Upstream:
+    """A compiled upstream: send requests with ``send`` after ``start``."""
+
+    def __init__(self, settings: UpstreamSettings, resolver: AbstractResolver | None = None) -> None:
+        self.settings = settings
+        self.name = settings.name
+        default_port = 443 if settings.scheme == "https" else 80
+        port = "" if settings.port == default_port else f":{settings.port}"
+        self.origin = f"{settings.scheme}://{_url_host(settings.host)}{port}"
+        self.base = self.origin + settings.base_path
+        self.injection: CompiledInjection = compile_injector(settings.inject)
+        self.client_matcher = compile_client_matcher(settings.clients)
+        self.scopes = frozenset(settings.scopes)
+        self.timeout = aiohttp.ClientTimeout(
+            total=None, connect=None, sock_connect=settings.timeout_seconds, sock_read=settings.timeout_seconds
+        )
+        drop = set(HOP_BY_HOP) | {"host"}
+        if self.injection.header is not None:
+            drop.add(self.injection.header.lower())
+        self.drop_request_headers = frozenset(drop)
+        self._resolver = resolver
+        self.session: aiohttp.ClientSession | None = None
+        self._errors = {
+            kind: UPSTREAM_ERRORS.labels(self.name, kind)
+            for kind in ("connect", "tls", "timeout", "protocol", "forbidden_address")
+        }
+
+    async def start(self) -> None:
+        """Create the pooled session (needs a running loop)."""
+        s = self.settings
+        ssl_context: ssl.SSLContext | bool = False
+        if s.scheme == "https":
+            ssl_context = ssl.create_default_context()
+            if s.ca_file is not None:
+                ssl_context.load_verify_locations(cafile=str(s.ca_file))
+        resolver: AbstractResolver | None = self._resolver
+        if not s.allow_private:
+            resolver = GuardedResolver(resolver)
+        connector = aiohttp.TCPConnector(
+            resolver=resolver,
+            ssl=ssl_context,
+            limit=POOL_LIMIT,
+            keepalive_timeout=KEEPALIVE_SECONDS,
+            ttl_dns_cache=10,
+        )
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            skip_auto_headers=SKIP_AUTO_HEADERS,
+            timeout=self.timeout,
+            trust_env=False,  # the sidecar is the proxy; it never goes through HTTP_PROXY itself
+            read_bufsize=READ_BUFFER,
+        )
+
+    async def send(
+        self, method: str, url: Any, headers: Any, data: Any
+    ) -> aiohttp.ClientResponse:
+        """Send one request; connection failures become our errors, nothing else is raised."""
+        assert self.session is not None
+        try:
+            return await self.session.request(
+                method, url, headers=headers, data=data, allow_redirects=False, compress=None
+            )
+        except SidecarError:
+            raise
+        except Exception as exc:
+            raise self.translate(exc) from None
+
+    def translate(self, exc: BaseException) -> SidecarError:
+        """Map an aiohttp/OS exception to the contract's error; never copies its text."""
+        if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(exc.os_error, ForbiddenAddressError):
+            self._errors["forbidden_address"].inc()
+            return DestinationNotAllowed(
+                "The upstream resolves to an address the sidecar may not reach.", reason="forbidden_address"
+            )
+        if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError | ssl.SSLError):
+            self._errors["tls"].inc()
+            return UpstreamUnreachable("The TLS handshake with the upstream failed.", reason="tls")
+        if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+            self._errors["timeout"].inc()
+            return UpstreamTimeout(reason="timeout")
+        if isinstance(exc, aiohttp.ClientConnectorError | ConnectionError):
+            self._errors["connect"].inc()
+            return UpstreamUnreachable("The connection to the upstream failed.", reason="connect")
+        self._errors["protocol"].inc()
+        return UpstreamUnreachable("The upstream answered with a malformed response.", reason="protocol")
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
