@@ -80,9 +80,7 @@ class Settings:
     def from_env(cls, env: dict[str, str] | os._Environ[str] = os.environ) -> Settings:
         """Read and check the environment; raises SystemExit with a sentence on a problem."""
         if env.get("POLYGON_API_KEY"):
-            raise SystemExit(
-                "POLYGON_API_KEY is set, but this server holds no key: the sidecar injects it. Unset it."
-            )
+            raise SystemExit("POLYGON_API_KEY is set, but this server holds no key: the sidecar injects it. Unset it.")
         mode = env.get("SIDECAR_MODE", "route")
         if mode not in ("route", "proxy"):
             raise SystemExit(f"SIDECAR_MODE must be route or proxy, not {mode!r}")

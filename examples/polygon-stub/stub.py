@@ -43,6 +43,8 @@ SESSION_OPEN_UTC = timedelta(hours=14, minutes=30)
 SESSION_CLOSE_UTC = timedelta(hours=21)
 
 log = logging.getLogger("polygon-stub")
+# aiohttp's access log would print the query string, and the key travels in it.
+SERVER_OPTIONS = {"access_log": None}
 
 KEYS = web.AppKey("keys", dict)
 
@@ -268,7 +270,7 @@ def _paid(response: web.Response, request: web.Request, label: str) -> web.Respo
 
 
 def _log_request(request: web.Request, response: web.Response, label: str | None) -> None:
-    # request.path, never request.path_qs or aiohttp's access log: the key is in the query.
+    # request.path, never request.path_qs: the key is in the query.
     log.info("%s %s -> %d paid_by=%s", request.method, request.path, response.status, label or "-")
 
 
@@ -296,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     keys = load_keys(args.keys_file)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="polygon-stub %(levelname)s %(message)s")
     log.info("listening on http://%s:%d, accepting the keys labelled %s", args.host, args.port, ", ".join(sorted(keys)))
-    web.run_app(make_app(keys), host=args.host, port=args.port, access_log=None, print=None)
+    web.run_app(make_app(keys), host=args.host, port=args.port, print=None, **SERVER_OPTIONS)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,152 @@
+"""The examples: the Polygon stub in process, and the whole demo as CI runs it."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import yaml
+from aiohttp.test_utils import TestClient, TestServer
+
+from tests.support.leaks import output_file, register_secret
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_DEMO = REPO / "examples" / "demo" / "run_demo.py"
+DEMO_KEYS = REPO / "examples" / "demo" / "keys.yaml"
+DEMO_STUB_KEYS = REPO / "examples" / "demo" / "stub-keys.yaml"
+DEMO_TIMEOUT_SECONDS = 240
+
+AGGS = "/v2/aggs/ticker/AAPL/range/1/day/2024-01-02/2024-01-12"
+BAR_FIELDS = {"v", "vw", "o", "c", "h", "l", "t", "n"}
+
+
+def load_stub() -> ModuleType:
+    # examples/polygon-stub is a runnable script, not a package (its folder name has a hyphen).
+    spec = importlib.util.spec_from_file_location("polygon_stub", REPO / "examples" / "polygon-stub" / "stub.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+stub = load_stub()
+STUB_KEYS = {"team-a": register_secret("stub-test-key-a-3c9f"), "team-b": register_secret("stub-test-key-b-81d2")}
+
+
+@pytest.fixture
+async def stub_client() -> AsyncIterator[TestClient]:
+    server = TestServer(stub.make_app(STUB_KEYS), host="127.0.0.1")
+    await server.start_server(**stub.SERVER_OPTIONS)  # as the stub runs itself: no aiohttp access log
+    async with TestClient(server) as client:
+        yield client
+
+
+async def test_stub_accepts_a_given_key_and_names_its_label_not_the_key(stub_client: TestClient) -> None:
+    response = await stub_client.get(AGGS, params={"apiKey": STUB_KEYS["team-b"], "adjusted": "true"})
+    text = await response.text()
+    body = await response.json()
+
+    assert response.status == 200
+    assert response.headers["X-Stub-Paid-By"] == "team-b"
+    assert body["paid_by"] == "team-b"
+    assert STUB_KEYS["team-b"] not in text
+    assert body["ticker"] == "AAPL" and body["status"] == "OK" and body["adjusted"] is True
+    assert body["resultsCount"] == body["count"] == body["queryCount"] == len(body["results"]) == 9  # weekdays
+    assert all(set(bar) == BAR_FIELDS for bar in body["results"])
+    assert all(bar["l"] <= min(bar["o"], bar["c"]) <= max(bar["o"], bar["c"]) <= bar["h"] for bar in body["results"])
+
+
+async def test_stub_accepts_the_key_as_a_bearer_token(stub_client: TestClient) -> None:
+    response = await stub_client.get(AGGS, headers={"Authorization": f"Bearer {STUB_KEYS['team-a']}"})
+
+    assert response.status == 200
+    assert response.headers["X-Stub-Paid-By"] == "team-a"
+
+
+@pytest.mark.parametrize(
+    ("params", "error"),
+    [({"apiKey": "not-a-key-it-issued"}, "Unknown API Key"), ({}, "API Key was not provided")],
+)
+async def test_stub_refuses_other_keys_like_polygon(
+    stub_client: TestClient, params: dict[str, str], error: str
+) -> None:
+    response = await stub_client.get(AGGS, params=params)
+    body = await response.json()
+
+    assert response.status == 401
+    assert body["status"] == "ERROR" and body["error"] == error
+    assert "X-Stub-Paid-By" not in response.headers
+
+
+async def test_stub_answers_deterministically_and_honours_sort_and_limit(stub_client: TestClient) -> None:
+    key = {"apiKey": STUB_KEYS["team-a"]}
+    first = await (await stub_client.get(AGGS, params=key)).json()
+    again = await (await stub_client.get(AGGS, params=key)).json()
+    latest = await (await stub_client.get(AGGS, params={**key, "sort": "desc", "limit": "2"})).json()
+
+    assert first["results"] == again["results"]
+    assert latest["results"] == first["results"][::-1][:2]
+    assert latest["queryCount"] == 9 and latest["resultsCount"] == 2
+
+
+async def test_stub_rejects_an_unknown_timespan(stub_client: TestClient) -> None:
+    response = await stub_client.get(AGGS.replace("/day/", "/fortnight/"), params={"apiKey": STUB_KEYS["team-a"]})
+
+    assert response.status == 400
+    assert "timespan" in (await response.json())["error"]
+
+
+async def test_stub_logs_no_key(stub_client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="polygon-stub")
+    await stub_client.get(AGGS, params={"apiKey": STUB_KEYS["team-a"]})
+    await stub_client.get(AGGS, params={"apiKey": "not-a-key-it-issued"})
+
+    assert "paid_by=team-a" in caplog.text
+    assert STUB_KEYS["team-a"] not in caplog.text
+    assert "not-a-key-it-issued" not in caplog.text
+
+
+@pytest.mark.timeout(DEMO_TIMEOUT_SECONDS + 30)
+def test_demo_runs_end_to_end_and_shows_no_key() -> None:
+    try:
+        import mcp.client.streamable_http  # noqa: F401
+    except ImportError:
+        pytest.skip("the demo needs the mcp SDK: pip install -e '.[demo]'")
+    sidecar_keys = yaml.safe_load(DEMO_KEYS.read_text(encoding="utf-8"))
+    label_of_key = {key: label for label, key in yaml.safe_load(DEMO_STUB_KEYS.read_text(encoding="utf-8")).items()}
+    for key in sidecar_keys.values():
+        register_secret(key)  # the suite's final leak check looks for them everywhere too
+
+    proc = subprocess.run(
+        [sys.executable, str(RUN_DEMO), "--mode", "both", "--show-logs"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=DEMO_TIMEOUT_SECONDS,
+    )
+    output = proc.stdout + proc.stderr
+    output_file("demo.out").write_text(output, encoding="utf-8")
+
+    assert proc.returncode == 0, output
+    for key in [*sidecar_keys.values(), *label_of_key]:
+        assert key not in output, "a demo key appears in the demo's output"
+    sections = dict(re.findall(r"^--- SIDECAR_MODE=(\w+): (.*?)(?=^--- |\Z)", output, re.M | re.S))
+    assert set(sections) == {"route", "proxy"}, output
+    for mode, section in sections.items():
+        paid = dict(re.findall(r"as (\S+):\n +data: +\S+ .*\d+ daily bars.*\n +key the stub saw: +(\S+)", section))
+        # The label the stub reports is the one under which it holds that client's key.
+        assert paid == {
+            "alice": label_of_key[sidecar_keys["mcp/polygon/alice"]],
+            "agent-reporting": label_of_key[sidecar_keys["mcp/polygon/agent-reporting"]],
+        }, f"{mode} mode:\n{section}"
+        assert paid["alice"] != paid["agent-reporting"]
+        refused = re.search(r"as mallory:\n +refused: +(.*)", section)
+        assert refused and "no_credential" in refused.group(1), f"{mode} mode:\n{section}"
+    assert "ok   no key value appears in any log" in output
