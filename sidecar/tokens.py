@@ -115,22 +115,25 @@ class _Jwk:
     keys: Mapping[str, AllowedPublicKeys]
 
 
-@dataclass(frozen=True, slots=True)
 class KeySet:
     """The usable keys of one JWKS document, indexed by kid."""
 
-    entries: tuple[_Jwk, ...]
+    __slots__ = ("_by_kid", "entries")
+
+    def __init__(self, entries: tuple[_Jwk, ...]) -> None:
+        self.entries = entries
+        self._by_kid = {e.kid: e for e in entries if e.kid is not None}
 
     def find(self, kid: str | None, alg: str) -> _Jwk | None:
         """The entry for ``kid``; without a kid, the one entry usable with ``alg`` if unambiguous."""
         if kid is not None:
-            return next((e for e in self.entries if e.kid == kid), None)
+            return self._by_kid.get(kid)
         usable = [e for e in self.entries if alg in e.keys]
         return usable[0] if len(usable) == 1 else None
 
     @property
     def kids(self) -> frozenset[str]:
-        return frozenset(e.kid for e in self.entries if e.kid is not None)
+        return frozenset(self._by_kid)
 
 
 class _FetchError(Exception):
@@ -217,6 +220,7 @@ class JwksSource:
         self._last_attempt: float | None = None
         self._refresh_task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._closed = False
 
     @property
     def keys(self) -> KeySet | None:
@@ -241,6 +245,8 @@ class JwksSource:
         """Fetch the keys unless a fetch ran within the cooldown; join a fetch in flight."""
         task = self._refresh_task
         if task is None:
+            if self._closed:
+                return
             now = self._monotonic()
             if self._last_attempt is not None and now - self._last_attempt < self._settings.jwks_cooldown_seconds:
                 JWKS_REFRESHES.labels(result="cooldown").inc()
@@ -321,7 +327,8 @@ class JwksSource:
             raise _FetchError(f"{url} did not return JSON") from None
 
     async def close(self) -> None:
-        """Stop a fetch in flight and close the HTTP session."""
+        """Stop a fetch in flight and close the HTTP session; no fetch starts afterwards."""
+        self._closed = True
         task = self._refresh_task
         if task is not None:
             task.cancel()
@@ -375,7 +382,7 @@ class VerifiedTokenCache:
 class JwtIdentity:
     """Take the client ID from a JWT whose signature and claims the sidecar verifies.
 
-    ``iss`` is compared with ``identity.jwt.issuer``. When only ``jwks_url`` is
+    ``iss`` must equal ``identity.jwt.issuer`` exactly (a trailing slash counts). When only ``jwks_url`` is
     configured there is no issuer to compare with and ``iss`` is not checked: any
     token signed by a key in that JWKS is accepted, so configure ``issuer`` too.
 
