@@ -1,0 +1,241 @@
+"""A real OpenID Connect identity provider for tests: discovery, JWKS and token minting.
+
+It listens on 127.0.0.1 (random port) with aiohttp and serves
+
+- ``/.well-known/openid-configuration`` naming ``issuer`` and ``jwks_uri``,
+- ``/jwks.json`` with the public halves of the published keys,
+- ``/attacker/jwks.json``, a key set a hostile token may point at with ``jku``/``x5u``
+  (the sidecar must never fetch it).
+
+Tests rotate keys (``rotate``), count requests per path (``hits``), make the JWKS
+hang (``hang``) or fail (``fail_status``), and stop the listener (``go_down``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import hashlib
+import hmac
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+
+DISCOVERY = "/.well-known/openid-configuration"
+JWKS = "/jwks.json"
+ATTACKER_JWKS = "/attacker/jwks.json"
+
+PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    """A private key the provider signs with, and its public JWK."""
+
+    kid: str
+    alg: str
+    private: PrivateKey
+
+    @property
+    def public_jwk(self) -> dict[str, Any]:
+        public = self.private.public_key()
+        if isinstance(public, rsa.RSAPublicKey):
+            jwk = RSAAlgorithm.to_jwk(public, as_dict=True)
+        elif isinstance(public, ec.EllipticCurvePublicKey):
+            jwk = ECAlgorithm.to_jwk(public, as_dict=True)
+        else:
+            jwk = OKPAlgorithm.to_jwk(public, as_dict=True)
+        return {**jwk, "kid": self.kid, "use": "sig"}
+
+    @property
+    def public_pem(self) -> bytes:
+        return self.private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+
+@functools.cache
+def _private_key(kind: str, serial: int) -> PrivateKey:
+    # Generated once per test session: RSA key generation dominates test time otherwise.
+    del serial
+    if kind == "rsa":
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    if kind == "rsa1024":
+        # Deliberately weak: the sidecar must refuse to load it from a JWKS.
+        return rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    if kind == "ec256":
+        return ec.generate_private_key(ec.SECP256R1())
+    if kind == "ec384":
+        return ec.generate_private_key(ec.SECP384R1())
+    if kind == "ed25519":
+        return ed25519.Ed25519PrivateKey.generate()
+    raise ValueError(kind)
+
+
+_ALG_FOR_KIND = {"rsa": "RS256", "rsa1024": "RS256", "ec256": "ES256", "ec384": "ES384", "ed25519": "EdDSA"}
+
+
+def make_key(kid: str, kind: str = "rsa", serial: int = 0, alg: str | None = None) -> SigningKey:
+    """A signing key; the same (kind, serial) gives the same key material within a session."""
+    return SigningKey(kid=kid, alg=alg or _ALG_FOR_KIND[kind], private=_private_key(kind, serial))
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def b64json(value: object) -> str:
+    return b64url(json.dumps(value, separators=(",", ":")).encode())
+
+
+def hs256_token(claims: dict[str, Any], secret: bytes, header: dict[str, Any] | None = None) -> str:
+    """An HS256 token built by hand: PyJWT rightly refuses to HMAC with a PEM key."""
+    signing_input = f"{b64json({'alg': 'HS256', 'typ': 'JWT', **(header or {})})}.{b64json(claims)}"
+    signature = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{b64url(signature)}"
+
+
+def unsigned_token(claims: dict[str, Any], header: dict[str, Any] | None = None) -> str:
+    """An ``alg: none`` token (empty signature)."""
+    return f"{b64json({'alg': 'none', 'typ': 'JWT', **(header or {})})}.{b64json(claims)}."
+
+
+class IdentityProvider:
+    """An in-process OIDC provider on 127.0.0.1; use ``async with IdentityProvider() as idp``."""
+
+    def __init__(self, keys: list[SigningKey] | None = None, *, issuer_path: str = "/realms/test") -> None:
+        self.keys: list[SigningKey] = list(keys) if keys is not None else [make_key("key-1")]
+        self.attacker_keys: list[SigningKey] = []
+        self.issuer_path = issuer_path
+        self.hits: Counter[str] = Counter()
+        self.hang = False
+        self.delay = 0.0
+        self.fail_status: int | None = None
+        self.discovery_overrides: dict[str, Any] = {}
+        self.extra_jwks: list[Any] = []  # raw entries appended to the JWKS
+        self._release = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    # ---- lifecycle
+
+    async def __aenter__(self) -> IdentityProvider:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get(self.issuer_path + DISCOVERY, self._discovery)
+        app.router.add_get(JWKS, self._jwks)
+        app.router.add_get(ATTACKER_JWKS, self._attacker_jwks)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+        await site.start()
+        if self.port == 0:
+            self.port = self._runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        self._release.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def go_down(self) -> None:
+        """Stop listening: connections are refused until ``come_back``."""
+        await self.stop()
+
+    async def come_back(self) -> None:
+        self._release = asyncio.Event()
+        await self.start()
+
+    # ---- addresses
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def issuer(self) -> str:
+        return self.base_url + self.issuer_path
+
+    @property
+    def jwks_url(self) -> str:
+        return self.base_url + JWKS
+
+    @property
+    def attacker_jwks_url(self) -> str:
+        return self.base_url + ATTACKER_JWKS
+
+    # ---- keys
+
+    def rotate(self, new: SigningKey) -> None:
+        """Publish only ``new`` from now on."""
+        self.keys = [new]
+
+    def add(self, key: SigningKey) -> None:
+        self.keys.append(key)
+
+    # ---- tokens
+
+    def claims(self, **overrides: Any) -> dict[str, Any]:
+        """Claims of a valid token: issuer, one hour of validity; ``None`` values are dropped."""
+        now = int(time.time())
+        claims: dict[str, Any] = {"iss": self.issuer, "iat": now, "exp": now + 3600}
+        claims.update(overrides)
+        return {k: v for k, v in claims.items() if v is not None}
+
+    def mint(
+        self,
+        key: SigningKey | None = None,
+        headers: dict[str, Any] | None = None,
+        alg: str | None = None,
+        **claims: Any,
+    ) -> str:
+        """A token signed by ``key`` (default: the first published key) with ``claims``.
+
+        ``headers`` are added to the JOSE header; a ``None`` value removes one (``kid=None``).
+        """
+        key = key or self.keys[0]
+        header = {k: v for k, v in {"kid": key.kid, **(headers or {})}.items() if v is not None}
+        return jwt.encode(self.claims(**claims), key.private, algorithm=alg or key.alg, headers=header)
+
+    # ---- handlers
+
+    async def _discovery(self, request: web.Request) -> web.Response:
+        self.hits["discovery"] += 1
+        document = {
+            "issuer": self.issuer,
+            "jwks_uri": self.jwks_url,
+            "authorization_endpoint": self.issuer + "/auth",
+            "token_endpoint": self.issuer + "/token",
+            "id_token_signing_alg_values_supported": ["RS256"],
+            **self.discovery_overrides,
+        }
+        return web.json_response(document)
+
+    async def _jwks(self, request: web.Request) -> web.Response:
+        self.hits["jwks"] += 1
+        if self.hang:
+            await self._release.wait()
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.fail_status is not None:
+            return web.json_response({"error": "unavailable"}, status=self.fail_status)
+        return web.json_response({"keys": [k.public_jwk for k in self.keys] + self.extra_jwks})
+
+    async def _attacker_jwks(self, request: web.Request) -> web.Response:
+        self.hits["attacker"] += 1
+        return web.json_response({"keys": [k.public_jwk for k in self.attacker_keys]})
