@@ -435,8 +435,11 @@ def test_serviceaccount_carries_the_irsa_role(chart: helm.Chart) -> None:
     sa = one(render(chart, VALUE_SETS["aws-irsa"]), "serviceaccount.yaml")
     assert sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"] == ROLE_ARN
     assert sa["automountServiceAccountToken"] is False
-    spec = pod_spec(render(chart, VALUE_SETS["aws-irsa"]))
-    assert spec["serviceAccountName"] == sa["metadata"]["name"]
+    deployment = one(render(chart, VALUE_SETS["aws-irsa"]), "deployment.yaml")
+    assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == sa["metadata"]["name"]
+    # Only the sidecar gets the role: the EKS webhook skips the app container.
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["eks.amazonaws.com/skip-containers"] == "mcp-server"
 
     plain = one(render(chart, {}), "serviceaccount.yaml")
     assert "annotations" not in plain["metadata"]
