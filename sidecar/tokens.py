@@ -202,7 +202,8 @@ def _key_for_algorithm(raw: dict[str, Any], alg: str) -> AllowedPublicKeys | Non
 class JwksSource:
     """The provider's signing keys: fetched with aiohttp, cached, refreshed with a cooldown.
 
-    - Keys are reused for ``jwks_cache_seconds``; after that the next request refreshes them.
+    - Keys are reused for ``jwks_cache_seconds``; after that the next request starts a
+      refresh in the background and is verified with the keys at hand meanwhile.
     - A kid the cache does not know triggers a refresh, but fetches start at most once
       per ``jwks_cooldown_seconds`` and concurrent callers share one in-flight fetch.
     - When a refresh fails, the last good keys stay in use (the provider may be briefly down).
@@ -230,10 +231,13 @@ class JwksSource:
     async def key_for(self, kid: str | None, alg: str) -> AllowedPublicKeys:
         """The key that verifies a token with this ``kid`` and ``alg``; raises InvalidToken."""
         entry = self._keys.find(kid, alg) if self._keys is not None else None
-        stale = self._monotonic() - self._fetched_at >= self._settings.jwks_cache_seconds
-        if entry is None or stale:
+        if entry is None:
             await self.refresh()
             entry = self._keys.find(kid, alg) if self._keys is not None else None
+        elif self._monotonic() - self._fetched_at >= self._settings.jwks_cache_seconds:
+            # Known key, expired cache: refresh in the background and verify now, so a slow
+            # provider delays no request; a key the provider dropped goes with that refresh.
+            await self.refresh(wait=False)
         if entry is None:
             raise _refuse("jwks_unavailable" if self._keys is None else "unknown_kid")
         key = entry.keys.get(alg)
@@ -241,7 +245,7 @@ class JwksSource:
             raise _refuse("key_mismatch")
         return key
 
-    async def refresh(self) -> None:
+    async def refresh(self, *, wait: bool = True) -> None:
         """Fetch the keys unless a fetch ran within the cooldown; join a fetch in flight."""
         task = self._refresh_task
         if task is None:
@@ -255,9 +259,10 @@ class JwksSource:
             task = asyncio.create_task(self._fetch_keys(), name="sidecar-jwks-refresh")
             self._refresh_task = task
             task.add_done_callback(self._refresh_finished)
-        # asyncio.wait, unlike awaiting the task, leaves the shared fetch running when
-        # this one caller is cancelled.
-        await asyncio.wait((task,))
+        if wait:
+            # asyncio.wait, unlike awaiting the task, leaves the shared fetch running when
+            # this one caller is cancelled.
+            await asyncio.wait((task,))
 
     def _refresh_finished(self, task: asyncio.Task[None]) -> None:
         if self._refresh_task is task:
@@ -280,6 +285,9 @@ class JwksSource:
         except (aiohttp.ClientError, OSError) as exc:
             # The class name only: library messages are not ours to put in a log line.
             self._failed(f"request failed ({type(exc).__name__})")
+            return
+        except Exception as exc:  # a background task must not die with an unretrieved error
+            self._failed(f"unexpected {type(exc).__name__}")
             return
         JWKS_REFRESHES.labels(result="ok").inc()
         previous = self._keys.kids if self._keys is not None else None

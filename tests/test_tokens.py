@@ -56,6 +56,13 @@ def bearer(token: str, header: str = "Authorization", **extra: str) -> CIMultiDi
 MakeResolver = Callable[..., JwtIdentity]
 
 
+async def background_refresh_done(resolver: JwtIdentity) -> None:
+    """Wait for a JWKS refresh the resolver started without waiting for it."""
+    task = resolver._keys._refresh_task
+    if task is not None:
+        await asyncio.wait((task,))
+
+
 @pytest.fixture
 async def idp() -> AsyncIterator[IdentityProvider]:
     async with IdentityProvider() as provider:
@@ -526,7 +533,9 @@ async def test_provider_down_after_first_fetch_keeps_cached_keys(
     # The cache expires, the refresh fails, the old keys stay in use.
     mono.now += 61
     assert (await resolver.resolve(bearer(idp.mint(client_id="b")))).client_id == "b"
+    await background_refresh_done(resolver)
     assert jwks_metric("error") == errors_before + 1
+    assert (await resolver.resolve(bearer(idp.mint(client_id="b2")))).client_id == "b2"
     mono.now += 11
     await refused(resolver, bearer(idp.mint(headers={"kid": "key-9"}, client_id="c")), "unknown_kid")
     assert jwks_metric("error") == errors_before + 2
@@ -534,7 +543,28 @@ async def test_provider_down_after_first_fetch_keeps_cached_keys(
     await idp.come_back()
     mono.now += 11
     assert (await resolver.resolve(bearer(idp.mint(client_id="d")))).client_id == "d"
+    await background_refresh_done(resolver)
     assert idp.hits["jwks"] == 2  # start, then the refresh after coming back
+
+
+async def test_expired_jwks_cache_refreshes_in_the_background(
+    idp: IdentityProvider, make_resolver: MakeResolver
+) -> None:
+    mono = FakeClock(1000.0)
+    resolver = make_resolver(monotonic=mono, jwks_cache_seconds=60, jwks_timeout_seconds=5)
+    await resolver.start()
+    idp.hang = True
+    mono.now += 61
+    started = time.monotonic()
+    assert (await resolver.resolve(bearer(idp.mint(client_id="a")))).client_id == "a"
+    assert time.monotonic() - started < 1  # not held up by the hanging provider
+    await asyncio.sleep(0.05)
+    assert idp.hits["jwks"] == 2  # the refresh did start
+    # A key the provider no longer publishes goes once the background refresh lands.
+    idp.rotate(make_key("key-2", "rsa", serial=2))
+    idp.release_hang()
+    await background_refresh_done(resolver)
+    await refused(resolver, bearer(idp.mint(make_key("key-1"), client_id="b")), "unknown_kid")
 
 
 async def test_provider_down_at_start(idp: IdentityProvider, make_resolver: MakeResolver) -> None:

@@ -153,6 +153,12 @@ class IdentityProvider:
             await self._runner.cleanup()
             self._runner = None
 
+    def release_hang(self) -> None:
+        """Let requests held by ``hang`` answer now (with the keys published by then)."""
+        self.hang = False
+        self._release.set()
+        self._release = asyncio.Event()
+
     async def go_down(self) -> None:
         """Stop listening: connections are refused until ``come_back``."""
         await self.stop()
