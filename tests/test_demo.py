@@ -13,6 +13,7 @@ from types import ModuleType
 import pytest
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
+from multidict import CIMultiDict
 
 from tests.support.leaks import output_file, register_secret
 
@@ -26,9 +27,9 @@ AGGS = "/v2/aggs/ticker/AAPL/range/1/day/2024-01-02/2024-01-12"
 BAR_FIELDS = {"v", "vw", "o", "c", "h", "l", "t", "n"}
 
 
-def load_stub() -> ModuleType:
-    # examples/polygon-stub is a runnable script, not a package (its folder name has a hyphen).
-    spec = importlib.util.spec_from_file_location("polygon_stub", REPO / "examples" / "polygon-stub" / "stub.py")
+def load_example(name: str, path: Path) -> ModuleType:
+    # The examples are runnable scripts, not packages (examples/polygon-stub has a hyphen).
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
@@ -36,7 +37,14 @@ def load_stub() -> ModuleType:
     return module
 
 
-stub = load_stub()
+def require_mcp() -> None:
+    try:
+        import mcp.client.streamable_http  # noqa: F401
+    except ImportError:
+        pytest.skip("the fininfo example and the demo need the mcp SDK: pip install -e '.[demo]'")
+
+
+stub = load_example("polygon_stub", REPO / "examples" / "polygon-stub" / "stub.py")
 STUB_KEYS = {"team-a": register_secret("stub-test-key-a-3c9f"), "team-b": register_secret("stub-test-key-b-81d2")}
 
 
@@ -113,12 +121,63 @@ async def test_stub_logs_no_key(stub_client: TestClient, caplog: pytest.LogCaptu
     assert "not-a-key-it-issued" not in caplog.text
 
 
+@pytest.fixture
+def fininfo() -> ModuleType:
+    require_mcp()
+    return load_example("fininfo_server", REPO / "examples" / "fininfo" / "server.py")
+
+
+BEARER = "Bearer eyJhbGciOiJSUzI1NiJ9.e30.c2ln"
+
+
+@pytest.mark.parametrize(
+    ("identity_mode", "incoming", "passed_on"),
+    [
+        ("auto", {"X-Client-Id": "alice"}, {"X-Client-Id": "alice"}),
+        ("auto", {"Authorization": BEARER}, {"Authorization": BEARER}),
+        # Only one identity travels: a token sent to a sidecar in header mode would reach Polygon.
+        ("auto", {"X-Client-Id": "alice", "Authorization": BEARER}, {"X-Client-Id": "alice"}),
+        ("jwt", {"X-Client-Id": "alice", "Authorization": BEARER}, {"Authorization": BEARER}),
+        ("header", {"Authorization": BEARER}, {}),
+        ("auto", {"Authorization": "Basic YWxpY2U6cHc="}, {}),
+        ("auto", None, {}),  # stdio: no HTTP request at all
+    ],
+)
+def test_fininfo_passes_on_one_identity_of_the_incoming_request(
+    fininfo: ModuleType, identity_mode: str, incoming: dict[str, str] | None, passed_on: dict[str, str]
+) -> None:
+    settings = fininfo.Settings.from_env({"IDENTITY_MODE": identity_mode})
+    headers = None if incoming is None else CIMultiDict(incoming)
+
+    assert fininfo.identity_headers(headers, settings) == passed_on
+
+
+@pytest.mark.parametrize(
+    ("env", "complaint"),
+    [
+        ({"POLYGON_API_KEY": "pk-live"}, "POLYGON_API_KEY is set"),
+        ({"SIDECAR_MODE": "proxy"}, "needs HTTP_PROXY"),
+        ({"SIDECAR_MODE": "direct"}, "route or proxy"),
+    ],
+)
+def test_fininfo_refuses_to_start_with_a_key_or_without_the_sidecar(
+    fininfo: ModuleType, env: dict[str, str], complaint: str
+) -> None:
+    with pytest.raises(SystemExit, match=complaint):
+        fininfo.Settings.from_env(env)
+
+
+def test_fininfo_defaults_to_the_sidecar_route(fininfo: ModuleType) -> None:
+    route = fininfo.Settings.from_env({})
+    proxy = fininfo.Settings.from_env({"SIDECAR_MODE": "proxy", "HTTP_PROXY": "http://127.0.0.1:8080"})
+
+    assert route.base_url == "http://127.0.0.1:8080/polygon"
+    assert proxy.base_url == "http://api.polygon.io"
+
+
 @pytest.mark.timeout(DEMO_TIMEOUT_SECONDS + 30)
 def test_demo_runs_end_to_end_and_shows_no_key() -> None:
-    try:
-        import mcp.client.streamable_http  # noqa: F401
-    except ImportError:
-        pytest.skip("the demo needs the mcp SDK: pip install -e '.[demo]'")
+    require_mcp()
     sidecar_keys = yaml.safe_load(DEMO_KEYS.read_text(encoding="utf-8"))
     label_of_key = {key: label for label, key in yaml.safe_load(DEMO_STUB_KEYS.read_text(encoding="utf-8")).items()}
     for key in sidecar_keys.values():

@@ -39,7 +39,7 @@ import argparse
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -77,7 +77,7 @@ class Settings:
     identity_header: str
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | os._Environ[str] = os.environ) -> Settings:
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
         """Read and check the environment; raises SystemExit with a sentence on a problem."""
         if env.get("POLYGON_API_KEY"):
             raise SystemExit("POLYGON_API_KEY is set, but this server holds no key: the sidecar injects it. Unset it.")
@@ -107,7 +107,7 @@ class Polygon:
     http: httpx.AsyncClient
 
 
-def identity_headers(incoming: Any, settings: Settings) -> dict[str, str]:
+def identity_headers(incoming: Mapping[str, str] | None, settings: Settings) -> dict[str, str]:
     """The identity of the incoming MCP request, as headers for the sidecar (maybe none)."""
     if incoming is None:  # stdio: no HTTP request, no identity; the sidecar decides
         return {}
