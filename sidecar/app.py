@@ -157,17 +157,22 @@ class Sidecar:
 
     @staticmethod
     def _runtime(parts: _Parts) -> Runtime:
-        by_origin: dict[tuple[str, int], Upstream] = {}
-        for up in parts.upstreams.values():
+        by_origin: dict[tuple[str, int], list[Upstream]] = {}
+        ordered = sorted(parts.upstreams.values(), key=lambda u: len(u.settings.base_path), reverse=True)
+        for up in ordered:
             s = up.settings
-            by_origin[(s.host, s.port)] = up
-            if s.scheme == "https" and s.port == 443:
+            by_origin.setdefault((s.host, s.port), []).append(up)
+        for up in ordered:
+            s = up.settings
+            if s.scheme == "https" and s.port == 443 and not any(
+                u.settings.scheme == "http" for u in by_origin.get((s.host, 80), [])
+            ):
                 # HTTP_PROXY clients send http://host/ (port 80) for an https upstream:
                 # the sidecar upgrades it to TLS.
-                by_origin.setdefault((s.host, 80), up)
+                by_origin.setdefault((s.host, 80), []).append(up)
         return Runtime(
             upstreams=dict(parts.upstreams),
-            by_origin=by_origin,
+            by_origin={origin: tuple(ups) for origin, ups in by_origin.items()},
             identity=parts.identity,
             cache=parts.cache,
             forward_proxy=parts.settings.forward_proxy.enabled,

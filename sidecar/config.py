@@ -656,7 +656,7 @@ class _Reader:
             self.fail("upstreams", f"expected a mapping of name to upstream, got {_kind(raw)}")
             return {}
         out: dict[str, UpstreamSettings] = {}
-        seen_origins: dict[tuple[str, int], str] = {}
+        seen_origins: dict[tuple[str, int, str], str] = {}
         for name, value in raw.items():
             path = f"upstreams.{name}"
             if not isinstance(name, str) or not UPSTREAM_NAME_PATTERN.fullmatch(name):
@@ -665,11 +665,11 @@ class _Reader:
             up = self.upstream(name, value, path)
             if up is None:
                 continue
-            origin = (up.host, up.port)
+            origin = (up.host, up.port, up.base_path)
             if origin in seen_origins:
-                # Forward-proxy mode matches by host and port: two upstreams on one origin
-                # would make that match ambiguous.
-                self.fail(f"{path}.url", f"same host and port as upstreams.{seen_origins[origin]}")
+                # Forward-proxy mode matches by host, port and longest base path: two
+                # upstreams with all three equal would make that match ambiguous.
+                self.fail(f"{path}.url", f"same host, port and path as upstreams.{seen_origins[origin]}")
             seen_origins[origin] = name
             out[name] = up
         return out

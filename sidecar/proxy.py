@@ -57,7 +57,7 @@ class Runtime:
     """Everything compiled from one config. A request keeps the Runtime it started with."""
 
     upstreams: dict[str, Upstream]
-    by_origin: dict[tuple[str, int], Upstream]
+    by_origin: dict[tuple[str, int], tuple[Upstream, ...]]  # longest base path first
     identity: IdentityResolver
     cache: SecretCache
     forward_proxy: bool
@@ -94,8 +94,8 @@ def _check_path(path: str) -> None:
     """Refuse dot segments (also percent-encoded) and other paths an upstream could reinterpret."""
     if "#" in path or "\\" in path:
         raise BadRequest("The request path contains characters the sidecar will not forward.", reason="bad_path")
-    if "." in path:
-        decoded = unquote(path) if "%" in path else path
+    if "." in path or "%" in path:
+        decoded = unquote(path)
         for segment in decoded.replace("\\", "/").split("/"):
             if segment in (".", ".."):
                 raise BadRequest("Dot segments are not allowed in the path.", reason="dot_segment")
@@ -168,10 +168,12 @@ class DataPlane:
         host = normalize_host(parts.hostname or "")
         if host is None:
             raise DestinationNotAllowed("The destination host is not valid.", reason="bad_host")
-        upstream = rt.by_origin.get((host, port or (443 if scheme == "https" else 80)))
-        if upstream is None:
-            raise DestinationNotAllowed(reason="not_an_upstream")
-        return upstream, parts.path or "/", parts.query
+        path = parts.path or "/"
+        for upstream in rt.by_origin.get((host, port or (443 if scheme == "https" else 80)), ()):
+            base = upstream.settings.base_path
+            if not base or path == base or path.startswith(base + "/"):
+                return upstream, path, parts.query
+        raise DestinationNotAllowed(reason="not_an_upstream")
 
     async def _proxy(self, rt: Runtime, request: web.BaseRequest, rec: _Record) -> web.StreamResponse:
         upstream, path, query = self._route(rt, request, rec)

@@ -1,0 +1,86 @@
+"""Session-wide fixtures: output capture for the leak check, the echo upstream, moto."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.leaks import OUTPUT_DIR
+from tests.support.process import SidecarProcess
+from tests.support.upstream import EchoUpstream
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    shutil.rmtree(OUTPUT_DIR, ignore_errors=True)
+    OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
+    # Every log record of in-process tests lands here too, so the leak check sees it.
+    handler = logging.FileHandler(OUTPUT_DIR / "in-process.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s %(args)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+
+
+@pytest.fixture(scope="session")
+def _echo_server() -> Iterator[EchoUpstream]:
+    server = EchoUpstream()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def echo(_echo_server: EchoUpstream) -> EchoUpstream:
+    """A real HTTP upstream on 127.0.0.1 that records what it received."""
+    _echo_server.reset()
+    return _echo_server
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """moto's Secrets Manager in server mode on 127.0.0.1."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Fake AWS credentials for moto; returned so subprocesses get them too."""
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_SESSION_TOKEN": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return env
+
+
+@pytest.fixture
+def start_sidecar(tmp_path: Path) -> Iterator[Callable[..., SidecarProcess]]:
+    """Start the real CLI with a config dict; every process is stopped after the test."""
+    started: list[SidecarProcess] = []
+
+    def start(config: dict[str, Any], *, env: dict[str, str] | None = None, wait_ready: bool = True) -> SidecarProcess:
+        proc = SidecarProcess(config, tmp_path, env=env)
+        started.append(proc)
+        return proc.start(wait_ready=wait_ready)
+
+    yield start
+    for proc in started:
+        try:
+            proc.stop(timeout=10)
+        except Exception:
+            proc.kill()

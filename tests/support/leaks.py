@@ -1,0 +1,35 @@
+"""Every secret the suite uses, and every place the suite's output goes.
+
+Tests create secrets with ``make_secret`` so the last test of the run
+(``test_zz_no_secret_leak.py``) can grep all output for each of them: the
+sidecar subprocesses' stdout/stderr and every log record of in-process tests.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets as _random
+from pathlib import Path
+
+#: One folder per test session; conftest empties it when the session starts.
+OUTPUT_DIR = Path(os.environ.get("SIDECAR_TEST_OUTPUT", Path(__file__).resolve().parents[2] / "test-output"))
+SECRETS_FILE = OUTPUT_DIR / "secrets-used.txt"
+
+
+def register_secret(value: str) -> str:
+    """Remember a secret value the suite hands to the sidecar; returns it."""
+    OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
+    with SECRETS_FILE.open("a", encoding="utf-8") as f:
+        f.write(value + "\n")
+    return value
+
+
+def make_secret(label: str) -> str:
+    """A fresh, unmistakable secret value (registered for the leak check)."""
+    return register_secret(f"sk-{label}-{_random.token_hex(12)}")
+
+
+def output_file(name: str) -> Path:
+    """A file under the output folder for a subprocess's output."""
+    OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
+    return OUTPUT_DIR / name
