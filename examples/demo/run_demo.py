@@ -165,23 +165,31 @@ class DemoError(Exception):
     """The demo could not run (as opposed to an expectation that failed)."""
 
 
-async def call_as(mcp_url: str, caller: Caller) -> Outcome:
-    """One MCP session that presents caller's client ID, as a gateway would, and one tool call."""
+async def call_tool_as(mcp_url: str, client_id: str, tool: str, arguments: dict[str, Any]) -> Any:
+    """One MCP session that presents client_id, as a gateway would, and one tool call."""
     import httpx2  # the mcp SDK's HTTP client
     from mcp import Client
     from mcp.client.streamable_http import streamable_http_client
 
-    headers = {"X-Client-Id": caller.client_id}
+    headers = {"X-Client-Id": client_id}
     async with (
         httpx2.AsyncClient(headers=headers, trust_env=False, timeout=CALL_TIMEOUT_SECONDS) as http,
         Client(streamable_http_client(mcp_url, http_client=http), read_timeout_seconds=CALL_TIMEOUT_SECONDS) as mcp,
     ):
-        result = await mcp.call_tool("get_stock_aggregates", QUERY)
-    text = " ".join(getattr(block, "text", "") for block in result.content)
+        return await mcp.call_tool(tool, arguments)
+
+
+def text_of(result: Any) -> str:
+    return " ".join(getattr(block, "text", "") for block in result.content)
+
+
+def call_as(mcp_url: str, caller: Caller) -> Outcome:
+    """get_stock_aggregates as caller: the data, or the refusal the tool passed on."""
+    result = asyncio.run(call_tool_as(mcp_url, caller.client_id, "get_stock_aggregates", QUERY))
     if result.is_error:
-        return Outcome(caller, refusal=text)
-    data = result.structured_content if isinstance(result.structured_content, dict) else json.loads(text)
-    return Outcome(caller, data=data)
+        return Outcome(caller, refusal=text_of(result))
+    data = result.structured_content
+    return Outcome(caller, data=data if isinstance(data, dict) else json.loads(text_of(result)))
 
 
 def summary(data: Mapping[str, Any]) -> str:
@@ -203,11 +211,11 @@ def secret_values() -> list[str]:
     return [str(v) for v in store.values()]
 
 
-def run_mode(mode: str, mcp_url: str, stub_log: Callable[[], str], checks: Checks) -> None:
+def run_mode(mode: str, mcp_url: str, stub_log: Callable[[], str], checks: Checks, *, show_table: bool) -> None:
     """Call as every caller through one fininfo server and check what came back."""
     print(f"\n--- SIDECAR_MODE={mode}: get_stock_aggregates {json.dumps(QUERY)}")
     requests_before = stub_log().count("GET /v2/")
-    outcomes = [asyncio.run(call_as(mcp_url, caller)) for caller in CALLERS]
+    outcomes = [call_as(mcp_url, caller) for caller in CALLERS]
     for o in outcomes:
         print(f"\n  as {o.caller.client_id}:")
         if o.data is not None:
@@ -215,6 +223,11 @@ def run_mode(mode: str, mcp_url: str, stub_log: Callable[[], str], checks: Check
             print(f"    key the stub saw:    {o.data.get('paid_by')}")
         else:
             print(f"    refused:             {o.refusal}")
+    table = None
+    if show_table:
+        table = asyncio.run(call_tool_as(mcp_url, CALLERS[0].client_id, "print_stock_data", {**QUERY, "limit": 3}))
+        print(f"\n  print_stock_data as {CALLERS[0].client_id}, limit 3:")
+        print("\n".join(f"    {line}" for line in text_of(table).splitlines()))
 
     print(f"\n  checks ({mode} mode):")
     labels = []
@@ -231,9 +244,13 @@ def run_mode(mode: str, mcp_url: str, stub_log: Callable[[], str], checks: Check
         checks.expect(bool(o.data and o.data.get("results")), f"{who} gets aggregate bars")
         checks.expect(got == o.caller.expected_label, f"{who}'s call is paid by key {o.caller.expected_label!r}")
     checks.expect(len(set(labels)) == len(labels), "each client's call is paid by a different key")
+    if table is not None:
+        checks.expect(not table.is_error and "Results Count: 3" in text_of(table), "print_stock_data formats the bars")
+    expected_calls = len(labels) + (table is not None)
     served = stub_log().count("GET /v2/") - requests_before
-    paying = sum(1 for c in CALLERS if c.expected_label)
-    checks.expect(served == paying, f"the stub saw {paying} calls: the refused caller never reached the API")
+    checks.expect(
+        served == expected_calls, f"the stub saw {expected_calls} calls: the refused caller never reached the API"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -293,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  fininfo MCP server  {mcp_urls[mode]}   SIDECAR_MODE={mode}, no key in its environment")
 
         for mode in modes:
-            run_mode(mode, mcp_urls[mode], lambda: children.log("polygon-stub"), checks)
+            run_mode(mode, mcp_urls[mode], lambda: children.log("polygon-stub"), checks, show_table=mode == modes[0])
     except DemoError as exc:
         checks.expect(False, f"the demo runs: {exc}")
     finally:
