@@ -899,5 +899,5 @@ def _kind(value: Any) -> str:
 def _closest(key: str, allowed: frozenset[str]) -> str | None:
     import difflib
 
-    matches = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.75)
+    matches = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.6)
     return matches[0] if matches else None

@@ -1,0 +1,146 @@
+"""``credential-sidecar check`` and ``run`` as a user calls them."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.support.leaks import make_secret
+
+
+def cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sidecar", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+    )
+
+
+def write(path: Path, data: object) -> Path:
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data, encoding="utf-8")
+    return path
+
+
+def good_config(tmp_path: Path) -> Path:
+    write(tmp_path / "keys.yaml", {"alice": make_secret("cli")})
+    return write(
+        tmp_path / "sidecar.yaml",
+        {
+            "secrets": {"backend": "file", "file": {"path": "keys.yaml"}},
+            "upstreams": {
+                "polygon": {
+                    "url": "https://api.polygon.io",
+                    "secret": "{client_id}",
+                    "inject": {"query": "apiKey"},
+                }
+            },
+        },
+    )
+
+
+def test_check_prints_summary_and_exits_0(tmp_path: Path) -> None:
+    result = cli("check", "--config", str(good_config(tmp_path)))
+    assert result.returncode == 0, result.stderr
+    assert "polygon" in result.stdout and "https://api.polygon.io" in result.stdout
+    assert "query apiKey" in result.stdout
+    assert "config OK" in result.stdout
+    assert "sk-cli-" not in result.stdout
+
+
+def test_check_uses_sidecar_config_env(tmp_path: Path) -> None:
+    result = cli("check", env={"SIDECAR_CONFIG": str(good_config(tmp_path))})
+    assert result.returncode == 0, result.stderr
+
+
+def test_check_lists_every_problem_with_its_path(tmp_path: Path) -> None:
+    config = write(
+        tmp_path / "bad.yaml",
+        {
+            "listen": "nope",
+            "lgo": {},
+            "secrets": {"backend": "vault"},
+            "upstreams": {
+                "polygon": {"url": "ftp://x", "secret": "{client}", "inject": {"cookie": "k"}},
+                "ok": {"url": "https://a.example", "secret": "{client_id}", "inject": {"query": "k"}, "timeout_seconds": -1},
+            },
+        },
+    )
+    result = cli("check", "--config", str(config))
+    assert result.returncode == 2
+    err = result.stderr
+    for expected in (
+        "listen: expected host:port",
+        "lgo: unknown key (did you mean log?)",
+        "secrets.backend: expected one of file, aws",
+        "upstreams.polygon.url: expected an http:// or https:// URL",
+        "upstreams.polygon.secret: unknown placeholder {client}",
+        "upstreams.polygon.inject.cookie: unknown key",
+        "upstreams.polygon.inject: expected one of query, header",
+        "upstreams.ok.timeout_seconds: must be greater than 0",
+    ):
+        assert expected in err, f"{expected!r} not in:\n{err}"
+
+
+def test_env_interpolation(tmp_path: Path) -> None:
+    write(tmp_path / "keys.yaml", {"a": make_secret("env")})
+    config = write(
+        tmp_path / "c.yaml",
+        "listen: ${LISTEN_ADDR:-127.0.0.1:18080}\n"
+        "shutdown_grace_seconds: ${GRACE}\n"
+        "secrets: {file: {path: keys.yaml}}\n"
+        "upstreams:\n  p: {url: '${API_URL}', secret: '{client_id}', inject: {query: k}}\n",
+    )
+    result = cli("check", "--config", str(config), env={"GRACE": "7", "API_URL": "https://api.example.com"})
+    assert result.returncode == 0, result.stderr
+    assert "127.0.0.1:18080" in result.stdout and "https://api.example.com" in result.stdout
+    result = cli("check", "--config", str(config), env={"GRACE": "x"})
+    assert result.returncode == 2
+    assert "shutdown_grace_seconds: expected a number" in result.stderr
+    assert "upstreams.p.url: environment variable API_URL is not set" in result.stderr
+
+
+def test_missing_config_and_bad_yaml(tmp_path: Path) -> None:
+    result = cli("check", env={"SIDECAR_CONFIG": ""})
+    assert result.returncode == 2 and "no config file" in result.stderr
+    bad = write(tmp_path / "bad.yaml", "upstreams: [\n")
+    result = cli("check", "--config", str(bad))
+    assert result.returncode == 2 and "line" in result.stderr
+
+
+def test_run_with_invalid_config_exits_2_before_binding(tmp_path: Path) -> None:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    config = write(tmp_path / "c.yaml", {"listen": f"127.0.0.1:{port}", "upstreams": {"x": {"url": "nope"}}})
+    result = cli("run", "--config", str(config))
+    assert result.returncode == 2
+    assert "upstreams.x.url" in result.stderr
+    # Nothing was bound: the port is still free.
+    s = socket.socket()
+    s.bind(("127.0.0.1", port))
+    s.close()
+
+
+def test_run_with_unreadable_keys_file_fails_clearly(tmp_path: Path) -> None:
+    config = good_config(tmp_path)
+    (tmp_path / "keys.yaml").write_text("- just\n- a list\n", encoding="utf-8")
+    result = cli("run", "--config", str(config))
+    assert result.returncode == 1
+    assert "must hold a mapping" in result.stdout
+
+
+def test_python_m_and_console_script_agree(tmp_path: Path) -> None:
+    exe = Path(sys.executable).with_name("credential-sidecar")
+    result = subprocess.run(
+        [str(exe), "check", "--config", str(good_config(tmp_path))], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
