@@ -35,6 +35,7 @@ RUN pip install ".[aws,fast]" \
 
 FROM ${PYTHON_IMAGE}
 
+ARG PYTHON_IMAGE
 ARG VERSION=0.1.0
 ARG REVISION=unknown
 LABEL org.opencontainers.image.title="mcp-credential-sidecar" \
@@ -42,7 +43,7 @@ LABEL org.opencontainers.image.title="mcp-credential-sidecar" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${REVISION}" \
       org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.base.name="docker.io/library/python:3.12-slim-bookworm"
+      org.opencontainers.image.base.name="${PYTHON_IMAGE}"
 
 # A fixed numeric UID/GID so Kubernetes can verify runAsNonRoot without a
 # passwd lookup; the chart's securityContext uses the same numbers.
