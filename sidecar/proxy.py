@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 import aiohttp
-from aiohttp import web
+from aiohttp import StreamReader, web
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -48,6 +48,8 @@ _DENIED = {code: metrics.DENIED.labels(code) for code in (
 )}
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 _REDACTED = "[redacted]"
+#: Request bodies up to this size are read whole so a rotated key can replay them.
+REPLAY_BODY_LIMIT = 1024 * 1024
 #: Longest path kept in the access log.
 LOG_PATH_LIMIT = 512
 
@@ -205,20 +207,48 @@ class DataPlane:
             # RFC 9110 7.6.1: fields named in Connection are for this hop only.
             for token in connection.split(","):
                 headers.popall(token.strip(), None)
+
+        data: bytes | StreamReader | None = None
+        replayable = True
+        if request.body_exists:
+            if request.headers.get("Expect", "").lower() == "100-continue":
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            length = request.content_length
+            if length is not None and length <= REPLAY_BODY_LIMIT:
+                data = await request.read()  # small: kept so a rotation can replay it
+            else:
+                data = request.content
+                replayable = False
+        answer = await upstream.send(request.method, self._url(upstream, path, query, headers, secret), headers, data)
+        if answer.status in (401, 403):
+            fresh = await rt.cache.refresh_rejected(secret_id, settings.secret_field, secret)
+            if fresh is None:
+                metrics.ROTATIONS.labels(upstream.name, "unchanged").inc()
+            elif not replayable:
+                metrics.ROTATIONS.labels(upstream.name, "not_replayable").inc()
+                rec.reason = "credential_refreshed_not_replayed"
+            else:
+                # The key was rotated in the store: the refused answer is dropped and the
+                # request is sent once more with the new value.
+                answer.close()
+                metrics.ROTATIONS.labels(upstream.name, "replayed").inc()
+                log.info("upstream refused a credential that has since changed; replaying once",
+                         extra={"upstream": upstream.name, "client_id": identity.client_id})
+                rec.reason = "credential_rotated"
+                secret = fresh
+                url = self._url(upstream, path, query, headers, secret)
+                answer = await upstream.send(request.method, url, headers, data)
+        return await self._stream_back(request, answer, upstream, secret, rec)
+
+    @staticmethod
+    def _url(upstream: Upstream, path: str, query: str, headers: CIMultiDict[str], secret: Secret) -> URL:
+        """Place the key (query or header) and build the upstream URL."""
         injection = upstream.injection
         if injection.query is not None:
             query = injection.query(query, secret)
         else:
             headers[injection.header] = injection.render(secret)  # type: ignore[index]
-        url = URL(upstream.origin + path + ("?" + query if query else ""), encoded=True)
-
-        data = None
-        if request.body_exists:
-            if request.headers.get("Expect", "").lower() == "100-continue":
-                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            data = request.content
-        answer = await upstream.send(request.method, url, headers, data)
-        return await self._stream_back(request, answer, upstream, secret, rec)
+        return URL(upstream.origin + path + ("?" + query if query else ""), encoded=True)
 
     async def _stream_back(
         self,

@@ -33,6 +33,10 @@ log = logging.getLogger("sidecar.secrets.cache")
 STALE_RETRY_SECONDS = 5.0
 #: At most one "serving stale" warning per this many seconds.
 STALE_WARNING_INTERVAL = 30.0
+#: After an upstream refused a value and the store still returned that same value,
+#: further refusals of it do not go to the store for this long (a revoked key
+#: must not turn every request into a store call).
+REJECTED_BACKOFF_SECONDS = 30.0
 
 CacheKey = tuple[str, str | None]
 
@@ -50,6 +54,7 @@ class _Entry:
     stale_until: float
     stale: bool = False
     reason: str = "not_found"
+    rejected_until: float = 0.0
 
 
 class SecretCache:
@@ -106,26 +111,43 @@ class SecretCache:
         self._entries.pop((secret_id, field), None)
         metrics.SECRET_CACHE_ENTRIES.set(len(self._entries))
 
-    async def refresh(self, secret_id: str, field: str | None = None) -> Secret | None:
-        """Fetch again now, bypassing freshness; None when the store has nothing usable."""
+    async def refresh_rejected(self, secret_id: str, field: str | None, rejected: Secret) -> Secret | None:
+        """An upstream refused ``rejected``: return a different current value, or None.
+
+        The first refusal always asks the store again (a rotation is picked up at
+        once); a value the store confirms unchanged is not asked about again for
+        REJECTED_BACKOFF_SECONDS.
+        """
+        key = (secret_id, field)
+        entry = self._entries.get(key)
+        now = self._clock()
+        if entry is not None and entry.secret is not None and not entry.secret == rejected:
+            return entry.secret  # another request already fetched the rotated value
+        if entry is not None and entry.rejected_until > now:
+            return None
         try:
-            entry = await self._load((secret_id, field), force=True)
+            fresh = await self._load(key)  # keeps the old entry for stale-if-error
         except SecretStoreUnavailable:
             return None
-        return entry.secret if not entry.stale else None
+        if fresh.secret is None or fresh.stale:
+            return None
+        if fresh.secret == rejected:
+            fresh.rejected_until = now + REJECTED_BACKOFF_SECONDS
+            return None
+        return fresh.secret
 
     def clear(self) -> None:
         """Forget everything (the file backend's contents changed)."""
         self._entries.clear()
         metrics.SECRET_CACHE_ENTRIES.set(0)
 
-    async def _load(self, key: CacheKey, force: bool = False) -> _Entry:
+    async def _load(self, key: CacheKey) -> _Entry:
         pending = self._inflight.get(key)
         if pending is None:
             pending = asyncio.get_running_loop().create_future()
             self._inflight[key] = pending
             try:
-                pending.set_result(await self._fetch(key, force))
+                pending.set_result(await self._fetch(key))
             except BaseException as exc:
                 pending.set_exception(exc)
                 pending.exception()  # mark retrieved: waiters may be none
@@ -136,7 +158,7 @@ class SecretCache:
         # Another request is already asking the store: wait for its answer.
         return await asyncio.shield(pending)
 
-    async def _fetch(self, key: CacheKey, force: bool) -> _Entry:
+    async def _fetch(self, key: CacheKey) -> _Entry:
         secret_id, field = key
         s = self.settings
         started = time.perf_counter()
@@ -150,7 +172,7 @@ class SecretCache:
             return entry
         except StoreError as exc:
             metrics.SECRET_STORE_ERRORS.labels(self.backend.name, exc.kind).inc()
-            return self._on_store_error(key, exc, force)
+            return self._on_store_error(key, exc)
         finally:
             self._fetch_duration.observe(time.perf_counter() - started)
         now = self._clock()
@@ -169,7 +191,7 @@ class SecretCache:
         self._store(key, entry)
         return entry
 
-    def _on_store_error(self, key: CacheKey, exc: StoreError, force: bool) -> _Entry:
+    def _on_store_error(self, key: CacheKey, exc: StoreError) -> _Entry:
         now = self._clock()
         entry = self._entries.get(key)
         if entry is not None and entry.secret is not None and now < entry.stale_until:

@@ -1,0 +1,234 @@
+"""Operations through the real CLI: metrics, drain on SIGTERM, reload on SIGHUP, key rotation."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+import requests
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.leaks import make_secret
+from tests.support.process import SidecarProcess
+from tests.support.upstream import EchoUpstream
+
+Start = Callable[..., SidecarProcess]
+
+
+def scrape(sc: SidecarProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = requests.get(sc.admin_url + "/metrics", timeout=5).text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = float(s.value)
+    return out
+
+
+def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def file_config(tmp_path: Path, echo: EchoUpstream, keys: dict[str, str], **extra: Any) -> dict[str, Any]:
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text(yaml.safe_dump(keys), encoding="utf-8")
+    return {
+        "secrets": {"backend": "file", "file": {"path": str(keys_file)}},
+        "upstreams": {
+            "polygon": {
+                "url": echo.url,
+                "secret": "{client_id}",
+                "inject": {"query": "apiKey"},
+                "allow_private": True,
+                "clients": ["alice", "bob"],
+            }
+        },
+        **extra,
+    }
+
+
+def get(sc: SidecarProcess, path: str, client: str | None = "alice", timeout: float = 15) -> requests.Response:
+    headers = {"X-Client-Id": client} if client else {}
+    return requests.get(sc.url + path, headers=headers, timeout=timeout)
+
+
+def port_open(url: str) -> bool:
+    host, port = url.split("//")[1].rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_metrics_count_requests_and_refusals(start_sidecar: Start, tmp_path: Path, echo: EchoUpstream) -> None:
+    sc = start_sidecar(file_config(tmp_path, echo, {"alice": make_secret("m")}))
+    for _ in range(3):
+        assert get(sc, "/polygon/echo/x").status_code == 200
+    assert get(sc, "/polygon/echo/x", "bob").status_code == 403  # no credential
+    assert get(sc, "/polygon/echo/x", "carol").status_code == 403  # not allowed
+    assert get(sc, "/polygon/echo/x", None).status_code == 401
+    assert get(sc, "/nope/x").status_code == 404
+    m = scrape(sc)
+    assert value(m, "sidecar_requests_total", upstream="polygon", status="200") == 3
+    assert value(m, "sidecar_requests_total", upstream="polygon", status="403") == 2
+    assert value(m, "sidecar_requests_total", upstream="-", status="404") == 1
+    assert value(m, "sidecar_denied_total", reason="no_credential") == 1
+    assert value(m, "sidecar_denied_total", reason="client_not_allowed") == 1
+    assert value(m, "sidecar_denied_total", reason="missing_identity") == 1
+    assert value(m, "sidecar_denied_total", reason="unknown_upstream") == 1
+    assert value(m, "sidecar_secret_lookups_total", result="hit") == 2
+    assert value(m, "sidecar_secret_lookups_total", result="miss") == 2
+    assert value(m, "sidecar_request_duration_seconds_count", upstream="polygon") == 6
+    assert value(m, "sidecar_inflight_requests") == 0
+    assert value(m, "sidecar_ready") == 1
+    # Bounded labels: no client ID or path ever becomes a label value.
+    labels = {v for (_, ls) in m for _, v in ls}
+    assert not labels & {"alice", "bob", "carol", "/polygon/echo/x"}
+
+
+def test_sigterm_drains_inflight_request_and_exits_0(start_sidecar: Start, tmp_path: Path, echo: EchoUpstream) -> None:
+    sc = start_sidecar(file_config(tmp_path, echo, {"alice": make_secret("d")}, shutdown_grace_seconds=10))
+    result: dict[str, Any] = {}
+
+    def slow() -> None:
+        result["resp"] = get(sc, "/polygon/slow?delay=1.5")
+
+    t = threading.Thread(target=slow)
+    t.start()
+    time.sleep(0.4)
+    sc.signal(signal.SIGTERM)
+    time.sleep(0.3)
+    assert sc.readyz() == 503
+    assert not port_open(sc.url)
+    t.join(10)
+    assert result["resp"].status_code == 200
+    assert sc.proc is not None and sc.proc.wait(10) == 0
+
+
+def test_sigterm_lets_a_stream_finish(start_sidecar: Start, tmp_path: Path, echo: EchoUpstream) -> None:
+    sc = start_sidecar(file_config(tmp_path, echo, {"alice": make_secret("s")}, shutdown_grace_seconds=10))
+    with requests.get(
+        sc.url + "/polygon/sse?events=8&delay=0.15", headers={"X-Client-Id": "alice"}, stream=True, timeout=10
+    ) as resp:
+        lines = resp.iter_lines(chunk_size=1)
+        first = next(line for line in lines if line)
+        sc.signal(signal.SIGTERM)
+        rest = [line for line in lines if line]
+    assert first == b"data: event-0"
+    assert len(rest) == 7
+    assert sc.proc is not None and sc.proc.wait(10) == 0
+
+
+def test_grace_bounds_the_drain(start_sidecar: Start, tmp_path: Path, echo: EchoUpstream) -> None:
+    sc = start_sidecar(file_config(tmp_path, echo, {"alice": make_secret("g")}, shutdown_grace_seconds=1))
+    t = threading.Thread(target=lambda: pytest.raises(requests.RequestException, get, sc, "/polygon/slow?delay=8"))
+    t.start()
+    time.sleep(0.3)
+    started = time.monotonic()
+    sc.signal(signal.SIGTERM)
+    assert sc.proc is not None and sc.proc.wait(10) == 0
+    assert time.monotonic() - started < 4
+    t.join(10)
+
+
+def test_second_signal_exits_at_once(start_sidecar: Start, tmp_path: Path, echo: EchoUpstream) -> None:
+    sc = start_sidecar(file_config(tmp_path, echo, {"alice": make_secret("x")}, shutdown_grace_seconds=30))
+    t = threading.Thread(target=lambda: pytest.raises(requests.RequestException, get, sc, "/polygon/slow?delay=8"))
+    t.start()
+    time.sleep(0.3)
+    sc.signal(signal.SIGTERM)
+    time.sleep(0.3)
+    started = time.monotonic()
+    sc.signal(signal.SIGINT)
+    assert sc.proc is not None and sc.proc.wait(5) != 0
+    assert time.monotonic() - started < 2
+    t.join(10)
+
+
+def test_sighup_applies_valid_config_and_keeps_old_on_invalid(
+    start_sidecar: Start, tmp_path: Path, echo: EchoUpstream
+) -> None:
+    keys = {"alice": make_secret("h")}
+    config = file_config(tmp_path, echo, keys)
+    sc = start_sidecar(config)
+    assert get(sc, "/extra/echo/x").status_code == 404
+    config["upstreams"]["extra"] = {**config["upstreams"]["polygon"], "url": echo.url + "/echo/extra"}
+    sc.write_config({**config, "listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0"})
+    sc.signal(signal.SIGHUP)
+    sc.wait_for_line(lambda line: line.get("message") == "config reloaded")
+    assert get(sc, "/extra/y").status_code == 200
+    assert echo.last().path == "/echo/extra/y"
+
+    sc.write_config({"upstreams": {"broken": {"url": "ftp://nope"}}, "lgo": 1})
+    sc.signal(signal.SIGHUP)
+    line = sc.wait_for_line(lambda line: "reload refused" in str(line.get("message")))
+    assert any("upstreams.broken.url" in p for p in line["problems"])
+    assert get(sc, "/extra/y").status_code == 200
+    assert get(sc, "/polygon/echo/z").status_code == 200
+    m = scrape(sc)
+    assert value(m, "sidecar_config_reloads_total", result="ok") == 1
+    assert value(m, "sidecar_config_reloads_total", result="invalid") == 1
+
+
+def test_inflight_request_keeps_its_config_across_reload(
+    start_sidecar: Start, tmp_path: Path, echo: EchoUpstream
+) -> None:
+    config = file_config(tmp_path, echo, {"alice": make_secret("k")})
+    sc = start_sidecar(config)
+    result: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: result.setdefault("r", get(sc, "/polygon/slow?delay=1.5")))
+    t.start()
+    time.sleep(0.3)
+    sc.write_config({**config, "listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0", "upstreams": {}})
+    sc.signal(signal.SIGHUP)
+    sc.wait_for_line(lambda line: line.get("message") == "config reloaded")
+    t.join(10)
+    assert result["r"].status_code == 200
+    assert get(sc, "/polygon/echo/x").status_code == 404
+
+
+def test_rotation_in_secrets_manager_is_picked_up_and_replayed(
+    start_sidecar: Start, moto_endpoint: str, aws_env: dict[str, str], echo: EchoUpstream
+) -> None:
+    client = boto3.client("secretsmanager", region_name="us-east-1", endpoint_url=moto_endpoint)
+    old, new = make_secret("rot-old"), make_secret("rot-new")
+    client.create_secret(Name="rot/erin", SecretString=old)
+    config = {
+        "secrets": {"backend": "aws", "aws": {"region": "us-east-1", "endpoint_url": moto_endpoint}},
+        "upstreams": {
+            "api": {
+                "url": echo.url,
+                "secret": "rot/{client_id}",
+                "inject": {"query": "apiKey"},
+                "allow_private": True,
+            }
+        },
+    }
+    sc = start_sidecar(config, env=aws_env)
+    echo.accepted_key = old
+    assert get(sc, "/api/keyed", "erin").status_code == 200
+    # Rotate: the store gets a new value and the upstream accepts only that.
+    client.put_secret_value(SecretId="rot/erin", SecretString=new)
+    echo.accepted_key = new
+    resp = requests.post(sc.url + "/api/keyed", data=b"payload", headers={"X-Client-Id": "erin"}, timeout=15)
+    assert resp.status_code == 200
+    assert [r.body_size for r in echo.received[-2:]] == [7, 7]  # the body was replayed
+    assert get(sc, "/api/keyed", "erin").status_code == 200
+    m = scrape(sc)
+    assert value(m, "sidecar_secret_rotations_total", upstream="api", result="replayed") == 1
+    sc.wait_for_line(lambda line: "replaying once" in str(line.get("message")))
+    # A key the store still holds is not refetched on every refusal.
+    echo.accepted_key = "something-else"
+    for _ in range(3):
+        assert get(sc, "/api/keyed", "erin").status_code == 401
+    m = scrape(sc)
+    assert value(m, "sidecar_secret_rotations_total", upstream="api", result="unchanged") == 3
+    assert value(m, "sidecar_secret_fetch_duration_seconds_count", backend="aws") == 3
