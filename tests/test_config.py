@@ -1,0 +1,818 @@
+"""Config validation: every mistake is caught at start, named by its field path, all at once."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar.config import ListenAddress, Settings, load_settings, parse_settings
+from sidecar.errors import ConfigError
+from tests.support.leaks import make_secret
+
+CLIENT_ID_RULE = "does not match [A-Za-z0-9][A-Za-z0-9._@+=-]{0,127}"
+
+
+@pytest.fixture
+def keys_file(tmp_path: Path) -> Path:
+    path = tmp_path / "keys.yaml"
+    path.write_text(f"alice: {make_secret('config-alice')}\nbob: {make_secret('config-bob')}\n")
+    return path
+
+
+def upstream(**overrides: Any) -> dict[str, Any]:
+    up: dict[str, Any] = {
+        "url": "https://api.polygon.io",
+        "secret": "mcp/polygon/{client_id}",
+        "inject": {"query": "apiKey"},
+    }
+    up.update(overrides)
+    return up
+
+
+def config(keys_file: Path, **sections: Any) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "secrets": {"file": {"path": str(keys_file)}},
+        "upstreams": {"polygon": upstream()},
+    }
+    raw.update(sections)
+    return raw
+
+
+def parse(raw: Any, tmp_path: Path, env: dict[str, str] | None = None) -> Settings:
+    return parse_settings(raw, base_dir=tmp_path, env=env or {})
+
+
+def problems(raw: Any, tmp_path: Path, env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_settings(raw, base_dir=tmp_path, env=env or {})
+    assert str(info.value) == "\n".join(info.value.problems)
+    return info.value.problems
+
+
+def one_problem(raw: Any, tmp_path: Path, env: dict[str, str] | None = None) -> str:
+    found = problems(raw, tmp_path, env)
+    assert len(found) == 1, found
+    return found[0]
+
+
+# ------------------------------------------------------------------ defaults
+
+
+def test_defaults_equal_the_contract(tmp_path: Path, keys_file: Path) -> None:
+    s = parse(config(keys_file), tmp_path)
+    assert s.listen == ListenAddress("127.0.0.1", 8080)
+    assert s.admin_listen == ListenAddress("127.0.0.1", 9901)
+    assert s.shutdown_grace_seconds == 20
+    assert s.workers == 1
+    assert (s.log.level, s.log.format) == ("info", "json")
+    assert s.identity.header == "X-Client-Id"
+    assert s.identity.default_client_id is None
+    assert s.identity.jwt is None
+    assert s.secrets.backend == "file"
+    assert s.secrets.aws.endpoint_url is None
+    assert s.secrets.aws.version_stage == "AWSCURRENT"
+    c = s.secrets.cache
+    assert (c.ttl_seconds, c.negative_ttl_seconds, c.stale_if_error_seconds, c.max_entries) == (300, 30, 3600, 10000)
+    assert s.secrets.prefetch == ()
+    up = s.upstreams["polygon"]
+    assert (up.scheme, up.host, up.port, up.base_path) == ("https", "api.polygon.io", 443, "")
+    assert up.secret_field is None
+    assert (up.inject.kind, up.inject.name, up.inject.format) == ("query", "apiKey", "{secret}")
+    assert up.clients == ("*",)
+    assert up.scopes == ()
+    assert up.timeout_seconds == 30
+    assert up.allow_private is False
+    assert up.ca_file is None
+    fp = s.forward_proxy
+    assert fp.enabled is True
+    assert fp.passthrough_hosts == ()
+    assert (fp.mitm.enabled, fp.mitm.ca_cert, fp.mitm.ca_key, fp.mitm.ca_cert_out) == (False, None, None, None)
+
+
+def test_jwt_defaults_equal_the_contract(tmp_path: Path, keys_file: Path) -> None:
+    raw = config(keys_file, identity={"jwt": {"jwks_url": "https://idp.example.com/jwks.json"}})
+    jwt = parse(raw, tmp_path).identity.jwt
+    assert jwt is not None
+    assert jwt.header == "Authorization"
+    assert jwt.audience == ()
+    assert jwt.algorithms == ("RS256",)
+    assert jwt.client_id_claims == ("client_id", "azp", "sub")
+    assert jwt.leeway_seconds == 30
+
+
+def test_empty_document_is_a_valid_config_with_no_upstreams(tmp_path: Path) -> None:
+    s = parse(None, tmp_path)
+    assert s.upstreams == {}
+    assert s.listen == ListenAddress("127.0.0.1", 8080)
+
+
+def test_the_contract_example_values_parse(tmp_path: Path, keys_file: Path) -> None:
+    raw = config(
+        keys_file,
+        listen="127.0.0.1:8080",
+        admin_listen="127.0.0.1:9901",
+        shutdown_grace_seconds=20,
+        workers=1,
+        log={"level": "info", "format": "json"},
+        identity={"header": "X-Client-Id", "default_client_id": None},
+        forward_proxy={"enabled": True, "passthrough_hosts": [], "mitm": {"enabled": False}},
+    )
+    raw["secrets"].update(
+        backend="file",
+        aws={"region": "us-east-1", "endpoint_url": None, "version_stage": "AWSCURRENT"},
+        cache={"ttl_seconds": 300, "negative_ttl_seconds": 30, "stale_if_error_seconds": 3600, "max_entries": 10000},
+        prefetch=[],
+    )
+    raw["upstreams"]["polygon"].update(
+        secret_field=None, clients=["*"], scopes=[], timeout_seconds=30, allow_private=False, ca_file=None
+    )
+    assert parse(raw, tmp_path).upstreams["polygon"].host == "api.polygon.io"
+
+
+# ------------------------------------------------------------------ field paths, all at once
+
+
+def test_inject_with_both_kinds_names_the_field(tmp_path: Path, keys_file: Path) -> None:
+    raw = config(keys_file, upstreams={"polygon": upstream(inject={"query": "apiKey", "header": "X-Key"})})
+    assert one_problem(raw, tmp_path) == "upstreams.polygon.inject: expected one of query, header"
+
+
+def test_inject_with_neither_kind_names_the_field(tmp_path: Path, keys_file: Path) -> None:
+    raw = config(keys_file, upstreams={"polygon": upstream(inject={"format": "{secret}"})})
+    assert one_problem(raw, tmp_path) == "upstreams.polygon.inject: expected one of query, header"
+
+
+def test_missing_inject_is_required(tmp_path: Path, keys_file: Path) -> None:
+    up = upstream()
+    del up["inject"]
+    assert one_problem(config(keys_file, upstreams={"polygon": up}), tmp_path).startswith(
+        "upstreams.polygon.inject: is required"
+    )
+
+
+@pytest.mark.parametrize("missing", ["url", "secret"])
+def test_missing_upstream_fields_are_required(missing: str, tmp_path: Path, keys_file: Path) -> None:
+    up = upstream()
+    del up[missing]
+    assert one_problem(config(keys_file, upstreams={"polygon": up}), tmp_path) == (
+        f"upstreams.polygon.{missing}: is required"
+    )
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path, keys_file: Path) -> None:
+    raw = config(
+        keys_file,
+        listen="nope",
+        log={"level": "loud"},
+        identity={"default_client_id": "../etc"},
+        upstreams={
+            "polygon": upstream(inject={"query": "apiKey", "header": "X-Key"}),
+            "other": upstream(url="ftp://files.example.com", timeout_seconds=0),
+        },
+    )
+    raw["secrets"]["cache"] = {"ttl_seconds": -1, "max_entries": 0}
+    found = problems(raw, tmp_path)
+    assert found == [
+        "listen: expected host:port (for example 127.0.0.1:8080), got 'nope'",
+        "log.level: expected one of debug, info, warning, error",
+        f"identity.default_client_id: {CLIENT_ID_RULE}",
+        "secrets.cache.ttl_seconds: must be at least 0",
+        "secrets.cache.max_entries: must be between 1 and 10000000",
+        "upstreams.polygon.inject: expected one of query, header",
+        "upstreams.other.url: expected an http:// or https:// URL",
+        "upstreams.other.timeout_seconds: must be greater than 0",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("section", "value", "expected"),
+    [
+        ("workers", 0, "workers: must be between 1 and 64"),
+        ("workers", "two", "workers: expected an integer, got a string"),
+        ("shutdown_grace_seconds", -5, "shutdown_grace_seconds: must be at least 0"),
+        ("admin_listen", "127.0.0.1:8080", "admin_listen: must differ from listen"),
+        ("log", {"format": "xml"}, "log.format: expected one of json, text"),
+        ("identity", {"header": "X Client"}, "identity.header: is not a valid HTTP header name"),
+        ("upstreams", ["polygon"], "upstreams: expected a mapping of name to upstream, got a list"),
+        ("forward_proxy", {"enabled": "yes"}, "forward_proxy.enabled: expected true or false, got a string"),
+    ],
+)
+def test_type_and_range_problems_name_their_field(
+    section: str, value: Any, expected: str, tmp_path: Path, keys_file: Path
+) -> None:
+    assert one_problem(config(keys_file, **{section: value}), tmp_path) == expected
+
+
+def test_listen_accepts_ipv6_and_any_address(tmp_path: Path, keys_file: Path) -> None:
+    s = parse(config(keys_file, listen="[::1]:18080", admin_listen="0.0.0.0:19901"), tmp_path)
+    assert s.listen == ListenAddress("::1", 18080)
+    assert str(s.listen) == "[::1]:18080"
+    assert s.admin_listen == ListenAddress("0.0.0.0", 19901)
+
+
+def test_upstream_name_must_be_a_path_segment(tmp_path: Path, keys_file: Path) -> None:
+    raw = config(keys_file, upstreams={"poly/gon": upstream()})
+    assert one_problem(raw, tmp_path).startswith("upstreams.poly/gon: upstream names are")
+
+
+# ------------------------------------------------------------------ unknown keys
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda r: r.update(listne="1.2.3.4:1"), "listne: unknown key (did you mean listen?)"),
+        (
+            lambda r: r["upstreams"]["polygon"].update(secert="x"),
+            "upstreams.polygon.secert: unknown key (did you mean secret?)",
+        ),
+        (
+            lambda r: r["upstreams"]["polygon"]["inject"].update(fromat="Bearer {secret}"),
+            "upstreams.polygon.inject.fromat: unknown key (did you mean format?)",
+        ),
+        (
+            lambda r: r["secrets"].update(cache={"ttl_second": 5}),
+            "secrets.cache.ttl_second: unknown key (did you mean ttl_seconds?)",
+        ),
+        (
+            lambda r: r.update(identity={"jwt": {"jwks_url": "https://i.example/jwks", "algorithm": ["RS256"]}}),
+            "identity.jwt.algorithm: unknown key (did you mean algorithms?)",
+        ),
+        (lambda r: r.update(zzzz=1), "zzzz: unknown key"),
+        (lambda r: r["secrets"]["file"].update({"1": "x"}), "secrets.file.1: unknown key"),
+    ],
+)
+def test_unknown_keys_are_errors_with_a_suggestion(mutate: Any, expected: str, tmp_path: Path, keys_file: Path) -> None:
+    raw = config(keys_file)
+    mutate(raw)
+    assert one_problem(raw, tmp_path) == expected
+
+
+def test_non_string_key_is_an_unknown_key(tmp_path: Path, keys_file: Path) -> None:
+    raw: dict[Any, Any] = config(keys_file)
+    raw[42] = "x"
+    assert one_problem(raw, tmp_path) == "42: unknown key"
+
+
+# ------------------------------------------------------------------ ${VAR} interpolation
+
+
+def test_var_is_replaced_from_the_environment(tmp_path: Path, keys_file: Path) -> None:
+    raw = config(keys_file, upstreams={"polygon": upstream(url="https://${POLY_HOST}/v1")})
+    s = parse(raw, tmp_path, env={"POLY_HOST": "api.polygon.io"})
+    assert s.upstreams["polygon"].host == "api.polygon.io"
+    assert s.upstreams["polygon"].base_path == "/v1"
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [({}, "info"), ({"LEVEL": ""}, "info"), ({"LEVEL": "debug"}, "debug")],
+)
+def test_default_applies_when_unset_or_empty(
+    env: dict[str, str], expected: str, tmp_path: Path, keys_file: Path
+) -> None:
+    raw = config(keys_file, log={"level": "${LEVEL:-info}"})
+    assert parse(raw, tmp_path, env=env).log.level == expected
+
+
+def test_default_may_hold_colons_and_slashes(tmp_path: Path, keys_file: Path) -> None:
+    raw = config(keys_file, upstreams={"polygon": upstream(url="${POLY_URL:-https://api.polygon.io:8443/v2}")})
+    up = parse(raw, tmp_path).upstreams["polygon"]
+    assert (up.host, up.port, up.base_path) == ("api.polygon.io", 8443, "/v2")
+
+
+def test_set_but_empty_var_without_default_is_empty(tmp_path: Path, keys_file: Path) -> None:
+    raw = config(keys_file, upstreams={"polygon": upstream(secret_field="${FIELD}")})
+    assert parse(raw, tmp_path, env={"FIELD": ""}).upstreams["polygon"].secret_field is None
+
+
+def test_missing_var_is_an_error_with_its_path(tmp_path: Path, keys_file: Path) -> None:
+    raw = config(keys_file, upstreams={"polygon": upstream(url="https://${POLY_HOST}")})
+    found = problems(raw, tmp_path)
+    assert "upstreams.polygon.url: environment variable POLY_HOST is not set" in found
+
+
+def test_missing_var_in_a_list_names_the_item(tmp_path: Path, keys_file: Path) -> None:
+    raw = config(keys_file, upstreams={"polygon": upstream(clients=["alice", "${TEAM}"])})
+    assert one_problem(raw, tmp_path) == "upstreams.polygon.clients[1]: environment variable TEAM is not set"
+
+
+def test_every_missing_var_is_reported(tmp_path: Path, keys_file: Path) -> None:
+    raw = config(keys_file, log={"level": "${A}", "format": "${B}"})
+    found = problems(raw, tmp_path)
+    assert "log.level: environment variable A is not set" in found
+    assert "log.format: environment variable B is not set" in found
+
+
+def test_double_dollar_is_a_literal_dollar(tmp_path: Path, keys_file: Path) -> None:
+    raw = config(keys_file)
+    raw["secrets"]["aws"] = {"version_stage": "v$$1-$${NOT_A_VAR}"}
+    s = parse(raw, tmp_path)  # NOT_A_VAR is not set, and must not be looked up
+    assert s.secrets.aws.version_stage == "v$1-${NOT_A_VAR}"
+
+
+def test_dollar_without_braces_is_kept(tmp_path: Path, keys_file: Path) -> None:
+    raw = config(keys_file)
+    raw["secrets"]["aws"] = {"version_stage": "$HOME-cost$"}
+    assert parse(raw, tmp_path, env={"HOME": "/root"}).secrets.aws.version_stage == "$HOME-cost$"
+
+
+def test_interpolation_reads_os_environ_by_default(
+    tmp_path: Path, keys_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SIDECAR_TEST_LEVEL", "warning")
+    raw = config(keys_file, log={"level": "${SIDECAR_TEST_LEVEL}"})
+    assert parse_settings(raw, base_dir=tmp_path).log.level == "warning"
+
+
+def test_load_settings_interpolates_the_file(tmp_path: Path, keys_file: Path) -> None:
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(
+        "listen: ${HOST:-127.0.0.1}:${PORT}\n"
+        f"secrets:\n  file:\n    path: {keys_file.name}\n"
+        "upstreams:\n  polygon:\n    url: https://api.polygon.io\n"
+        "    secret: '{client_id}'\n    inject: {query: apiKey}\n"
+        "    timeout_seconds: ${TIMEOUT}\n"
+    )
+    s = load_settings(path, env={"PORT": "18080", "TIMEOUT": "7.5"})
+    assert s.listen == ListenAddress("127.0.0.1", 18080)
+    assert s.upstreams["polygon"].timeout_seconds == 7.5
+    assert s.source == path
+
+
+# ------------------------------------------------------------------ numbers and booleans from env
+
+
+def test_numbers_and_booleans_may_come_from_env(tmp_path: Path, keys_file: Path) -> None:
+    raw = config(
+        keys_file,
+        workers="${WORKERS}",
+        shutdown_grace_seconds="${GRACE}",
+        forward_proxy={"enabled": "${FP:-false}"},
+        upstreams={
+            "polygon": upstream(
+                url="http://10.0.0.5", timeout_seconds="${TIMEOUT}", allow_private="${PRIVATE}"
+            )
+        },
+    )
+    raw["secrets"]["cache"] = {"ttl_seconds": "${TTL}", "max_entries": "${MAX}"}
+    env = {"WORKERS": "4", "GRACE": " 2.5 ", "TIMEOUT": "12", "PRIVATE": "True", "TTL": "60", "MAX": "50"}
+    s = parse(raw, tmp_path, env=env)
+    assert s.workers == 4
+    assert s.shutdown_grace_seconds == 2.5
+    assert s.forward_proxy.enabled is False
+    assert s.upstreams["polygon"].timeout_seconds == 12.0
+    assert s.upstreams["polygon"].allow_private is True
+    assert s.secrets.cache.ttl_seconds == 60.0
+    assert s.secrets.cache.max_entries == 50
+
+
+@pytest.mark.parametrize(("value", "expected"), [("true", True), ("1", True), ("false", False), ("0", False)])
+def test_boolean_spellings_from_env(value: str, expected: bool, tmp_path: Path, keys_file: Path) -> None:
+    raw = config(keys_file, forward_proxy={"enabled": "${FP}"})
+    assert parse(raw, tmp_path, env={"FP": value}).forward_proxy.enabled is expected
+
+
+@pytest.mark.parametrize(
+    ("section", "value", "env", "expected"),
+    [
+        ("workers", "${W}", {"W": "four"}, "workers: expected an integer, got a string"),
+        ("workers", "${W}", {"W": "2.5"}, "workers: expected an integer, got a string"),
+        ("workers", "${W}", {"W": "99"}, "workers: must be between 1 and 64"),
+        ("shutdown_grace_seconds", "${G}", {"G": "soon"}, "shutdown_grace_seconds: expected a number, got a string"),
+        (
+            "forward_proxy",
+            {"enabled": "${FP}"},
+            {"FP": "yes"},
+            "forward_proxy.enabled: expected true or false, got a string",
+        ),
+        # A quoted number written in the file is a typo, not a number: only env values are converted.
+        ("shutdown_grace_seconds", "20", {}, "shutdown_grace_seconds: expected a number, got a string"),
+        ("forward_proxy", {"enabled": "true"}, {}, "forward_proxy.enabled: expected true or false, got a string"),
+    ],
+)
+def test_bad_numbers_and_booleans(
+    section: str, value: Any, env: dict[str, str], expected: str, tmp_path: Path, keys_file: Path
+) -> None:
+    assert one_problem(config(keys_file, **{section: value}), tmp_path, env=env) == expected
+
+
+# ------------------------------------------------------------------ upstream URLs
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("ftp://api.example.com", "expected an http:// or https:// URL"),
+        ("api.example.com", "expected an http:// or https:// URL"),
+        ("wss://api.example.com", "expected an http:// or https:// URL"),
+        ("https://user:pw@api.example.com", "must not contain user information (user@host)"),
+        ("https://user@api.example.com", "must not contain user information (user@host)"),
+        ("https://:pw@api.example.com", "must not contain user information (user@host)"),
+        ("https://api.example.com/?apiKey=x", "must not contain a query or fragment"),
+        ("https://api.example.com/v1?", "expected-no-problem"),
+        ("https://api.example.com/#top", "must not contain a query or fragment"),
+        ("https://", "has no host"),
+        ("https:///path", "has no host"),
+        ("https://exa mple.com", "invalid host 'exa mple.com'"),
+        ("https://-bad-.example.com", "invalid host '-bad-.example.com'"),
+        ("https://a..b.example.com", "invalid host 'a..b.example.com'"),
+        ("https://api.example.com:99999", "invalid URL"),
+        ("https://api.example.com:http", "invalid URL"),
+    ],
+)
+def test_bad_upstream_urls(url: str, expected: str, tmp_path: Path, keys_file: Path) -> None:
+    raw = config(keys_file, upstreams={"polygon": upstream(url=url)})
+    if expected == "expected-no-problem":
+        # An empty query ("?") carries nothing; the URL is accepted.
+        assert parse(raw, tmp_path).upstreams["polygon"].base_path == "/v1"
+        return
+    problem = one_problem(raw, tmp_path)
+    assert problem.startswith("upstreams.polygon.url: ")
+    assert expected in problem
+
+
+@pytest.mark.parametrize(
+    ("url", "scheme", "host", "port", "base_path"),
+    [
+        ("https://api.polygon.io", "https", "api.polygon.io", 443, ""),
+        ("http://api.polygon.io", "http", "api.polygon.io", 80, ""),
+        ("https://API.Polygon.IO", "https", "api.polygon.io", 443, ""),
+        ("https://api.polygon.io.", "https", "api.polygon.io", 443, ""),
+        ("https://API.polygon.io.:8443/", "https", "api.polygon.io", 8443, ""),
+        ("https://bücher.example/v1/", "https", "xn--bcher-kva.example", 443, "/v1"),
+        ("https://BÜCHER.example", "https", "xn--bcher-kva.example", 443, ""),
+        ("https://xn--bcher-kva.example", "https", "xn--bcher-kva.example", 443, ""),
+        ("http://Example.COM:8080/base/path", "http", "example.com", 8080, "/base/path"),
+        ("https://api.example.com/a%2Fb/c%20d/", "https", "api.example.com", 443, "/a%2Fb/c%20d"),
+        ("https://[2606:4700:0::1111]:8443", "https", "2606:4700::1111", 8443, ""),
+        ("https://8.8.8.8", "https", "8.8.8.8", 443, ""),
+    ],
+)
+def test_upstream_url_normalisation(
+    url: str, scheme: str, host: str, port: int, base_path: str, tmp_path: Path, keys_file: Path
+) -> None:
+    up = parse(config(keys_file, upstreams={"polygon": upstream(url=url)}), tmp_path).upstreams["polygon"]
+    assert (up.scheme, up.host, up.port, up.base_path) == (scheme, host, port, base_path)
+
+
+PRIVATE_LITERALS = [
+    "http://127.0.0.1:9000",
+    "http://10.0.0.5",
+    "https://172.16.3.4",
+    "http://192.168.1.10:8080/api",
+    "http://169.254.169.254",
+    "http://[::1]:8080",
+    "http://[fd00:ec2::254]",
+    "http://[::ffff:10.0.0.1]",
+    "http://[::ffff:169.254.169.254]",
+    "http://100.64.0.1",
+    "http://0.0.0.0:8080",
+    "http://[fe80::1]",
+]
+
+
+@pytest.mark.parametrize("url", PRIVATE_LITERALS)
+def test_literal_private_address_is_refused(url: str, tmp_path: Path, keys_file: Path) -> None:
+    problem = one_problem(config(keys_file, upstreams={"polygon": upstream(url=url)}), tmp_path)
+    assert problem.startswith("upstreams.polygon.url: ")
+    assert "allow_private: true" in problem
+
+
+@pytest.mark.parametrize("url", PRIVATE_LITERALS)
+def test_literal_private_address_is_accepted_with_allow_private(url: str, tmp_path: Path, keys_file: Path) -> None:
+    raw = config(keys_file, upstreams={"polygon": upstream(url=url, allow_private=True)})
+    assert parse(raw, tmp_path).upstreams["polygon"].allow_private is True
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="config.py normalize_host only knows dotted-quad literals; inet_aton forms such as 127.1, "
+    "2130706433 or 0x7f000001 pass as host names (the runtime resolver guard still refuses them)",
+)
+@pytest.mark.parametrize("url", ["http://127.1:9000", "http://2130706433", "http://0x7f000001", "http://10.1"])
+def test_short_and_numeric_ipv4_forms_are_refused_too(url: str, tmp_path: Path, keys_file: Path) -> None:
+    problems(config(keys_file, upstreams={"polygon": upstream(url=url)}), tmp_path)
+
+
+def test_two_upstreams_on_one_origin_and_base_path_are_refused(tmp_path: Path, keys_file: Path) -> None:
+    # Forward-proxy mode picks the upstream by host, port and base path: equal ones are ambiguous.
+    raw = config(
+        keys_file,
+        upstreams={
+            "a": upstream(url="https://api.polygon.io/v1"),
+            "b": upstream(url="https://API.polygon.io./v1/"),
+            "c": upstream(url="http://api.polygon.io:443/v1"),
+            "d": upstream(url="https://api.polygon.io:8443/v1"),
+            "e": upstream(url="https://api.polygon.io/v2"),
+            "f": upstream(url="http://api.polygon.io/v1"),
+        },
+    )
+    assert problems(raw, tmp_path) == [
+        "upstreams.b.url: same host, port and path as upstreams.a",
+        "upstreams.c.url: same host, port and path as upstreams.b",
+    ]
+
+
+def test_upstreams_on_different_ports_or_paths_of_one_host_are_fine(tmp_path: Path, keys_file: Path) -> None:
+    raw = config(
+        keys_file,
+        upstreams={
+            "a": upstream(url="https://api.example.com"),
+            "b": upstream(url="https://api.example.com:8443"),
+            "c": upstream(url="https://api.example.com/v2"),
+        },
+    )
+    assert set(parse(raw, tmp_path).upstreams) == {"a", "b", "c"}
+
+
+# ------------------------------------------------------------------ templates
+
+
+@pytest.mark.parametrize(
+    "template", ["mcp/polygon/{client_id}", "{client_id}", "{upstream}/{client_id}", "shared-key", "a/{upstream}"]
+)
+def test_secret_templates_accepted(template: str, tmp_path: Path, keys_file: Path) -> None:
+    s = parse(config(keys_file, upstreams={"polygon": upstream(secret=template)}), tmp_path)
+    assert s.upstreams["polygon"].secret == template
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        ("mcp/{client}/x", "unknown placeholder {client}; expected {client_id}, {upstream}"),
+        ("mcp/{secret}", "unknown placeholder {secret}; expected {client_id}, {upstream}"),
+        ("mcp/{0}", "unknown placeholder {0}"),
+        ("mcp/{}", "unknown placeholder {}"),
+        ("mcp/{client_id.__class__}", "unknown placeholder {client_id.__class__}"),
+        ("mcp/{client_id[0]}", "unknown placeholder {client_id[0]}"),
+        ("mcp/{client_id", "invalid template"),
+        ("mcp/client_id}", "invalid template"),
+    ],
+)
+def test_secret_template_placeholders(template: str, expected: str, tmp_path: Path, keys_file: Path) -> None:
+    problem = one_problem(config(keys_file, upstreams={"polygon": upstream(secret=template)}), tmp_path)
+    assert problem.startswith("upstreams.polygon.secret: ")
+    assert expected in problem
+
+
+@pytest.mark.parametrize("fmt", ["{secret}", "Bearer {secret}", "Token token={secret}; v=1"])
+def test_inject_formats_accepted(fmt: str, tmp_path: Path, keys_file: Path) -> None:
+    raw = config(keys_file, upstreams={"polygon": upstream(inject={"header": "Authorization", "format": fmt})})
+    inject = parse(raw, tmp_path).upstreams["polygon"].inject
+    assert (inject.kind, inject.name, inject.format) == ("header", "Authorization", fmt)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "expected"),
+    [
+        ("Bearer", "must contain {secret} exactly once"),
+        ("{secret}:{secret}", "must contain {secret} exactly once"),
+        ("Bearer {token}", "unknown placeholder {token}; expected {secret}"),
+        ("{client_id}:{secret}", "unknown placeholder {client_id}"),
+        ("Bearer {secret", "invalid template"),
+    ],
+)
+def test_inject_format_must_hold_secret_once(fmt: str, expected: str, tmp_path: Path, keys_file: Path) -> None:
+    raw = config(keys_file, upstreams={"polygon": upstream(inject={"header": "Authorization", "format": fmt})})
+    problem = one_problem(raw, tmp_path)
+    assert problem.startswith("upstreams.polygon.inject.format: ")
+    assert expected in problem
+
+
+@pytest.mark.parametrize(
+    ("inject", "expected"),
+    [
+        ({"header": "Host"}, "upstreams.polygon.inject.header: Host is managed by the sidecar and cannot carry a key"),
+        ({"header": "Transfer-Encoding"}, "upstreams.polygon.inject.header: Transfer-Encoding is managed"),
+        ({"header": "X API Key"}, "upstreams.polygon.inject.header: is not a valid HTTP header name"),
+        ({"header": "X-Key\r\nEvil: 1"}, "upstreams.polygon.inject.header: is not a valid HTTP header name"),
+        ({"query": ""}, "upstreams.polygon.inject.query: is required"),
+        ("apiKey", "upstreams.polygon.inject: expected a mapping, got a string"),
+    ],
+)
+def test_inject_rule_problems(inject: Any, expected: str, tmp_path: Path, keys_file: Path) -> None:
+    raw = config(keys_file, upstreams={"polygon": upstream(inject=inject)})
+    assert any(p.startswith(expected) for p in problems(raw, tmp_path))
+
+
+# ------------------------------------------------------------------ JWT algorithms
+
+
+@pytest.mark.parametrize("alg", ["none", "None", "NONE", "HS256", "HS384", "HS512", "hs256"])
+def test_none_and_hmac_algorithms_are_refused(alg: str, tmp_path: Path, keys_file: Path) -> None:
+    raw = config(keys_file, identity={"jwt": {"jwks_url": "https://idp.example/jwks", "algorithms": ["RS256", alg]}})
+    assert one_problem(raw, tmp_path) == (
+        f"identity.jwt.algorithms[1]: {alg} is refused: only asymmetric algorithms are allowed"
+    )
+
+
+def test_unknown_algorithm_is_refused(tmp_path: Path, keys_file: Path) -> None:
+    raw = config(keys_file, identity={"jwt": {"jwks_url": "https://idp.example/jwks", "algorithms": ["RS999"]}})
+    assert problems(raw, tmp_path)[0].startswith("identity.jwt.algorithms[0]: expected one of ES256, ")
+
+
+def test_empty_algorithm_list_is_refused(tmp_path: Path, keys_file: Path) -> None:
+    raw = config(keys_file, identity={"jwt": {"jwks_url": "https://idp.example/jwks", "algorithms": []}})
+    assert one_problem(raw, tmp_path) == "identity.jwt.algorithms: needs at least one algorithm"
+
+
+def test_asymmetric_algorithms_are_accepted(tmp_path: Path, keys_file: Path) -> None:
+    algs = ["RS256", "RS512", "PS256", "ES256", "ES384", "EdDSA"]
+    raw = config(keys_file, identity={"jwt": {"issuer": "https://idp.example", "algorithms": algs}})
+    jwt = parse(raw, tmp_path).identity.jwt
+    assert jwt is not None
+    assert jwt.algorithms == tuple(algs)
+
+
+def test_jwt_needs_a_key_source(tmp_path: Path, keys_file: Path) -> None:
+    raw = config(keys_file, identity={"jwt": {"audience": "api"}})
+    assert one_problem(raw, tmp_path) == "identity.jwt: needs jwks_url or issuer (for OIDC discovery)"
+
+
+# ------------------------------------------------------------------ client IDs
+
+
+@pytest.mark.parametrize("client_id", ["svc", "a", "A1._@+=-x", "user@example.com", "x" * 128])
+def test_valid_client_ids(client_id: str, tmp_path: Path, keys_file: Path) -> None:
+    raw = config(keys_file, identity={"default_client_id": client_id})
+    raw["secrets"]["prefetch"] = [client_id]
+    s = parse(raw, tmp_path)
+    assert s.identity.default_client_id == client_id
+    assert s.secrets.prefetch == (client_id,)
+
+
+@pytest.mark.parametrize("client_id", ["../etc", "a/b", "-lead", ".hidden", "a b", "x" * 129, "é", "a\nb", "a%2Fb"])
+def test_invalid_client_ids(client_id: str, tmp_path: Path, keys_file: Path) -> None:
+    raw = config(keys_file, identity={"default_client_id": client_id})
+    raw["secrets"]["prefetch"] = ["alice", client_id]
+    assert problems(raw, tmp_path) == [
+        f"identity.default_client_id: {CLIENT_ID_RULE}",
+        f"secrets.prefetch[1]: {CLIENT_ID_RULE}",
+    ]
+
+
+def test_prefetch_item_must_be_a_string(tmp_path: Path, keys_file: Path) -> None:
+    raw = config(keys_file)
+    raw["secrets"]["prefetch"] = ["alice", 7]
+    assert one_problem(raw, tmp_path) == "secrets.prefetch[1]: expected a string, got a number"
+
+
+# ------------------------------------------------------------------ files and paths
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    conf = tmp_path / "conf"
+    (conf / "certs").mkdir(parents=True)
+    (conf / "keys.yaml").write_text(f"alice: {make_secret('config-rel')}\n")
+    (conf / "certs" / "ca.pem").write_text("not checked here\n")
+    (conf / "sidecar.yaml").write_text(
+        "secrets:\n  file:\n    path: keys.yaml\n"
+        "upstreams:\n  internal:\n    url: https://internal.example\n"
+        "    secret: '{client_id}'\n    inject: {header: X-API-Key}\n    ca_file: certs/ca.pem\n"
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keys.yaml").write_text("decoy: x\n")
+    monkeypatch.chdir(elsewhere)
+    s = load_settings(conf / "sidecar.yaml", env={})
+    assert s.secrets.file.path is not None
+    assert s.secrets.file.path.resolve() == (conf / "keys.yaml").resolve()
+    ca = s.upstreams["internal"].ca_file
+    assert ca is not None
+    assert ca.resolve() == (conf / "certs" / "ca.pem").resolve()
+
+
+def test_relative_config_path_itself_is_resolved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "keys.yaml").write_text("alice: x\n")
+    (conf / "sidecar.yaml").write_text("secrets:\n  file:\n    path: ./keys.yaml\n")
+    monkeypatch.chdir(tmp_path)
+    s = load_settings("conf/sidecar.yaml", env={})
+    assert s.secrets.file.path is not None
+    assert s.secrets.file.path.resolve() == (conf / "keys.yaml").resolve()
+
+
+def test_missing_files_are_named_with_their_field(tmp_path: Path, keys_file: Path) -> None:
+    raw = config(keys_file, upstreams={"polygon": upstream(ca_file="nope/ca.pem")})
+    raw["secrets"]["file"]["path"] = "missing-keys.yaml"
+    assert problems(raw, tmp_path) == [
+        "secrets.file.path: file missing-keys.yaml does not exist",
+        "upstreams.polygon.ca_file: file nope/ca.pem does not exist",
+    ]
+
+
+def test_file_backend_needs_a_path_when_upstreams_exist(tmp_path: Path) -> None:
+    raw = {"upstreams": {"polygon": upstream()}}
+    assert one_problem(raw, tmp_path) == "secrets.file.path: is required with backend file"
+
+
+def test_aws_backend_does_not_need_a_keys_file(tmp_path: Path) -> None:
+    raw = {
+        "secrets": {"backend": "aws", "aws": {"region": "eu-west-1", "endpoint_url": "http://127.0.0.1:5000"}},
+        "upstreams": {"polygon": upstream()},
+    }
+    s = parse(raw, tmp_path)
+    assert (s.secrets.backend, s.secrets.aws.region, s.secrets.aws.endpoint_url) == (
+        "aws", "eu-west-1", "http://127.0.0.1:5000"
+    )
+
+
+def test_unknown_backend_is_refused(tmp_path: Path, keys_file: Path) -> None:
+    raw = config(keys_file)
+    raw["secrets"]["backend"] = "vault"
+    assert one_problem(raw, tmp_path) == "secrets.backend: expected one of file, aws"
+
+
+def test_bad_yaml_gives_line_and_column(tmp_path: Path) -> None:
+    path = tmp_path / "sidecar.yaml"
+    path.write_text("listen: 127.0.0.1:8080\nupstreams:\n  polygon: [unclosed\nworkers: 1\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    [message] = info.value.problems
+    assert message.startswith(f"{path}: ")
+    match = re.search(r" at line (\d+), column (\d+)$", message)
+    assert match, message
+    assert int(match.group(1)) in (3, 4)
+
+
+def test_bad_indentation_gives_line_and_column(tmp_path: Path) -> None:
+    path = tmp_path / "sidecar.yaml"
+    path.write_text("log:\n  level: info\n    format: json\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    [message] = info.value.problems
+    assert message.endswith("at line 3, column 11")
+
+
+def test_unreadable_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(tmp_path / "absent.yaml", env={})
+    [message] = info.value.problems
+    assert message.startswith(f"{tmp_path / 'absent.yaml'}: cannot read the config file")
+
+
+def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
+    path = tmp_path / "sidecar.yaml"
+    path.write_text("- listen\n- workers\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    assert info.value.problems == ["(top level): expected a mapping, got a list"]
+
+
+# ------------------------------------------------------------------ summary
+
+
+def test_summary_holds_no_secret(tmp_path: Path) -> None:
+    alice, bob = make_secret("summary-alice"), make_secret("summary-bob")
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(f"mcp/polygon/alice: {alice}\nbob: {{apiKey: {bob}}}\n")
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(
+        "secrets:\n  file: {path: keys.yaml}\n  prefetch: [alice]\n"
+        "identity:\n  default_client_id: alice\n"
+        "upstreams:\n"
+        "  polygon:\n    url: ${POLY_URL}\n    secret: mcp/polygon/{client_id}\n    inject: {query: apiKey}\n"
+        "    clients: [alice, 'team-*']\n"
+        "  other:\n    url: https://api.other.example\n    secret: '{client_id}'\n    secret_field: apiKey\n"
+        "    inject: {header: Authorization, format: 'Bearer {secret}'}\n    scopes: [other]\n"
+    )
+    s = load_settings(path, env={"POLY_URL": "https://api.polygon.io"})
+    summary = s.summary()
+    assert alice not in summary
+    assert bob not in summary
+    # It still says what a user needs to check the config.
+    for expected in (
+        str(path),
+        "127.0.0.1:8080",
+        "127.0.0.1:9901",
+        "https://api.polygon.io",
+        "secret=mcp/polygon/{client_id}",
+        "inject=query apiKey",
+        "inject=header Authorization",
+        "[apiKey]",
+        "clients=alice,team-*",
+        "scopes=other",
+        "identity:      header X-Client-Id",
+        "default client ID alice",
+        "prefetch=1 clients",
+        "upstreams:     2",
+    ):
+        assert expected in summary, expected
+
+
+def test_summary_for_aws_and_jwt(tmp_path: Path) -> None:
+    raw = {
+        "identity": {"jwt": {"issuer": "https://idp.example/pool", "client_id_claims": ["azp"]}},
+        "secrets": {"backend": "aws", "aws": {"region": "us-east-1", "endpoint_url": "http://127.0.0.1:4566"}},
+        "upstreams": {"polygon": upstream()},
+    }
+    summary = parse(raw, tmp_path).summary()
+    assert "AWS Secrets Manager region=us-east-1 endpoint=http://127.0.0.1:4566 stage=AWSCURRENT" in summary
+    assert "https://idp.example/pool (OIDC discovery)" in summary
+    assert "client ID from azp" in summary
+    assert "config:        (inline)" in summary
