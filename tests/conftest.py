@@ -24,6 +24,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.DEBUG)
+    # As in the sidecar itself (access_log.configure_logging): botocore logs request
+    # bodies at debug, which for the tests' own seeding calls hold the fixtures' secrets.
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 @pytest.fixture(scope="session")
