@@ -191,7 +191,7 @@ def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     venv = root / "opt" / "venv"
     workdir = root  # Docker's default WORKDIR is /
     # "python" before the venv exists is the base image's interpreter: ours here.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "VIRTUAL_ENV", "PYTHON"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_NO_CACHE", "VIRTUAL_ENV", "PYTHON"))}
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     for command in builder[1:]:
         if command.cmd == "ENV":
