@@ -311,6 +311,8 @@ def test_deployment_runs_a_native_sidecar_by_default(chart: helm.Chart) -> None:
     assert init["name"] == "credential-sidecar"
     assert init["restartPolicy"] == "Always"
     assert [c["name"] for c in spec["containers"]] == ["mcp-server"]
+    # Separate UIDs: the app owns nothing the sidecar writes.
+    assert init["securityContext"]["runAsUser"] != spec["containers"][0]["securityContext"]["runAsUser"]
 
 
 def test_deployment_runs_a_classic_sidecar_when_asked(chart: helm.Chart) -> None:
