@@ -336,6 +336,14 @@ def test_deployment_probes_the_admin_port(value_set: tuple[str, dict[str, list[d
     assert config["listen"] == "127.0.0.1:8080"
 
 
+def test_deployment_and_config_agree_on_moved_ports(chart: helm.Chart) -> None:
+    manifests = render(chart, {"sidecar": {"ports": {"proxy": 15001, "admin": 15002}}, "app": {"port": 15001 + 2}})
+    sidecar = sidecar_container(pod_spec(manifests))
+    assert {p["name"]: p["containerPort"] for p in sidecar["ports"]} == {"proxy": 15001, "admin": 15002}
+    config = sidecar_config(manifests)
+    assert (config["listen"], config["admin_listen"]) == ("127.0.0.1:15001", "0.0.0.0:15002")
+
+
 def test_deployment_rolls_pods_when_the_config_changes(chart: helm.Chart) -> None:
     def checksum(values: dict[str, Any]) -> str:
         return one(render(chart, values), "deployment.yaml")["spec"]["template"]["metadata"]["annotations"][
