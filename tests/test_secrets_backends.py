@@ -1,0 +1,519 @@
+"""The secret stores: a local YAML/JSON file, and AWS Secrets Manager (moto's server mode)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from botocore.exceptions import (
+    ClientError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    ReadTimeoutError,
+)
+
+import sidecar.secrets.file as file_module
+from sidecar.config import AwsBackendSettings, CacheSettings
+from sidecar.secrets.aws import AwsBackend
+from sidecar.secrets.base import SecretNotFound, StoreError, extract
+from sidecar.secrets.cache import SecretCache
+from sidecar.secrets.file import FileBackend, FileLoadError, load_secret_file
+from tests.support.leaks import make_secret
+
+# ====================================================================== file backend
+
+
+def rewrite(path: Path, text: str) -> None:
+    """Write ``text`` and move the mtime forward, so a change is seen even within one clock tick."""
+    before = path.stat().st_mtime_ns if path.exists() else time.time_ns()
+    path.write_text(text, encoding="utf-8")
+    os.utime(path, ns=(before + 1_000_000_000, before + 1_000_000_000))
+
+
+@pytest.fixture
+async def started() -> AsyncIterator[list[FileBackend]]:
+    """Backends a test starts; all are closed afterwards."""
+    backends: list[FileBackend] = []
+    yield backends
+    for backend in backends:
+        await backend.close()
+
+
+async def start_file_backend(path: Path, started: list[FileBackend], **kwargs: Any) -> FileBackend:
+    backend = FileBackend(path, **kwargs)
+    started.append(backend)
+    await backend.start()
+    return backend
+
+
+async def test_yaml_file_simple_mapping(tmp_path: Path, started: list[FileBackend]) -> None:
+    alice, bob = make_secret("file-alice"), make_secret("file-bob")
+    path = tmp_path / "keys.yaml"
+    path.write_text(f"# client_id: key, as MCP servers keep them today\nalice: {alice}\n'bob@example.com': \"{bob}\"\n")
+    backend = await start_file_backend(path, started)
+    assert await backend.fetch("alice") == alice
+    assert await backend.fetch("bob@example.com") == bob
+    with pytest.raises(SecretNotFound):
+        await backend.fetch("carol")
+    with pytest.raises(SecretNotFound):
+        await backend.fetch("Alice")  # ids are exact
+
+
+async def test_yaml_file_with_templated_ids_and_nested_mappings(tmp_path: Path, started: list[FileBackend]) -> None:
+    key, other = make_secret("file-nested"), make_secret("file-nested-other")
+    path = tmp_path / "keys.yaml"
+    path.write_text(
+        f"mcp/polygon/alice: {key}\n"
+        f"mcp/internal/alice:\n  api_key: {other}\n  region: eu-west-1\n  port: 8443\n"
+    )
+    backend = await start_file_backend(path, started)
+    assert await backend.fetch("mcp/polygon/alice") == key
+    nested = await backend.fetch("mcp/internal/alice")
+    assert nested == {"api_key": other, "region": "eu-west-1", "port": 8443}
+    assert extract(nested, "api_key", "mcp/internal/alice").reveal() == other
+    assert extract(nested, "port", "mcp/internal/alice").reveal() == "8443"
+
+
+async def test_json_file(tmp_path: Path, started: list[FileBackend]) -> None:
+    alice, obj = make_secret("file-json-a"), make_secret("file-json-obj")
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"alice": alice, "svc": {"apiKey": obj, "n": 1}, "num": 42}))
+    backend = await start_file_backend(path, started)
+    assert await backend.fetch("alice") == alice
+    assert await backend.fetch("svc") == {"apiKey": obj, "n": 1}
+    assert await backend.fetch("num") == "42"
+
+
+@pytest.mark.parametrize(("text", "expected"), [("12345", "12345"), ("1.5", "1.5"), ("-7", "-7")])
+def test_numbers_become_strings(text: str, expected: str, tmp_path: Path) -> None:
+    path = tmp_path / "keys.yaml"
+    path.write_text(f"alice: {text}\n")
+    assert load_secret_file(path) == {"alice": expected}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="file.py load_secret_file uses yaml.safe_load (YAML 1.1) and str() of the number, so an "
+    "unquoted numeric-looking key is silently changed (0123 -> 83, 0x1F -> 31, 1_000 -> 1000, 12.50 -> 12.5)",
+)
+@pytest.mark.parametrize("text", ["0123", "0x1F", "1_000", "12.50", "1234567890123456789012.0"])
+def test_numeric_looking_keys_keep_their_spelling(text: str, tmp_path: Path) -> None:
+    path = tmp_path / "keys.yaml"
+    path.write_text(f"alice: {text}\n")
+    assert load_secret_file(path) == {"alice": text}
+
+
+def test_empty_file_holds_no_secrets(tmp_path: Path) -> None:
+    path = tmp_path / "keys.yaml"
+    path.write_text("# nothing yet\n")
+    assert load_secret_file(path) == {}
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "alice: {secret}\n  bob: : [unclosed {secret}\n",  # invalid YAML around a key
+        '{{"alice": "{secret}", "bob": ',  # truncated JSON
+        "- {secret}\n- other\n",  # a list, not a mapping
+        "{secret}\n",  # a bare scalar
+        "alice: [{secret}]\n",  # a value that is a list
+        "alice: {secret}\nbob: true\n",  # a boolean value
+        "alice: {secret}\nbob:\n",  # an empty value
+    ],
+)
+async def test_invalid_file_at_start_names_no_value(
+    template: str, tmp_path: Path, started: list[FileBackend], caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = make_secret("file-invalid")
+    path = tmp_path / "keys.yaml"
+    path.write_text(template.format(secret=secret))
+    with pytest.raises(FileLoadError) as info:
+        await start_file_backend(path, started)
+    assert str(path) in str(info.value)
+    assert secret not in str(info.value)
+    assert secret not in repr(info.value)
+    # The parser's exception (which quotes lines of the file) is not chained on.
+    assert info.value.__cause__ is None
+    assert info.value.__context__ is None or info.value.__suppress_context__
+    assert secret not in caplog.text
+
+
+async def test_missing_file_at_start(tmp_path: Path, started: list[FileBackend]) -> None:
+    with pytest.raises(FileLoadError, match="cannot read"):
+        await start_file_backend(tmp_path / "absent.yaml", started)
+
+
+async def test_reload_on_change_calls_on_change(tmp_path: Path, started: list[FileBackend]) -> None:
+    old, new = make_secret("file-old"), make_secret("file-new")
+    path = tmp_path / "keys.yaml"
+    path.write_text(f"alice: {old}\n")
+    changes: list[int] = []
+    backend = await start_file_backend(path, started, on_change=lambda: changes.append(1))
+    assert await backend.reload_if_changed() is False  # nothing changed yet
+    assert changes == []
+    rewrite(path, f"alice: {new}\nbob: {old}\n")
+    assert await backend.reload_if_changed() is True
+    assert changes == [1]
+    assert await backend.fetch("alice") == new
+    assert await backend.fetch("bob") == old
+    assert await backend.reload_if_changed() is False
+    assert changes == [1]
+
+
+async def test_removed_entry_disappears_on_reload(tmp_path: Path, started: list[FileBackend]) -> None:
+    path = tmp_path / "keys.yaml"
+    path.write_text(f"alice: {make_secret('file-rm-a')}\nbob: {make_secret('file-rm-b')}\n")
+    backend = await start_file_backend(path, started)
+    rewrite(path, f"alice: {make_secret('file-rm-a2')}\n")
+    assert await backend.reload_if_changed() is True
+    with pytest.raises(SecretNotFound):
+        await backend.fetch("bob")
+
+
+async def test_broken_edit_keeps_the_old_data(
+    tmp_path: Path, started: list[FileBackend], caplog: pytest.LogCaptureFixture
+) -> None:
+    old, typo, fixed = make_secret("file-keep"), make_secret("file-typo"), make_secret("file-fixed")
+    path = tmp_path / "keys.yaml"
+    path.write_text(f"alice: {old}\n")
+    changes: list[int] = []
+    backend = await start_file_backend(path, started, on_change=lambda: changes.append(1))
+    rewrite(path, f"alice: {typo}\n  bob: : [\n")
+    with caplog.at_level(logging.ERROR, logger="sidecar.secrets.file"):
+        assert await backend.reload_if_changed() is False
+    assert await backend.fetch("alice") == old
+    assert changes == []
+    assert "not reloaded" in caplog.text
+    assert typo not in caplog.text
+    # The next good edit is picked up.
+    rewrite(path, f"alice: {fixed}\n")
+    assert await backend.reload_if_changed() is True
+    assert await backend.fetch("alice") == fixed
+    assert changes == [1]
+
+
+async def test_deleted_file_keeps_the_old_data(tmp_path: Path, started: list[FileBackend]) -> None:
+    key = make_secret("file-deleted")
+    path = tmp_path / "keys.yaml"
+    path.write_text(f"alice: {key}\n")
+    backend = await start_file_backend(path, started)
+    path.unlink()
+    assert await backend.reload_if_changed() is False
+    assert await backend.fetch("alice") == key
+
+
+async def test_atomic_replace_is_seen(tmp_path: Path, started: list[FileBackend]) -> None:
+    # Kubernetes swaps a mounted Secret by renaming; the inode changes, size and mtime may not.
+    a, b = make_secret("file-swap-a"), make_secret("file-swap-b")
+    assert len(a) == len(b)
+    path = tmp_path / "keys.yaml"
+    path.write_text(f"alice: {a}\n")
+    stat = path.stat()
+    backend = await start_file_backend(path, started)
+    staged = tmp_path / "keys.yaml.new"
+    staged.write_text(f"alice: {b}\n")
+    os.utime(staged, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    os.replace(staged, path)
+    assert await backend.reload_if_changed() is True
+    assert await backend.fetch("alice") == b
+
+
+async def test_watcher_rereads_the_file_by_itself(
+    tmp_path: Path, started: list[FileBackend], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(file_module, "POLL_SECONDS", 0.01)
+    old, new = make_secret("file-watch-old"), make_secret("file-watch-new")
+    path = tmp_path / "keys.yaml"
+    path.write_text(f"alice: {old}\n")
+    changed = asyncio.Event()
+    backend = await start_file_backend(path, started, on_change=changed.set)
+    rewrite(path, f"alice: {new}\n")
+    await asyncio.wait_for(changed.wait(), timeout=5)
+    assert await backend.fetch("alice") == new
+    await backend.close()
+    await backend.close()  # closing twice is harmless
+
+
+# ====================================================================== AWS Secrets Manager (moto)
+
+
+@pytest.fixture
+def sm(moto_endpoint: str, aws_env: dict[str, str]) -> Iterator[Any]:
+    client = boto3.client("secretsmanager", region_name="us-east-1", endpoint_url=moto_endpoint)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def name() -> str:
+    return f"mcp/polygon/unit-{uuid.uuid4().hex[:12]}"
+
+
+async def aws_backend(endpoint: str, **settings: Any) -> AwsBackend:
+    backend = AwsBackend(AwsBackendSettings(region="us-east-1", endpoint_url=endpoint, **settings))
+    await backend.start()
+    return backend
+
+
+@pytest.fixture
+async def aws(moto_endpoint: str, aws_env: dict[str, str]) -> AsyncIterator[AwsBackend]:
+    backend = await aws_backend(moto_endpoint)
+    yield backend
+    await backend.close()
+
+
+async def test_aws_plain_secret_string(aws: AwsBackend, sm: Any, name: str) -> None:
+    key = make_secret("aws-plain")
+    sm.create_secret(Name=name, SecretString=key)
+    assert await aws.fetch(name) == key
+
+
+async def test_aws_json_secret_string(aws: AwsBackend, sm: Any, name: str) -> None:
+    key = make_secret("aws-json")
+    sm.create_secret(Name=name, SecretString=json.dumps({"apiKey": key, "plan": "pro"}))
+    raw = await aws.fetch(name)
+    assert isinstance(raw, str)
+    assert extract(raw, "apiKey", name).reveal() == key
+    # And the same through the cache, as the proxy uses it.
+    cache = SecretCache(aws, CacheSettings())
+    secret, result = await cache.get(name, "apiKey")
+    assert (secret.reveal(), result) == (key, "miss")
+
+
+async def test_aws_secret_binary(aws: AwsBackend, sm: Any, name: str) -> None:
+    key = make_secret("aws-binary")
+    sm.create_secret(Name=name, SecretBinary=key.encode())
+    assert await aws.fetch(name) == key
+
+
+async def test_aws_secret_binary_that_is_not_utf8(aws: AwsBackend, sm: Any, name: str) -> None:
+    sm.create_secret(Name=name, SecretBinary=b"\xff\xfe\x00binary")
+    with pytest.raises(StoreError) as info:
+        await aws.fetch(name)
+    assert info.value.kind == "invalid"
+
+
+async def test_aws_not_found(aws: AwsBackend, name: str) -> None:
+    with pytest.raises(SecretNotFound):
+        await aws.fetch(name + "-absent")
+
+
+async def test_aws_version_stage(moto_endpoint: str, aws_env: dict[str, str], sm: Any, name: str) -> None:
+    v1, v2 = make_secret("aws-v1"), make_secret("aws-v2")
+    sm.create_secret(Name=name, SecretString=v1)
+    sm.put_secret_value(SecretId=name, SecretString=v2)
+    current = await aws_backend(moto_endpoint)
+    previous = await aws_backend(moto_endpoint, version_stage="AWSPREVIOUS")
+    missing_stage = await aws_backend(moto_endpoint, version_stage="NO_SUCH_STAGE")
+    try:
+        assert await current.fetch(name) == v2
+        assert await previous.fetch(name) == v1
+        with pytest.raises(SecretNotFound):
+            await missing_stage.fetch(name)
+    finally:
+        for backend in (current, previous, missing_stage):
+            await backend.close()
+
+
+async def test_aws_full_arn_is_accepted(aws: AwsBackend, sm: Any, name: str) -> None:
+    key = make_secret("aws-arn")
+    arn = sm.create_secret(Name=name, SecretString=key)["ARN"]
+    assert await aws.fetch(arn) == key
+
+
+async def test_aws_backend_not_started(name: str) -> None:
+    backend = AwsBackend(AwsBackendSettings(region="us-east-1"))
+    try:
+        with pytest.raises(StoreError) as info:
+            await backend.fetch(name)
+        assert info.value.kind == "unavailable"
+    finally:
+        await backend.close()
+
+
+async def test_aws_without_a_region_fails_at_start(
+    monkeypatch: pytest.MonkeyPatch, aws_env: dict[str, str], tmp_path: Path
+) -> None:
+    for var in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    backend = AwsBackend(AwsBackendSettings(region=None))
+    try:
+        with pytest.raises(StoreError) as info:
+            await backend.start()
+        assert info.value.kind == "config"
+        assert "region" in str(info.value)
+    finally:
+        await backend.close()
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_aws_endpoint_down_is_a_quick_store_error(aws_env: dict[str, str], name: str) -> None:
+    backend = await aws_backend(f"http://127.0.0.1:{closed_port()}", timeout_seconds=1)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreError) as info:
+            await backend.fetch(name)
+        elapsed = time.monotonic() - started
+    finally:
+        await backend.close()
+    assert info.value.kind in ("unreachable", "timeout")
+    assert elapsed < 10, f"took {elapsed:.1f}s"
+    assert "127.0.0.1" not in str(info.value)  # our words, not botocore's
+
+
+async def test_aws_unresponsive_endpoint_times_out(aws_env: dict[str, str], name: str) -> None:
+    # A listener that accepts and never answers: the read timeout must end the call.
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        port = server.getsockname()[1]
+        backend = await aws_backend(f"http://127.0.0.1:{port}", timeout_seconds=0.3)
+        try:
+            started = time.monotonic()
+            with pytest.raises(StoreError) as info:
+                await backend.fetch(name)
+            elapsed = time.monotonic() - started
+        finally:
+            await backend.close()
+    assert info.value.kind == "timeout"
+    assert elapsed < 10, f"took {elapsed:.1f}s"
+
+
+# ---------------------------------------------------------------------- stub client
+#
+# moto resolves names, full ARNs and "partial ARNs" (an ARN without the random
+# suffix), but not a bare name that AWS reads as a partial ARN ("name-" + six
+# characters matching another secret). The name check in AwsBackend._get is
+# therefore tested with a stub client standing in for boto3's.
+
+
+class StubClient:
+    def __init__(self, answer: dict[str, Any] | None = None, error: Exception | None = None) -> None:
+        self.answer = answer or {}
+        self.error = error
+        self.requests: list[dict[str, Any]] = []
+        self.closed = False
+
+    def get_secret_value(self, **kwargs: Any) -> dict[str, Any]:
+        self.requests.append(kwargs)
+        if self.error is not None:
+            raise self.error
+        return self.answer
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+async def stubbed() -> AsyncIterator[tuple[AwsBackend, StubClient]]:
+    backend = AwsBackend(AwsBackendSettings(region="us-east-1"))
+    stub = StubClient()
+    backend._client = stub  # type: ignore[assignment]
+    yield backend, stub
+    await backend.close()
+    assert stub.closed
+
+
+async def test_aws_name_resolving_to_another_secret_is_refused(stubbed: tuple[AwsBackend, StubClient]) -> None:
+    backend, stub = stubbed
+    key = make_secret("aws-partial")
+    stub.answer = {"Name": "mcp/polygon/alice", "SecretString": key}
+    # A client ID "alice-abcdef" would build this name; AWS could match it to alice's secret.
+    with pytest.raises(SecretNotFound):
+        await backend.fetch("mcp/polygon/alice-abcdef")
+    assert await backend.fetch("mcp/polygon/alice") == key
+    assert stub.requests[-1] == {"SecretId": "mcp/polygon/alice", "VersionStage": "AWSCURRENT"}
+
+
+async def test_aws_arn_and_nameless_answers_are_accepted(stubbed: tuple[AwsBackend, StubClient]) -> None:
+    backend, stub = stubbed
+    key = make_secret("aws-arn-stub")
+    stub.answer = {"Name": "mcp/polygon/alice", "SecretString": key}
+    assert await backend.fetch("arn:aws:secretsmanager:us-east-1:123456789012:secret:mcp/polygon/alice-AbCdEf") == key
+    stub.answer = {"SecretString": key}
+    assert await backend.fetch("mcp/polygon/alice") == key
+
+
+async def test_aws_answer_without_a_value(stubbed: tuple[AwsBackend, StubClient]) -> None:
+    backend, stub = stubbed
+    stub.answer = {"Name": "x", "SecretString": None}
+    with pytest.raises(StoreError) as info:
+        await backend.fetch("x")
+    assert info.value.kind == "invalid"
+
+
+def client_error(code: str, message: str) -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": message}}, "GetSecretValue")
+
+
+@pytest.mark.parametrize(
+    ("code", "kind"),
+    [
+        ("AccessDeniedException", "access_denied"),
+        ("ThrottlingException", "throttled"),
+        ("TooManyRequestsException", "throttled"),
+        ("ExpiredTokenException", "auth"),
+        ("UnrecognizedClientException", "auth"),
+        ("InvalidSignatureException", "auth"),
+        ("InternalServiceError", "unavailable"),
+        ("DecryptionFailure", "unavailable"),
+        ("", "unavailable"),
+    ],
+)
+async def test_aws_client_errors_map_to_store_errors(
+    code: str, kind: str, stubbed: tuple[AwsBackend, StubClient]
+) -> None:
+    backend, stub = stubbed
+    key = make_secret("aws-echoed")
+    # Even if a service message echoed a value, our error must not carry it on.
+    stub.error = client_error(code, f"request for {key} failed")
+    with pytest.raises(StoreError) as info:
+        await backend.fetch("mcp/polygon/alice")
+    assert info.value.kind == kind
+    assert key not in str(info.value)
+    assert info.value.__cause__ is None
+    assert info.value.__suppress_context__
+
+
+@pytest.mark.parametrize("code", ["ResourceNotFoundException", "InvalidRequestException"])
+async def test_aws_not_found_codes(code: str, stubbed: tuple[AwsBackend, StubClient]) -> None:
+    backend, stub = stubbed
+    stub.error = client_error(code, "no")
+    with pytest.raises(SecretNotFound):
+        await backend.fetch("mcp/polygon/alice")
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (ConnectTimeoutError(endpoint_url="https://secretsmanager.example"), "timeout"),
+        (ReadTimeoutError(endpoint_url="https://secretsmanager.example"), "timeout"),
+        (EndpointConnectionError(endpoint_url="https://secretsmanager.example"), "unreachable"),
+        (NoCredentialsError(), "auth"),
+    ],
+)
+async def test_aws_transport_errors_map_to_store_errors(
+    error: Exception, kind: str, stubbed: tuple[AwsBackend, StubClient]
+) -> None:
+    backend, stub = stubbed
+    stub.error = error
+    with pytest.raises(StoreError) as info:
+        await backend.fetch("mcp/polygon/alice")
+    assert info.value.kind == kind
