@@ -14,6 +14,7 @@ import logging
 import sys
 import time
 from typing import TYPE_CHECKING, Any, TextIO
+from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
     from aiohttp.web import BaseRequest
@@ -83,34 +84,72 @@ class AccessLog:
         self._flush_pending = False
 
     def request(self, request: BaseRequest, rec: _Record, elapsed: float) -> None:
+        """The line for an HTTP request the data plane handled."""
         path = request.raw_path
         if rec.mode == "proxy":
-            # Absolute form: keep scheme://host/path, never userinfo or query.
-            path = path.split("?", 1)[0].split("#", 1)[0]
+            # Absolute form: the path only; the host goes to its own field.
+            split = urlsplit(path)
+            destination = split.netloc.rpartition("@")[2]
+            path = split.path or "/"
         else:
+            destination = None
             path = path.split("?", 1)[0]
+        self.line(
+            method=request.method,
+            path=path,
+            mode=rec.mode,
+            upstream=rec.upstream,
+            status=rec.status,
+            elapsed=elapsed,
+            client_id=rec.client_id,
+            identity=rec.identity,
+            cache=rec.cache,
+            error=rec.error,
+            reason=rec.reason,
+            destination=destination,
+        )
+
+    def line(
+        self,
+        *,
+        method: str,
+        path: str,
+        mode: str,
+        upstream: str,
+        status: int,
+        elapsed: float,
+        client_id: str | None = None,
+        identity: str | None = None,
+        cache: str | None = None,
+        error: str | None = None,
+        reason: str | None = None,
+        destination: str | None = None,
+    ) -> None:
+        """Write one access line; every field is ours or validated, never a secret."""
         entry: dict[str, Any] = {
             "ts": _timestamp(time.time()),
             "event": "request",
-            "mode": rec.mode,
-            "client_id": rec.client_id,
-            "identity": rec.identity,
-            "upstream": rec.upstream,
-            "method": request.method,
+            "mode": mode,
+            "client_id": client_id,
+            "identity": identity,
+            "upstream": upstream,
+            "method": method,
             "path": path[:512],
-            "status": rec.status,
+            "status": status,
             "duration_ms": round(elapsed * 1000, 3),
-            "cache": rec.cache,
+            "cache": cache,
         }
-        if rec.error is not None:
-            entry["error"] = rec.error
-        if rec.reason is not None:
-            entry["reason"] = rec.reason
+        if destination is not None:
+            entry["destination"] = destination[:300]
+        if error is not None:
+            entry["error"] = error
+        if reason is not None:
+            entry["reason"] = reason
         if self.fmt == "json":
-            line = json.dumps(entry)
+            text = json.dumps(entry)
         else:
-            line = " ".join(f"{k}={v}" for k, v in entry.items() if v is not None)
-        self.stream.write(line + "\n")
+            text = " ".join(f"{k}={v}" for k, v in entry.items() if v is not None)
+        self.stream.write(text + "\n")
         if not self._flush_pending:
             self._flush_pending = True
             try:

@@ -16,20 +16,24 @@ import signal
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from sidecar import metrics
 from sidecar.access_log import AccessLog, configure_logging
 from sidecar.admin import build_admin_app
-from sidecar.config import SecretsSettings, Settings, load_settings
+from sidecar.config import SecretsSettings, Settings, load_settings, parse_passthrough
+from sidecar.connect import Front
 from sidecar.errors import ConfigError, NoCredential, SecretStoreUnavailable
 from sidecar.identity import IdentityResolver, build_identity_resolver
 from sidecar.proxy import DataPlane, Runtime
 from sidecar.secrets.base import SecretBackend, StoreError
 from sidecar.secrets.cache import SecretCache
 from sidecar.upstream import Upstream
+
+if TYPE_CHECKING:
+    from sidecar.mitm import CertificateAuthority
 
 log = logging.getLogger("sidecar.app")
 
@@ -75,7 +79,9 @@ class Sidecar:
         self.draining = False
         self._parts: _Parts | None = None
         self._plane: DataPlane | None = None
-        self._data_runner: web.ServerRunner | None = None
+        self._front: Front | None = None
+        self._authority: CertificateAuthority | None = None
+        self._listen_address: str | None = None
         self._admin_runner: web.AppRunner | None = None
         self._prefetch_task: asyncio.Task[None] | None = None
         self._retire_tasks: set[asyncio.Task[None]] = set()
@@ -84,32 +90,39 @@ class Sidecar:
 
     async def start(self) -> None:
         """Build everything and bind both listeners; raises StartupError."""
+        s = self.settings
+        mitm = s.forward_proxy.mitm
+        if mitm.enabled:
+            from sidecar.mitm import CertificateAuthority, MitmError
+
+            try:
+                self._authority = CertificateAuthority(mitm.ca_cert, mitm.ca_key, mitm.ca_cert_out)
+            except MitmError as exc:
+                raise StartupError(f"forward_proxy.mitm: {exc}") from None
         parts = await self._build(self.settings, None)
         self._parts = parts
         self._plane = DataPlane(self._runtime(parts), AccessLog(self.settings.log.format))
-        s = self.settings
-        server = web.Server(
-            self._plane.handle,
-            access_log=None,
-            max_line_size=MAX_HEADER_BYTES,
-            max_field_size=MAX_HEADER_BYTES,
+        self._front = Front(
+            self._plane,
+            {"access_log": None, "max_line_size": MAX_HEADER_BYTES, "max_field_size": MAX_HEADER_BYTES},
+            self._authority,
         )
-        self._data_runner = web.ServerRunner(server, shutdown_timeout=s.shutdown_grace_seconds)
         self._admin_runner = web.AppRunner(
             build_admin_app(lambda: self.ready and not self.draining), access_log=None
         )
-        await self._data_runner.setup()
         await self._admin_runner.setup()
         try:
             await web.TCPSite(self._admin_runner, s.admin_listen.host, s.admin_listen.port).start()
-            await web.TCPSite(self._data_runner, s.listen.host, s.listen.port).start()
+            host, port = await self._front.listen(s.listen.host, s.listen.port)
         except OSError as exc:
             await self._close_parts(parts)
+            await self._admin_runner.cleanup()
             raise StartupError(f"cannot listen: {exc.strerror or exc}") from None
+        self._listen_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         log.info(
             "listening",
             extra={
-                "listen": self.bound_address(self._data_runner),
+                "listen": self._listen_address,
                 "admin_listen": self.bound_address(self._admin_runner),
                 "upstreams": sorted(s.upstreams),
                 "backend": s.secrets.backend,
@@ -176,6 +189,11 @@ class Sidecar:
             identity=parts.identity,
             cache=parts.cache,
             forward_proxy=parts.settings.forward_proxy.enabled,
+            mitm=parts.settings.forward_proxy.mitm.enabled,
+            passthrough_allow_private=parts.settings.forward_proxy.passthrough_allow_private,
+            passthrough=frozenset(
+                hp for hp in map(parse_passthrough, parts.settings.forward_proxy.passthrough_hosts) if hp
+            ),
             drop_headers={
                 name: up.drop_request_headers | parts.identity.strip_headers
                 for name, up in parts.upstreams.items()
@@ -222,6 +240,10 @@ class Sidecar:
             return False
         old = self._parts
         assert old is not None and self._plane is not None
+        if settings.forward_proxy.mitm != old.settings.forward_proxy.mitm and (
+            settings.forward_proxy.mitm.enabled and self._authority is None
+        ):
+            log.warning("config reload: turning TLS interception on needs a restart; not applied")
         for key in ("listen", "admin_listen", "workers"):
             if getattr(settings, key) != getattr(old.settings, key):
                 log.warning("config reload: %s changes need a restart; not applied", key)
@@ -270,14 +292,16 @@ class Sidecar:
         log.info("draining", extra={"grace_seconds": self.settings.shutdown_grace_seconds})
         if self._prefetch_task is not None:
             self._prefetch_task.cancel()
-        if self._data_runner is not None:
-            await self._data_runner.cleanup()
+        if self._front is not None:
+            await self._front.drain(self.settings.shutdown_grace_seconds)
         for task in list(self._retire_tasks):
             task.cancel()
         if self._parts is not None:
             await self._close_parts(self._parts)
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
+        if self._authority is not None:
+            self._authority.close()
         log.info("stopped")
 
     @staticmethod

@@ -167,7 +167,8 @@ class MitmSettings:
 @dataclass(frozen=True)
 class ForwardProxySettings:
     enabled: bool = True
-    passthrough_hosts: tuple[str, ...] = ()
+    passthrough_hosts: tuple[str, ...] = ()  # as written: host or host:port (port 443 when absent)
+    passthrough_allow_private: bool = False
     mitm: MitmSettings = field(default_factory=MitmSettings)
 
 
@@ -760,7 +761,9 @@ class _Reader:
         self, raw: Any, upstreams: Mapping[str, UpstreamSettings]
     ) -> ForwardProxySettings:
         path = "forward_proxy"
-        m = self.mapping(raw, path, frozenset({"enabled", "passthrough_hosts", "mitm"}))
+        m = self.mapping(
+            raw, path, frozenset({"enabled", "passthrough_hosts", "passthrough_allow_private", "mitm"})
+        )
         mm = self.mapping(
             m.get("mitm"), f"{path}.mitm", frozenset({"enabled", "ca_cert", "ca_key", "ca_cert_out"})
         )
@@ -772,15 +775,12 @@ class _Reader:
         )
         if (mitm.ca_cert is None) != (mitm.ca_key is None):
             self.fail(f"{path}.mitm", "ca_cert and ca_key go together")
-        # CONNECT tunnelling and interception are not built yet: refuse the settings
-        # rather than accept a config that silently does less than it says.
-        if mitm.enabled:
-            self.fail(f"{path}.mitm.enabled", "TLS interception is not available in this version")
-        hosts = self.string_list(m, "passthrough_hosts", path, ())
-        if hosts:
-            self.fail(f"{path}.passthrough_hosts", "CONNECT tunnels are not available in this version")
+        hosts = self.string_list(m, "passthrough_hosts", path, (), item_check=_check_passthrough)
         return ForwardProxySettings(
-            enabled=self.boolean(m, "enabled", path, True), passthrough_hosts=hosts, mitm=mitm
+            enabled=self.boolean(m, "enabled", path, True),
+            passthrough_hosts=hosts,
+            passthrough_allow_private=self.boolean(m, "passthrough_allow_private", path, False),
+            mitm=mitm,
         )
 
 
@@ -791,6 +791,35 @@ _FORBIDDEN_INJECT_HEADERS = frozenset(
         "te", "trailer", "proxy-connection",
     }
 )
+
+
+def parse_passthrough(entry: str) -> tuple[str, int] | None:
+    """``host`` (port 443) or ``host:port`` of a passthrough entry, normalised; None if invalid."""
+    host, port = entry, 443
+    if entry.startswith("["):
+        inner, _, tail = entry[1:].partition("]")
+        host = inner
+        if tail:
+            if not tail.startswith(":") or not tail[1:].isdigit():
+                return None
+            port = int(tail[1:])
+    elif entry.count(":") == 1:
+        host, _, raw_port = entry.partition(":")
+        if not raw_port.isdigit():
+            return None
+        port = int(raw_port)
+    if not 0 < port < 65536:
+        return None
+    normal = normalize_host(host)
+    return None if normal is None else (normal, port)
+
+
+def _check_passthrough(value: str) -> str | None:
+    if "*" in value:
+        return "wildcards are not allowed: name each host (the perimeter lists destinations exactly)"
+    if parse_passthrough(value) is None:
+        return "expected host or host:port"
+    return None
 
 
 def _check_client_id(value: str) -> str | None:

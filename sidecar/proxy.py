@@ -63,6 +63,9 @@ class Runtime:
     identity: IdentityResolver
     cache: SecretCache
     forward_proxy: bool
+    mitm: bool
+    passthrough: frozenset[tuple[str, int]]
+    passthrough_allow_private: bool
     drop_headers: dict[str, frozenset[str]]  # per upstream: request headers never forwarded
 
 
@@ -110,13 +113,14 @@ class DataPlane:
         self.runtime = runtime
         self.access_log = access_log
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest, origin: tuple[str, int] | None = None) -> web.StreamResponse:
+        """Handle one request; ``origin`` is set for requests inside an intercepted CONNECT."""
         rt = self.runtime
         started = time.perf_counter()
         rec = _Record()
         metrics.INFLIGHT.inc()
         try:
-            return await self._proxy(rt, request, rec)
+            return await self._proxy(rt, request, rec, origin)
         except SidecarError as err:
             return self._refuse(err, rec)
         except Exception:
@@ -138,9 +142,21 @@ class DataPlane:
         _DENIED.get(err.code, _DENIED["internal_error"]).inc()
         return error_response(err)
 
-    def _route(self, rt: Runtime, request: web.BaseRequest, rec: _Record) -> tuple[Upstream, str, str]:
+    def _route(
+        self, rt: Runtime, request: web.BaseRequest, rec: _Record, origin: tuple[str, int] | None
+    ) -> tuple[Upstream, str, str]:
         """Pick the upstream; return it with the path and raw query to send."""
         raw = request.raw_path
+        if origin is not None:
+            # Inside an intercepted CONNECT: the destination was fixed by the CONNECT,
+            # whatever the Host header says.
+            rec.mode = "mitm"
+            if not rt.mitm:
+                raise DestinationNotAllowed("TLS interception was turned off.", reason="mitm_disabled")
+            if not raw.startswith("/"):
+                raise BadRequest("Requests inside a tunnel use origin-form targets.", reason="bad_target")
+            path, _, query = raw.partition("?")
+            return self._match_origin(rt, origin, "https", path, query)
         if raw.startswith("/"):
             path, _, query = raw.partition("?")
             name, slash, rest = path[1:].partition("/")
@@ -170,15 +186,26 @@ class DataPlane:
         host = normalize_host(parts.hostname or "")
         if host is None:
             raise DestinationNotAllowed("The destination host is not valid.", reason="bad_host")
-        path = parts.path or "/"
-        for upstream in rt.by_origin.get((host, port or (443 if scheme == "https" else 80)), ()):
+        origin = (host, port or (443 if scheme == "https" else 80))
+        return self._match_origin(rt, origin, scheme, parts.path or "/", parts.query)
+
+    @staticmethod
+    def _match_origin(
+        rt: Runtime, origin: tuple[str, int], scheme: str, path: str, query: str
+    ) -> tuple[Upstream, str, str]:
+        """The upstream on this host and port with the longest base path that prefixes ``path``."""
+        for upstream in rt.by_origin.get(origin, ()):
+            if scheme == "https" and upstream.settings.scheme != "https":
+                continue  # never send what arrived over TLS on in the clear
             base = upstream.settings.base_path
             if not base or path == base or path.startswith(base + "/"):
-                return upstream, path, parts.query
+                return upstream, path, query
         raise DestinationNotAllowed(reason="not_an_upstream")
 
-    async def _proxy(self, rt: Runtime, request: web.BaseRequest, rec: _Record) -> web.StreamResponse:
-        upstream, path, query = self._route(rt, request, rec)
+    async def _proxy(
+        self, rt: Runtime, request: web.BaseRequest, rec: _Record, origin: tuple[str, int] | None
+    ) -> web.StreamResponse:
+        upstream, path, query = self._route(rt, request, rec, origin)
         rec.upstream = upstream.name
         _check_path(path)
         identity = await rt.identity.resolve(request.headers)

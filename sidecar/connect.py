@@ -1,0 +1,371 @@
+"""The data-plane listener: HTTP goes to aiohttp's server, CONNECT is handled here.
+
+aiohttp's server has no public way to take over a connection after CONNECT, so
+the listener's protocol looks at the first bytes of each connection. A request
+that does not start with ``CONNECT `` is handed, with those bytes, to an aiohttp
+``RequestHandler`` and never looked at again. A CONNECT is decided here:
+
+    passthrough_hosts entry ─▶ address guard ─▶ 200, plain byte tunnel (no injection)
+    upstream host, mitm on  ─▶ 200, TLS with a minted leaf ─▶ aiohttp handler bound to that origin
+    anything else           ─▶ 403 destination_not_allowed, before any connection is made
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, cast
+
+from aiohttp import web
+
+from sidecar import metrics
+from sidecar.config import normalize_host
+from sidecar.errors import BadRequest, DestinationNotAllowed, SidecarError, UpstreamTimeout, UpstreamUnreachable
+from sidecar.policy import is_forbidden_address
+
+if TYPE_CHECKING:
+    from sidecar.mitm import CertificateAuthority
+    from sidecar.proxy import DataPlane
+
+log = logging.getLogger("sidecar.connect")
+
+_CONNECT = b"CONNECT "
+#: Largest CONNECT head accepted; a bigger one is refused.
+MAX_CONNECT_HEAD = 16 * 1024
+#: A new connection must say what it wants within this time.
+FIRST_BYTES_TIMEOUT = 30.0
+#: Connecting to a passthrough host, and the TLS handshake of an interception.
+CONNECT_TIMEOUT = 10.0
+#: A tunnel with no bytes either way for this long is closed.
+TUNNEL_IDLE_SECONDS = 300.0
+_REASONS = {400: "Bad Request", 403: "Forbidden", 502: "Bad Gateway", 504: "Gateway Timeout"}
+
+
+def error_bytes(err: SidecarError) -> bytes:
+    """The contract's error response, written by hand on a raw connection."""
+    body = err.body()
+    head = (
+        f"HTTP/1.1 {err.status} {_REASONS.get(err.status, 'Error')}\r\n"
+        f"Content-Type: application/json\r\nX-Sidecar-Error: {err.code}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+def parse_authority(target: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` of a CONNECT, normalised; BadRequest otherwise."""
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or "@" in host or "/" in host:
+        raise BadRequest("CONNECT needs host:port.", reason="bad_authority")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    normal = normalize_host(host)
+    if normal is None:
+        raise BadRequest("CONNECT names an invalid host.", reason="bad_authority")
+    return normal, int(port)
+
+
+class _Sniffer(asyncio.Protocol):
+    """Reads just enough of a new connection to tell CONNECT from everything else."""
+
+    def __init__(self, front: Front) -> None:
+        self.front = front
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport; they implement it.
+        self.transport = cast(asyncio.Transport, transport)
+        self.timer = asyncio.get_running_loop().call_later(FIRST_BYTES_TIMEOUT, self.transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.buffer += data
+        head = self.buffer[: len(_CONNECT)]
+        if len(head) < len(_CONNECT) and _CONNECT.startswith(head):
+            return  # could still become a CONNECT
+        if not head.startswith(_CONNECT):
+            self._cancel_timer()
+            self.front.hand_to_http(self.transport, self.buffer)
+            return
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.buffer) > MAX_CONNECT_HEAD:
+                self._cancel_timer()
+                self.transport.write(error_bytes(BadRequest("The CONNECT request is too large.")))
+                self.transport.close()
+            return
+        self._cancel_timer()
+        self.transport.pause_reading()
+        self.front.spawn(self.front.handle_connect(self.transport, self.buffer[:end], self.buffer[end + 4 :]))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timer()
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+class _Half(asyncio.Protocol):
+    """One direction of a tunnel: what arrives here is written to the peer, with back-pressure."""
+
+    def __init__(self, tunnel: _Tunnel) -> None:
+        self.tunnel = tunnel
+        self.peer: asyncio.Transport | None = None
+
+    def data_received(self, data: bytes) -> None:
+        self.tunnel.last_active = time.monotonic()
+        if self.peer is not None:
+            self.peer.write(data)
+
+    def eof_received(self) -> bool:
+        if self.peer is not None and self.peer.can_write_eof():
+            self.peer.write_eof()
+            return True  # keep the other direction open (half-close)
+        return False
+
+    def pause_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.tunnel.close()
+
+
+class _Tunnel:
+    """A spliced pair of transports, closed when either side closes or both idle too long."""
+
+    def __init__(self, front: Front) -> None:
+        self.front = front
+        self.client: asyncio.Transport | None = None
+        self.upstream: asyncio.Transport | None = None
+        self.last_active = time.monotonic()
+        self.done = asyncio.get_running_loop().create_future()
+        self._idle: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        self._idle = asyncio.get_running_loop().call_later(TUNNEL_IDLE_SECONDS, self._check_idle)
+
+    def _check_idle(self) -> None:
+        idle = time.monotonic() - self.last_active
+        if idle >= TUNNEL_IDLE_SECONDS:
+            self.close()
+        else:
+            self._idle = asyncio.get_running_loop().call_later(TUNNEL_IDLE_SECONDS - idle, self._check_idle)
+
+    def close(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+        for transport in (self.client, self.upstream):
+            if transport is not None and not transport.is_closing():
+                transport.close()
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+class Front:
+    """Owns the data-plane socket; see the module docstring."""
+
+    def __init__(
+        self,
+        plane: DataPlane,
+        http_server_kwargs: dict[str, object],
+        authority: CertificateAuthority | None,
+    ) -> None:
+        self.plane = plane
+        self.server_kwargs = http_server_kwargs
+        self.http = web.Server(plane.handle, **http_server_kwargs)  # type: ignore[arg-type]
+        self.authority = authority
+        self._intercept_servers: dict[tuple[str, int], web.Server] = {}
+        self._tunnels: set[_Tunnel] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._listener: asyncio.Server | None = None
+
+    async def listen(self, host: str, port: int) -> tuple[str, int]:
+        """Bind; returns the bound address."""
+        loop = asyncio.get_running_loop()
+        self._listener = await loop.create_server(
+            lambda: _Sniffer(self), host, port, reuse_address=True, backlog=1024
+        )
+        sockname = self._listener.sockets[0].getsockname()
+        return str(sockname[0]), int(sockname[1])
+
+    def hand_to_http(self, transport: asyncio.Transport, first: bytes) -> None:
+        handler = self.http()
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        handler.data_received(first)
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------ CONNECT
+
+    async def handle_connect(self, transport: asyncio.Transport, head: bytes, rest: bytes) -> None:
+        started = time.perf_counter()
+        target = "-"
+        upstream_name = "-"
+        status = 200
+        error: SidecarError | None = None
+        mode = "tunnel"
+        metrics.INFLIGHT.inc()
+        try:
+            line = head.split(b"\r\n", 1)[0].decode("latin-1")
+            parts = line.split(" ")
+            if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+                raise BadRequest("Malformed CONNECT request line.", reason="bad_connect")
+            target = parts[1][:300]
+            host, port = parse_authority(parts[1])
+            rt = self.plane.runtime
+            if not rt.forward_proxy:
+                raise DestinationNotAllowed("Forward-proxy mode is disabled.", reason="forward_proxy_disabled")
+            if (host, port) in rt.passthrough:
+                await self._tunnel(transport, host, port, rest)
+                return
+            upstreams = rt.by_origin.get((host, port), ())
+            upstream = next((u for u in upstreams if u.settings.scheme == "https"), None)
+            if upstream is None:
+                raise DestinationNotAllowed(reason="not_an_upstream")
+            upstream_name = upstream.name
+            if not rt.mitm or self.authority is None:
+                raise DestinationNotAllowed(
+                    "CONNECT to an upstream needs TLS interception (forward_proxy.mitm); "
+                    "use route mode or http:// with HTTP_PROXY.",
+                    reason="connect_not_intercepted",
+                )
+            if rest:
+                raise BadRequest("Data arrived before the tunnel was established.", reason="early_data")
+            mode = "mitm"
+            await self._intercept(transport, host, port)
+        except SidecarError as err:
+            error = err
+            status = err.status
+            metrics.DENIED.labels(err.code).inc()
+            if not transport.is_closing():
+                transport.write(error_bytes(err))
+                transport.close()
+        except Exception:
+            status = 502
+            log.error("CONNECT handling failed", exc_info=False)
+            transport.close()
+        finally:
+            metrics.INFLIGHT.dec()
+            metrics.REQUESTS.labels(upstream_name, str(status)).inc()
+            self.plane.access_log.line(
+                method="CONNECT",
+                path=target,
+                mode=mode,
+                upstream=upstream_name,
+                status=status,
+                elapsed=time.perf_counter() - started,
+                error=error.code if error else None,
+                reason=error.reason if error else None,
+            )
+
+    async def _tunnel(self, client: asyncio.Transport, host: str, port: int, rest: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        address = await self._resolve_allowed(host, port, self.plane.runtime.passthrough_allow_private)
+        tunnel = _Tunnel(self)
+        to_upstream = _Half(tunnel)
+        to_client = _Half(tunnel)
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                upstream, _ = await loop.create_connection(lambda: to_client, address, port)
+        except TimeoutError:
+            raise UpstreamTimeout(reason="connect_timeout") from None
+        except OSError:
+            raise UpstreamUnreachable("The connection to the tunnel destination failed.", reason="connect") from None
+        tunnel.client, tunnel.upstream = client, upstream
+        to_client.peer = client
+        to_upstream.peer = upstream
+        client.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        client.set_protocol(to_upstream)
+        if rest:
+            upstream.write(rest)
+        client.resume_reading()
+        self._tunnels.add(tunnel)
+        tunnel.start()
+        try:
+            await tunnel.done
+        finally:
+            self._tunnels.discard(tunnel)
+
+    async def _resolve_allowed(self, host: str, port: int, allow_private: bool) -> str:
+        """Resolve once and pick an allowed address: the connection goes to exactly that one."""
+        try:
+            literal = ipaddress.ip_address(host)
+            candidates = [str(literal)]
+        except ValueError:
+            loop = asyncio.get_running_loop()
+            try:
+                async with asyncio.timeout(CONNECT_TIMEOUT):
+                    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except (OSError, TimeoutError):
+                raise UpstreamUnreachable("The tunnel destination does not resolve.", reason="dns") from None
+            candidates = [str(info[4][0]) for info in infos]
+        for address in candidates:
+            if allow_private or not is_forbidden_address(ipaddress.ip_address(address.split("%", 1)[0])):
+                return address
+        raise DestinationNotAllowed(
+            "The destination resolves to an address the sidecar may not reach.", reason="forbidden_address"
+        )
+
+    async def _intercept(self, client: asyncio.Transport, host: str, port: int) -> None:
+        assert self.authority is not None
+        loop = asyncio.get_running_loop()
+        context = await loop.run_in_executor(None, self.authority.context_for, host)
+        server = self._intercept_servers.get((host, port))
+        if server is None:
+            origin = (host, port)
+
+            async def handle(request: web.BaseRequest) -> web.StreamResponse:
+                return await self.plane.handle(request, origin)
+
+            server = web.Server(handle, **self.server_kwargs)  # type: ignore[arg-type]
+            self._intercept_servers[origin] = server
+        handler = server()
+        client.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        try:
+            tls = await loop.start_tls(
+                client, handler, context, server_side=True, ssl_handshake_timeout=CONNECT_TIMEOUT
+            )
+        except (ssl.SSLError, OSError, TimeoutError, ConnectionError):
+            # The app does not trust our CA, or went away: nothing was sent upstream.
+            log.warning("TLS handshake with the app failed", extra={"host": host})
+            client.close()
+            return
+        if tls is None:
+            return
+        handler.connection_made(tls)
+
+    # ------------------------------------------------------------------ shutdown
+
+    async def drain(self, grace: float) -> None:
+        """Stop accepting; let HTTP requests finish within ``grace``; close tunnels."""
+        if self._listener is not None:
+            self._listener.close()
+        await asyncio.sleep(0)
+        servers = [self.http, *self._intercept_servers.values()]
+        for server in servers:
+            server.pre_shutdown()
+        await asyncio.gather(*(server.shutdown(grace) for server in servers))
+        for tunnel in list(self._tunnels):
+            tunnel.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._listener is not None:
+            await self._listener.wait_closed()
