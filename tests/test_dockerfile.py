@@ -173,10 +173,16 @@ def test_fininfo_image_is_built_the_same_way() -> None:
 # --------------------------------------------------------------------------- the build, replayed
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _free_ports(count: int) -> list[int]:
+    """Distinct free loopback ports (all held open while choosing, so none repeats)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 @pytest.fixture(scope="module")
@@ -266,7 +272,7 @@ def test_the_entrypoint_runs_and_passes_its_healthcheck(
     _, (_, final) = parsed
     (entrypoint,) = instructions(final, "ENTRYPOINT")
     (health,) = instructions(final, "HEALTHCHECK")
-    proxy_port, admin_port = _free_port(), _free_port()
+    proxy_port, admin_port = _free_ports(2)
     # The example config on free ports, with its keys directory beside it as in the container.
     config = tmp_path / "config.yaml"
     config.write_text(
