@@ -1,0 +1,387 @@
+"""The egress perimeter: forward-proxy mode, CONNECT, TLS interception and the address guard."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import ssl
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import httpx
+import pytest
+import requests
+import trustme
+import yaml
+
+from sidecar.config import parse_settings
+from sidecar.errors import DestinationNotAllowed
+from sidecar.upstream import ForbiddenAddressError, GuardedResolver, Upstream
+from tests.support.leaks import make_secret
+from tests.support.process import SidecarProcess
+from tests.support.tls import Canary, TlsEchoUpstream
+from tests.support.upstream import EchoUpstream
+
+Start = Callable[..., SidecarProcess]
+
+
+@pytest.fixture(scope="module")
+def tls_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsEchoUpstream]:
+    server = TlsEchoUpstream(trustme.CA(), tmp_path_factory.mktemp("tls"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def tls(tls_upstream: TlsEchoUpstream) -> TlsEchoUpstream:
+    tls_upstream.reset()
+    return tls_upstream
+
+
+@pytest.fixture
+def canary() -> Iterator[Canary]:
+    c = Canary()
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def key() -> str:
+    return make_secret("perimeter")
+
+
+def config(
+    tmp_path: Path, tls: TlsEchoUpstream, echo: EchoUpstream, key: str, *, mitm: bool = True, **fp: Any
+) -> dict[str, Any]:
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(yaml.safe_dump({"alice": key}), encoding="utf-8")
+    return {
+        "secrets": {"backend": "file", "file": {"path": str(keys)}},
+        "upstreams": {
+            "secure": {
+                "url": tls.url,
+                "secret": "{client_id}",
+                "inject": {"query": "apiKey"},
+                "allow_private": True,
+                "ca_file": str(tls.ca_file),
+            },
+            "plain": {
+                "url": f"http://localhost:{echo.port}/echo",
+                "secret": "{client_id}",
+                "inject": {"header": "X-API-Key"},
+                "allow_private": True,
+            },
+        },
+        "forward_proxy": {
+            "mitm": {"enabled": mitm, "ca_cert_out": str(tmp_path / "mitm-ca.pem")},
+            **fp,
+        },
+    }
+
+
+def raw(sc: SidecarProcess, data: bytes, read_all: bool = True) -> bytes:
+    host, port = sc.url.split("//")[1].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+            if not read_all:
+                break
+    return out
+
+
+# ---------------------------------------------------------------- forward proxy, unchanged app code
+
+
+def test_requests_with_http_proxy_reaches_https_upstream_with_key(
+    start_sidecar: Start, tmp_path: Path, tls: TlsEchoUpstream, echo: EchoUpstream, key: str
+) -> None:
+    sc = start_sidecar(config(tmp_path, tls, echo, key))
+    resp = requests.get(
+        f"http://localhost:{tls.port}/v2/aggs?ticker=AAPL",
+        proxies={"http": sc.url},
+        headers={"X-Client-Id": "alice"},
+        timeout=10,
+    )
+    assert resp.status_code == 200
+    assert tls.last().raw_path == f"/v2/aggs?ticker=AAPL&apiKey={key}"
+    assert "x-client-id" not in tls.last().header_names()
+
+
+def test_httpx_and_aiohttp_with_proxy(
+    start_sidecar: Start, tmp_path: Path, tls: TlsEchoUpstream, echo: EchoUpstream, key: str
+) -> None:
+    sc = start_sidecar(config(tmp_path, tls, echo, key))
+    with httpx.Client(proxy=sc.url) as client:
+        resp = client.get(f"http://localhost:{echo.port}/echo/h", headers={"X-Client-Id": "alice"})
+    assert resp.status_code == 200
+    assert echo.last().header("X-API-Key") == key
+
+    async def via_aiohttp() -> int:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(
+                f"http://localhost:{tls.port}/a", proxy=sc.url, headers={"X-Client-Id": "alice"}
+            ) as r:
+                return r.status
+
+    assert asyncio.run(via_aiohttp()) == 200
+    assert tls.last().query == f"apiKey={key}"
+
+
+def test_mitm_lets_https_proxy_clients_work_unchanged(
+    start_sidecar: Start, tmp_path: Path, tls: TlsEchoUpstream, echo: EchoUpstream, key: str
+) -> None:
+    sc = start_sidecar(config(tmp_path, tls, echo, key))
+    ca = str(tmp_path / "mitm-ca.pem")
+    resp = requests.get(
+        f"https://localhost:{tls.port}/v2/x?y=1",
+        proxies={"https": sc.url},
+        headers={"X-Client-Id": "alice", "Host": "evil.example"},
+        verify=ca,
+        timeout=10,
+    )
+    assert resp.status_code == 200
+    assert tls.last().raw_path == f"/v2/x?y=1&apiKey={key}"
+    with httpx.Client(proxy=sc.url, verify=ssl.create_default_context(cafile=ca)) as client:
+        for _ in range(3):  # several requests over one intercepted connection
+            assert client.get(f"https://localhost:{tls.port}/z", headers={"X-Client-Id": "alice"}).status_code == 200
+    assert tls.last().query == f"apiKey={key}"
+    line = sc.wait_for_line(lambda l: l.get("mode") == "mitm" and l.get("method") == "GET")
+    assert line["upstream"] == "secure" and line["client_id"] == "alice"
+
+
+def test_mitm_refused_by_an_app_that_does_not_trust_the_ca(
+    start_sidecar: Start, tmp_path: Path, tls: TlsEchoUpstream, echo: EchoUpstream, key: str
+) -> None:
+    sc = start_sidecar(config(tmp_path, tls, echo, key))
+    with pytest.raises(requests.exceptions.SSLError):
+        requests.get(
+            f"https://localhost:{tls.port}/x", proxies={"https": sc.url}, headers={"X-Client-Id": "alice"}, timeout=10
+        )
+    assert tls.received == []
+
+
+def test_connect_to_upstream_without_mitm_is_refused(
+    start_sidecar: Start, tmp_path: Path, tls: TlsEchoUpstream, echo: EchoUpstream, key: str
+) -> None:
+    sc = start_sidecar(config(tmp_path, tls, echo, key, mitm=False))
+    out = raw(sc, f"CONNECT localhost:{tls.port} HTTP/1.1\r\nHost: localhost:{tls.port}\r\n\r\n".encode())
+    assert out.startswith(b"HTTP/1.1 403")
+    assert b"X-Sidecar-Error: destination_not_allowed" in out
+    assert b"connect_not_intercepted" not in out  # the reason goes to the log, the app gets the message
+    sc.wait_for_line(lambda l: l.get("reason") == "connect_not_intercepted")
+
+
+def test_passthrough_tunnel_carries_tls_untouched(
+    start_sidecar: Start, tmp_path: Path, tls: TlsEchoUpstream, echo: EchoUpstream, key: str
+) -> None:
+    sc = start_sidecar(
+        config(
+            tmp_path, tls, echo, key,
+            passthrough_hosts=[f"127.0.0.1:{tls.port}"], passthrough_allow_private=True,
+        )
+    )
+    resp = requests.get(
+        f"https://127.0.0.1:{tls.port}/pt?q=1",
+        proxies={"https": sc.url},
+        headers={"X-Client-Id": "alice"},
+        verify=str(tls.ca_file),
+        timeout=10,
+    )
+    assert resp.status_code == 200
+    assert tls.last().raw_path == "/pt?q=1"  # no injection through a tunnel
+    assert tls.last().header("X-Client-Id") == "alice"
+
+
+def test_tunnels_close_on_shutdown(
+    start_sidecar: Start, tmp_path: Path, tls: TlsEchoUpstream, echo: EchoUpstream, key: str
+) -> None:
+    sc = start_sidecar(
+        config(
+            tmp_path, tls, echo, key,
+            passthrough_hosts=[f"127.0.0.1:{tls.port}"], passthrough_allow_private=True,
+        )
+        | {"shutdown_grace_seconds": 2}
+    )
+    host, port = sc.url.split("//")[1].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(f"CONNECT 127.0.0.1:{tls.port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert s.recv(1024).startswith(b"HTTP/1.1 200")
+        sc.signal(signal.SIGTERM)
+        s.settimeout(8)
+        assert s.recv(1024) == b""  # closed by the sidecar
+    assert sc.proc is not None and sc.proc.wait(10) == 0
+
+
+# ---------------------------------------------------------------- refusals before any connection
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "evil.example:443",
+        "169.254.169.254:80",
+        "[fd00:ec2::254]:80",
+        "[::ffff:169.254.169.254]:80",
+        "2130706433:80",
+        "0x7f.0.0.1:{canary}",
+        "127.0.0.1:{canary}",
+        "localhost:{canary}",
+        "localhost.evil.example:443",
+        "localhost:{canary}@evil.example:443",
+        "nonsense",
+        "[::1]:{canary}",
+    ],
+)
+def test_connect_refused_and_nothing_sent(
+    start_sidecar: Start, tmp_path: Path, tls: TlsEchoUpstream, echo: EchoUpstream, key: str, canary: Canary,
+    target: str,
+) -> None:
+    sc = start_sidecar(config(tmp_path, tls, echo, key, passthrough_hosts=[f"127.0.0.1:{canary.port}"]))
+    target = target.format(canary=canary.port)
+    out = raw(sc, f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+    assert out.split(b" ")[1] in (b"400", b"403"), out
+    assert b"X-Sidecar-Error: " in out
+    assert canary.connections == 0
+
+
+@pytest.mark.parametrize(
+    ("target", "allowed"),
+    [
+        ("http://LOCALHOST.:{echo}/echo/ok", True),  # case and trailing dot normalised
+        ("http://localhost:{echo}/echo/ok", True),
+        ("http://localhost.evil.example:{echo}/echo/x", False),
+        ("http://evil.example/?@localhost:{echo}/echo/x", False),
+        ("http://%6c%6fcalhost:{echo}/echo/x", False),
+        ("http://127.0.0.1:{echo}/echo/x", False),  # a different spelling is a different destination
+        ("http://[::ffff:127.0.0.1]:{echo}/echo/x", False),
+        ("http://2130706433:{echo}/echo/x", False),
+        ("http://localhost:{canary}/echo/x", False),  # unlisted port
+        ("http://localhost:{echo}/other", False),  # outside the upstream's base path
+        ("ftp://localhost:{echo}/echo/x", False),
+        ("http://user@localhost:{echo}/echo/x", False),
+    ],
+)
+def test_absolute_form_confusions(
+    start_sidecar: Start, tmp_path: Path, tls: TlsEchoUpstream, echo: EchoUpstream, key: str, canary: Canary,
+    target: str, allowed: bool,
+) -> None:
+    sc = start_sidecar(config(tmp_path, tls, echo, key))
+    target = target.format(echo=echo.port, canary=canary.port)
+    out = raw(sc, f"GET {target} HTTP/1.1\r\nHost: x\r\nX-Client-Id: alice\r\nConnection: close\r\n\r\n".encode())
+    if allowed:
+        assert out.startswith(b"HTTP/1.1 200"), out
+        assert echo.last().header("X-API-Key") == key
+    else:
+        assert out.split(b" ")[1] in (b"400", b"403"), out
+        assert echo.received == []
+    assert canary.connections == 0
+
+
+def test_guard_refuses_upstream_resolving_to_loopback(
+    start_sidecar: Start, tmp_path: Path, tls: TlsEchoUpstream, echo: EchoUpstream, key: str, canary: Canary
+) -> None:
+    cfg = config(tmp_path, tls, echo, key)
+    cfg["upstreams"]["sneaky"] = {
+        "url": f"http://localhost:{canary.port}",
+        "secret": "{client_id}",
+        "inject": {"query": "k"},
+    }
+    sc = start_sidecar(cfg)
+    resp = requests.get(sc.url + "/sneaky/x", headers={"X-Client-Id": "alice"}, timeout=10)
+    assert resp.status_code == 403 and resp.headers["X-Sidecar-Error"] == "destination_not_allowed"
+    assert canary.connections == 0
+
+
+def test_passthrough_to_private_address_needs_opt_in(
+    start_sidecar: Start, tmp_path: Path, tls: TlsEchoUpstream, echo: EchoUpstream, key: str, canary: Canary
+) -> None:
+    sc = start_sidecar(config(tmp_path, tls, echo, key, passthrough_hosts=[f"localhost:{canary.port}"]))
+    out = raw(sc, f"CONNECT localhost:{canary.port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert out.startswith(b"HTTP/1.1 403")
+    assert canary.connections == 0
+
+
+def test_route_escapes_stay_on_the_upstream(
+    start_sidecar: Start, tmp_path: Path, tls: TlsEchoUpstream, echo: EchoUpstream, key: str
+) -> None:
+    sc = start_sidecar(config(tmp_path, tls, echo, key))
+    out = raw(sc, b"GET /plain//evil.example/x HTTP/1.1\r\nHost: x\r\nX-Client-Id: alice\r\nConnection: close\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200")
+    assert echo.last().raw_path == "/echo//evil.example/x"
+
+
+# ---------------------------------------------------------------- the resolver guard, in process
+
+
+class _FixedResolver(aiohttp.abc.AbstractResolver):
+    """A DNS stand-in: names map to fixed addresses, so no real DNS is touched."""
+
+    def __init__(self, table: dict[str, list[str]]) -> None:
+        self.table = table
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[Any]:
+        return [
+            {"hostname": host, "host": a, "port": port, "family": socket.AF_INET6 if ":" in a else socket.AF_INET,
+             "proto": 0, "flags": 0}
+            for a in self.table[host]
+        ]
+
+    async def close(self) -> None:
+        return None
+
+
+GUARD_TABLE = [
+    ("public.test", ["93.184.216.34"], ["93.184.216.34"]),
+    ("mixed.test", ["10.0.0.5", "93.184.216.34"], ["93.184.216.34"]),
+    ("metadata.test", ["169.254.169.254"], None),
+    ("imds6.test", ["fd00:ec2::254"], None),
+    ("loop.test", ["127.0.0.1", "::1"], None),
+    ("private.test", ["10.1.2.3", "172.16.0.1", "192.168.1.1"], None),
+    ("cgnat.test", ["100.64.0.1"], None),
+    ("mapped.test", ["::ffff:10.0.0.1"], None),
+    ("sixtofour.test", ["2002:a00:1::"], None),
+    ("nat64.test", ["64:ff9b::a00:1"], None),
+    ("teredo.test", ["2001::1"], None),
+    ("multicast.test", ["224.0.0.1"], None),
+    ("unspecified.test", ["0.0.0.0"], None),
+    ("public6.test", ["2606:4700:4700::1111"], ["2606:4700:4700::1111"]),
+]
+
+
+@pytest.mark.parametrize(("name", "answers", "kept"), GUARD_TABLE)
+async def test_guarded_resolver_table(name: str, answers: list[str], kept: list[str] | None) -> None:
+    resolver = GuardedResolver(_FixedResolver({name: answers}))
+    if kept is None:
+        with pytest.raises(ForbiddenAddressError):
+            await resolver.resolve(name, 80)
+    else:
+        assert [r["host"] for r in await resolver.resolve(name, 80)] == kept
+
+
+async def test_rebinding_name_is_refused_by_the_connection_itself() -> None:
+    canary = Canary()
+    try:
+        settings = parse_settings(
+            {
+                "secrets": {"backend": "aws"},
+                "upstreams": {
+                    "api": {"url": f"http://rebind.test:{canary.port}", "secret": "{client_id}", "inject": {"query": "k"}}
+                },
+            }
+        ).upstreams["api"]
+        upstream = Upstream(settings, resolver=_FixedResolver({"rebind.test": ["127.0.0.1"]}))
+        await upstream.start()
+        try:
+            with pytest.raises(DestinationNotAllowed):
+                await upstream.send("GET", f"http://rebind.test:{canary.port}/", {}, None)
+        finally:
+            await upstream.close()
+        assert canary.connections == 0
+    finally:
+        canary.close()
