@@ -154,5 +154,5 @@ def test_prefetch_loads_before_ready(
     # Ready means loaded: both secrets were fetched before the first request.
     assert metric(sc, "sidecar_secret_fetch_duration_seconds_count", {"backend": "aws"}) >= 2
     assert call(sc, "/polygon/x", "alice").status_code == 200
-    line = sc.wait_for_line(lambda l: l.get("event") == "request")
+    line = sc.wait_for_line(lambda line: line.get("event") == "request")
     assert line["cache"] == "hit"

@@ -54,6 +54,16 @@ def file_config(tmp_path: Path, echo: EchoUpstream, keys: dict[str, str], **extr
     }
 
 
+def expect_cut(sc: SidecarProcess, path: str) -> Callable[[], None]:
+    """A request that the sidecar's exit must cut off."""
+
+    def run() -> None:
+        with pytest.raises(requests.RequestException):
+            get(sc, path)
+
+    return run
+
+
 def get(sc: SidecarProcess, path: str, client: str | None = "alice", timeout: float = 15) -> requests.Response:
     headers = {"X-Client-Id": client} if client else {}
     return requests.get(sc.url + path, headers=headers, timeout=timeout)
@@ -129,7 +139,7 @@ def test_sigterm_lets_a_stream_finish(start_sidecar: Start, tmp_path: Path, echo
 
 def test_grace_bounds_the_drain(start_sidecar: Start, tmp_path: Path, echo: EchoUpstream) -> None:
     sc = start_sidecar(file_config(tmp_path, echo, {"alice": make_secret("g")}, shutdown_grace_seconds=1))
-    t = threading.Thread(target=lambda: pytest.raises(requests.RequestException, get, sc, "/polygon/slow?delay=8"))
+    t = threading.Thread(target=expect_cut(sc, "/polygon/slow?delay=8"))
     t.start()
     time.sleep(0.3)
     started = time.monotonic()
@@ -141,7 +151,7 @@ def test_grace_bounds_the_drain(start_sidecar: Start, tmp_path: Path, echo: Echo
 
 def test_second_signal_exits_at_once(start_sidecar: Start, tmp_path: Path, echo: EchoUpstream) -> None:
     sc = start_sidecar(file_config(tmp_path, echo, {"alice": make_secret("x")}, shutdown_grace_seconds=30))
-    t = threading.Thread(target=lambda: pytest.raises(requests.RequestException, get, sc, "/polygon/slow?delay=8"))
+    t = threading.Thread(target=expect_cut(sc, "/polygon/slow?delay=8"))
     t.start()
     time.sleep(0.3)
     sc.signal(signal.SIGTERM)

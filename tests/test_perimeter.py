@@ -151,7 +151,7 @@ def test_mitm_lets_https_proxy_clients_work_unchanged(
         for _ in range(3):  # several requests over one intercepted connection
             assert client.get(f"https://localhost:{tls.port}/z", headers={"X-Client-Id": "alice"}).status_code == 200
     assert tls.last().query == f"apiKey={key}"
-    line = sc.wait_for_line(lambda l: l.get("mode") == "mitm" and l.get("method") == "GET")
+    line = sc.wait_for_line(lambda line: line.get("mode") == "mitm" and line.get("method") == "GET")
     assert line["upstream"] == "secure" and line["client_id"] == "alice"
 
 
@@ -174,7 +174,7 @@ def test_connect_to_upstream_without_mitm_is_refused(
     assert out.startswith(b"HTTP/1.1 403")
     assert b"X-Sidecar-Error: destination_not_allowed" in out
     assert b"connect_not_intercepted" not in out  # the reason goes to the log, the app gets the message
-    sc.wait_for_line(lambda l: l.get("reason") == "connect_not_intercepted")
+    sc.wait_for_line(lambda line: line.get("reason") == "connect_not_intercepted")
 
 
 def test_passthrough_tunnel_carries_tls_untouched(

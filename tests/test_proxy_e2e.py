@@ -297,9 +297,9 @@ def test_duplicate_identity_headers_refused(sidecar: SidecarProcess) -> None:
 def test_access_log_has_contract_fields_and_no_query(sidecar: SidecarProcess, keys: dict[str, str]) -> None:
     get(sidecar, "/polygon/v2/x?apiKey=fromapp&ticker=AAPL")
     get(sidecar, "/polygon/x", "agent-mallory")
-    line = sidecar.wait_for_line(lambda l: l.get("event") == "request" and l.get("client_id") == "agent-mallory")
+    line = sidecar.wait_for_line(lambda line: line.get("event") == "request" and line.get("client_id") == "agent-mallory")
     assert line["status"] == 403 and line["error"] == "no_credential" and line["upstream"] == "polygon"
-    ok = sidecar.wait_for_line(lambda l: l.get("event") == "request" and l.get("path") == "/polygon/v2/x")
+    ok = sidecar.wait_for_line(lambda line: line.get("event") == "request" and line.get("path") == "/polygon/v2/x")
     for field in ("client_id", "upstream", "method", "path", "status", "duration_ms", "cache"):
         assert field in ok
     assert ok["cache"] in ("hit", "miss")
