@@ -106,7 +106,11 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "secretsFile": {"existingSecret": "fininfo-keys"},
             "config": {
                 "upstreams": {"polygon": POLYGON},
-                "forward_proxy": {"enabled": True, "mitm": {"enabled": True}},
+                "forward_proxy": {
+                    "enabled": True,
+                    "passthrough_hosts": ["files.pythonhosted.org"],
+                    "mitm": {"enabled": True},
+                },
             },
         },
     },
