@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -831,9 +832,12 @@ def _check_client_id(value: str) -> str | None:
 def check_template(template: str, allowed: frozenset[str], required: str | None = None) -> str | None:
     """Return a problem with a str.format template, or None when it only uses ``allowed``."""
     try:
-        fields = [f for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
+        parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
         return f"invalid template ({exc})"
+    fields = [f for _, f, _, _ in parsed if f is not None]
+    if any(spec or conv for _, f, spec, conv in parsed if f is not None):
+        return "placeholders take no conversion or format spec (write {name} only)"
     for name in fields:
         if name not in allowed:
             return f"unknown placeholder {{{name}}}; expected {', '.join('{' + a + '}' for a in sorted(allowed))}"
@@ -854,6 +858,9 @@ def parse_listen(value: str) -> ListenAddress | None:
     return ListenAddress(host, int(port))
 
 
+_LEGACY_IPV4 = re.compile(r"[0-9a-fA-FxX.]+")
+
+
 def normalize_host(host: str) -> str | None:
     """Lower-case, strip one trailing dot and IDNA-encode a host name; None if invalid."""
     host = host.strip().rstrip(".") if host.endswith(".") and not host.endswith("..") else host
@@ -862,6 +869,14 @@ def normalize_host(host: str) -> str | None:
     literal = ip_literal(host)
     if literal is not None:
         return literal.compressed
+    if _LEGACY_IPV4.fullmatch(host):
+        try:
+            socket.inet_aton(host)
+        except OSError:
+            pass
+        else:
+            # 127.1, 2130706433, 0x7f000001: an address in disguise, never a name.
+            return None
     try:
         encoded = host.encode("idna").decode("ascii").lower()
     except UnicodeError:

@@ -9,6 +9,7 @@ the request headers and setting the formatted value.
 
 from __future__ import annotations
 
+import string
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import quote, unquote_plus
@@ -35,13 +36,25 @@ class CompiledInjection:
         return tuple(f for f in forms if f)
 
 
+def split_format(fmt: str) -> tuple[str, str]:
+    """The literal text before and after ``{secret}``, with ``{{``/``}}`` unescaped as str.format does."""
+    before: list[str] = []
+    after: list[str] = []
+    seen = False
+    for literal, field, _, _ in string.Formatter().parse(fmt):
+        (after if seen else before).append(literal)
+        if field is not None:
+            seen = True
+    return "".join(before), "".join(after)
+
+
 def compile_injector(rule: InjectSettings) -> CompiledInjection:
     """Check and pre-shape a rule once, at start."""
     if rule.kind == "query":
         name = rule.name
         folded = name.casefold()
         quoted_name = quote(name, safe="")
-        before, _, after = rule.format.partition("{secret}")
+        before, after = split_format(rule.format)
 
         def render(secret: Secret) -> str:
             return before + secret.reveal() + after
@@ -63,7 +76,7 @@ def compile_injector(rule: InjectSettings) -> CompiledInjection:
 
         return CompiledInjection(query=inject_query, header=None, render=render)
 
-    before, _, after = rule.format.partition("{secret}")
+    before, after = split_format(rule.format)
 
     def render_header(secret: Secret) -> str:
         return before + secret.reveal() + after

@@ -224,11 +224,6 @@ async def test_distinct_ids_are_fetched_concurrently(clock: FakeClock) -> None:
     assert [s.reveal() for s, _ in got] == list(values.values())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cache.py _load: when the caller doing the store call is cancelled, its CancelledError is "
-    "set on the shared future, so every other waiter for that secret is cancelled too",
-)
 async def test_cancelling_the_first_caller_does_not_fail_the_others(
     backend: FakeBackend, clock: FakeClock, alice: str
 ) -> None:

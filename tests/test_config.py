@@ -488,11 +488,6 @@ def test_literal_private_address_is_accepted_with_allow_private(url: str, tmp_pa
     assert parse(raw, tmp_path).upstreams["polygon"].allow_private is True
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="config.py normalize_host only knows dotted-quad literals; inet_aton forms such as 127.1, "
-    "2130706433 or 0x7f000001 pass as host names (the runtime resolver guard still refuses them)",
-)
 @pytest.mark.parametrize("url", ["http://127.1:9000", "http://2130706433", "http://0x7f000001", "http://10.1"])
 def test_short_and_numeric_ipv4_forms_are_refused_too(url: str, tmp_path: Path, keys_file: Path) -> None:
     problems(config(keys_file, upstreams={"polygon": upstream(url=url)}), tmp_path)

@@ -148,12 +148,23 @@ def test_scrub_forms_cover_what_a_query_rule_puts_on_the_wire(key: str) -> None:
     assert on_the_wire in injection.scrub_forms(Secret(value))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="config validates inject.format as a str.format template (accepts {{ }} escapes and "
-    "{secret!s} / {secret:>8}) but inject.py renders it with str.partition('{secret}')",
-)
-@pytest.mark.parametrize("fmt", ["Token {{{secret}}}", "Bearer {secret!s}", "{secret:>8}"])
+@pytest.mark.parametrize("fmt", ["Bearer {secret!s}", "{secret:>8}", "{secret!r}"])
+def test_format_specs_and_conversions_are_refused_at_load(fmt: str) -> None:
+    from sidecar.config import parse_settings
+    from sidecar.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        parse_settings(
+            {
+                "secrets": {"backend": "aws"},
+                "upstreams": {"api": {"url": "https://a.example", "secret": "{client_id}",
+                                      "inject": {"header": "Authorization", "format": fmt}}},
+            }
+        )
+    assert "upstreams.api.inject.format: placeholders take no conversion or format spec" in str(err.value)
+
+
+@pytest.mark.parametrize("fmt", ["Token {{{secret}}}", "{{x}} {secret} {{y}}", "Bearer {secret}"])
 def test_every_format_config_accepts_renders_as_str_format(fmt: str, tmp_path: Path, key: str) -> None:
     keys = tmp_path / "keys.yaml"
     keys.write_text("{}\n")

@@ -70,7 +70,7 @@ class SecretCache:
         self.settings = settings
         self._clock = clock
         self._entries: OrderedDict[CacheKey, _Entry] = OrderedDict()
-        self._inflight: dict[CacheKey, asyncio.Future[_Entry]] = {}
+        self._inflight: dict[CacheKey, asyncio.Task[_Entry]] = {}
         self._fetch_duration = metrics.SECRET_FETCH_DURATION.labels(backend.name)
         self._last_stale_warning = -STALE_WARNING_INTERVAL
         self.store_calls = 0
@@ -142,21 +142,23 @@ class SecretCache:
         metrics.SECRET_CACHE_ENTRIES.set(0)
 
     async def _load(self, key: CacheKey) -> _Entry:
-        pending = self._inflight.get(key)
-        if pending is None:
-            pending = asyncio.get_running_loop().create_future()
-            self._inflight[key] = pending
-            try:
-                pending.set_result(await self._fetch(key))
-            except BaseException as exc:
-                pending.set_exception(exc)
-                pending.exception()  # mark retrieved: waiters may be none
-                raise
-            finally:
-                del self._inflight[key]
-            return pending.result()
-        # Another request is already asking the store: wait for its answer.
-        return await asyncio.shield(pending)
+        """One store call per key at a time; every caller awaits the same task.
+
+        The fetch runs in its own task so that a caller going away (a cancelled
+        request) cannot cancel the lookup the other callers are waiting for.
+        """
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._fetch(key))
+            self._inflight[key] = task
+            task.add_done_callback(lambda done: self._fetch_done(key, done))
+        return await asyncio.shield(task)
+
+    def _fetch_done(self, key: CacheKey, task: asyncio.Task[_Entry]) -> None:
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: every waiter may have gone away
 
     async def _fetch(self, key: CacheKey) -> _Entry:
         secret_id, field = key

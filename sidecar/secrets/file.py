@@ -19,6 +19,20 @@ log = logging.getLogger("sidecar.secrets.file")
 POLL_SECONDS = 1.0
 
 
+class _KeysLoader(yaml.SafeLoader):
+    """YAML without the implicit int, float and bool types: a key is text exactly as written.
+
+    With them, ``alice: 0123`` would load as 83 and ``bob: 1_000`` as 1000.
+    """
+
+
+_TEXT_ONLY = {"tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool"}
+_KeysLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _TEXT_ONLY]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
 class FileLoadError(Exception):
     """The file is unreadable or not a mapping; the message holds no value from it."""
 
@@ -30,7 +44,7 @@ def load_secret_file(path: Path) -> dict[str, RawSecret]:
     except OSError as exc:
         raise FileLoadError(f"cannot read {path}: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_KeysLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError:
         # The parser's message can quote the offending line, which may hold a key.
         raise FileLoadError(f"{path} is not valid YAML or JSON") from None
