@@ -28,9 +28,9 @@ COPY pyproject.toml README.md ./
 COPY sidecar ./sidecar
 # A regular (non-editable) install: the package lands in the venv's site-packages
 # with its .pyc files compiled now, because the root filesystem is read-only at run time.
-# aws: boto3 for the Secrets Manager backend; fast: uvloop. pip itself is not needed
+# boto3 (Secrets Manager) is a core dependency; fast: uvloop. pip itself is not needed
 # at run time, so it leaves the venv (about 17 MB).
-RUN pip install ".[aws,fast]" \
+RUN pip install ".[fast]" \
  && python -m pip uninstall --yes pip
 
 FROM ${PYTHON_IMAGE}

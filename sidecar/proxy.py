@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 import aiohttp
@@ -46,6 +46,10 @@ _DENIED = {code: metrics.DENIED.labels(code) for code in (
     "destination_not_allowed", "no_credential", "unknown_upstream", "upstream_unreachable",
     "secret_store_unavailable", "upstream_timeout", "internal_error",
 )}
+# Labelled children, looked up once: ``labels()`` costs a lock and a tuple per call.
+# Keys are bounded (configured upstream names x HTTP statuses).
+_REQUESTS: dict[tuple[str, int], Any] = {}
+_DURATION: dict[str, Any] = {}
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 _REDACTED = "[redacted]"
 #: Request bodies up to this size are read whole so a rotated key can replay them.
@@ -67,6 +71,16 @@ class Runtime:
     passthrough: frozenset[tuple[str, int]]
     passthrough_allow_private: bool
     drop_headers: dict[str, frozenset[str]]  # per upstream: request headers never forwarded
+
+
+class _OneWriteResponse(web.StreamResponse):
+    """A response whose headers go out with the first body chunk: one write, not two.
+
+    Only used when the upstream announced a Content-Length, so there is a body
+    coming right behind the headers (streams keep headers-first delivery).
+    """
+
+    _send_headers_immediately = False
 
 
 class _Record:
@@ -131,8 +145,14 @@ class DataPlane:
         finally:
             metrics.INFLIGHT.dec()
             elapsed = time.perf_counter() - started
-            metrics.REQUESTS.labels(rec.upstream, str(rec.status)).inc()
-            metrics.REQUEST_DURATION.labels(rec.upstream).observe(elapsed)
+            counter = _REQUESTS.get((rec.upstream, rec.status))
+            if counter is None:
+                counter = _REQUESTS[(rec.upstream, rec.status)] = metrics.REQUESTS.labels(rec.upstream, str(rec.status))
+            counter.inc()
+            histogram = _DURATION.get(rec.upstream)
+            if histogram is None:
+                histogram = _DURATION[rec.upstream] = metrics.REQUEST_DURATION.labels(rec.upstream)
+            histogram.observe(elapsed)
             self.access_log.request(request, rec, elapsed)
 
     def _refuse(self, err: SidecarError, rec: _Record) -> web.Response:
@@ -285,7 +305,9 @@ class DataPlane:
         secret: Secret,
         rec: _Record,
     ) -> web.StreamResponse:
-        response = web.StreamResponse(status=answer.status, reason=answer.reason)
+        length = answer.content_length
+        framed = length is not None and "chunked" not in answer.headers.get("Transfer-Encoding", "").lower()
+        response = (_OneWriteResponse if framed else web.StreamResponse)(status=answer.status, reason=answer.reason)
         out = response.headers
         forms: tuple[str, ...] | None = None
         drop = _RESPONSE_DROP
@@ -296,13 +318,12 @@ class DataPlane:
             if name.lower() in drop:
                 continue
             if forms is None:
-                forms = upstream.injection.scrub_forms(secret)
+                forms = secret.memo(upstream.injection, upstream.injection.scrub_forms)
             for form in forms:
                 if form in value:
                     value = value.replace(form, _REDACTED)
             out.add(name, value)
-        length = answer.content_length
-        if length is not None and "chunked" not in answer.headers.get("Transfer-Encoding", "").lower():
+        if framed:
             response.content_length = length
         rec.status = answer.status
         try:

@@ -87,8 +87,8 @@ def test_dependencies_are_installed_in_the_builder_venv(parsed: tuple[dict[str, 
     assert env_of(builder)["PATH"].startswith(f"{VENV}/bin:")
     installs = [r for r in runs if re.search(r"\bpip install\b", r)]
     assert len(installs) == 1
-    # A regular install of this project with the AWS backend: never editable.
-    assert '".[aws' in installs[0]
+    # A regular install of this project (boto3 comes with it) plus uvloop: never editable.
+    assert '".[fast]"' in installs[0]
     assert "-e" not in shlex.split(installs[0])
 
 

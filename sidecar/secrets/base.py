@@ -16,10 +16,19 @@ RawSecret = str | Mapping[str, Any]
 class Secret:
     """A secret value that never prints itself; ``reveal()`` is the one way to read it."""
 
-    __slots__ = ("_value",)
+    __slots__ = ("_memo", "_value")
 
     def __init__(self, value: str) -> None:
         self._value = value
+        self._memo: dict[object, Any] = {}
+
+    def memo(self, key: object, derive: Callable[[Secret], Any]) -> Any:
+        """``derive(self)``, computed once per key (per-upstream renderings of the value)."""
+        try:
+            return self._memo[key]
+        except KeyError:
+            value = self._memo[key] = derive(self)
+            return value
 
     def reveal(self) -> str:
         """The value, for the injector and nothing else."""
