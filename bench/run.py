@@ -1,0 +1,1080 @@
+#!/usr/bin/env python3
+"""The sidecar's benchmark: one run on 127.0.0.1, side by side with nginx.
+
+    python bench/run.py                 # full run (about 6 minutes on 2 cores)
+    python bench/run.py --smoke         # every phase with tiny durations (< 60 s)
+    python bench/run.py --profile 10    # also py-spy the sidecar at c=16 for 10 s
+
+Phases (see bench/README.md for what each number means):
+
+1. load      wrk at c=1/16/64 against direct (upstream nginx), nginx-proxy, the
+             sidecar in header mode and in JWT mode; interleaved, repeated, median.
+2. https     a client opening a new connection per request: directly to the HTTPS
+             upstream vs plain HTTP to the sidecar, which keeps pooled TLS upstream.
+3. stream    1 GiB download and upload through the sidecar (MB/s, RSS growth).
+4. cold      500 simultaneous first requests for one uncached client, AWS backend
+             against a fake Secrets Manager with 50 ms latency (store calls, p99).
+5. profile   optional: py-spy on the header-mode sidecar at c=16.
+
+Every server listens on 127.0.0.1 only; every loop and child is bounded in time;
+every child process is stopped in ``finally``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import http.client
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+PY = sys.executable
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+MB = 1_000_000
+MIB = 1024 * 1024
+
+CLIENT_ID = "bench-client"
+API_KEY = "bk-0123456789abcdef0123456789abcdef"
+QUERY_PATH = "/v1/quote?symbol=AAPL&adjusted=true"
+# About 300 bytes, like a small market-data answer. No ' or $: it sits in an nginx string.
+BODY = (
+    '{"ticker":"AAPL","queryCount":1,"resultsCount":1,"adjusted":true,"results":[{"T":"AAPL",'
+    '"v":70790813,"vw":131.6292,"o":130.465,"c":131.96,"h":132.42,"l":129.64,"t":1673240400000,'
+    '"n":645365}],"status":"OK","request_id":"6a7e466379af0a71039d60cc78e72282","count":1,'
+    '"next_url":null,"note":"bench fixture answer padded to about three hundred bytes"}'
+)
+JWT_ISSUER = "https://idp.bench.invalid/realms/bench"
+STORE_LATENCY = 0.05
+
+TARGETS = ("direct", "nginx", "sidecar", "sidecar-jwt")
+
+
+# --------------------------------------------------------------------------- /proc
+
+
+def _stat_fields(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        text = f.read()
+    return text[text.rindex(")") + 2 :].split()
+
+
+def cpu_split(pids: list[int]) -> tuple[int, int]:
+    """(utime, stime) of every process in ``pids`` (all threads), in clock ticks."""
+    user = system = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = _stat_fields(pid)
+            user += int(fields[11])
+            system += int(fields[12])
+    return user, system
+
+
+def cpu_ticks(pids: list[int]) -> int:
+    """utime + stime of every process in ``pids`` (all threads), in clock ticks."""
+    return sum(cpu_split(pids))
+
+
+def rss_bytes(pids: list[int], key: str = "VmRSS") -> int:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    total += int(line.split()[1]) * 1024
+    return total
+
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                if int(_stat_fields(int(entry))[1]) == pid:
+                    out.append(int(entry))
+    return out
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
+
+
+# --------------------------------------------------------------------------- processes
+
+
+@dataclass
+class Child:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+    pids: list[int] = field(default_factory=list)  # what CPU and RSS are measured over
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+
+class Children:
+    """Every child the run starts; ``stop_all`` ends them (TERM, then KILL) and their workers."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.children: list[Child] = []
+
+    def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> Child:
+        log = self.tmp / f"{name}.out"
+        with open(log, "wb") as out:
+            popen = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                cwd=self.tmp, preexec_fn=_raise_nofile,
+            )
+        child = Child(name, popen, log, [popen.pid])
+        self.children.append(child)
+        return child
+
+    def stop(self, child: Child, timeout: float = 5.0) -> None:
+        workers = [p for p in child.pids if p != child.pid] + children_of(child.pid)
+        if child.popen.poll() is None:
+            child.popen.send_signal(signal.SIGTERM)
+            try:
+                child.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                child.popen.kill()
+                child.popen.wait(timeout)
+        for pid in set(workers):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        if child in self.children:
+            self.children.remove(child)
+
+    def stop_all(self) -> None:
+        for child in reversed(list(self.children)):
+            with contextlib.suppress(Exception):
+                self.stop(child)
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    return ""
+
+
+def http_get(port: int, path: str, headers: dict[str, str] | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def wait_until(check: Callable[[], bool], child: Child, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child.popen.poll() is not None:
+            raise RuntimeError(f"{child.name} exited ({child.popen.returncode}) before {what}:\n{tail(child.log)}")
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            if check():
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"{child.name}: no {what} after {timeout:g}s:\n{tail(child.log)}")
+
+
+def port_open(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+# --------------------------------------------------------------------------- wrk
+
+_UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text.strip())
+    if not m:
+        raise ValueError(f"unparsable wrk latency {text!r}")
+    return float(m.group(1)) * _UNITS_MS[m.group(2)]
+
+
+def parse_wrk(out: str) -> dict[str, float]:
+    """Requests, requests/s, p50/p99 (ms) and error counts from ``wrk --latency`` output."""
+    result: dict[str, float] = {"non2xx": 0, "socket_errors": 0}
+    m = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m)", out)
+    if not m:
+        raise ValueError(f"wrk output without a request count:\n{out}")
+    result["requests"] = int(m.group(1))
+    result["rps"] = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    for pct, key in (("50", "p50_ms"), ("99", "p99_ms")):
+        pm = re.search(rf"^\s+{pct}%\s+(\S+)", out, re.M)
+        if pm:
+            result[key] = _ms(pm.group(1))
+    nm = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    if nm:
+        result["non2xx"] = int(nm.group(1))
+    sm = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if sm:
+        result["socket_errors"] = sum(int(g) for g in sm.groups())
+    return result
+
+
+def run_wrk(
+    url: str, connections: int, duration: int, headers: list[str], measured: list[int],
+    extra_measured: list[int] | None = None,
+) -> dict[str, float]:
+    """One wrk run; CPU per request of the ``measured`` processes from /proc (utime+stime)."""
+    cmd = ["wrk", f"-t{min(connections, 2)}", f"-c{connections}", f"-d{duration}s", "--latency", "--timeout", "10s"]
+    for h in headers:
+        cmd += ["-H", h]
+    cmd.append(url)
+    before = cpu_split(measured)
+    before_extra = cpu_ticks(extra_measured or [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60, check=False)
+    after = cpu_split(measured)
+    after_extra = cpu_ticks(extra_measured or [])
+    if proc.returncode != 0:
+        raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stderr or proc.stdout}")
+    result = parse_wrk(proc.stdout)
+    n = max(result["requests"], 1)
+    user, system = after[0] - before[0], after[1] - before[1]
+    result["cpu_us_per_req"] = (user + system) / CLK_TCK / n * 1e6
+    result["cpu_sys_share"] = system / (user + system) if user + system else 0.0
+    if extra_measured:
+        result["upstream_cpu_us_per_req"] = (after_extra - before_extra) / CLK_TCK / n * 1e6
+    return result
+
+
+def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
+    keys = set().union(*(r.keys() for r in runs))
+    return {k: statistics.median(r[k] for r in runs if k in r) for k in keys}
+
+
+# --------------------------------------------------------------------------- setup
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    tmp: Path
+    children: Children
+    ports: dict[str, int] = field(default_factory=dict)
+    procs: dict[str, Child] = field(default_factory=dict)
+    token: str = ""
+    results: dict[str, Any] = field(default_factory=dict)
+
+    def port(self, name: str) -> int:
+        if name not in self.ports:
+            while True:
+                p = free_port()
+                if p not in self.ports.values():
+                    break
+            self.ports[name] = p
+        return self.ports[name]
+
+
+def make_tls(tmp: Path) -> None:
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    tls = tmp / "tls"
+    tls.mkdir()
+    ca.cert_pem.write_to_path(str(tls / "ca.pem"))
+    cert.private_key_pem.write_to_path(str(tls / "server.key"))
+    cert.cert_chain_pems[0].write_to_path(str(tls / "server.pem"))
+    with open(tls / "server.pem", "ab") as f:
+        for pem in cert.cert_chain_pems[1:]:
+            f.write(pem.bytes())
+
+
+def make_jwt(tmp: Path) -> str:
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from jwt.algorithms import RSAAlgorithm
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = RSAAlgorithm.to_jwk(key.public_key(), as_dict=True)
+    jwk.update({"kid": "bench-1", "use": "sig", "alg": "RS256"})
+    (tmp / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
+    now = int(time.time())
+    claims = {
+        "iss": JWT_ISSUER, "sub": CLIENT_ID, "client_id": CLIENT_ID, "iat": now, "exp": now + 4 * 3600,
+        "scope": "market:read",
+    }
+    return jwt.encode(claims, key, algorithm="RS256", headers={"kid": "bench-1"})
+
+
+def render_nginx(template: str, tmp: Path, **fields: str | int) -> Path:
+    text = (HERE / "nginx" / template).read_text()
+    user = "user root root;" if os.geteuid() == 0 else ""
+    values = {"DIR": str(tmp), "USER": user, "BODY": BODY, **{k: str(v) for k, v in fields.items()}}
+    for key, value in values.items():
+        text = text.replace("{{" + key + "}}", value)
+    leftover = re.search(r"\{\{\w+\}\}", text)
+    if leftover:
+        raise RuntimeError(f"{template}: unfilled {leftover.group(0)}")
+    name = template.replace(".conf", "")
+    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (tmp / f"{name}-tmp" / sub).mkdir(parents=True, exist_ok=True)
+    path = tmp / f"nginx-{template}"
+    path.write_text(text)
+    return path
+
+
+def start_nginx(b: Bench, name: str, conf: Path, port: int) -> Child:
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    child = b.children.start(name, [nginx, "-p", str(b.tmp), "-e", str(b.tmp / f"{name}-startup.log"), "-c", str(conf)])
+    wait_until(lambda: port_open(port), child, "listening port", 15)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and len(children_of(child.pid)) < 1:
+        time.sleep(0.05)
+    child.pids = [child.pid, *children_of(child.pid)]
+    return child
+
+
+def sidecar_config(b: Bench, name: str, *, jwt: bool = False, aws: bool = False) -> Path:
+    upstream = {"url": f"http://127.0.0.1:{b.port('upstream')}", "secret": "bench/{client_id}",
+                "inject": {"query": "apiKey"}, "allow_private": True}
+    upstreams: dict[str, Any] = {"polygon": upstream}
+    if not aws:
+        upstreams["bulk"] = {**upstream, "url": f"http://127.0.0.1:{b.port('upstream')}/files"}
+        upstreams["sink"] = {**upstream, "url": f"http://127.0.0.1:{b.port('sink')}"}
+        upstreams["tls"] = {**upstream, "url": f"https://127.0.0.1:{b.port('upstream_tls')}",
+                            "ca_file": str(b.tmp / "tls" / "ca.pem")}
+    config: dict[str, Any] = {
+        "listen": f"127.0.0.1:{b.port(name)}",
+        "admin_listen": f"127.0.0.1:{b.port(name + '-admin')}",
+        "shutdown_grace_seconds": 1,
+        "log": {"level": "warning", "format": "json"},
+        "upstreams": upstreams,
+    }
+    if aws:
+        config["secrets"] = {
+            "backend": "aws",
+            "aws": {"region": "us-east-1", "endpoint_url": f"http://127.0.0.1:{b.port('sm')}"},
+        }
+    else:
+        config["secrets"] = {"backend": "file", "file": {"path": str(b.tmp / "keys.yaml")}}
+    if jwt:
+        config["identity"] = {"jwt": {"jwks_url": f"http://127.0.0.1:{b.port('jwks')}/jwks.json",
+                                      "issuer": JWT_ISSUER}}
+    path = b.tmp / f"{name}.yaml"
+    path.write_text(json.dumps(config, indent=2))  # JSON is YAML
+    return path
+
+
+def start_sidecar(b: Bench, name: str, config: Path) -> Child:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update({
+        "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+        "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+    })
+    # stdout (the JSON logs, and one access line per proxied request even at level
+    # warning) goes to a file in the temp dir, like a container runtime's log pipe.
+    child = b.children.start(name, [PY, "-m", "sidecar", "run", "--config", str(config)], env=env)
+    admin = b.port(name + "-admin")
+    wait_until(lambda: http_get(admin, "/readyz", timeout=1)[0] == 200, child, "/readyz 200", 30)
+    return child
+
+
+def setup(b: Bench) -> None:
+    tmp = b.tmp
+    os.chmod(tmp, 0o755)
+    make_tls(tmp)
+    b.token = make_jwt(tmp)
+    (tmp / "keys.yaml").write_text(json.dumps({f"bench/{CLIENT_ID}": API_KEY}))
+    files = tmp / "files"
+    files.mkdir()
+    with open(files / "big.bin", "wb") as f:
+        f.truncate(b.args.stream_bytes)  # sparse: reads as zeros, costs no disk
+    for p in tmp.rglob("*"):
+        os.chmod(p, 0o755 if p.is_dir() else 0o644)
+
+    up_conf = render_nginx("upstream.conf", tmp, HTTP_PORT=b.port("upstream"), TLS_PORT=b.port("upstream_tls"))
+    b.procs["upstream"] = start_nginx(b, "upstream", up_conf, b.port("upstream"))
+    px_conf = render_nginx("proxy.conf", tmp, HTTP_PORT=b.port("nginx"), UPSTREAM_PORT=b.port("upstream"), KEY=API_KEY)
+    b.procs["nginx"] = start_nginx(b, "nginx", px_conf, b.port("nginx"))
+
+    helper = b.children.start("helpers", [
+        PY, str(HERE / "support" / "servers.py"), "--jwks-port", str(b.port("jwks")),
+        "--jwks-file", str(tmp / "jwks.json"), "--sink-port", str(b.port("sink")),
+        "--sm-port", str(b.port("sm")), "--sm-delay", str(STORE_LATENCY),
+    ])
+    b.procs["helpers"] = helper
+    wait_until(lambda: "ready" in helper.log.read_text(), helper, "helper servers", 20)
+
+    for name, kw in (("sidecar", {}), ("sidecar-jwt", {"jwt": True}), ("sidecar-aws", {"aws": True})):
+        b.procs[name] = start_sidecar(b, name, sidecar_config(b, name, **kw))
+
+    # Idle RSS right after readiness, before any request (AWS: boto3 client built at start).
+    time.sleep(0.5)
+    idle = {name: rss_bytes([b.procs[name].pid]) for name in ("sidecar", "sidecar-jwt", "sidecar-aws")}
+
+    # Correctness first: every path answers 200 with the fixture, the key reaches the upstream.
+    checks = {
+        "direct": http_get(b.port("upstream"), QUERY_PATH + "&apiKey=" + API_KEY),
+        "nginx": http_get(b.port("nginx"), "/polygon" + QUERY_PATH, {"X-Client-Id": CLIENT_ID}),
+        "sidecar": http_get(b.port("sidecar"), "/polygon" + QUERY_PATH, {"X-Client-Id": CLIENT_ID}),
+        "sidecar-jwt": http_get(b.port("sidecar-jwt"), "/polygon" + QUERY_PATH,
+                                {"Authorization": "Bearer " + b.token}),
+        # A client of its own, so the cold-burst clients stay uncached.
+        "sidecar-aws": http_get(b.port("sidecar-aws"), "/polygon" + QUERY_PATH, {"X-Client-Id": "aws-check"}),
+    }
+    for name, (status, body) in checks.items():
+        if status != 200 or body != BODY.encode():
+            raise RuntimeError(f"{name}: warm-up answered {status} {body[:200]!r}")
+    status, body = http_get(b.port("sidecar"), "/sink/check?x=1", {"X-Client-Id": CLIENT_ID})
+    if status != 200 or not json.loads(body).get("query_has_key"):
+        raise RuntimeError(f"sidecar did not inject the key: {status} {body[:200]!r}")
+    time.sleep(0.3)
+    b.results["rss_idle"] = {
+        "sidecar_file_start": idle["sidecar"],
+        "sidecar_jwt_start": idle["sidecar-jwt"],
+        "sidecar_aws_start": idle["sidecar-aws"],
+        "sidecar_file_warm": rss_bytes([b.procs["sidecar"].pid]),
+        "sidecar_jwt_warm": rss_bytes([b.procs["sidecar-jwt"].pid]),
+        "sidecar_aws_warm": rss_bytes([b.procs["sidecar-aws"].pid]),
+        "nginx_proxy": rss_bytes(b.procs["nginx"].pids),
+        "nginx_upstream": rss_bytes(b.procs["upstream"].pids),
+    }
+    b.results["boto3_imported_by_file_backend"] = boto3_imported_by_file_start(b)
+
+
+def boto3_imported_by_file_start(b: Bench) -> bool:
+    """Build the file-backend runtime in a fresh interpreter and see whether boto3 got imported."""
+    code = (
+        "import asyncio, sys\n"
+        "from sidecar.config import load_settings\n"
+        "from sidecar.app import Sidecar\n"
+        "async def main():\n"
+        "    s = Sidecar(load_settings(sys.argv[1]))\n"
+        "    parts = await s._build(s.settings, None)\n"
+        "    await s._close_parts(parts)\n"
+        "asyncio.run(main())\n"
+        "print(any(m == 'boto3' or m.startswith(('boto3.', 'botocore')) for m in sys.modules))\n"
+    )
+    out = subprocess.run([PY, "-c", code, str(b.tmp / "sidecar.yaml")], capture_output=True, text=True,
+                         timeout=60, cwd=REPO, check=False)
+    return out.stdout.strip().endswith("True")
+
+
+# --------------------------------------------------------------------------- phases
+
+
+def target_request(b: Bench, target: str) -> tuple[str, list[str], list[int]]:
+    """URL, headers and measured PIDs for a load target."""
+    if target == "direct":
+        return (f"http://127.0.0.1:{b.port('upstream')}{QUERY_PATH}&apiKey={API_KEY}", [],
+                b.procs["upstream"].pids)
+    if target == "nginx":
+        return (f"http://127.0.0.1:{b.port('nginx')}/polygon{QUERY_PATH}", [f"X-Client-Id: {CLIENT_ID}"],
+                b.procs["nginx"].pids)
+    if target == "sidecar":
+        return (f"http://127.0.0.1:{b.port('sidecar')}/polygon{QUERY_PATH}", [f"X-Client-Id: {CLIENT_ID}"],
+                [b.procs["sidecar"].pid])
+    return (f"http://127.0.0.1:{b.port('sidecar-jwt')}/polygon{QUERY_PATH}",
+            [f"Authorization: Bearer {b.token}"], [b.procs["sidecar-jwt"].pid])
+
+
+def phase_load(b: Bench) -> None:
+    runs: dict[str, dict[int, list[dict[str, float]]]] = defaultdict(lambda: defaultdict(list))
+    conc = b.args.concurrency
+    total = b.args.repeat * len(conc) * len(TARGETS)
+    done = 0
+    for rep in range(b.args.repeat):
+        for c in conc:
+            for target in TARGETS:
+                url, headers, pids = target_request(b, target)
+                extra = b.procs["upstream"].pids if target != "direct" else None
+                r = run_wrk(url, c, b.args.duration, headers, pids, extra)
+                runs[target][c].append(r)
+                done += 1
+                print(f"  load {done}/{total} rep={rep + 1} c={c:<3} {target:<12} {r['rps']:>9.0f} rps "
+                      f"p50={r.get('p50_ms', 0):.3f}ms cpu={r['cpu_us_per_req']:.0f}us/req", flush=True)
+    b.results["load"] = {t: {str(c): median_of(rs) for c, rs in by_c.items()} for t, by_c in runs.items()}
+    b.results["load_runs"] = {t: {str(c): rs for c, rs in by_c.items()} for t, by_c in runs.items()}
+    b.results["rss_after_load"] = {
+        "sidecar": rss_bytes([b.procs["sidecar"].pid]),
+        "sidecar_jwt": rss_bytes([b.procs["sidecar-jwt"].pid]),
+        "sidecar_peak": rss_bytes([b.procs["sidecar"].pid], "VmHWM"),
+        "nginx_proxy": rss_bytes(b.procs["nginx"].pids),
+    }
+
+
+def phase_https(b: Bench) -> None:
+    """A client opening a new connection per request: TLS handshake per call vs the sidecar's pool."""
+    runs: dict[str, dict[int, list[dict[str, float]]]] = defaultdict(lambda: defaultdict(list))
+    direct = f"https://127.0.0.1:{b.port('upstream_tls')}{QUERY_PATH}&apiKey={API_KEY}"
+    via = f"http://127.0.0.1:{b.port('sidecar')}/tls{QUERY_PATH}"
+    for rep in range(b.args.repeat):
+        for c in b.args.https_concurrency:
+            for name, url, headers, pids in (
+                ("direct-https", direct, ["Connection: close"], b.procs["upstream"].pids),
+                ("sidecar-pooled-tls", via, ["Connection: close", f"X-Client-Id: {CLIENT_ID}"],
+                 [b.procs["sidecar"].pid]),
+            ):
+                # Upstream CPU per request tells whether the sidecar really reuses its TLS
+                # connections (a few µs) or handshakes per call (like direct-https).
+                r = run_wrk(url, c, b.args.duration, headers, pids, b.procs["upstream"].pids)
+                r["mean_ms_per_call"] = c / r["rps"] * 1000 if r["rps"] else float("nan")
+                runs[name][c].append(r)
+                print(f"  https rep={rep + 1} c={c:<3} {name:<19} {r['rps']:>8.0f} rps "
+                      f"p50={r.get('p50_ms', 0):.3f}ms", flush=True)
+    b.results["https"] = {t: {str(c): median_of(rs) for c, rs in by_c.items()} for t, by_c in runs.items()}
+
+
+class RssSampler:
+    """Samples a process's VmRSS every 50 ms in a thread until stopped."""
+
+    def __init__(self, pid: int, interval: float = 0.05) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.baseline = rss_bytes([pid])
+        self.peak = self.baseline
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, rss_bytes([self.pid]))
+            self.samples += 1
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.peak = max(self.peak, rss_bytes([self.pid]))
+
+
+def download(port: int, path: str, headers: dict[str, str], timeout: float) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    buf = bytearray(MIB)
+    view = memoryview(buf)
+    total = 0
+    try:
+        conn.request("GET", path, headers=headers)
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise RuntimeError(f"download {path}: {resp.status}")
+        while True:
+            n = resp.readinto(view)
+            if not n:
+                break
+            total += n
+    finally:
+        conn.close()
+    return total
+
+
+def upload(port: int, path: str, headers: dict[str, str], size: int, timeout: float) -> int:
+    chunk = bytes(MIB)
+
+    def body() -> Iterator[bytes]:
+        left = size
+        while left > 0:
+            n = min(left, MIB)
+            yield chunk if n == MIB else chunk[:n]
+            left -= n
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", path, body=body(), headers={**headers, "Content-Length": str(size),
+                                                          "Content-Type": "application/octet-stream"})
+        resp = conn.getresponse()
+        data = resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"upload {path}: {resp.status} {data[:200]!r}")
+        return int(json.loads(data)["received"])
+    finally:
+        conn.close()
+
+
+def phase_stream(b: Bench) -> None:
+    size = b.args.stream_bytes
+    timeout = max(60.0, size / (20 * MB))
+    sc = b.procs["sidecar"].pid
+    hdr = {"X-Client-Id": CLIENT_ID}
+    out: dict[str, Any] = {"bytes": size}
+    cases: list[tuple[str, Callable[[], int], bool]] = [
+        ("download-direct", lambda: download(b.port("upstream"), "/files/big.bin", {}, timeout), False),
+        ("download-sidecar", lambda: download(b.port("sidecar"), "/bulk/big.bin", hdr, timeout), True),
+        ("upload-direct", lambda: upload(b.port("sink"), "/upload", {}, size, timeout), False),
+        ("upload-sidecar", lambda: upload(b.port("sidecar"), "/sink/upload", hdr, size, timeout), True),
+    ]
+    for name, fn, through_sidecar in cases:
+        ticks = cpu_ticks([sc])
+        with RssSampler(sc) as sampler:
+            started = time.perf_counter()
+            moved = fn()
+            elapsed = time.perf_counter() - started
+        if moved != size:
+            raise RuntimeError(f"{name}: moved {moved} of {size} bytes")
+        out[name] = {
+            "mb_per_s": size / elapsed / MB,
+            "seconds": elapsed,
+            "rss_before": sampler.baseline,
+            "rss_peak": sampler.peak,
+            "rss_growth": sampler.peak - sampler.baseline,
+            "samples": sampler.samples,
+            "sidecar_cpu_s": (cpu_ticks([sc]) - ticks) / CLK_TCK if through_sidecar else None,
+        }
+        print(f"  stream {name:<17} {out[name]['mb_per_s']:>7.0f} MB/s  sidecar RSS growth "
+              f"{out[name]['rss_growth'] / MIB:.1f} MiB", flush=True)
+    b.results["stream"] = out
+
+
+def phase_cold(b: Bench) -> None:
+    """N simultaneous first requests for one uncached client; count store calls at the emulator."""
+    runs = []
+    admin = b.port("sidecar-aws-admin")
+    for rep in range(b.args.repeat):
+        client = f"cold-{rep + 1}-{os.getpid()}"
+        fetch_before = store_fetch_seconds(admin)
+        proc = subprocess.run(
+            [PY, str(HERE / "support" / "burst.py"), "--port", str(b.port("sidecar-aws")), "--n",
+             str(b.args.burst), "--client", client, "--path", "/polygon" + QUERY_PATH],
+            capture_output=True, text=True, timeout=120, check=False, preexec_fn=_raise_nofile,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"burst failed: {proc.stderr[-2000:]}")
+        r = json.loads(proc.stdout)
+        _, body = http_get(b.port("sm"), "/__calls")
+        r["store_calls"] = json.loads(body).get(f"bench/{client}", 0)
+        fetch_after = store_fetch_seconds(admin)
+        # What the sidecar itself timed for the store call(s): boto3 in its thread pool,
+        # competing for the GIL with the event loop that is handling the burst.
+        calls = max(fetch_after[1] - fetch_before[1], 1)
+        r["sidecar_store_fetch_ms"] = (fetch_after[0] - fetch_before[0]) / calls * 1000
+        r["client"] = client
+        runs.append(r)
+        print(f"  cold rep={rep + 1} n={r['n']} store_calls={r['store_calls']} "
+              f"fetch={r['sidecar_store_fetch_ms']:.1f}ms min={r['min_ms']:.1f}ms p50={r['p50_ms']:.1f}ms "
+              f"p99={r['p99_ms']:.1f}ms max={r['max_ms']:.1f}ms statuses={r['statuses']}", flush=True)
+    b.results["cold"] = {"runs": runs, "store_latency_ms": STORE_LATENCY * 1000}
+    b.results["rss_aws_after_cold"] = rss_bytes([b.procs["sidecar-aws"].pid])
+
+
+def store_fetch_seconds(admin_port: int) -> tuple[float, float]:
+    """(sum, count) of sidecar_secret_fetch_duration_seconds from the admin /metrics."""
+    _, body = http_get(admin_port, "/metrics")
+    total = count = 0.0
+    for line in body.decode().splitlines():
+        if line.startswith("sidecar_secret_fetch_duration_seconds_sum"):
+            total += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("sidecar_secret_fetch_duration_seconds_count"):
+            count += float(line.rsplit(" ", 1)[1])
+    return total, count
+
+
+# --------------------------------------------------------------------------- profile
+
+# Leaf-to-root: the first frame whose file matches names the bucket that pays for the sample.
+_BUCKETS: list[tuple[str, tuple[str, ...]]] = [
+    ("access log (sidecar/access_log.py + json)", ("sidecar/access_log.py",)),
+    ("metrics (prometheus_client)", ("prometheus_client/",)),
+    ("stdlib logging", ("logging/",)),
+    ("aiohttp client (request, connector, response)", (
+        "aiohttp/client.py", "aiohttp/client_reqrep.py", "aiohttp/connector.py", "aiohttp/client_proto.py",
+        "aiohttp/tracing.py", "aiohttp/helpers.py", "aiohttp/cookiejar.py", "aiohttp/client_middlewares.py",
+    )),
+    ("aiohttp server (protocol, request, response, writer)", (
+        "aiohttp/web_protocol.py", "aiohttp/web_request.py", "aiohttp/web_response.py", "aiohttp/web_server.py",
+        "aiohttp/http_writer.py", "aiohttp/base_protocol.py", "aiohttp/web_", "aiohttp/http_parser.py",
+        "aiohttp/streams.py", "aiohttp/payload.py",
+    )),
+    ("sidecar proxy code (proxy, identity, inject, cache, upstream)", ("sidecar/",)),
+    ("event loop (uvloop/asyncio)", ("uvloop/", "asyncio/")),
+]
+
+
+def _frame_file(frame: str) -> str:
+    m = re.search(r"\(([^()]*?)(?::\d+)?\)$", frame)
+    return m.group(1) if m else frame
+
+
+def summarize_profile(raw: Path, top: int = 20) -> dict[str, Any]:
+    """Self time by function, inclusive time of our functions, and cost buckets from py-spy raw stacks."""
+    self_time: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    buckets: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = stack.split(";")
+        total += count
+        leaf = re.sub(r":\d+\)$", ")", frames[-1])
+        self_time[leaf] += count
+        seen = set()
+        for frame in frames:
+            f = re.sub(r":\d+\)$", ")", frame)
+            if ("sidecar/" in f or "aiohttp/" in f or "prometheus_client" in f or "yarl/" in f
+                    or "multidict/" in f) and f not in seen:
+                seen.add(f)
+                inclusive[f] += count
+        bucket = "other (yarl, multidict, json, ...)"
+        for frame in reversed(frames):
+            path = _frame_file(frame)
+            hit = next((name for name, needles in _BUCKETS if any(n in path for n in needles)), None)
+            if hit:
+                bucket = hit
+                break
+        buckets[bucket] += count
+
+    def pct(c: int) -> float:
+        return round(100.0 * c / total, 1) if total else 0.0
+
+    return {
+        "samples": total,
+        "buckets": [(name, pct(c)) for name, c in buckets.most_common()],
+        "self": [(name, pct(c)) for name, c in self_time.most_common(top)],
+        "inclusive": [(name, pct(c)) for name, c in inclusive.most_common(top * 2)],
+    }
+
+
+def phase_profile(b: Bench) -> None:
+    pyspy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
+    if not Path(pyspy).exists():
+        print("  profile: py-spy not installed; skipped", flush=True)
+        return
+    secs = b.args.profile
+    raw = b.tmp / "profile.raw"
+    cmd = [pyspy, "record", "--pid", str(b.procs["sidecar"].pid), "-d", str(secs), "-r", "200",
+           "--format", "raw", "-o", str(raw)]
+    if b.args.profile_native:
+        cmd.append("--native")
+    if b.args.profile_nonblocking:
+        cmd.append("--nonblocking")
+    spy = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        url, headers, pids = target_request(b, "sidecar")
+        r = run_wrk(url, 16, secs + 2, headers, pids)
+        out, _ = spy.communicate(timeout=secs + 60)
+    finally:
+        if spy.poll() is None:
+            spy.kill()
+            spy.wait()
+    if not raw.exists():
+        print(f"  profile: py-spy wrote nothing: {out.decode(errors='replace')[-500:]}", flush=True)
+        return
+    if b.args.profile_out:
+        shutil.copy(raw, b.args.profile_out)
+    summary = summarize_profile(raw)
+    summary["rps_while_sampled"] = r["rps"]
+    summary["cpu_us_per_req_while_sampled"] = r["cpu_us_per_req"]
+    b.results["profile"] = summary
+    print(f"  profile: {summary['samples']} samples at {r['rps']:.0f} rps", flush=True)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _mb(n: float) -> str:
+    return f"{n / MIB:.1f}"
+
+
+def verdict(ok: bool | None) -> str:
+    return "n/a " if ok is None else ("PASS" if ok else "MISS")
+
+
+def report(b: Bench) -> tuple[str, list[tuple[str, str, str]]]:
+    """The results as markdown tables, and the list of (target, measured, verdict)."""
+    r = b.results
+    lines: list[str] = []
+    checks: list[tuple[str, str, str]] = []
+    load = r.get("load", {})
+    conc = [str(c) for c in b.args.concurrency]
+    if load:
+        lines += [f"### Load (wrk, median of {b.args.repeat}; CPU = the proxy's utime+stime / requests)", "",
+                  "| target | c | req/s | p50 ms | p99 ms | CPU µs/req (proxy) | of which sys | "
+                  "CPU µs/req (upstream nginx) | errors |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for t in TARGETS:
+            for c in conc:
+                m = load.get(t, {}).get(c)
+                if not m:
+                    continue
+                up = m.get("upstream_cpu_us_per_req")
+                lines.append(
+                    f"| {t} | {c} | {m['rps']:.0f} | {m.get('p50_ms', float('nan')):.3f} | "
+                    f"{m.get('p99_ms', float('nan')):.3f} | {m['cpu_us_per_req']:.1f} | "
+                    f"{m.get('cpu_sys_share', 0) * 100:.0f}% | "
+                    f"{'' if up is None else f'{up:.1f}'} | {int(m['non2xx'] + m['socket_errors'])} |"
+                )
+        lines += ["", "| ratio | " + " | ".join(f"c={c}" for c in conc) + " |",
+                  "|---|" + "---:|" * len(conc)]
+
+        def ratio_row(label: str, num: str, den: str, key: str = "rps") -> None:
+            cells = []
+            for c in conc:
+                a, d = load.get(num, {}).get(c), load.get(den, {}).get(c)
+                cells.append(f"{a[key] / d[key]:.3f}" if a and d and d[key] else "")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
+        ratio_row("sidecar / nginx-proxy req/s", "sidecar", "nginx")
+        ratio_row("sidecar-jwt / sidecar req/s", "sidecar-jwt", "sidecar")
+        ratio_row("nginx-proxy / direct req/s", "nginx", "direct")
+        ratio_row("sidecar / nginx-proxy CPU per req", "sidecar", "nginx", "cpu_us_per_req")
+        ratio_row("sidecar-jwt / sidecar CPU per req", "sidecar-jwt", "sidecar", "cpu_us_per_req")
+        d1 = load.get("direct", {}).get(conc[0])
+        if d1:
+            lines += ["", f"Added p50 latency over direct at c={conc[0]}:"]
+            for t in ("nginx", "sidecar", "sidecar-jwt"):
+                m = load.get(t, {}).get(conc[0])
+                if m:
+                    lines.append(f"- {t}: {(m['p50_ms'] - d1['p50_ms']) * 1000:.0f} µs "
+                                 f"(p50 {m['p50_ms']:.3f} ms vs {d1['p50_ms']:.3f} ms)")
+        for c in ("16", "64"):
+            s, n = load.get("sidecar", {}).get(c), load.get("nginx", {}).get(c)
+            if s:
+                checks.append((f"CPU per request ≤ 80 µs at c={c}", f"{s['cpu_us_per_req']:.1f} µs",
+                               verdict(s["cpu_us_per_req"] <= 80)))
+            if s and n:
+                checks.append((f"req/s ≥ 0.2x nginx at c={c}", f"{s['rps'] / n['rps']:.3f}x",
+                               verdict(s["rps"] / n["rps"] >= 0.2)))
+        checks.append(("workers: 2 (SO_REUSEPORT) ≥ 0.35x nginx",
+                       "not implemented (workers is parsed, one process runs)", "n/a "))
+        s1 = load.get("sidecar", {}).get(conc[0])
+        if s1 and d1:
+            added = s1["p50_ms"] - d1["p50_ms"]
+            checks.append((f"added p50 at c={conc[0]} ≤ 0.2 ms", f"{added:.3f} ms", verdict(added <= 0.2)))
+        for c in ("16", "64"):
+            j, s = load.get("sidecar-jwt", {}).get(c), load.get("sidecar", {}).get(c)
+            if j and s:
+                checks.append((f"JWT within 10% of header mode at c={c} (req/s)", f"{j['rps'] / s['rps']:.3f}x",
+                               verdict(j["rps"] / s["rps"] >= 0.9)))
+    idle = r.get("rss_idle", {})
+    if idle:
+        lines += ["", "### Resident memory", "", "| process | RSS MiB |", "|---|---:|"]
+        for k, v in idle.items():
+            lines.append(f"| {k} (idle) | {_mb(v)} |")
+        for k, v in r.get("rss_after_load", {}).items():
+            lines.append(f"| {k} (after load{', VmHWM' if k.endswith('peak') else ''}) | {_mb(v)} |")
+        if "rss_aws_after_cold" in r:
+            lines.append(f"| sidecar_aws (after cold bursts) | {_mb(r['rss_aws_after_cold'])} |")
+        imported = r.get("boto3_imported_by_file_backend")
+        lines.append(f"\nboto3/botocore imported by a file-backend start: **{imported}**")
+        checks.append(("idle RSS ≤ 50 MB, file backend", f"{_mb(idle['sidecar_file_warm'])} MiB (warm), "
+                       f"{_mb(idle['sidecar_file_start'])} MiB (start)",
+                       verdict(idle["sidecar_file_warm"] <= 50 * MB)))
+        checks.append(("idle RSS ≤ 65 MB, AWS backend", f"{_mb(idle['sidecar_aws_warm'])} MiB (after one fetch), "
+                       f"{_mb(idle['sidecar_aws_start'])} MiB (start)",
+                       verdict(max(idle["sidecar_aws_warm"], idle["sidecar_aws_start"]) <= 65 * MB)))
+    https = r.get("https", {})
+    if https:
+        lines += ["", "### New connection per request, HTTPS upstream (wrk -H 'Connection: close')", "",
+                  "wrk's latency starts after connect and handshake, so the per-call time that includes them "
+                  "is c / req/s.", "",
+                  "| client path | c | req/s | ms per call (c / req/s) | wrk p50 ms | wrk p99 ms "
+                  "| CPU µs/req, measured proxy | CPU µs/req, upstream nginx |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, by_c in https.items():
+            for c, m in by_c.items():
+                lines.append(f"| {name} | {c} | {m['rps']:.0f} | {m['mean_ms_per_call']:.3f} | "
+                             f"{m.get('p50_ms', 0):.3f} | {m.get('p99_ms', 0):.3f} | "
+                             f"{m['cpu_us_per_req']:.1f} | {m.get('upstream_cpu_us_per_req', 0):.1f} |")
+        for c in (str(x) for x in b.args.https_concurrency):
+            d, s = https.get("direct-https", {}).get(c), https.get("sidecar-pooled-tls", {}).get(c)
+            if d and s:
+                checks.append((f"no-keep-alive HTTPS client faster via sidecar (c={c})",
+                               f"{s['rps'] / d['rps']:.2f}x req/s, {s['mean_ms_per_call']:.3f} vs "
+                               f"{d['mean_ms_per_call']:.3f} ms per call",
+                               verdict(s["rps"] > d["rps"])))
+    stream = r.get("stream")
+    if stream:
+        lines += ["", f"### Streaming {stream['bytes'] / MIB:.0f} MiB (RSS sampled every 50 ms)", "",
+                  "| transfer | MB/s | seconds | sidecar RSS before MiB | peak MiB | growth MiB |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for name in ("download-direct", "download-sidecar", "upload-direct", "upload-sidecar"):
+            m = stream[name]
+            lines.append(f"| {name} | {m['mb_per_s']:.0f} | {m['seconds']:.2f} | {_mb(m['rss_before'])} | "
+                         f"{_mb(m['rss_peak'])} | {_mb(m['rss_growth'])} |")
+        for name in ("download-sidecar", "upload-sidecar"):
+            g = stream[name]["rss_growth"]
+            checks.append((f"RSS growth ≤ 20 MB streaming ({name.split('-')[0]})", f"{_mb(g)} MiB",
+                           verdict(g <= 20 * MB)))
+    cold = r.get("cold")
+    if cold:
+        lines += ["", f"### {b.args.burst} simultaneous first requests, one uncached client "
+                  f"(AWS backend, store latency {cold['store_latency_ms']:.0f} ms)", "",
+                  "| run | store calls | store fetch ms (sidecar's metric) | min ms | p50 ms | p99 ms | max ms "
+                  "| statuses |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+        for i, m in enumerate(cold["runs"], 1):
+            lines.append(f"| {i} | {m['store_calls']} | {m['sidecar_store_fetch_ms']:.1f} | {m['min_ms']:.1f} | "
+                         f"{m['p50_ms']:.1f} | {m['p99_ms']:.1f} | {m['max_ms']:.1f} | {m['statuses']} |")
+        calls = [m["store_calls"] for m in cold["runs"]]
+        p99 = statistics.median(m["p99_ms"] for m in cold["runs"])
+        ok = all(m["statuses"] == {"200": m["n"]} for m in cold["runs"])
+        checks.append(("exactly one store call per cold burst (all answers 200)",
+                       ", ".join(map(str, calls)) + ("" if ok else " (some answers not 200)"),
+                       verdict(ok and all(c == 1 for c in calls))))
+        limit = cold["store_latency_ms"] + 10
+        checks.append((f"cold p99 ≤ store latency + 10 ms ({limit:.0f} ms)", f"{p99:.1f} ms (median of runs)",
+                       verdict(p99 <= limit)))
+    prof = r.get("profile")
+    if prof:
+        lines += ["", f"### py-spy profile of the sidecar at c=16 ({prof['samples']} samples, "
+                  f"{prof['rps_while_sampled']:.0f} req/s while sampled)", "",
+                  "Cost buckets (each sample charged to the innermost frame that names one):", "",
+                  "| bucket | % of samples |", "|---|---:|"]
+        lines += [f"| {n} | {p} |" for n, p in prof["buckets"]]
+        lines += ["", "Top self time:", "", "| function | % |", "|---|---:|"]
+        lines += [f"| `{n}` | {p} |" for n, p in prof["self"][:15]]
+        lines += ["", "Inclusive time (our code and the libraries on the path):", "", "| function | % |", "|---|---:|"]
+        lines += [f"| `{n}` | {p} |" for n, p in prof["inclusive"][:30]]
+    if checks:
+        lines += ["", "### Targets (issue 8)", "", "| target | measured | verdict |", "|---|---|---|"]
+        lines += [f"| {t} | {m} | {v.strip()} |" for t, m, v in checks]
+    return "\n".join(lines), checks
+
+
+def machine() -> dict[str, str]:
+    model = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem = ""
+    with contextlib.suppress(OSError), open("/proc/meminfo", encoding="utf-8") as f:
+        mem = f.readline().split(":", 1)[1].strip()
+
+    def version(cmd: list[str]) -> str:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
+            return (p.stdout or p.stderr).strip().splitlines()[0]
+        return "?"
+
+    try:
+        import aiohttp
+
+        aio = aiohttp.__version__
+    except ImportError:
+        aio = "?"
+    try:
+        import uvloop
+
+        uv = uvloop.__version__
+    except ImportError:
+        uv = "not installed"
+    return {
+        "cpu": model, "nproc": str(os.cpu_count()), "memory": mem, "kernel": platform.release(),
+        "python": platform.python_version(), "aiohttp": aio, "uvloop": uv,
+        "nginx": version(["nginx", "-v"]), "wrk": version(["wrk", "--version"]),
+    }
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Benchmark the sidecar against nginx on 127.0.0.1.")
+    p.add_argument("--smoke", action="store_true", help="every phase, tiny durations and sizes (< 60 s)")
+    p.add_argument("--duration", type=int, help="seconds per wrk point (default 5; smoke 1)")
+    p.add_argument("--repeat", type=int, help="repeats per point, median reported (default 3; smoke 1)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--https-concurrency", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--stream-mib", type=int, help="MiB streamed each way (default 1024; smoke 20)")
+    p.add_argument("--burst", type=int, default=500, help="simultaneous cold requests (default 500)")
+    p.add_argument("--phases", nargs="+", default=["load", "https", "stream", "cold"],
+                   choices=["load", "https", "stream", "cold"])
+    p.add_argument("--profile", type=int, default=0, help="py-spy the sidecar at c=16 for N seconds (0: off)")
+    p.add_argument("--profile-native", action="store_true", help="py-spy --native (C frames too)")
+    p.add_argument("--profile-nonblocking", action="store_true",
+                   help="py-spy --nonblocking (read without pausing; cross-checks stop-point bias)")
+    p.add_argument("--profile-out", help="copy py-spy's raw collapsed stacks here")
+    p.add_argument("--json", help="write every number (medians and single runs) to this file")
+    p.add_argument("--markdown", help="write the result tables to this file")
+    p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
+    args = p.parse_args(argv)
+    args.duration = args.duration or (1 if args.smoke else 5)
+    args.repeat = args.repeat or (1 if args.smoke else 3)
+    args.stream_bytes = (args.stream_mib or (20 if args.smoke else 1024)) * MIB
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    missing = [t for t in ("nginx", "wrk") if shutil.which(t) is None and not Path(f"/usr/sbin/{t}").exists()]
+    if missing:
+        print(f"missing binaries: {', '.join(missing)} (Debian: apt-get install -y nginx-light wrk)", file=sys.stderr)
+        return 3
+    started = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix="sidecar-bench-"))
+    children = Children(tmp)
+    b = Bench(args, tmp, children)
+    b.results["machine"] = machine()
+    b.results["command"] = " ".join([Path(PY).name, "bench/run.py", *(argv if argv is not None else sys.argv[1:])])
+    b.results["date"] = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    print(f"bench: temp dir {tmp}; machine {b.results['machine']}", flush=True)
+    try:
+        setup(b)
+        print(f"  setup done in {time.monotonic() - started:.1f}s; idle RSS "
+              + ", ".join(f"{k}={_mb(v)}MiB" for k, v in b.results["rss_idle"].items()), flush=True)
+        for phase in args.phases:
+            t0 = time.monotonic()
+            {"load": phase_load, "https": phase_https, "stream": phase_stream, "cold": phase_cold}[phase](b)
+            print(f"  phase {phase} done in {time.monotonic() - t0:.1f}s", flush=True)
+        if args.profile:
+            phase_profile(b)
+        for name in ("sidecar", "sidecar-jwt", "sidecar-aws"):
+            out = b.procs[name].log
+            b.results.setdefault("sidecar_stdout_bytes", {})[name] = out.stat().st_size if out.exists() else 0
+    finally:
+        children.stop_all()
+        if not args.keep_tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    b.results["elapsed_seconds"] = round(time.monotonic() - started, 1)
+    text, _checks = report(b)
+    print()
+    print(text)
+    print()
+    print(f"bench: done in {b.results['elapsed_seconds']}s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(b.results, indent=2, default=str))
+    if args.markdown:
+        Path(args.markdown).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
