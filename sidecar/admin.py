@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
-from sidecar.metrics import REGISTRY
+from sidecar.metrics import exposition
 
 
 def build_admin_app(is_ready: Callable[[], bool]) -> web.Application:
@@ -22,7 +22,7 @@ def build_admin_app(is_ready: Callable[[], bool]) -> web.Application:
         return web.json_response({"status": "not ready"}, status=503)
 
     async def metrics(_: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application()
     app.router.add_get("/healthz", healthz)

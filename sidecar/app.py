@@ -34,6 +34,7 @@ from sidecar.upstream import Upstream
 
 if TYPE_CHECKING:
     from sidecar.mitm import CertificateAuthority
+    from sidecar.workers import WorkerRole
 
 log = logging.getLogger("sidecar.app")
 
@@ -73,8 +74,9 @@ class _Parts:
 class Sidecar:
     """The running process: listeners, current runtime, readiness."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, worker: WorkerRole | None = None) -> None:
         self.settings = settings
+        self.worker = worker
         self.ready = False
         self.draining = False
         self._parts: _Parts | None = None
@@ -107,22 +109,28 @@ class Sidecar:
             {"access_log": None, "max_line_size": MAX_HEADER_BYTES, "max_field_size": MAX_HEADER_BYTES},
             self._authority,
         )
-        self._admin_runner = web.AppRunner(
-            build_admin_app(lambda: self.ready and not self.draining), access_log=None
-        )
-        await self._admin_runner.setup()
         try:
-            await web.TCPSite(self._admin_runner, s.admin_listen.host, s.admin_listen.port).start()
-            host, port = await self._front.listen(s.listen.host, s.listen.port)
+            if self.worker is None:
+                self._admin_runner = web.AppRunner(
+                    build_admin_app(lambda: self.ready and not self.draining), access_log=None
+                )
+                await self._admin_runner.setup()
+                await web.TCPSite(self._admin_runner, s.admin_listen.host, s.admin_listen.port).start()
+                host, port = await self._front.listen(s.listen.host, s.listen.port)
+            else:
+                # One of several processes on one port (SO_REUSEPORT); the supervisor owns admin.
+                host, port = await self._front.listen(s.listen.host, self.worker.port, reuse_port=True)
         except OSError as exc:
             await self._close_parts(parts)
-            await self._admin_runner.cleanup()
+            if self._admin_runner is not None:
+                await self._admin_runner.cleanup()
             raise StartupError(f"cannot listen: {exc.strerror or exc}") from None
         self._listen_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         log.info(
-            "listening",
+            "listening" if self.worker is None else "worker listening",
             extra={
                 "listen": self._listen_address,
+                "pid": os.getpid(),
                 "admin_listen": self.bound_address(self._admin_runner),
                 "upstreams": sorted(s.upstreams),
                 "backend": s.secrets.backend,
@@ -226,7 +234,10 @@ class Sidecar:
         if parts.settings.secrets.prefetch:
             log.info("prefetch done", extra={"clients": len(parts.settings.secrets.prefetch)})
         self.ready = True
-        metrics.READY.set(1)
+        if self.worker is None:
+            metrics.READY.set(1)
+        else:
+            self.worker.report_ready()
 
     # ------------------------------------------------------------------ reload
 
@@ -288,7 +299,8 @@ class Sidecar:
     async def drain(self) -> None:
         """Stop accepting, let in-flight requests finish within the grace, close everything."""
         self.draining = True
-        metrics.READY.set(0)
+        if self.worker is None:
+            metrics.READY.set(0)
         log.info("draining", extra={"grace_seconds": self.settings.shutdown_grace_seconds})
         if self._prefetch_task is not None:
             self._prefetch_task.cancel()
@@ -312,10 +324,10 @@ class Sidecar:
         await parts.backend.close()
 
 
-async def serve(settings: Settings, config_path: Path | None) -> int:
+async def serve(settings: Settings, config_path: Path | None, worker: WorkerRole | None = None) -> int:
     """Run until SIGTERM/SIGINT; SIGHUP reloads ``config_path``. Returns the exit code."""
     loop = asyncio.get_running_loop()
-    sidecar = Sidecar(settings)
+    sidecar = Sidecar(settings, worker)
     try:
         await sidecar.start()
     except StartupError as exc:
@@ -349,7 +361,7 @@ async def serve(settings: Settings, config_path: Path | None) -> int:
     return 0
 
 
-def run(settings: Settings, config_path: Path | None) -> int:
+def run(settings: Settings, config_path: Path | None, worker: WorkerRole | None = None) -> int:
     """Blocking entry point: logging, event loop (uvloop when installed), serve."""
     configure_logging(settings.log.level, settings.log.format)
     runner: Callable[[Coroutine[Any, Any, int]], int] = asyncio.run
@@ -359,4 +371,4 @@ def run(settings: Settings, config_path: Path | None) -> int:
         runner = uvloop.run
     except ImportError:
         pass
-    return runner(serve(settings, config_path))
+    return runner(serve(settings, config_path, worker))

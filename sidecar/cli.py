@@ -57,6 +57,15 @@ def main(argv: list[str] | None = None) -> int:
         print(settings.summary())
         print("config OK")
         return 0
+    from sidecar.workers import WorkerRole, prepare_multiprocess_metrics, supervise
+
+    worker = WorkerRole.from_env()
+    if worker is None and settings.workers > 1:
+        prepare_multiprocess_metrics()  # before prometheus_client is first imported
+        return supervise(settings, path)
+    if worker is not None:
+        # Several processes share stdout: whole lines only, so access lines never interleave.
+        sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     from sidecar.app import run
 
-    return run(settings, path)
+    return run(settings, path, worker)

@@ -193,11 +193,11 @@ class Front:
         self._tasks: set[asyncio.Task[None]] = set()
         self._listener: asyncio.Server | None = None
 
-    async def listen(self, host: str, port: int) -> tuple[str, int]:
+    async def listen(self, host: str, port: int, reuse_port: bool = False) -> tuple[str, int]:
         """Bind; returns the bound address."""
         loop = asyncio.get_running_loop()
         self._listener = await loop.create_server(
-            lambda: _Sniffer(self), host, port, reuse_address=True, backlog=1024
+            lambda: _Sniffer(self), host, port, reuse_address=True, reuse_port=reuse_port or None, backlog=1024
         )
         sockname = self._listener.sockets[0].getsockname()
         return str(sockname[0]), int(sockname[1])

@@ -7,9 +7,26 @@ ID, a path or a secret never becomes a label.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+
+#: Set (by the supervisor, before this module is imported) when ``workers > 1``:
+#: every process then writes its samples to files there and /metrics sums them.
+MULTIPROCESS_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+
+
+def exposition() -> bytes:
+    """The text exposition of every metric, across worker processes when there are several."""
+    if MULTIPROCESS_DIR:
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=MULTIPROCESS_DIR)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)
+    return generate_latest(REGISTRY)
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -42,11 +59,15 @@ SECRET_STORE_ERRORS = Counter(
     "sidecar_secret_store_errors", "Secret store failures by kind.", ["backend", "kind"], registry=REGISTRY
 )
 # Entries currently held by the secret cache (positive and negative).
-SECRET_CACHE_ENTRIES = Gauge("sidecar_secret_cache_entries", "Entries in the secret cache.", registry=REGISTRY)
+SECRET_CACHE_ENTRIES = Gauge(
+    "sidecar_secret_cache_entries", "Entries in the secret cache.", registry=REGISTRY, multiprocess_mode="livesum"
+)
 # Refusals by the contract's error code.
 DENIED = Counter("sidecar_denied", "Requests refused or failed by the sidecar.", ["reason"], registry=REGISTRY)
 # Requests in flight on the data plane.
-INFLIGHT = Gauge("sidecar_inflight_requests", "Requests being handled.", registry=REGISTRY)
+INFLIGHT = Gauge(
+    "sidecar_inflight_requests", "Requests being handled.", registry=REGISTRY, multiprocess_mode="livesum"
+)
 # Connection-level failures talking to upstreams: connect, tls, timeout, protocol, forbidden_address.
 UPSTREAM_ERRORS = Counter(
     "sidecar_upstream_errors", "Upstream connection failures by kind.", ["upstream", "kind"], registry=REGISTRY
@@ -63,4 +84,5 @@ TOKEN_CACHE = Counter("sidecar_token_cache", "Verified token cache lookups.", ["
 # Config reloads by result: ok, invalid.
 CONFIG_RELOADS = Counter("sidecar_config_reloads", "SIGHUP config reloads.", ["result"], registry=REGISTRY)
 # 1 while /readyz answers 200.
-READY = Gauge("sidecar_ready", "1 when ready to serve.", registry=REGISTRY)
+# With workers only the supervisor sets it (to 1 when every worker is ready).
+READY = Gauge("sidecar_ready", "1 when ready to serve.", registry=REGISTRY, multiprocess_mode="livemax")

@@ -1,0 +1,260 @@
+"""``workers: N``: one supervisor, N data-plane processes sharing the port with SO_REUSEPORT.
+
+The supervisor binds the port first (so ``listen: host:0`` still means one
+port), serves the admin listener, and starts each worker as the same CLI with
+``SIDECAR_WORKER_*`` in its environment. Each worker has its own event loop,
+upstream pools and secret cache; the kernel spreads new connections across
+them. Metrics from all processes are summed through prometheus_client's
+multiprocess mode. Signals go to the supervisor, which passes them on:
+
+    SIGTERM ─▶ not ready ─▶ SIGTERM to workers ─▶ they drain ─▶ exit 0
+    SIGHUP  ─▶ config validated here (errors logged) ─▶ SIGHUP to workers
+    a worker dies ─▶ restarted after a back-off (not while draining)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sidecar.config import Settings
+
+ENV_INDEX = "SIDECAR_WORKER_INDEX"
+ENV_PORT = "SIDECAR_WORKER_PORT"
+ENV_READY_FD = "SIDECAR_WORKER_READY_FD"
+ENV_METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"
+#: Longest wait before restarting a worker that keeps dying.
+MAX_RESTART_BACKOFF = 30.0
+
+log = logging.getLogger("sidecar.workers")
+
+
+@dataclass
+class WorkerRole:
+    """What a worker process knows about itself (from its environment)."""
+
+    index: int
+    port: int
+    ready_fd: int
+
+    @classmethod
+    def from_env(cls) -> WorkerRole | None:
+        if ENV_INDEX not in os.environ:
+            return None
+        return cls(int(os.environ[ENV_INDEX]), int(os.environ[ENV_PORT]), int(os.environ[ENV_READY_FD]))
+
+    def report_ready(self) -> None:
+        """Tell the supervisor this worker is ready (prefetch done)."""
+        try:
+            os.write(self.ready_fd, b"ready\n")
+            os.close(self.ready_fd)
+        except OSError:
+            pass
+
+
+def prepare_multiprocess_metrics() -> Path:
+    """Create the shared metrics folder; must run before prometheus_client is imported."""
+    folder = Path(tempfile.mkdtemp(prefix="sidecar-metrics-"))
+    os.environ[ENV_METRICS_DIR] = str(folder)
+    return folder
+
+
+class _Worker:
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.proc: asyncio.subprocess.Process | None = None
+        self.ready = False
+        self.restarts = 0
+
+
+class Supervisor:
+    """Starts, watches and signals the workers; serves /healthz, /readyz, /metrics."""
+
+    def __init__(self, settings: Settings, config_path: Path, metrics_dir: Path) -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self.metrics_dir = metrics_dir
+        self.workers = [_Worker(i) for i in range(settings.workers)]
+        self.draining = False
+        self.port = 0
+        self._placeholder: socket.socket | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def ready(self) -> bool:
+        return not self.draining and all(w.ready for w in self.workers)
+
+    def _reserve_port(self) -> None:
+        host, port = self.settings.listen.host, self.settings.listen.port
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        # Bound but not listening: it holds the port number for the workers and
+        # receives no connections (the kernel balances only over listening sockets).
+        self._placeholder = sock
+        self.port = sock.getsockname()[1]
+
+    async def _spawn(self, worker: _Worker) -> None:
+        read_fd, write_fd = os.pipe()
+        env = {
+            **os.environ,
+            ENV_INDEX: str(worker.index),
+            ENV_PORT: str(self.port),
+            ENV_READY_FD: str(write_fd),
+            ENV_METRICS_DIR: str(self.metrics_dir),
+        }
+        worker.ready = False
+        worker.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sidecar", "run", "--config", str(self.config_path),
+            env=env, pass_fds=(write_fd,),
+            # Own session: a terminal's Ctrl+C reaches the supervisor only, which then
+            # drains the workers once instead of each getting the signal twice.
+            start_new_session=True,
+        )
+        os.close(write_fd)
+        self._track(self._await_ready(worker, read_fd))
+        self._track(self._watch(worker, worker.proc))
+
+    def _track(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _await_ready(self, worker: _Worker, read_fd: int) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            data = await loop.run_in_executor(None, os.read, read_fd, 64)
+        finally:
+            os.close(read_fd)
+        if data.startswith(b"ready"):
+            worker.ready = True
+            self._publish_ready()
+            if self.ready():
+                log.info("all workers ready", extra={"workers": len(self.workers)})
+
+    def _publish_ready(self) -> None:
+        from sidecar import metrics
+
+        metrics.READY.set(1 if self.ready() else 0)
+
+    async def _watch(self, worker: _Worker, proc: asyncio.subprocess.Process) -> None:
+        code = await proc.wait()
+        worker.ready = False
+        self._publish_ready()
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(proc.pid, str(self.metrics_dir))  # type: ignore[no-untyped-call]
+        if self.draining:
+            return
+        worker.restarts += 1
+        delay = min(0.5 * 2 ** min(worker.restarts, 6), MAX_RESTART_BACKOFF)
+        log.error("worker exited; restarting", extra={"worker": worker.index, "code": code, "in_seconds": delay})
+        await asyncio.sleep(delay)
+        if not self.draining:
+            await self._spawn(worker)
+
+    def _signal_all(self, sig: int) -> None:
+        for worker in self.workers:
+            if worker.proc is not None and worker.proc.returncode is None:
+                try:
+                    worker.proc.send_signal(sig)
+                except ProcessLookupError:
+                    pass
+
+    async def run(self) -> int:
+        from aiohttp import web
+
+        from sidecar.admin import build_admin_app
+        from sidecar.config import load_settings
+        from sidecar.errors import ConfigError
+
+        s = self.settings
+        try:
+            self._reserve_port()
+        except OSError as exc:
+            log.error("cannot start: cannot listen: %s", exc.strerror or exc)
+            return 1
+        admin = web.AppRunner(build_admin_app(self.ready), access_log=None)
+        await admin.setup()
+        try:
+            await web.TCPSite(admin, s.admin_listen.host, s.admin_listen.port).start()
+        except OSError as exc:
+            log.error("cannot start: cannot listen: %s", exc.strerror or exc)
+            return 1
+        for worker in self.workers:
+            await self._spawn(worker)
+        admin_host, admin_port = admin.addresses[0][:2]
+        host = s.listen.host
+        log.info(
+            "listening",
+            extra={
+                "listen": f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}",
+                "admin_listen": f"{admin_host}:{admin_port}",
+                "workers": len(self.workers),
+                "upstreams": sorted(s.upstreams),
+            },
+        )
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+
+        def on_stop(signame: str) -> None:
+            if stop.is_set():
+                log.warning("second %s: stopping workers now", signame)
+                self._signal_all(signal.SIGKILL)
+                os._exit(1)
+            log.info("%s received", signame)
+            self.draining = True
+            self._publish_ready()
+            stop.set()
+
+        def on_hup() -> None:
+            try:
+                load_settings(self.config_path)
+            except ConfigError as exc:
+                log.error("config reload refused; the running config stays", extra={"problems": exc.problems})
+                return
+            self._signal_all(signal.SIGHUP)
+
+        loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
+        loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
+        await stop.wait()
+        self._signal_all(signal.SIGTERM)
+        deadline = time.monotonic() + s.shutdown_grace_seconds + 5
+        for worker in self.workers:
+            if worker.proc is None:
+                continue
+            try:
+                await asyncio.wait_for(worker.proc.wait(), max(0.1, deadline - time.monotonic()))
+            except TimeoutError:
+                worker.proc.kill()
+                await worker.proc.wait()
+        for task in list(self._tasks):
+            task.cancel()
+        await admin.cleanup()
+        if self._placeholder is not None:
+            self._placeholder.close()
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        log.info("stopped")
+        return 0
+
+
+def supervise(settings: Settings, config_path: Path) -> int:
+    """Blocking entry point of the supervisor process."""
+    from sidecar.access_log import configure_logging
+
+    metrics_dir = Path(os.environ[ENV_METRICS_DIR])
+    configure_logging(settings.log.level, settings.log.format)
+    return asyncio.run(Supervisor(settings, config_path, metrics_dir).run())

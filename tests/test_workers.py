@@ -1,0 +1,89 @@
+"""``workers: N``: several processes behind one port, one admin listener, summed metrics."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import requests
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.leaks import make_secret
+from tests.support.process import SidecarProcess
+from tests.support.upstream import EchoUpstream
+
+Start = Callable[..., SidecarProcess]
+
+
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def requests_total(sc: SidecarProcess) -> float:
+    text = requests.get(sc.admin_url + "/metrics", timeout=5).text
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "sidecar_requests_total":
+                total += s.value
+    return total
+
+
+def test_two_workers_share_the_port_and_the_metrics(start_sidecar: Start, tmp_path: Path, echo: EchoUpstream) -> None:
+    key = make_secret("workers")
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(yaml.safe_dump({"alice": key}), encoding="utf-8")
+    config = {
+        "workers": 2,
+        "shutdown_grace_seconds": 5,
+        "secrets": {"backend": "file", "file": {"path": str(keys)}},
+        "upstreams": {
+            "p": {"url": echo.url + "/echo", "secret": "{client_id}", "inject": {"query": "apiKey"}, "allow_private": True}
+        },
+    }
+    sc = start_sidecar(config)
+    assert sc.proc is not None
+    workers = children(sc.proc.pid)
+    assert len(workers) == 2
+
+    def call(_: int) -> int:
+        # A new connection each time, so the kernel spreads them over both workers.
+        return requests.get(sc.url + "/p/x", headers={"X-Client-Id": "alice", "Connection": "close"}, timeout=10).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(call, range(200))) == {200}
+    assert echo.last().query == f"apiKey={key}"
+    assert requests_total(sc) == 200  # summed over both processes
+    served_by = {line.get("pid") for line in sc.lines() if line.get("message") == "worker listening"}
+    assert len(served_by) == 2
+
+    # A worker that dies is replaced, and readiness comes back.
+    os.kill(workers[0], signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and not (
+        workers[0] not in children(sc.proc.pid) and len(children(sc.proc.pid)) == 2 and sc.readyz() == 200
+    ):
+        time.sleep(0.1)
+    assert sc.readyz() == 200
+    assert set(children(sc.proc.pid)) - set(workers)
+    assert call(0) == 200
+
+    # SIGHUP reaches the workers.
+    config["upstreams"]["q"] = {**config["upstreams"]["p"], "url": echo.url + "/echo/q"}
+    sc.write_config({**config, "listen": sc.url.split("//")[1], "admin_listen": sc.admin_url.split("//")[1]})
+    sc.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and sum(1 for line in sc.lines() if line.get("message") == "config reloaded") < 2:
+        time.sleep(0.1)
+    assert requests.get(sc.url + "/q/y", headers={"X-Client-Id": "alice"}, timeout=10).status_code == 200
+
+    current = children(sc.proc.pid)
+    assert sc.stop() == 0
+    for pid in current:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
