@@ -69,7 +69,9 @@ class CertificateAuthority:
         if ca_cert_out is not None:
             try:
                 ca_cert_out.parent.mkdir(parents=True, exist_ok=True)
-                ca_cert_out.write_bytes(self.cert_pem)
+                # SSL_CERT_FILE replaces the app's whole trust store: without the public
+                # roots next to ours, passthrough hosts would stop verifying.
+                ca_cert_out.write_bytes(self.cert_pem + b"\n" + system_roots())
             except OSError as exc:
                 raise MitmError(f"cannot write ca_cert_out {ca_cert_out}: {exc.strerror}") from None
         # One key for all leaves: minting a certificate is then a signature, not a keygen.
@@ -141,6 +143,23 @@ class CertificateAuthority:
 
     def close(self) -> None:
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def system_roots() -> bytes:
+    """The platform's CA bundle (empty when none is found)."""
+    paths = ssl.get_default_verify_paths()
+    for candidate in (paths.cafile, paths.openssl_cafile):
+        if candidate and os.path.isfile(candidate):
+            try:
+                return Path(candidate).read_bytes()
+            except OSError:
+                continue
+    try:
+        import certifi  # type: ignore[import-not-found, unused-ignore]
+
+        return Path(certifi.where()).read_bytes()
+    except (ImportError, OSError):
+        return b""
 
 
 def _generate_ca() -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:

@@ -138,6 +138,10 @@ def test_mitm_lets_https_proxy_clients_work_unchanged(
 ) -> None:
     sc = start_sidecar(config(tmp_path, tls, echo, key))
     ca = str(tmp_path / "mitm-ca.pem")
+    # Our CA first, then the platform's roots: SSL_CERT_FILE replaces the app's trust store.
+    bundle = Path(ca).read_text()
+    assert bundle.startswith("-----BEGIN CERTIFICATE-----")
+    assert bundle.count("BEGIN CERTIFICATE") > 10
     resp = requests.get(
         f"https://localhost:{tls.port}/v2/x?y=1",
         proxies={"https": sc.url},
