@@ -1,0 +1,169 @@
+"""JWT identity through the real CLI: agent and user tokens, scopes, refusals, key rotation."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import yaml
+
+from tests.support.idp import IdentityProvider, hs256_token, make_key, unsigned_token
+from tests.support.leaks import make_secret
+from tests.support.process import SidecarProcess
+from tests.support.upstream import EchoUpstream
+
+Start = Callable[..., SidecarProcess]
+
+
+class ThreadedIdP:
+    """The test identity provider on its own loop, so blocking test code cannot stall it."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.idp = IdentityProvider(issuer_path="/realms/corp")
+        ready = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.loop.run_until_complete(self.idp.start())
+            ready.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        assert ready.wait(10)
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.idp.stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture
+def idp() -> Iterator[IdentityProvider]:
+    threaded = ThreadedIdP()
+    yield threaded.idp
+    threaded.close()
+
+
+@pytest.fixture
+def keys() -> dict[str, str]:
+    return {
+        "reporting-agent": make_secret("jwt-agent"),
+        "kc-agent": make_secret("jwt-kc"),
+        "alice@example.com": make_secret("jwt-user"),
+    }
+
+
+@pytest.fixture
+def sidecar(start_sidecar: Start, tmp_path: Path, idp: IdentityProvider, echo: EchoUpstream, keys: dict[str, str]) -> SidecarProcess:
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text(yaml.safe_dump({f"mcp/polygon/{k}": v for k, v in keys.items()}), encoding="utf-8")
+    upstream = {
+        "url": echo.url + "/echo",
+        "secret": "mcp/polygon/{client_id}",
+        "inject": {"query": "apiKey"},
+        "allow_private": True,
+    }
+    return start_sidecar(
+        {
+            "identity": {
+                "jwt": {
+                    "issuer": idp.issuer,  # keys found through OIDC discovery
+                    "algorithms": ["RS256"],
+                    "client_id_claims": ["client_id", "azp", "email", "sub"],
+                    "jwks_cooldown_seconds": 1,
+                }
+            },
+            "secrets": {"backend": "file", "file": {"path": str(keys_file)}},
+            "upstreams": {
+                "polygon": upstream,
+                "reports": {**upstream, "url": echo.url + "/echo/reports", "scopes": ["reports.read", "analysts"]},
+            },
+        }
+    )
+
+
+def call(sc: SidecarProcess, path: str, token: str | None, **headers: str) -> requests.Response:
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    return requests.get(sc.url + path, headers=headers, timeout=10)
+
+
+def test_agent_tokens_cognito_and_keycloak(sidecar: SidecarProcess, idp: IdentityProvider, echo: EchoUpstream, keys: dict[str, str]) -> None:
+    # Cognito client-credentials access token: the app client in client_id, no aud.
+    cognito = idp.mint(client_id="reporting-agent", token_use="access", scope="reports.read", sub="reporting-agent")
+    resp = call(sidecar, "/polygon/v2/x", cognito)
+    assert resp.status_code == 200
+    got = echo.last()
+    assert got.query == f"apiKey={keys['reporting-agent']}"
+    assert "authorization" not in got.header_names()  # the token carried identity: it stays here
+    # Keycloak service account: the client in azp.
+    keycloak = idp.mint(azp="kc-agent", sub="service-account-kc-agent", aud="account")
+    assert call(sidecar, "/polygon/v2/x", keycloak).status_code == 200
+    assert echo.last().query == f"apiKey={keys['kc-agent']}"
+
+
+def test_user_token_keys_on_the_user(sidecar: SidecarProcess, idp: IdentityProvider, echo: EchoUpstream, keys: dict[str, str]) -> None:
+    user = idp.mint(sub="5f0c-user-uuid", email="alice@example.com", scope="openid profile")
+    assert call(sidecar, "/polygon/x", user).status_code == 200
+    assert echo.last().query == f"apiKey={keys['alice@example.com']}"
+    line = sidecar.wait_for_line(lambda line: line.get("event") == "request" and line.get("identity") == "jwt")
+    assert line["client_id"] == "alice@example.com"
+
+
+def test_scopes_and_groups_gate_an_upstream(sidecar: SidecarProcess, idp: IdentityProvider, echo: EchoUpstream) -> None:
+    with_scope = idp.mint(client_id="reporting-agent", scope="reports.read")
+    assert call(sidecar, "/reports/q", with_scope).status_code == 200
+    with_group = idp.mint(email="alice@example.com", **{"cognito:groups": ["analysts"]})
+    assert call(sidecar, "/reports/q", with_group).status_code == 200
+    without = idp.mint(client_id="reporting-agent", scope="other")
+    resp = call(sidecar, "/reports/q", without)
+    assert resp.status_code == 403 and resp.headers["X-Sidecar-Error"] == "client_not_allowed"
+
+
+def test_forwarded_header_is_not_trusted_in_jwt_mode(sidecar: SidecarProcess, idp: IdentityProvider, echo: EchoUpstream, keys: dict[str, str]) -> None:
+    token = idp.mint(client_id="reporting-agent")
+    resp = call(sidecar, "/polygon/x", token, **{"X-Client-Id": "kc-agent"})
+    assert resp.status_code == 200
+    assert echo.last().query == f"apiKey={keys['reporting-agent']}"
+    assert "x-client-id" not in echo.last().header_names()
+    resp = call(sidecar, "/polygon/x", None, **{"X-Client-Id": "kc-agent"})
+    assert resp.status_code == 401 and resp.headers["X-Sidecar-Error"] == "invalid_token"
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda idp: idp.mint(client_id="reporting-agent", exp=1_000_000),  # expired
+        lambda idp: idp.mint(client_id="reporting-agent", nbf=4_000_000_000),  # not yet valid
+        lambda idp: idp.mint(client_id="reporting-agent", iss="https://evil.example/"),
+        lambda idp: unsigned_token(idp.claims(client_id="reporting-agent"), {"alg": "none"}),
+        lambda idp: hs256_token(idp.claims(client_id="reporting-agent"), idp.keys[0].public_pem, {"kid": idp.keys[0].kid}),
+        lambda idp: idp.mint(key=make_key("stranger"), client_id="reporting-agent"),
+        lambda idp: "not.a.token",
+        lambda idp: "",
+    ],
+    ids=["expired", "not-yet-valid", "wrong-issuer", "alg-none", "hs256-with-public-key", "unknown-key", "garbage", "empty"],
+)
+def test_bad_tokens_are_401(sidecar: SidecarProcess, idp: IdentityProvider, echo: EchoUpstream, make: Any) -> None:
+    resp = call(sidecar, "/polygon/x", make(idp))
+    assert resp.status_code == 401
+    assert resp.headers["X-Sidecar-Error"] == "invalid_token"
+    assert echo.received == []
+
+
+def test_key_rotation_at_the_identity_provider(sidecar: SidecarProcess, idp: IdentityProvider, echo: EchoUpstream) -> None:
+    assert call(sidecar, "/polygon/x", idp.mint(client_id="reporting-agent")).status_code == 200
+    new = make_key("key-2")
+    idp.rotate(new)
+    time.sleep(1.1)  # past jwks_cooldown_seconds since the fetch at start
+    # A token with the new kid makes the sidecar refetch the JWKS once.
+    assert call(sidecar, "/polygon/x", idp.mint(key=new, client_id="reporting-agent")).status_code == 200
