@@ -556,6 +556,33 @@ def phase_https(b: Bench) -> None:
     b.results["https"] = {t: {str(c): median_of(rs) for c, rs in by_c.items()} for t, by_c in runs.items()}
 
 
+def phase_floors(b: Bench) -> None:
+    """aiohttp's own floor: a bare low-level server, and a bare server + pooled client passthrough."""
+    for mode in ("server", "passthrough"):
+        name = f"aiohttp-{mode}"
+        child = b.children.start(name, [PY, str(HERE / "support" / "floors.py"), mode, "--port", str(b.port(name)),
+                                        "--upstream", f"http://127.0.0.1:{b.port('upstream')}"])
+        b.procs[name] = child
+        wait_until(lambda child=child: "ready" in child.log.read_text(), child, "ready", 20)
+    targets = {
+        "aiohttp-server": (f"http://127.0.0.1:{b.port('aiohttp-server')}{QUERY_PATH}", []),
+        "aiohttp-passthrough": (f"http://127.0.0.1:{b.port('aiohttp-passthrough')}{QUERY_PATH}&apiKey={API_KEY}",
+                                []),
+        "sidecar": target_request(b, "sidecar")[:2],
+    }
+    runs: dict[str, dict[int, list[dict[str, float]]]] = defaultdict(lambda: defaultdict(list))
+    for rep in range(b.args.repeat):
+        for c in (16, 64):
+            for name, (url, headers) in targets.items():
+                r = run_wrk(url, c, b.args.duration, headers, [b.procs[name].pid])
+                runs[name][c].append(r)
+                print(f"  floors rep={rep + 1} c={c:<3} {name:<20} {r['rps']:>8.0f} rps "
+                      f"cpu={r['cpu_us_per_req']:.0f}us/req", flush=True)
+    b.results["floors"] = {t: {str(c): median_of(rs) for c, rs in by_c.items()} for t, by_c in runs.items()}
+    for name in ("aiohttp-server", "aiohttp-passthrough"):
+        b.children.stop(b.procs.pop(name))
+
+
 class RssSampler:
     """Samples a process's VmRSS every 50 ms in a thread until stopped."""
 
@@ -950,6 +977,21 @@ def report(b: Bench) -> tuple[str, list[tuple[str, str, str]]]:
         limit = cold["store_latency_ms"] + 10
         checks.append((f"cold p99 ≤ store latency + 10 ms ({limit:.0f} ms)", f"{p99:.1f} ms (median of runs)",
                        verdict(p99 <= limit)))
+    floors = r.get("floors")
+    if floors:
+        lines += ["", "### Where the CPU goes without a profiler: aiohttp's own floor (same run, wrk, median)", "",
+                  "| server | c | req/s | CPU µs/req | of which sys |", "|---|---:|---:|---:|---:|"]
+        for name in ("aiohttp-server", "aiohttp-passthrough", "sidecar"):
+            for c, m in floors.get(name, {}).items():
+                lines.append(f"| {name} | {c} | {m['rps']:.0f} | {m['cpu_us_per_req']:.1f} | "
+                             f"{m.get('cpu_sys_share', 0) * 100:.0f}% |")
+        for c in ("16", "64"):
+            srv, thru, sc = (floors.get(n, {}).get(c) for n in ("aiohttp-server", "aiohttp-passthrough", "sidecar"))
+            if srv and thru and sc:
+                lines.append(f"\nc={c}: aiohttp server {srv['cpu_us_per_req']:.0f} µs + aiohttp client and "
+                             f"streaming {thru['cpu_us_per_req'] - srv['cpu_us_per_req']:.0f} µs + the sidecar's own "
+                             f"code, logging and metrics {sc['cpu_us_per_req'] - thru['cpu_us_per_req']:.0f} µs "
+                             f"= {sc['cpu_us_per_req']:.0f} µs per request.")
     prof = r.get("profile")
     if prof:
         lines += ["", f"### py-spy profile of the sidecar at c=16 ({prof['samples']} samples, "
@@ -1015,8 +1057,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--https-concurrency", type=int, nargs="+", default=[1, 16])
     p.add_argument("--stream-mib", type=int, help="MiB streamed each way (default 1024; smoke 20)")
     p.add_argument("--burst", type=int, default=500, help="simultaneous cold requests (default 500)")
-    p.add_argument("--phases", nargs="+", default=["load", "https", "stream", "cold"],
-                   choices=["load", "https", "stream", "cold"])
+    p.add_argument("--phases", nargs="+", default=["load", "https", "stream", "cold", "floors"],
+                   choices=["load", "https", "stream", "cold", "floors"])
     p.add_argument("--profile", type=int, default=0, help="py-spy the sidecar at c=16 for N seconds (0: off)")
     p.add_argument("--profile-native", action="store_true", help="py-spy --native (C frames too)")
     p.add_argument("--profile-nonblocking", action="store_true",
@@ -1045,14 +1087,16 @@ def main(argv: list[str] | None = None) -> int:
     b.results["machine"] = machine()
     b.results["command"] = " ".join([Path(PY).name, "bench/run.py", *(argv if argv is not None else sys.argv[1:])])
     b.results["date"] = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    print(f"bench: temp dir {tmp}; machine {b.results['machine']}", flush=True)
+    b.results["loadavg_start"] = Path("/proc/loadavg").read_text().strip()
+    print(f"bench: temp dir {tmp}; machine {b.results['machine']}; loadavg {b.results['loadavg_start']}", flush=True)
     try:
         setup(b)
         print(f"  setup done in {time.monotonic() - started:.1f}s; idle RSS "
               + ", ".join(f"{k}={_mb(v)}MiB" for k, v in b.results["rss_idle"].items()), flush=True)
         for phase in args.phases:
             t0 = time.monotonic()
-            {"load": phase_load, "https": phase_https, "stream": phase_stream, "cold": phase_cold}[phase](b)
+            {"load": phase_load, "https": phase_https, "stream": phase_stream, "cold": phase_cold,
+             "floors": phase_floors}[phase](b)
             print(f"  phase {phase} done in {time.monotonic() - t0:.1f}s", flush=True)
         if args.profile:
             phase_profile(b)
@@ -1064,11 +1108,13 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep_tmp:
             shutil.rmtree(tmp, ignore_errors=True)
     b.results["elapsed_seconds"] = round(time.monotonic() - started, 1)
+    b.results["loadavg_end"] = Path("/proc/loadavg").read_text().strip()
     text, _checks = report(b)
     print()
     print(text)
     print()
-    print(f"bench: done in {b.results['elapsed_seconds']}s")
+    print(f"bench: done in {b.results['elapsed_seconds']}s; loadavg at start {b.results['loadavg_start']}, "
+          f"at end {b.results['loadavg_end']} (other work on the machine skews every number)")
     if args.json:
         Path(args.json).write_text(json.dumps(b.results, indent=2, default=str))
     if args.markdown:
