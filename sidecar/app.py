@@ -41,7 +41,8 @@ log = logging.getLogger("sidecar.app")
 #: Longest wait between prefetch attempts while the store is failing.
 PREFETCH_MAX_BACKOFF = 30.0
 #: Largest request line or header the data plane accepts (aiohttp default is 8190).
-MAX_HEADER_BYTES = 16 * 1024
+#: Entra ID tokens with many groups run past 8 KiB; tokens.py refuses those over 16 KiB.
+MAX_HEADER_BYTES = 32 * 1024
 
 
 class StartupError(Exception):

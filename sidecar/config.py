@@ -533,6 +533,8 @@ class _Reader:
         if default_id is not None and not CLIENT_ID_PATTERN.fullmatch(default_id):
             self.fail(f"{path}.default_client_id", f"does not match {CLIENT_ID_PATTERN.pattern}")
         jwt = self.jwt(m["jwt"]) if m.get("jwt") is not None else None
+        if jwt is not None and default_id is not None:
+            self.fail(f"{path}.default_client_id", "has no effect with identity.jwt (every caller needs a token)")
         return IdentitySettings(header=header, default_client_id=default_id, jwt=jwt)
 
     def jwt(self, raw: Any) -> JwtSettings:
@@ -553,8 +555,10 @@ class _Reader:
             self.fail(f"{path}.header", "is not a valid HTTP header name")
         jwks_url = self.string(m, "jwks_url", path, None)
         issuer = self.string(m, "issuer", path, None)
-        if not jwks_url and not issuer:
-            self.fail(path, "needs jwks_url or issuer (for OIDC discovery)")
+        if not issuer:
+            # The iss claim is always checked: without it any issuer whose keys happen to
+            # be in the JWKS could mint identities. jwks_url alone is not enough.
+            self.fail(f"{path}.issuer", "is required (the token's iss claim is always checked)")
         for key, value in (("jwks_url", jwks_url), ("issuer", issuer)):
             if value and urlsplit(value).scheme not in ("http", "https"):
                 self.fail(f"{path}.{key}", "expected an http:// or https:// URL")

@@ -22,11 +22,14 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 
 from sidecar import metrics
 from sidecar.config import normalize_host
 from sidecar.errors import BadRequest, DestinationNotAllowed, SidecarError, UpstreamTimeout, UpstreamUnreachable
 from sidecar.policy import is_forbidden_address
+from sidecar.proxy import error_response
 
 if TYPE_CHECKING:
     from sidecar.mitm import CertificateAuthority
@@ -68,6 +71,48 @@ def parse_authority(target: str) -> tuple[str, int]:
     if normal is None:
         raise BadRequest("CONNECT names an invalid host.", reason="bad_authority")
     return normal, int(port)
+
+
+class _RequestHandler(RequestHandler):
+    """aiohttp's connection handler, with the contract's JSON error for requests it cannot parse.
+
+    aiohttp answers a malformed request (bad framing, a header over the size limit)
+    with a text body that quotes the offending line, which may hold a token.
+    """
+
+    front: Front
+
+    def handle_error(
+        self, request: BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started")
+        err: SidecarError = (
+            BadRequest(reason="malformed") if 400 <= status < 500 else SidecarError(reason="internal_error")
+        )
+        metrics.DENIED.labels(err.code).inc()
+        metrics.REQUESTS.labels("-", str(err.status)).inc()
+        self.front.plane.access_log.line(
+            method="-", path="-", mode="route", upstream="-", status=err.status, elapsed=0.0,
+            error=err.code, reason=type(exc).__name__ if exc is not None else err.reason,
+        )
+        response = error_response(err)
+        response.force_close()
+        return response
+
+
+class _Server(web.Server):
+    """Makes ``_RequestHandler``s (aiohttp's Server is the protocol factory)."""
+
+    def __init__(self, front: Front, handler: Any, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.front = front
+        self.handler_kwargs = kwargs
+
+    def __call__(self) -> RequestHandler:
+        handler = _RequestHandler(self, loop=asyncio.get_running_loop(), **self.handler_kwargs)
+        handler.front = self.front
+        return handler
 
 
 class _Sniffer(asyncio.Protocol):
@@ -186,7 +231,7 @@ class Front:
     ) -> None:
         self.plane = plane
         self.server_kwargs = http_server_kwargs
-        self.http = web.Server(plane.handle, **http_server_kwargs)  # type: ignore[arg-type]
+        self.http = _Server(self, plane.handle, **http_server_kwargs)
         self.authority = authority
         self._intercept_servers: dict[tuple[str, int], web.Server] = {}
         self._tunnels: set[_Tunnel] = set()
@@ -335,7 +380,7 @@ class Front:
             async def handle(request: web.BaseRequest) -> web.StreamResponse:
                 return await self.plane.handle(request, origin)
 
-            server = web.Server(handle, **self.server_kwargs)  # type: ignore[arg-type]
+            server = _Server(self, handle, **self.server_kwargs)
             self._intercept_servers[origin] = server
         handler = server()
         client.write(b"HTTP/1.1 200 Connection established\r\n\r\n")

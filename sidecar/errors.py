@@ -38,6 +38,8 @@ class SidecarError(Exception):
     def __init__(self, message: str | None = None, *, reason: str | None = None) -> None:
         self.message = message or self.default_message
         self.reason = reason or self.code
+        #: the secret cache's outcome when the error came from a lookup (hit/miss/negative/...)
+        self.lookup: str | None = None
         super().__init__(self.message)
 
     def body(self) -> bytes:

@@ -97,7 +97,12 @@ def claim_strings(claims: Mapping[str, object], *names: str) -> frozenset[str]:
     """Collect string values (space-separated or list) of the named claims."""
     out: set[str] = set()
     for name in names:
-        value = claims.get(name)
+        value: object = claims.get(name)
+        if value is None and "." in name:
+            # A nested claim such as Keycloak's realm_access.roles.
+            value = claims
+            for part in name.split("."):
+                value = value.get(part) if isinstance(value, Mapping) else None
         if isinstance(value, str):
             out.update(value.split())
         elif isinstance(value, list):

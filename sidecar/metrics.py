@@ -54,7 +54,7 @@ SECRET_FETCH_DURATION = Histogram(
     buckets=_LATENCY_BUCKETS,
     registry=REGISTRY,
 )
-# Store failures by kind: not_found, access_denied, throttled, timeout, unavailable, invalid.
+# Store failures by kind: access_denied, auth, throttled, timeout, unreachable, unavailable, invalid, config.
 SECRET_STORE_ERRORS = Counter(
     "sidecar_secret_store_errors", "Secret store failures by kind.", ["backend", "kind"], registry=REGISTRY
 )

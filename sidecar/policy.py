@@ -30,6 +30,8 @@ def is_forbidden_address(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) ->
             return True
         if addr in _NAT64:
             return is_forbidden_address(ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF))
+    if isinstance(addr, ipaddress.IPv6Address) and addr.is_site_local:
+        return True
     return not addr.is_global or addr.is_multicast or any(addr in net for net in _ALSO_FORBIDDEN)
 
 
@@ -38,6 +40,9 @@ _ALSO_FORBIDDEN = (
     ipaddress.IPv4Network("100.64.0.0/10"),  # shared address space (CGNAT)
     ipaddress.IPv4Network("0.0.0.0/8"),
     ipaddress.IPv6Network("fd00:ec2::/32"),  # EC2 IMDS over IPv6 lives in ULA space
+    ipaddress.IPv6Network("::/96"),  # IPv4-compatible (::127.0.0.1), deprecated but still routed by some stacks
+    ipaddress.IPv6Network("64:ff9b:1::/48"),  # local-use NAT64 (RFC 8215)
+    ipaddress.IPv6Network("fec0::/10"),  # site-local, deprecated
 )
 
 

@@ -239,8 +239,8 @@ class DataPlane:
         secret_id = settings.secret.format(client_id=identity.client_id, upstream=upstream.name)
         try:
             secret, rec.cache = await rt.cache.get(secret_id, settings.secret_field)
-        except NoCredential:
-            rec.cache = "negative"
+        except NoCredential as err:
+            rec.cache = err.lookup or "negative"
             raise
         except SecretStoreUnavailable:
             rec.cache = "error"

@@ -65,8 +65,9 @@ MAX_KID_LENGTH: Final = 256
 MAX_DOCUMENT_BYTES: Final = 1024 * 1024
 # RSA keys shorter than this are not accepted from a JWKS (NIST SP 800-131A).
 MIN_RSA_KEY_BITS: Final = 2048
-# Claims whose values become Identity.scopes (OAuth scopes and IdP groups).
-SCOPE_CLAIMS: Final = ("scope", "scp", "cognito:groups", "groups")
+# Claims whose values become Identity.scopes: OAuth scopes (scope, scp), groups
+# (Cognito, Okta, Entra ID) and roles (Entra ID app roles, Keycloak realm roles).
+SCOPE_CLAIMS: Final = ("scope", "scp", "cognito:groups", "groups", "roles", "realm_access.roles")
 DISCOVERY_PATH: Final = "/.well-known/openid-configuration"
 USER_AGENT: Final = "mcp-credential-sidecar"
 

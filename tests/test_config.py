@@ -93,7 +93,7 @@ def test_defaults_equal_the_contract(tmp_path: Path, keys_file: Path) -> None:
 
 
 def test_jwt_defaults_equal_the_contract(tmp_path: Path, keys_file: Path) -> None:
-    raw = config(keys_file, identity={"jwt": {"jwks_url": "https://idp.example.com/jwks.json"}})
+    raw = config(keys_file, identity={"jwt": {"jwks_url": "https://idp.example.com/jwks.json", "issuer": "https://idp.example.com"}})
     jwt = parse(raw, tmp_path).identity.jwt
     assert jwt is not None
     assert jwt.header == "Authorization"
@@ -238,7 +238,7 @@ def test_upstream_name_must_be_a_path_segment(tmp_path: Path, keys_file: Path) -
             "secrets.cache.ttl_second: unknown key (did you mean ttl_seconds?)",
         ),
         (
-            lambda r: r.update(identity={"jwt": {"jwks_url": "https://i.example/jwks", "algorithm": ["RS256"]}}),
+            lambda r: r.update(identity={"jwt": {"jwks_url": "https://i.example/jwks", "issuer": "https://i.example", "algorithm": ["RS256"]}}),
             "identity.jwt.algorithm: unknown key (did you mean algorithms?)",
         ),
         (lambda r: r.update(zzzz=1), "zzzz: unknown key"),
@@ -599,19 +599,19 @@ def test_inject_rule_problems(inject: Any, expected: str, tmp_path: Path, keys_f
 
 @pytest.mark.parametrize("alg", ["none", "None", "NONE", "HS256", "HS384", "HS512", "hs256"])
 def test_none_and_hmac_algorithms_are_refused(alg: str, tmp_path: Path, keys_file: Path) -> None:
-    raw = config(keys_file, identity={"jwt": {"jwks_url": "https://idp.example/jwks", "algorithms": ["RS256", alg]}})
+    raw = config(keys_file, identity={"jwt": {"jwks_url": "https://idp.example/jwks", "issuer": "https://idp.example", "algorithms": ["RS256", alg]}})
     assert one_problem(raw, tmp_path) == (
         f"identity.jwt.algorithms[1]: {alg} is refused: only asymmetric algorithms are allowed"
     )
 
 
 def test_unknown_algorithm_is_refused(tmp_path: Path, keys_file: Path) -> None:
-    raw = config(keys_file, identity={"jwt": {"jwks_url": "https://idp.example/jwks", "algorithms": ["RS999"]}})
+    raw = config(keys_file, identity={"jwt": {"jwks_url": "https://idp.example/jwks", "issuer": "https://idp.example", "algorithms": ["RS999"]}})
     assert problems(raw, tmp_path)[0].startswith("identity.jwt.algorithms[0]: expected one of ES256, ")
 
 
 def test_empty_algorithm_list_is_refused(tmp_path: Path, keys_file: Path) -> None:
-    raw = config(keys_file, identity={"jwt": {"jwks_url": "https://idp.example/jwks", "algorithms": []}})
+    raw = config(keys_file, identity={"jwt": {"jwks_url": "https://idp.example/jwks", "issuer": "https://idp.example", "algorithms": []}})
     assert one_problem(raw, tmp_path) == "identity.jwt.algorithms: needs at least one algorithm"
 
 
@@ -623,9 +623,18 @@ def test_asymmetric_algorithms_are_accepted(tmp_path: Path, keys_file: Path) -> 
     assert jwt.algorithms == tuple(algs)
 
 
+def test_default_client_id_is_refused_in_jwt_mode(tmp_path: Path, keys_file: Path) -> None:
+    raw = config(
+        keys_file, identity={"default_client_id": "dev", "jwt": {"issuer": "https://idp.example"}}
+    )
+    assert one_problem(raw, tmp_path) == (
+        "identity.default_client_id: has no effect with identity.jwt (every caller needs a token)"
+    )
+
+
 def test_jwt_needs_a_key_source(tmp_path: Path, keys_file: Path) -> None:
     raw = config(keys_file, identity={"jwt": {"audience": "api"}})
-    assert one_problem(raw, tmp_path) == "identity.jwt: needs jwks_url or issuer (for OIDC discovery)"
+    assert one_problem(raw, tmp_path) == "identity.jwt.issuer: is required (the token's iss claim is always checked)"
 
 
 # ------------------------------------------------------------------ client IDs

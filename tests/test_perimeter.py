@@ -354,6 +354,9 @@ GUARD_TABLE = [
     ("teredo.test", ["2001::1"], None),
     ("multicast.test", ["224.0.0.1"], None),
     ("unspecified.test", ["0.0.0.0"], None),
+    ("compat.test", ["::127.0.0.1"], None),
+    ("sitelocal.test", ["fec0::1"], None),
+    ("nat64local.test", ["64:ff9b:1::a00:1"], None),
     ("public6.test", ["2606:4700:4700::1111"], ["2606:4700:4700::1111"]),
 ]
 

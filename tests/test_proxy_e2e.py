@@ -356,3 +356,16 @@ def test_default_client_id(start_sidecar: Start, tmp_path: Path, echo: EchoUpstr
     )
     assert get(sc, "/p/x", client=None).status_code == 200
     assert echo.last().query == f"apiKey={key}"
+
+
+def test_unparseable_requests_get_the_contract_error_without_echo(sidecar: SidecarProcess, echo: EchoUpstream) -> None:
+    token = "eyJ" + "t" * 40000
+    out = raw_request(sidecar, f"GET /polygon/x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
+    assert out.split(b" ")[1] == b"400"
+    assert b"X-Sidecar-Error: bad_request" in out
+    assert b"ttttttttttttttttt" not in out  # aiohttp's own error page would quote the header
+    out = raw_request(
+        sidecar, b"POST /polygon/x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    )
+    assert out.split(b" ")[1] == b"400" and b'"error": "bad_request"' in out
+    assert echo.received == []

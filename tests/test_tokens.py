@@ -732,14 +732,11 @@ async def test_build_identity_resolver_picks_jwt_mode(idp: IdentityProvider) -> 
         await resolver.close()
 
 
-async def test_jwks_url_without_issuer_is_announced(
-    idp: IdentityProvider, make_resolver: MakeResolver, caplog: pytest.LogCaptureFixture
-) -> None:
-    with caplog.at_level(logging.WARNING, "sidecar.tokens"):
-        resolver = make_resolver(issuer=None)
-    assert "iss claim of tokens is not checked" in caplog.text
-    token = idp.mint(client_id="a", iss="https://anyone.example")
-    assert (await resolver.resolve(bearer(token))).client_id == "a"
+def test_jwks_url_without_issuer_is_refused_by_config(idp: IdentityProvider) -> None:
+    # iss is always checked, so a config that names no issuer cannot load.
+    with pytest.raises(ConfigError) as err:
+        parse_settings({"secrets": {"backend": "aws"}, "identity": {"jwt": {"jwks_url": idp.jwks_url}}})
+    assert "identity.jwt.issuer: is required" in str(err.value)
 
 
 async def test_logs_never_contain_tokens(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -61,7 +62,8 @@ class AwsBackend:
             user_agent_extra="mcp-credential-sidecar",
         )
         session = boto3.session.Session()
-        region = s.region or session.region_name
+        # botocore reads AWS_DEFAULT_REGION; EKS and many tools set AWS_REGION.
+        region = s.region or session.region_name or os.environ.get("AWS_REGION")
         if not region:
             raise StoreError("config", "no region: set secrets.aws.region or AWS_REGION")
         return session.client(

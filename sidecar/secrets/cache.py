@@ -47,6 +47,13 @@ _NEGATIVE = metrics.SECRET_LOOKUPS.labels("negative")
 _ERROR = metrics.SECRET_LOOKUPS.labels("error")
 
 
+def _no_credential(reason: str, lookup: str) -> NoCredential:
+    """The refusal, carrying the cache outcome for the access log (same word as the metric)."""
+    err = NoCredential(reason=reason)
+    err.lookup = lookup
+    return err
+
+
 @dataclass(slots=True)
 class _Entry:
     secret: Secret | None  # None: the store said there is no such secret
@@ -86,7 +93,7 @@ class SecretCache:
             self._entries.move_to_end(key)
             if entry.secret is None:
                 _NEGATIVE.inc()
-                raise NoCredential(reason=entry.reason)
+                raise _no_credential(entry.reason, "negative")
             if entry.stale:
                 _STALE.inc()
                 return entry.secret, "stale"
@@ -99,7 +106,7 @@ class SecretCache:
             raise
         if entry.secret is None:
             _MISS.inc()
-            raise NoCredential(reason=entry.reason)
+            raise _no_credential(entry.reason, "miss")
         if entry.stale:
             _STALE.inc()
             return entry.secret, "stale"
