@@ -98,8 +98,13 @@ class Sidecar:
         if mitm.enabled:
             from sidecar.mitm import CertificateAuthority, MitmError
 
+            ca_cert, ca_key, ca_out = mitm.ca_cert, mitm.ca_key, mitm.ca_cert_out
+            if self.worker is not None:
+                ca_out = None  # the supervisor wrote it
+                if self.worker.ca is not None:
+                    ca_cert, ca_key = self.worker.ca
             try:
-                self._authority = CertificateAuthority(mitm.ca_cert, mitm.ca_key, mitm.ca_cert_out)
+                self._authority = CertificateAuthority(ca_cert, ca_key, ca_out)
             except MitmError as exc:
                 raise StartupError(f"forward_proxy.mitm: {exc}") from None
         parts = await self._build(self.settings, None)

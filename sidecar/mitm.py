@@ -141,6 +141,20 @@ class CertificateAuthority:
         log.info("minted interception certificate", extra={"host": host})
         return context, not_after
 
+    def export(self) -> tuple[Path, Path]:
+        """Write the CA certificate and key into the private folder (for worker processes)."""
+        cert_path = self._dir / "ca.pem"
+        key_path = self._dir / "ca.key"
+        cert_path.write_bytes(self.cert_pem)
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(
+                self.key.private_bytes(
+                    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+                )
+            )
+        return cert_path, key_path
+
     def close(self) -> None:
         shutil.rmtree(self._dir, ignore_errors=True)
 

@@ -26,14 +26,19 @@ import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sidecar.config import Settings
+
+if TYPE_CHECKING:
+    from sidecar.mitm import CertificateAuthority
 
 ENV_INDEX = "SIDECAR_WORKER_INDEX"
 ENV_PORT = "SIDECAR_WORKER_PORT"
 ENV_READY_FD = "SIDECAR_WORKER_READY_FD"
 ENV_METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"
+ENV_CA_CERT = "SIDECAR_WORKER_CA_CERT"
+ENV_CA_KEY = "SIDECAR_WORKER_CA_KEY"
 #: Longest wait before restarting a worker that keeps dying.
 MAX_RESTART_BACKOFF = 30.0
 
@@ -47,12 +52,15 @@ class WorkerRole:
     index: int
     port: int
     ready_fd: int
+    #: the supervisor's interception CA, when it generated one (all workers must sign with it)
+    ca: tuple[Path, Path] | None = None
 
     @classmethod
     def from_env(cls) -> WorkerRole | None:
         if ENV_INDEX not in os.environ:
             return None
-        return cls(int(os.environ[ENV_INDEX]), int(os.environ[ENV_PORT]), int(os.environ[ENV_READY_FD]))
+        ca = (Path(os.environ[ENV_CA_CERT]), Path(os.environ[ENV_CA_KEY])) if ENV_CA_CERT in os.environ else None
+        return cls(int(os.environ[ENV_INDEX]), int(os.environ[ENV_PORT]), int(os.environ[ENV_READY_FD]), ca)
 
     def report_ready(self) -> None:
         """Tell the supervisor this worker is ready (prefetch done)."""
@@ -76,6 +84,7 @@ class _Worker:
         self.proc: asyncio.subprocess.Process | None = None
         self.ready = False
         self.restarts = 0
+        self.started_once = False
 
 
 class Supervisor:
@@ -90,6 +99,10 @@ class Supervisor:
         self.port = 0
         self._placeholder: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._ca_env: dict[str, str] = {}
+        self._authority: CertificateAuthority | None = None
+        self.failed = False
+        self._stop = asyncio.Event()
 
     def ready(self) -> bool:
         return not self.draining and all(w.ready for w in self.workers)
@@ -114,6 +127,7 @@ class Supervisor:
             ENV_PORT: str(self.port),
             ENV_READY_FD: str(write_fd),
             ENV_METRICS_DIR: str(self.metrics_dir),
+            **self._ca_env,
         }
         worker.ready = False
         worker.proc = await asyncio.create_subprocess_exec(
@@ -140,6 +154,7 @@ class Supervisor:
             os.close(read_fd)
         if data.startswith(b"ready"):
             worker.ready = True
+            worker.started_once = True
             self._publish_ready()
             if self.ready():
                 log.info("all workers ready", extra={"workers": len(self.workers)})
@@ -157,6 +172,14 @@ class Supervisor:
 
         multiprocess.mark_process_dead(proc.pid, str(self.metrics_dir))  # type: ignore[no-untyped-call]
         if self.draining:
+            return
+        if not worker.started_once:
+            # It never became ready: a config or start-up problem (a port in use, an
+            # unreadable keys file) that a restart will not fix. Stop like a single process would.
+            log.error("worker failed to start; stopping", extra={"worker": worker.index, "code": code})
+            self.failed = True
+            self.draining = True
+            self._stop.set()
             return
         worker.restarts += 1
         delay = min(0.5 * 2 ** min(worker.restarts, 6), MAX_RESTART_BACKOFF)
@@ -181,6 +204,19 @@ class Supervisor:
         from sidecar.errors import ConfigError
 
         s = self.settings
+        mitm = s.forward_proxy.mitm
+        if mitm.enabled and mitm.ca_cert is None:
+            # Every worker must present leaves from one CA: the one the app trusts.
+            from sidecar.mitm import CertificateAuthority, MitmError
+
+            try:
+                authority = CertificateAuthority(None, None, mitm.ca_cert_out)
+            except MitmError as exc:
+                log.error("cannot start: forward_proxy.mitm: %s", exc)
+                return 1
+            cert_path, key_path = authority.export()
+            self._authority = authority
+            self._ca_env = {ENV_CA_CERT: str(cert_path), ENV_CA_KEY: str(key_path)}
         try:
             self._reserve_port()
         except OSError as exc:
@@ -207,7 +243,7 @@ class Supervisor:
             },
         )
         loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
+        stop = self._stop
 
         def on_stop(signame: str) -> None:
             if stop.is_set():
@@ -220,9 +256,12 @@ class Supervisor:
             stop.set()
 
         def on_hup() -> None:
+            from sidecar import metrics
+
             try:
                 load_settings(self.config_path)
             except ConfigError as exc:
+                metrics.CONFIG_RELOADS.labels("invalid").inc()
                 log.error("config reload refused; the running config stays", extra={"problems": exc.problems})
                 return
             self._signal_all(signal.SIGHUP)
@@ -246,9 +285,11 @@ class Supervisor:
         await admin.cleanup()
         if self._placeholder is not None:
             self._placeholder.close()
+        if self._authority is not None:
+            self._authority.close()
         shutil.rmtree(self.metrics_dir, ignore_errors=True)
         log.info("stopped")
-        return 0
+        return 1 if self.failed else 0
 
 
 def supervise(settings: Settings, config_path: Path) -> int:

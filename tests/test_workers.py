@@ -87,3 +87,64 @@ def test_two_workers_share_the_port_and_the_metrics(start_sidecar: Start, tmp_pa
     assert sc.stop() == 0
     for pid in current:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+
+
+def test_workers_share_one_interception_ca(start_sidecar: Start, tmp_path: Path) -> None:
+    import trustme
+
+    from tests.support.tls import TlsEchoUpstream
+
+    upstream = TlsEchoUpstream(trustme.CA(), tmp_path)
+    upstream.start()
+    try:
+        key = make_secret("workers-mitm")
+        keys = tmp_path / "keys.yaml"
+        keys.write_text(yaml.safe_dump({"alice": key}), encoding="utf-8")
+        ca_out = tmp_path / "ca.pem"
+        sc = start_sidecar(
+            {
+                "workers": 2,
+                "secrets": {"backend": "file", "file": {"path": str(keys)}},
+                "upstreams": {
+                    "api": {
+                        "url": upstream.url, "secret": "{client_id}", "inject": {"query": "apiKey"},
+                        "allow_private": True, "ca_file": str(upstream.ca_file),
+                    }
+                },
+                "forward_proxy": {"mitm": {"enabled": True, "ca_cert_out": str(ca_out)}},
+            }
+        )
+        for _ in range(12):  # new CONNECT each time, spread over both workers
+            with requests.Session() as session:
+                resp = session.get(
+                    f"https://localhost:{upstream.port}/x", proxies={"https": sc.url},
+                    headers={"X-Client-Id": "alice"}, verify=str(ca_out), timeout=10,
+                )
+            assert resp.status_code == 200
+        assert upstream.last().query == f"apiKey={key}"
+    finally:
+        upstream.stop()
+
+
+def test_a_worker_that_cannot_start_stops_the_sidecar(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("- not\n- a mapping\n", encoding="utf-8")
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0", "workers": 2,
+                "secrets": {"backend": "file", "file": {"path": str(keys)}},
+                "upstreams": {"p": {"url": "https://api.example.com", "secret": "{client_id}", "inject": {"query": "k"}}},
+            }
+        ),
+        encoding="utf-8",
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "sidecar", "run", "--config", str(config)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 1
+    assert "worker failed to start" in result.stdout
