@@ -397,11 +397,14 @@ def test_deployment_mounts_an_existing_mitm_ca_without_its_key_in_the_app(chart:
     manifests = render(chart, values)
     spec = pod_spec(manifests)
     volumes = {v["name"]: v for v in spec["volumes"]}
-    assert volumes["mitm-ca"]["secret"]["items"] == [{"key": "tls.crt", "path": "ca.crt"}]
+    # The key stays in the sidecar; the app gets what the sidecar writes: the CA plus
+    # the public roots, so passthrough hosts still verify under SSL_CERT_FILE.
+    assert volumes["mitm-ca-secret"]["secret"]["secretName"] == "sidecar-ca"
+    assert "emptyDir" in volumes["mitm-ca"]
     assert "mitm-ca-secret" not in {m["name"] for m in app_container(spec)["volumeMounts"]}
     mitm = sidecar_config(manifests)["forward_proxy"]["mitm"]
     assert mitm["ca_key"] == "/etc/credential-sidecar/mitm-ca/tls.key"
-    assert "ca_cert_out" not in mitm
+    assert mitm["ca_cert_out"] == "/var/run/credential-sidecar/ca/ca.crt"
 
 
 def test_deployment_mounts_the_keys_secret_read_only_into_the_sidecar_only(chart: helm.Chart) -> None:

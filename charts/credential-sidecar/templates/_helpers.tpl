@@ -181,11 +181,12 @@ file uses exactly the sidecar's own key names, and null values are left out
 {{- if .Values.sidecar.mitmCA.existingSecret }}
 {{- $_ := set $mitm "ca_cert" (printf "%s/tls.crt" (include "credential-sidecar.mitmSecretDir" .)) }}
 {{- $_ := set $mitm "ca_key" (printf "%s/tls.key" (include "credential-sidecar.mitmSecretDir" .)) }}
-{{- else }}
+{{- end }}
+{{- /* Always written by the sidecar: the CA plus the public roots, so the app's
+       SSL_CERT_FILE still verifies passthrough hosts. */}}
 {{- $_ := set $mitm "ca_cert_out" (include "credential-sidecar.sharedCAPath" .) }}
 {{- end }}
-{{- end }}
-{{- $_ := set $cfg "forward_proxy" (dict "enabled" (ne $fp.enabled false) "passthrough_hosts" ($fp.passthrough_hosts | default list) "mitm" $mitm) }}
+{{- $_ := set $cfg "forward_proxy" (dict "enabled" (ne $fp.enabled false) "passthrough_hosts" ($fp.passthrough_hosts | default list) "passthrough_allow_private" ($fp.passthrough_allow_private | default false) "mitm" $mitm) }}
 {{- toYaml $cfg }}
 {{- end }}
 {{- end }}
@@ -255,10 +256,9 @@ restartPolicy: Always) or into containers (classic), so it lives in one place.
     - name: mitm-ca-secret
       mountPath: {{ include "credential-sidecar.mitmSecretDir" . }}
       readOnly: true
-    {{- else }}
+    {{- end }}
     - name: mitm-ca
       mountPath: {{ include "credential-sidecar.sharedCADir" . }}
-    {{- end }}
     {{- end }}
 {{- end }}
 
