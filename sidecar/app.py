@@ -112,7 +112,14 @@ class Sidecar:
         self._plane = DataPlane(self._runtime(parts), AccessLog(self.settings.log.format))
         self._front = Front(
             self._plane,
-            {"access_log": None, "max_line_size": MAX_HEADER_BYTES, "max_field_size": MAX_HEADER_BYTES},
+            {
+                "access_log": None,
+                "max_line_size": MAX_HEADER_BYTES,
+                "max_field_size": MAX_HEADER_BYTES,
+                # An app that hangs up cancels its upstream call instead of holding a
+                # pooled connection until timeout_seconds.
+                "handler_cancellation": True,
+            },
             self._authority,
         )
         try:

@@ -22,14 +22,18 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
+from yarl import URL
 
 from sidecar import metrics
 from sidecar.config import normalize_host
 from sidecar.errors import BadRequest, DestinationNotAllowed, SidecarError, UpstreamTimeout, UpstreamUnreachable
 from sidecar.policy import is_forbidden_address
-from sidecar.proxy import error_response
+from sidecar.proxy import UNPARSEABLE_TARGET, error_response
 
 if TYPE_CHECKING:
     from sidecar.mitm import CertificateAuthority
@@ -107,12 +111,29 @@ class _Server(web.Server):
     def __init__(self, front: Front, handler: Any, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self.front = front
-        self.handler_kwargs = kwargs
+        # What RequestHandler takes; handler_cancellation is the Server's own setting.
+        self.handler_kwargs = {k: v for k, v in kwargs.items() if k != "handler_cancellation"}
 
     def __call__(self) -> RequestHandler:
         handler = _RequestHandler(self, loop=asyncio.get_running_loop(), **self.handler_kwargs)
         handler.front = self.front
         return handler
+
+    def _make_request(
+        self,
+        message: RawRequestMessage,
+        payload: StreamReader,
+        protocol: RequestHandler,
+        writer: AbstractStreamWriter,
+        task: asyncio.Task[None],
+    ) -> BaseRequest:
+        try:
+            return super()._make_request(message, payload, protocol, writer, task)
+        except (UnicodeError, ValueError):
+            # A target aiohttp cannot turn into a URL (a host that fails IDNA): without
+            # this the connection's task dies with no answer. The handler refuses the marker.
+            marked = message._replace(path=UNPARSEABLE_TARGET, url=URL.build(path="/", encoded=True))
+            return super()._make_request(marked, payload, protocol, writer, task)
 
 
 class _Sniffer(asyncio.Protocol):

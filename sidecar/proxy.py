@@ -8,6 +8,7 @@ Every refusal is a SidecarError turned into a response in one place
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from sidecar.errors import (
     SecretStoreUnavailable,
     SidecarError,
     UnknownUpstream,
+    UpstreamUnreachable,
 )
 from sidecar.policy import client_allowed, scopes_allowed
 from sidecar.upstream import HOP_BY_HOP, Upstream
@@ -54,6 +56,12 @@ _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 _REDACTED = "[redacted]"
 #: Request bodies up to this size are read whole so a rotated key can replay them.
 REPLAY_BODY_LIMIT = 1024 * 1024
+#: Methods never forwarded: an upstream implementing them reflects the request,
+#: injected key included, back to the app.
+REFUSED_METHODS = frozenset({"TRACE", "TRACK"})
+#: Marks a request whose target aiohttp could not even turn into a URL (see connect.py).
+UNPARSEABLE_TARGET = "\x00unparseable-target"
+RETRY_AFTER_SECONDS = "5"
 #: Longest path kept in the access log.
 LOG_PATH_LIMIT = 512
 
@@ -101,12 +109,11 @@ class _Record:
 
 def error_response(err: SidecarError) -> web.Response:
     """The contract's JSON error with ``X-Sidecar-Error``; the one place refusals take shape."""
-    return web.Response(
-        status=err.status,
-        body=err.body(),
-        content_type="application/json",
-        headers={"X-Sidecar-Error": err.code, "Cache-Control": "no-store"},
-    )
+    headers = {"X-Sidecar-Error": err.code, "Cache-Control": "no-store"}
+    if err.status == 503:
+        # The store is failing; the cache retries it this often, so sooner is pointless.
+        headers["Retry-After"] = RETRY_AFTER_SECONDS
+    return web.Response(status=err.status, body=err.body(), content_type="application/json", headers=headers)
 
 
 def _check_path(path: str) -> None:
@@ -137,6 +144,11 @@ class DataPlane:
             return await self._proxy(rt, request, rec, origin)
         except SidecarError as err:
             return self._refuse(err, rec)
+        except asyncio.CancelledError:
+            # The app hung up (handler_cancellation): the upstream call is abandoned with it.
+            rec.status = rec.status or 499
+            rec.reason = "client_closed"
+            raise
         except Exception:
             # A bug, not a refusal. The exception text could hold a URL with a key in it,
             # so only its type is logged.
@@ -167,6 +179,10 @@ class DataPlane:
     ) -> tuple[Upstream, str, str]:
         """Pick the upstream; return it with the path and raw query to send."""
         raw = request.raw_path
+        if raw == UNPARSEABLE_TARGET:
+            raise BadRequest("The request target is not a valid URL.", reason="bad_target")
+        if request.method in REFUSED_METHODS:
+            raise BadRequest(f"{request.method} is not forwarded: it would echo the injected key.", reason="method")
         if origin is not None:
             # Inside an intercepted CONNECT: the destination was fixed by the CONNECT,
             # whatever the Host header says.
@@ -305,6 +321,11 @@ class DataPlane:
         secret: Secret,
         rec: _Record,
     ) -> web.StreamResponse:
+        if answer.status < 200:
+            # A 101 the app never asked for (Upgrade is stripped) or another interim
+            # status as the final answer: not something to relay.
+            answer.close()
+            raise UpstreamUnreachable("The upstream answered with an unexpected interim status.", reason="protocol")
         length = answer.content_length
         framed = length is not None and "chunked" not in answer.headers.get("Transfer-Encoding", "").lower()
         response = (_OneWriteResponse if framed else web.StreamResponse)(status=answer.status, reason=answer.reason)

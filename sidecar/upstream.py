@@ -132,9 +132,12 @@ class Upstream:
         """Send one request; connection failures become our errors, nothing else is raised."""
         assert self.session is not None
         try:
-            return await self.session.request(
-                method, url, headers=headers, data=data, allow_redirects=False, compress=None
-            )
+            # sock_read alone would let an upstream trickle its head a byte at a time
+            # forever; the head as a whole must arrive within timeout_seconds.
+            async with asyncio.timeout(self.settings.timeout_seconds):
+                return await self.session.request(
+                    method, url, headers=headers, data=data, allow_redirects=False, compress=None
+                )
         except SidecarError:
             raise
         except Exception as exc:
