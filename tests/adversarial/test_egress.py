@@ -175,12 +175,9 @@ def test_host_string_tricks(sc: SidecarProcess, tls: TlsEchoUpstream, echo: Echo
         assert echo.received == [], f"{target} reached the upstream"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an absolute-form target whose host fails IDNA round-trip (xn--localhost-) makes aiohttp's "
-    "BaseRequest() raise UnicodeError inside RequestHandler.start (connect.py web.Server, default request_factory): "
-    "no response, the connection task dies and the socket stays open until the client hangs up",
-)
+# Finding (fixed in e6c2a01): an absolute-form target whose host fails IDNA round-trip (xn--localhost-) makes
+# aiohttp's BaseRequest() raise UnicodeError inside RequestHandler.start (connect.py web.Server, default
+# request_factory): no response, the connection task dies and the socket stays open until the client hangs up
 @pytest.mark.parametrize("host", ["xn--localhost-", "xn--ls8h-"])
 def test_undecodable_punycode_host_is_refused(sc: SidecarProcess, echo: EchoUpstream, watch: None, host: str) -> None:
     ex = exchange(

@@ -259,11 +259,8 @@ def test_store_errors_are_bounded_503s_that_name_nothing(
     assert "assumed-role" not in fake_sc.output() and "arn:aws" not in fake_sc.output()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: proxy.error_response never sets Retry-After; a throttled or failing store (503 "
-    "secret_store_unavailable) should tell the app when to come back (issue 9)",
-)
+# Finding (fixed in e6c2a01): proxy.error_response never sets Retry-After; a throttled or failing store (503
+# secret_store_unavailable) should tell the app when to come back (issue 9)
 def test_throttled_store_503_has_retry_after(fake_sc: SidecarProcess, fake: FakeSecretsManager) -> None:
     secret_id = "adv-store/tenant-throttle-ra"
     fake.values[secret_id] = _secret("throttle-ra")

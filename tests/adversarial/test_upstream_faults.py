@@ -181,11 +181,8 @@ def test_unsolicited_101_does_not_open_a_tunnel(sc: SidecarProcess, key: str) ->
     follow_up(sc, key)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: proxy.py _stream_back relays an upstream 101 (which the app never asked for, and stripped "
-    "of its Upgrade header) as the final status; an interim/switching status must become 502",
-)
+# Finding (fixed in e6c2a01): proxy.py _stream_back relays an upstream 101 (which the app never asked for, and
+# stripped of its Upgrade header) as the final status; an interim/switching status must become 502
 def test_unsolicited_101_is_not_relayed_as_a_final_status(sc: SidecarProcess, key: str) -> None:
     ex = exchange(sc.url, get("/evil/unsolicited-101"), timeout=3)
     assert ex.first.status == 502, ex.text()
@@ -200,11 +197,8 @@ def test_silent_upstream_times_out(sc: SidecarProcess, key: str) -> None:
     follow_up(sc, key)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: upstream.py sets only sock_read/sock_connect timeouts (total=None); an upstream that "
-    "trickles its response head one byte at a time never trips them, so the request hangs past timeout_seconds",
-)
+# Finding (fixed in e6c2a01): upstream.py sets only sock_read/sock_connect timeouts (total=None); an upstream that
+# trickles its response head one byte at a time never trips them, so the request hangs past timeout_seconds
 def test_slowloris_upstream_head_times_out(sc: SidecarProcess, key: str) -> None:
     ex = exchange(sc.url, get("/evil/trickle-head"), timeout=TIMEOUT + 6)
     assert ex.responses and ex.first.status == 504, f"after {ex.elapsed:.1f}s: {ex.text()[:200]}"
@@ -237,11 +231,8 @@ def test_key_reflected_in_response_headers_is_redacted(sc: SidecarProcess, key: 
 
 # ------------------------------------------------------------------ clients that go away
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: connect.py builds web.Server without handler_cancellation=True, so a client that hangs up "
-    "leaves the upstream call running (and its pooled connection held) until timeout_seconds",
-)
+# Finding (fixed in e6c2a01): connect.py builds web.Server without handler_cancellation=True, so a client that
+# hangs up leaves the upstream call running (and its pooled connection held) until timeout_seconds
 def test_client_abort_cancels_the_upstream_call(sc: SidecarProcess, evil: EvilUpstream, key: str) -> None:
     before_closed = evil.closed
     before_conns = evil.connections
