@@ -304,7 +304,7 @@ class JwksSource:
 
     async def _discover(self) -> str:
         issuer = self._settings.issuer
-        assert issuer is not None  # config requires jwks_url or issuer
+        assert issuer is not None  # the config requires an issuer
         document = await self._get_json(issuer.rstrip("/") + DISCOVERY_PATH)
         if not isinstance(document, dict):
             raise _FetchError("the discovery document is not a JSON object")
@@ -391,9 +391,8 @@ class VerifiedTokenCache:
 class JwtIdentity:
     """Take the client ID from a JWT whose signature and claims the sidecar verifies.
 
-    ``iss`` must equal ``identity.jwt.issuer`` exactly (a trailing slash counts). When only ``jwks_url`` is
-    configured there is no issuer to compare with and ``iss`` is not checked: any
-    token signed by a key in that JWKS is accepted, so configure ``issuer`` too.
+    ``iss`` must equal ``identity.jwt.issuer`` exactly (a trailing slash counts); the
+    config refuses a JWT block without an issuer, so this check always runs.
 
     With ``audience`` configured, ``aud`` must name one of its values; a Cognito access
     token has no ``aud``, so for ``token_use: access`` its ``client_id`` is compared instead.
@@ -421,7 +420,7 @@ class JwtIdentity:
         # A forwarded client ID header is stripped too: in JWT mode only the token speaks.
         self.strip_headers = frozenset({jwt_settings.header.lower(), settings.header.lower()})
         if jwt_settings.issuer is None:
-            log.warning("identity.jwt.issuer is not set: the iss claim of tokens is not checked")
+            raise ValueError("identity.jwt.issuer is required")
 
     async def start(self) -> None:
         """Load the signing keys once; a failure is logged and retried on demand."""
@@ -503,7 +502,7 @@ class JwtIdentity:
         iat = claims.get("iat")
         if iat is not None and _numeric_date(iat) > now + s.leeway_seconds:
             raise _refuse("not_yet_valid")  # issued in the future
-        if s.issuer is not None and claims.get("iss") != s.issuer:
+        if claims.get("iss") != s.issuer:
             raise _refuse("wrong_issuer")
         if s.require_token_use is not None and claims.get("token_use") != s.require_token_use:
             raise _refuse("wrong_token_use")

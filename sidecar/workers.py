@@ -205,18 +205,20 @@ class Supervisor:
 
         s = self.settings
         mitm = s.forward_proxy.mitm
-        if mitm.enabled and mitm.ca_cert is None:
-            # Every worker must present leaves from one CA: the one the app trusts.
+        if mitm.enabled:
+            # The supervisor writes ca_cert_out (the app's trust bundle) once, and every
+            # worker presents leaves from that one CA: generated here, or the configured one.
             from sidecar.mitm import CertificateAuthority, MitmError
 
             try:
-                authority = CertificateAuthority(None, None, mitm.ca_cert_out)
+                authority = CertificateAuthority(mitm.ca_cert, mitm.ca_key, mitm.ca_cert_out)
             except MitmError as exc:
                 log.error("cannot start: forward_proxy.mitm: %s", exc)
                 return 1
-            cert_path, key_path = authority.export()
             self._authority = authority
-            self._ca_env = {ENV_CA_CERT: str(cert_path), ENV_CA_KEY: str(key_path)}
+            if authority.generated:
+                cert_path, key_path = authority.export()
+                self._ca_env = {ENV_CA_CERT: str(cert_path), ENV_CA_KEY: str(key_path)}
         try:
             self._reserve_port()
         except OSError as exc:

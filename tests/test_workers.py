@@ -9,6 +9,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -89,8 +90,12 @@ def test_two_workers_share_the_port_and_the_metrics(start_sidecar: Start, tmp_pa
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
 
 
-def test_workers_share_one_interception_ca(start_sidecar: Start, tmp_path: Path) -> None:
+@pytest.mark.parametrize("own_ca", [False, True], ids=["generated-ca", "own-ca"])
+def test_workers_share_one_interception_ca(start_sidecar: Start, tmp_path: Path, own_ca: bool) -> None:
     import trustme
+    from cryptography.hazmat.primitives import serialization
+
+    from sidecar.mitm import _generate_ca
 
     from tests.support.tls import TlsEchoUpstream
 
@@ -101,6 +106,16 @@ def test_workers_share_one_interception_ca(start_sidecar: Start, tmp_path: Path)
         keys = tmp_path / "keys.yaml"
         keys.write_text(yaml.safe_dump({"alice": key}), encoding="utf-8")
         ca_out = tmp_path / "ca.pem"
+        mitm: dict[str, object] = {"enabled": True, "ca_cert_out": str(ca_out)}
+        if own_ca:
+            key, cert = _generate_ca()
+            (tmp_path / "own-ca.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+            (tmp_path / "own-ca.key").write_bytes(
+                key.private_bytes(
+                    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+                )
+            )
+            mitm |= {"ca_cert": str(tmp_path / "own-ca.pem"), "ca_key": str(tmp_path / "own-ca.key")}
         sc = start_sidecar(
             {
                 "workers": 2,
@@ -111,7 +126,7 @@ def test_workers_share_one_interception_ca(start_sidecar: Start, tmp_path: Path)
                         "allow_private": True, "ca_file": str(upstream.ca_file),
                     }
                 },
-                "forward_proxy": {"mitm": {"enabled": True, "ca_cert_out": str(ca_out)}},
+                "forward_proxy": {"mitm": mitm},
             }
         )
         for _ in range(12):  # new CONNECT each time, spread over both workers
