@@ -96,7 +96,6 @@ def test_workers_share_one_interception_ca(start_sidecar: Start, tmp_path: Path,
     from cryptography.hazmat.primitives import serialization
 
     from sidecar.mitm import _generate_ca
-
     from tests.support.tls import TlsEchoUpstream
 
     upstream = TlsEchoUpstream(trustme.CA(), tmp_path)
@@ -108,10 +107,10 @@ def test_workers_share_one_interception_ca(start_sidecar: Start, tmp_path: Path,
         ca_out = tmp_path / "ca.pem"
         mitm: dict[str, object] = {"enabled": True, "ca_cert_out": str(ca_out)}
         if own_ca:
-            key, cert = _generate_ca()
+            ca_key, cert = _generate_ca()
             (tmp_path / "own-ca.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
             (tmp_path / "own-ca.key").write_bytes(
-                key.private_bytes(
+                ca_key.private_bytes(
                     serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
                 )
             )
