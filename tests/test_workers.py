@@ -136,6 +136,7 @@ def test_workers_share_one_interception_ca(start_sidecar: Start, tmp_path: Path,
                 )
             assert resp.status_code == 200
         assert upstream.last().query == f"apiKey={key}"
+        assert sc.stop() == 0  # before the upstream goes, so no pooled connection is left open
     finally:
         upstream.stop()
 

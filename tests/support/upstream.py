@@ -95,6 +95,8 @@ class EchoUpstream:
             return
         fut = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop)  # type: ignore[union-attr]
         fut.result(10)
+        # Let closing transports (TLS ones take a few loop turns) finish before the loop goes.
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0.2), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         assert self._thread is not None
         self._thread.join(10)
