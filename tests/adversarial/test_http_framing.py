@@ -141,8 +141,8 @@ CASES: list[tuple[str, bytes, str]] = [
     ("fragment-in-target", H(f"GET /plain/a#frag HTTP/1.1\r\n{A}"), "reject"),
     ("userinfo-absolute", H(f"GET http://u:p@127.0.0.1:1/echo/a HTTP/1.1\r\n{A}"), "reject"),
     # ---- sizes
-    ("header-17k", H(f"GET /plain/a HTTP/1.1\r\n{A}\r\nX-Big: " + "a" * 17 * 1024), "reject"),
-    ("request-line-17k", H("GET /plain/" + "a" * 17 * 1024 + f" HTTP/1.1\r\n{A}"), "reject"),
+    ("header-33k", H(f"GET /plain/a HTTP/1.1\r\n{A}\r\nX-Big: " + "a" * 33 * 1024), "reject"),
+    ("request-line-33k", H("GET /plain/" + "a" * 33 * 1024 + f" HTTP/1.1\r\n{A}"), "reject"),
     ("headers-2000", H(f"GET /plain/a HTTP/1.1\r\n{A}\r\n" + "\r\n".join(f"X-H{i}: v" for i in range(2000))), "safe"),
     ("expect-100-no-body", H(f"GET /plain/a HTTP/1.1\r\n{A}\r\nExpect: 100-continue\r\nContent-Length: 0"), "safe"),
 ]
