@@ -18,7 +18,6 @@ from urllib.parse import unquote, urlsplit
 import aiohttp
 from aiohttp import StreamReader, web
 from multidict import CIMultiDict
-from yarl import URL
 
 from sidecar import metrics
 from sidecar.config import normalize_host
@@ -33,7 +32,7 @@ from sidecar.errors import (
     UpstreamUnreachable,
 )
 from sidecar.policy import client_allowed, scopes_allowed
-from sidecar.upstream import HOP_BY_HOP, Upstream
+from sidecar.upstream import HOP_BY_HOP, Upstream, UpstreamAnswer
 
 if TYPE_CHECKING:
     from sidecar.access_log import AccessLog
@@ -282,7 +281,8 @@ class DataPlane:
             else:
                 data = request.content
                 replayable = False
-        answer = await upstream.send(request.method, self._url(upstream, path, query, headers, secret), headers, data)
+        target = self._target(upstream, path, query, headers, secret)
+        answer = await upstream.send(request.method, target, headers, data)
         if answer.status in (401, 403):
             fresh = await rt.cache.refresh_rejected(secret_id, settings.secret_field, secret)
             if fresh is None:
@@ -299,24 +299,24 @@ class DataPlane:
                          extra={"upstream": upstream.name, "client_id": identity.client_id})
                 rec.reason = "credential_rotated"
                 secret = fresh
-                url = self._url(upstream, path, query, headers, secret)
-                answer = await upstream.send(request.method, url, headers, data)
+                target = self._target(upstream, path, query, headers, secret)
+                answer = await upstream.send(request.method, target, headers, data)
         return await self._stream_back(request, answer, upstream, secret, rec)
 
     @staticmethod
-    def _url(upstream: Upstream, path: str, query: str, headers: CIMultiDict[str], secret: Secret) -> URL:
-        """Place the key (query or header) and build the upstream URL."""
+    def _target(upstream: Upstream, path: str, query: str, headers: CIMultiDict[str], secret: Secret) -> str:
+        """Place the key (query or header); return the raw path and query to send."""
         injection = upstream.injection
         if injection.query is not None:
             query = injection.query(query, secret)
         else:
             headers[injection.header] = injection.render(secret)  # type: ignore[index]
-        return URL(upstream.origin + path + ("?" + query if query else ""), encoded=True)
+        return path + "?" + query if query else path
 
     async def _stream_back(
         self,
         request: web.BaseRequest,
-        answer: aiohttp.ClientResponse,
+        answer: UpstreamAnswer,
         upstream: Upstream,
         secret: Secret,
         rec: _Record,
@@ -365,6 +365,9 @@ class DataPlane:
             if transport is not None:
                 transport.close()
             return response
+        except BaseException:
+            answer.close()  # cancelled (the app hung up): never leave the upstream connection behind
+            raise
         answer.release()
         await response.write_eof()
         return response

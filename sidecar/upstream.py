@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import socket
 import ssl
-from typing import Any
+from importlib.util import find_spec
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from sidecar.config import UpstreamSettings
 from sidecar.errors import (
@@ -27,6 +31,9 @@ from sidecar.errors import (
 from sidecar.inject import CompiledInjection, compile_injector
 from sidecar.metrics import UPSTREAM_ERRORS
 from sidecar.policy import compile_client_matcher, is_forbidden_address
+
+if TYPE_CHECKING:
+    from sidecar.fastclient import FastPool
 
 #: RFC 9110 7.6.1 connection-specific fields, plus the proxy ones.
 HOP_BY_HOP = frozenset(
@@ -42,6 +49,43 @@ KEEPALIVE_SECONDS = 30.0
 #: Upper bound on pooled connections per upstream.
 POOL_LIMIT = 256
 READ_BUFFER = 64 * 1024
+
+
+#: The lean client (sidecar/fastclient.py) carries the common requests; aiohttp the rest.
+#: SIDECAR_UPSTREAM_CLIENT=aiohttp sends everything through aiohttp (a comparison and
+#: an escape hatch).
+FAST_CLIENT = os.environ.get("SIDECAR_UPSTREAM_CLIENT", "fast") != "aiohttp" and find_spec("httptools") is not None
+_ERROR_KINDS = {
+    "connect": "connect", "dns": "connect", "tls": "tls", "connect_timeout": "timeout",
+    "protocol": "protocol", "forbidden_address": "forbidden_address",
+}
+
+
+class UpstreamAnswer(Protocol):
+    """What the proxy reads from an upstream answer (aiohttp's ClientResponse or FastResponse)."""
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def reason(self) -> str | None: ...
+
+    @property
+    def content_length(self) -> int | None: ...
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]: ...
+
+    @property
+    def content(self) -> _BodyReader: ...
+
+    def close(self) -> None: ...
+
+    def release(self) -> Any: ...
+
+
+class _BodyReader(Protocol):
+    async def readany(self) -> bytes: ...
 
 
 class ForbiddenAddressError(OSError):
@@ -93,6 +137,7 @@ class Upstream:
         self.drop_request_headers = frozenset(drop)
         self._resolver = resolver
         self.session: aiohttp.ClientSession | None = None
+        self.fast: FastPool | None = None
         self._errors = {
             kind: UPSTREAM_ERRORS.labels(self.name, kind)
             for kind in ("connect", "tls", "timeout", "protocol", "forbidden_address")
@@ -106,6 +151,15 @@ class Upstream:
             ssl_context = ssl.create_default_context()
             if s.ca_file is not None:
                 ssl_context.load_verify_locations(cafile=str(s.ca_file))
+        if FAST_CLIENT and self._resolver is None:
+            from sidecar.fastclient import FastPool
+
+            default_port = 443 if s.scheme == "https" else 80
+            host_header = _url_host(s.host) + ("" if s.port == default_port else f":{s.port}")
+            self.fast = FastPool(
+                s.host, s.port, ssl_context if isinstance(ssl_context, ssl.SSLContext) else None,
+                s.allow_private, s.timeout_seconds, host_header,
+            )
         resolver: AbstractResolver | None = self._resolver
         if not s.allow_private:
             resolver = GuardedResolver(resolver)
@@ -126,19 +180,28 @@ class Upstream:
             read_bufsize=READ_BUFFER,
         )
 
-    async def send(
-        self, method: str, url: Any, headers: Any, data: Any
-    ) -> aiohttp.ClientResponse:
-        """Send one request; connection failures become our errors, nothing else is raised."""
+    async def send(self, method: str, target: str, headers: CIMultiDict[str], data: Any) -> UpstreamAnswer:
+        """Send one request (``target`` is the raw path and query); failures become our errors."""
         assert self.session is not None
         try:
             # sock_read alone would let an upstream trickle its head a byte at a time
             # forever; the head as a whole must arrive within timeout_seconds.
             async with asyncio.timeout(self.settings.timeout_seconds):
+                if (
+                    self.fast is not None
+                    and method != "HEAD"  # llhttp cannot be told a response has no body
+                    and (data is None or isinstance(data, bytes))
+                    and "Expect" not in headers
+                ):
+                    return await self.fast.request(method, target, headers, data)
+                url = URL(self.origin + target, encoded=True)
                 return await self.session.request(
                     method, url, headers=headers, data=data, allow_redirects=False, compress=None
                 )
-        except SidecarError:
+        except SidecarError as err:
+            kind = _ERROR_KINDS.get(err.reason)
+            if kind is not None:
+                self._errors[kind].inc()
             raise
         except Exception as exc:
             raise self.translate(exc) from None
@@ -163,6 +226,8 @@ class Upstream:
         return UpstreamUnreachable("The upstream answered with a malformed response.", reason="protocol")
 
     async def close(self) -> None:
+        if self.fast is not None:
+            self.fast.close()
         if self.session is not None:
             await self.session.close()
             self.session = None

@@ -47,8 +47,11 @@ def keys(tmp_path: Path) -> dict[str, str]:
     return {"alice": make_secret("alice"), "bob": make_secret("bob"), "svc": make_secret("svc")}
 
 
-@pytest.fixture
-def sidecar(start_sidecar: Start, tmp_path: Path, echo: EchoUpstream, keys: dict[str, str]) -> SidecarProcess:
+@pytest.fixture(params=["fast", "aiohttp"])
+def sidecar(
+    start_sidecar: Start, tmp_path: Path, echo: EchoUpstream, keys: dict[str, str], request: pytest.FixtureRequest
+) -> SidecarProcess:
+    """The sidecar with the lean upstream client (default) and with aiohttp's, same behaviour."""
     keys_file = write_keys(
         tmp_path / "keys.yaml",
         {
@@ -74,7 +77,8 @@ def sidecar(start_sidecar: Start, tmp_path: Path, echo: EchoUpstream, keys: dict
                 "dead": polygon(echo, url=f"http://127.0.0.1:{closed_port()}", timeout_seconds=2),
                 "slow": polygon(echo, url=echo.url, timeout_seconds=0.5),
             },
-        )
+        ),
+        env={"SIDECAR_UPSTREAM_CLIENT": request.param},
     )
 
 

@@ -1,0 +1,426 @@
+"""A lean HTTP/1.1 client for the common request: keep-alive pool, one write, C parser.
+
+Profiling (bench/RESULTS.md) put aiohttp's ClientSession at about 100 µs of CPU
+per proxied request, more than the sidecar's whole budget. Most of that is
+generality the sidecar does not use (cookies, redirects, auth, tracing, proxies,
+per-request timeouts and URL objects). This client does one thing: send a
+request whose head and (already buffered) body are known, on a pooled
+connection, in a single write, and parse the answer with llhttp (httptools).
+
+It handles only what it can do completely; ``Upstream.send`` keeps aiohttp for
+the rest (HEAD, streamed request bodies, ``Expect``). Guarantees kept:
+
+- the address guard: names are resolved here, forbidden addresses dropped, and
+  the connection goes to an address that passed;
+- a connection returns to the pool only after a complete response on a
+  keep-alive exchange; anything odd (parse error, early close, a half-read body)
+  closes it, so a malformed answer cannot desync the next request;
+- a request that found its pooled connection closed by the upstream before any
+  byte of the answer is retried once on a fresh connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import ssl
+import time
+from collections import deque
+
+import httptools
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from sidecar.errors import DestinationNotAllowed, UpstreamTimeout, UpstreamUnreachable
+from sidecar.policy import is_forbidden_address
+
+#: Limits on an answer's head, as aiohttp's client has (one field, the whole head).
+MAX_FIELD_BYTES = 16 * 1024
+MAX_HEAD_BYTES = 64 * 1024
+MAX_HEADERS = 128
+_FRAMING = frozenset({"content-length", "transfer-encoding", "host"})
+#: Bytes of response body buffered before reading from the upstream pauses.
+HIGH_WATER = 256 * 1024
+#: Idle pooled connections kept per upstream, and how long.
+MAX_IDLE = 64
+IDLE_SECONDS = 30.0
+DNS_TTL_SECONDS = 10.0
+
+
+class UpstreamBodyError(ConnectionError):
+    """The upstream broke off or garbled a response body after its head was sent on."""
+
+
+class _EarlyClose(Exception):
+    """The pooled connection was closed before any byte of the answer: safe to retry."""
+
+
+class FastResponse:
+    """The answer: status, headers and a body read with ``readany`` (aiohttp's surface)."""
+
+    __slots__ = (
+        "_buffered", "_chunks", "_conn", "_done", "_error", "_read_timeout", "_waiter", "content_length",
+        "headers", "reason", "status",
+    )
+
+    def __init__(self, conn: _Connection, status: int, reason: str, headers: CIMultiDict[str], timeout: float) -> None:
+        self._conn: _Connection | None = conn
+        self.status = status
+        self.reason = reason
+        self.headers = CIMultiDictProxy(headers)
+        length = headers.get("Content-Length")
+        self.content_length = int(length) if length is not None and length.isdigit() else None
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._done = False
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._read_timeout = timeout
+
+    @property
+    def content(self) -> FastResponse:
+        return self
+
+    # ---- fed by the connection
+
+    def _feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered > HIGH_WATER and self._conn is not None:
+            self._conn.pause()
+        self._wake()
+
+    def _finish(self, error: BaseException | None = None) -> None:
+        if not self._done:
+            self._done = True
+            self._error = error
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # ---- read by the proxy
+
+    async def readany(self) -> bytes:
+        """The next piece of body; b"" at the end; raises UpstreamBodyError if it broke off."""
+        while not self._chunks:
+            if self._done:
+                if self._error is not None:
+                    raise UpstreamBodyError("the upstream response body was cut off") from None
+                return b""
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(self._read_timeout):
+                    await self._waiter
+            finally:
+                self._waiter = None
+        if len(self._chunks) == 1:
+            data = self._chunks.popleft()
+        else:
+            data = b"".join(self._chunks)
+            self._chunks.clear()
+        self._buffered = 0
+        if self._conn is not None:
+            self._conn.resume()
+        return data
+
+    def release(self) -> None:
+        """Done with the answer: its connection goes back to the pool if the exchange was clean."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.finished(reusable=self._done and self._error is None and not self._chunks)
+
+    def close(self) -> None:
+        """Drop the answer and its connection."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.finished(reusable=False)
+
+
+class _Connection(asyncio.Protocol):
+    """One upstream connection: writes a request, parses one answer at a time."""
+
+    def __init__(self, pool: FastPool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self._parser = httptools.HttpResponseParser(self)
+        self._head_waiter: asyncio.Future[FastResponse] | None = None
+        self._response: FastResponse | None = None
+        self._headers: CIMultiDict[str] = CIMultiDict()
+        self._reason = ""
+        self._got_bytes = False
+        self._complete = False
+        self._keep_alive = False
+        self._paused = False
+        self._delimited_by_close = False
+        self._head_bytes = 0
+        self._failed = False
+
+    # ---- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self._failed:
+            return
+        self._got_bytes = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(UpstreamUnreachable("The upstream switched protocols.", reason="protocol"))
+        except httptools.HttpParserError:
+            self._fail(UpstreamUnreachable("The upstream answered with a malformed response.", reason="protocol"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.forget(self)
+        response = self._response
+        if response is not None and not self._complete:
+            if self._delimited_by_close and exc is None:
+                response._finish()  # a body that ends with the connection (no length, not chunked)
+            else:
+                response._finish(UpstreamBodyError("connection closed mid-body"))
+        waiter = self._head_waiter
+        if waiter is not None and not waiter.done():
+            if not self._got_bytes:
+                waiter.set_exception(_EarlyClose())
+            else:
+                waiter.set_exception(UpstreamUnreachable("The upstream closed the connection.", reason="protocol"))
+
+    def pause_writing(self) -> None:  # request bodies here are small; nothing to pause
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    # ---- httptools callbacks
+
+    def on_status(self, status: bytes) -> None:
+        self._reason = status.decode("latin-1")[:256]
+        self._head_bytes = len(status)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._failed:
+            return
+        self._head_bytes += len(name) + len(value)
+        if len(value) > MAX_FIELD_BYTES or self._head_bytes > MAX_HEAD_BYTES or len(self._headers) >= MAX_HEADERS:
+            self._fail(UpstreamUnreachable("The upstream answered with an oversized head.", reason="protocol"))
+            return
+        self._headers.add(name.decode("latin-1"), value.decode("latin-1"))
+
+    def on_headers_complete(self) -> None:
+        if self._failed:
+            return
+        status = self._parser.get_status_code()
+        if status < 200:
+            if status == 101:
+                # Upgrade is never forwarded, so a switch is unsolicited.
+                self._fail(UpstreamUnreachable("The upstream switched protocols.", reason="protocol"))
+                return
+            # An interim answer (100 Continue, 103 Early Hints): the real one follows.
+            self._headers = CIMultiDict()
+            return
+        headers, self._headers = self._headers, CIMultiDict()
+        self._keep_alive = bool(self._parser.should_keep_alive())
+        self._delimited_by_close = (
+            "Content-Length" not in headers
+            and "chunked" not in headers.get("Transfer-Encoding", "").lower()
+            and status not in (204, 304)
+        )
+        response = FastResponse(self, status, self._reason, headers, self.pool.timeout)
+        self._response = response
+        waiter = self._head_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(response)
+
+    def on_body(self, body: bytes) -> None:
+        if self._response is not None and not self._failed:
+            self._response._feed(body)
+
+    def on_message_complete(self) -> None:
+        if self._response is None:  # the end of an interim answer
+            return
+        self._complete = True
+        self._response._finish()
+
+    # ---- used by the pool and the response
+
+    def _fail(self, error: UpstreamUnreachable) -> None:
+        self._failed = True
+        waiter = self._head_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(error)
+        if self._response is not None:
+            self._response._finish(UpstreamBodyError("malformed response body"))
+        self.abort()
+
+    async def exchange(self, request: bytes) -> FastResponse:
+        """Send one request; wait for the head of its answer."""
+        assert self.transport is not None
+        self._response = None
+        self._complete = False
+        self._got_bytes = False
+        self._head_waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(request)
+        try:
+            return await self._head_waiter
+        finally:
+            self._head_waiter = None
+
+    def finished(self, reusable: bool) -> None:
+        self._response = None
+        if reusable and self._complete and self._keep_alive and not self.closed:
+            self.pool.give_back(self)
+        else:
+            self.abort()
+
+    def pause(self) -> None:
+        if not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self._paused and self.transport is not None and not self.closed:
+            self._paused = False
+            self.transport.resume_reading()
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class FastPool:
+    """Keep-alive connections to one upstream origin, checked by the address guard."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext | None,
+        allow_private: bool,
+        timeout: float,
+        host_header: str,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.ssl_context = ssl_context
+        self.allow_private = allow_private
+        self.timeout = timeout
+        self.host_line = f"Host: {host_header}\r\n".encode("ascii")
+        self._idle: list[_Connection] = []
+        self._addresses: list[str] = []
+        self._resolved_at = -DNS_TTL_SECONDS
+        self._closed = False
+
+    async def request(self, method: str, target: str, headers: CIMultiDict[str], body: bytes | None) -> FastResponse:
+        """Send ``method target`` with ``headers`` and ``body``; return the answer's head."""
+        head = [f"{method} {target} HTTP/1.1\r\n".encode("utf-8", "surrogateescape"), self.host_line]
+        for name, value in headers.items():
+            if name.lower() in _FRAMING:
+                continue  # this client frames the body itself
+            head.append(f"{name}: {value}\r\n".encode("utf-8", "surrogateescape"))
+        if body is not None:
+            head.append(f"Content-Length: {len(body)}\r\n\r\n".encode("ascii"))
+            head.append(body)
+        elif method in ("POST", "PUT", "PATCH"):
+            head.append(b"Content-Length: 0\r\n\r\n")
+        else:
+            head.append(b"\r\n")
+        data = b"".join(head)
+        conn = self._take_idle()
+        if conn is not None:
+            try:
+                return await conn.exchange(data)
+            except _EarlyClose:
+                pass  # the upstream had closed the idle connection: one fresh try
+            except BaseException:
+                conn.abort()  # cancelled or failed mid-exchange: the connection is in an unknown state
+                raise
+        conn = await self._connect()
+        try:
+            return await conn.exchange(data)
+        except _EarlyClose:
+            raise UpstreamUnreachable("The upstream closed the connection.", reason="protocol") from None
+        except BaseException:
+            conn.abort()
+            raise
+
+    def _take_idle(self) -> _Connection | None:
+        now = time.monotonic()
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.closed and now - conn.idle_since < IDLE_SECONDS:
+                return conn
+            conn.abort()
+        return None
+
+    def give_back(self, conn: _Connection) -> None:
+        if self._closed or len(self._idle) >= MAX_IDLE:
+            conn.abort()
+            return
+        conn.idle_since = time.monotonic()
+        self._idle.append(conn)
+
+    def forget(self, conn: _Connection) -> None:
+        if conn in self._idle:
+            self._idle.remove(conn)
+
+    async def _resolve(self) -> list[str]:
+        now = time.monotonic()
+        if self._addresses and now - self._resolved_at < DNS_TTL_SECONDS:
+            return self._addresses
+        try:
+            candidates = [str(ipaddress.ip_address(self.host))]
+        except ValueError:
+            infos = await asyncio.get_running_loop().getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+            candidates = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        allowed = [
+            a for a in candidates
+            if self.allow_private or not is_forbidden_address(ipaddress.ip_address(a.split("%", 1)[0]))
+        ]
+        if not allowed:
+            raise DestinationNotAllowed(
+                "The upstream resolves to an address the sidecar may not reach.", reason="forbidden_address"
+            )
+        self._addresses, self._resolved_at = allowed, now
+        return allowed
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            addresses = await self._resolve()
+        except OSError:
+            raise UpstreamUnreachable("The upstream name does not resolve.", reason="dns") from None
+        last: BaseException | None = None
+        for address in addresses:
+            conn = _Connection(self)
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await loop.create_connection(
+                        lambda conn=conn: conn,
+                        address,
+                        self.port,
+                        ssl=self.ssl_context,
+                        server_hostname=self.host if self.ssl_context is not None else None,
+                    )
+                return conn
+            except TimeoutError:
+                raise UpstreamTimeout(reason="connect_timeout") from None
+            except ssl.SSLError:
+                raise UpstreamUnreachable("The TLS handshake with the upstream failed.", reason="tls") from None
+            except OSError as exc:
+                last = exc
+        raise UpstreamUnreachable("The connection to the upstream failed.", reason="connect") from last
+
+    def close(self) -> None:
+        self._closed = True
+        for conn in self._idle:
+            conn.abort()
+        self._idle.clear()
+
