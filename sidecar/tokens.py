@@ -67,6 +67,8 @@ MAX_DOCUMENT_BYTES: Final = 1024 * 1024
 MIN_RSA_KEY_BITS: Final = 2048
 # Claims whose values become Identity.scopes: OAuth scopes (scope, scp), groups
 # (Cognito, Okta, Entra ID) and roles (Entra ID app roles, Keycloak realm roles).
+_TOKEN_HIT = TOKEN_CACHE.labels(result="hit")
+_TOKEN_MISS = TOKEN_CACHE.labels(result="miss")
 SCOPE_CLAIMS: Final = ("scope", "scp", "cognito:groups", "groups", "roles", "realm_access.roles")
 DISCOVERY_PATH: Final = "/.well-known/openid-configuration"
 USER_AGENT: Final = "mcp-credential-sidecar"
@@ -438,9 +440,9 @@ class JwtIdentity:
         digest = hashlib.sha256(token.encode()).digest()
         cached = self._cache.get(digest, self._clock())
         if cached is not None:
-            TOKEN_CACHE.labels(result="hit").inc()
+            _TOKEN_HIT.inc()
             return cached
-        TOKEN_CACHE.labels(result="miss").inc()
+        _TOKEN_MISS.inc()
         try:
             identity, expires_at = await self._verify(token)
         except InvalidToken as exc:
