@@ -180,17 +180,29 @@ async def fetch_aggregates(
     return body
 
 
+# The parameters both tools take, as in the fininfo reference server; the MCP SDK
+# turns these annotations into the tools' input schema.
+Ticker = Annotated[str, Field(description="Case-sensitive ticker symbol, e.g. AAPL", pattern=TICKER_PATTERN)]
+Multiplier = Annotated[int, Field(description="Size of the timespan multiplier", ge=1)]
+TimespanParam = Annotated[Timespan, Field(description="Size of the time window")]
+FromDate = Annotated[str, Field(description="Start: YYYY-MM-DD or a millisecond timestamp", pattern=DATE_PATTERN)]
+ToDate = Annotated[str, Field(description="End: YYYY-MM-DD or a millisecond timestamp", pattern=DATE_PATTERN)]
+Adjusted = Annotated[bool, Field(description="Whether results are adjusted for splits")]
+Sort = Annotated[Literal["asc", "desc"] | None, Field(description="Sort by timestamp")]
+Limit = Annotated[int, Field(description="Maximum number of base aggregates", ge=1, le=50000)]
+
+
 @mcp.tool()
 async def get_stock_aggregates(
-    ticker: Annotated[str, Field(description="Case-sensitive ticker symbol, e.g. AAPL", pattern=TICKER_PATTERN)],
-    multiplier: Annotated[int, Field(description="Size of the timespan multiplier", ge=1)],
-    timespan: Annotated[Timespan, Field(description="Size of the time window")],
-    from_date: Annotated[str, Field(description="Start: YYYY-MM-DD or a millisecond timestamp", pattern=DATE_PATTERN)],
-    to_date: Annotated[str, Field(description="End: YYYY-MM-DD or a millisecond timestamp", pattern=DATE_PATTERN)],
+    ticker: Ticker,
+    multiplier: Multiplier,
+    timespan: TimespanParam,
+    from_date: FromDate,
+    to_date: ToDate,
     ctx: Context[Polygon, Any],
-    adjusted: Annotated[bool, Field(description="Whether results are adjusted for splits")] = True,
-    sort: Annotated[Literal["asc", "desc"] | None, Field(description="Sort by timestamp")] = None,
-    limit: Annotated[int, Field(description="Maximum number of base aggregates", ge=1, le=50000)] = DEFAULT_LIMIT,
+    adjusted: Adjusted = True,
+    sort: Sort = None,
+    limit: Limit = DEFAULT_LIMIT,
 ) -> dict[str, Any]:
     """Retrieve stock aggregate bars (OHLCV) for a ticker over a date range from Polygon.io."""
     return await fetch_aggregates(ctx, ticker, multiplier, timespan, from_date, to_date, adjusted, sort, limit)
@@ -198,15 +210,15 @@ async def get_stock_aggregates(
 
 @mcp.tool()
 async def print_stock_data(
-    ticker: Annotated[str, Field(description="Case-sensitive ticker symbol, e.g. AAPL", pattern=TICKER_PATTERN)],
-    multiplier: Annotated[int, Field(description="Size of the timespan multiplier", ge=1)],
-    timespan: Annotated[Timespan, Field(description="Size of the time window")],
-    from_date: Annotated[str, Field(description="Start: YYYY-MM-DD or a millisecond timestamp", pattern=DATE_PATTERN)],
-    to_date: Annotated[str, Field(description="End: YYYY-MM-DD or a millisecond timestamp", pattern=DATE_PATTERN)],
+    ticker: Ticker,
+    multiplier: Multiplier,
+    timespan: TimespanParam,
+    from_date: FromDate,
+    to_date: ToDate,
     ctx: Context[Polygon, Any],
-    adjusted: Annotated[bool, Field(description="Whether results are adjusted for splits")] = True,
-    sort: Annotated[Literal["asc", "desc"] | None, Field(description="Sort by timestamp")] = None,
-    limit: Annotated[int, Field(description="Maximum number of base aggregates", ge=1, le=50000)] = DEFAULT_LIMIT,
+    adjusted: Adjusted = True,
+    sort: Sort = None,
+    limit: Limit = DEFAULT_LIMIT,
 ) -> str:
     """Retrieve stock aggregates from Polygon.io and format every field as a readable table."""
     data = await fetch_aggregates(ctx, ticker, multiplier, timespan, from_date, to_date, adjusted, sort, limit)
