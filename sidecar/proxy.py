@@ -22,6 +22,7 @@ from multidict import CIMultiDict
 from sidecar import metrics
 from sidecar.config import normalize_host
 from sidecar.errors import (
+    ERROR_CODES,
     BadRequest,
     ClientNotAllowed,
     DestinationNotAllowed,
@@ -42,11 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sidecar.proxy")
 
-_DENIED = {code: metrics.DENIED.labels(code) for code in (
-    "bad_request", "invalid_client_id", "missing_identity", "invalid_token", "client_not_allowed",
-    "destination_not_allowed", "no_credential", "unknown_upstream", "upstream_unreachable",
-    "secret_store_unavailable", "upstream_timeout", "internal_error",
-)}
+_DENIED = {code: metrics.DENIED.labels(code) for code in (*ERROR_CODES, SidecarError.code)}
 # Labelled children, looked up once: ``labels()`` costs a lock and a tuple per call.
 # Keys are bounded (configured upstream names x HTTP statuses).
 _REQUESTS: dict[tuple[str, int], Any] = {}
@@ -61,8 +58,6 @@ REFUSED_METHODS = frozenset({"TRACE", "TRACK"})
 #: Marks a request whose target aiohttp could not even turn into a URL (see connect.py).
 UNPARSEABLE_TARGET = "\x00unparseable-target"
 RETRY_AFTER_SECONDS = "5"
-#: Longest path kept in the access log.
-LOG_PATH_LIMIT = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,10 +143,13 @@ class DataPlane:
             rec.status = rec.status or 499
             rec.reason = "client_closed"
             raise
-        except Exception:
+        except Exception as exc:
             # A bug, not a refusal. The exception text could hold a URL with a key in it,
             # so only its type is logged.
-            log.error("unexpected failure handling a request", exc_info=False, extra={"upstream": rec.upstream})
+            log.error(
+                "unexpected failure handling a request",
+                extra={"upstream": rec.upstream, "exception": type(exc).__name__},
+            )
             return self._refuse(SidecarError(reason="internal_error"), rec)
         finally:
             metrics.INFLIGHT.dec()
@@ -202,7 +200,9 @@ class DataPlane:
             return upstream, target or "/", query
         rec.mode = "proxy"
         if request.method == "CONNECT":
-            raise DestinationNotAllowed("CONNECT tunnels are not enabled on this sidecar.", reason="connect")
+            # The listener handles CONNECT as the first request of a connection (connect.py);
+            # one that follows other requests on a kept-alive connection is refused.
+            raise DestinationNotAllowed("CONNECT must be the first request on a connection.", reason="connect")
         if not rt.forward_proxy:
             raise BadRequest("Forward-proxy requests are disabled.", reason="forward_proxy_disabled")
         return self._match_absolute(rt, raw)
