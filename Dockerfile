@@ -28,7 +28,7 @@ COPY pyproject.toml README.md ./
 COPY sidecar ./sidecar
 # A regular (non-editable) install: the package lands in the venv's site-packages
 # with its .pyc files compiled now, because the root filesystem is read-only at run time.
-# boto3 (Secrets Manager) is a core dependency; fast: uvloop. pip itself is not needed
+# botocore (Secrets Manager) is a core dependency; fast: uvloop. pip itself is not needed
 # at run time, so it leaves the venv (about 17 MB).
 RUN pip install ".[fast]" \
  && python -m pip uninstall --yes pip

@@ -50,7 +50,7 @@ class StartupError(Exception):
 
 
 def build_backend(settings: SecretsSettings) -> SecretBackend:
-    """The configured store; boto3 is imported only for the AWS backend."""
+    """The configured store; botocore is imported only for the AWS backend."""
     if settings.backend == "aws":
         from sidecar.secrets.aws import AwsBackend
 

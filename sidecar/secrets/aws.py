@@ -1,7 +1,7 @@
-"""Secrets from AWS Secrets Manager through boto3, off the event loop.
+"""Secrets from AWS Secrets Manager through botocore, off the event loop.
 
-boto3 is imported only here, and this module only when ``secrets.backend: aws``,
-so a file-backend sidecar never pays for botocore's import (about 20 MB RSS).
+botocore is imported only here, and this module only when ``secrets.backend: aws``,
+so a file-backend sidecar never pays for its import (about 16 MB RSS).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sidecar.secrets.aws")
 
-#: Threads for blocking boto3 calls. Single flight in the cache means one call
+#: Threads for blocking botocore calls. Single flight in the cache means one call
 #: per secret at a time, so this bounds concurrent distinct cold lookups.
 MAX_THREADS = 8
 
@@ -35,7 +35,7 @@ _THROTTLED = frozenset({"ThrottlingException", "TooManyRequestsException", "Requ
 
 
 class AwsBackend:
-    """One boto3 client, created at start, called from a small thread pool."""
+    """One botocore client, created at start, called from a small thread pool."""
 
     name = "aws"
 
@@ -50,7 +50,10 @@ class AwsBackend:
         self._client = await loop.run_in_executor(self._executor, self._make_client)
 
     def _make_client(self) -> SecretsManagerClient:
-        import boto3
+        # botocore directly, not boto3: the same client and credential chain (env,
+        # profile, IRSA web identity, instance metadata) without boto3's resource
+        # layer, about 2 MiB less resident memory.
+        import botocore.session
         from botocore.config import Config
 
         s = self.settings
@@ -61,14 +64,15 @@ class AwsBackend:
             max_pool_connections=MAX_THREADS,
             user_agent_extra="mcp-credential-sidecar",
         )
-        session = boto3.session.Session()
-        # botocore reads AWS_DEFAULT_REGION; EKS and many tools set AWS_REGION.
-        region = s.region or session.region_name or os.environ.get("AWS_REGION")
+        session = botocore.session.get_session()
+        # botocore reads AWS_DEFAULT_REGION and the profile; EKS and many tools set AWS_REGION.
+        region = s.region or session.get_config_variable("region") or os.environ.get("AWS_REGION")
         if not region:
             raise StoreError("config", "no region: set secrets.aws.region or AWS_REGION")
-        return session.client(
+        client: SecretsManagerClient = session.create_client(  # type: ignore[assignment]
             "secretsmanager", region_name=region, endpoint_url=s.endpoint_url, config=config
         )
+        return client
 
     async def fetch(self, secret_id: str) -> RawSecret:
         loop = asyncio.get_running_loop()
