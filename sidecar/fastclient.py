@@ -159,6 +159,7 @@ class _Connection(asyncio.Protocol):
         self._delimited_by_close = False
         self._head_bytes = 0
         self._failed = False
+        self._expecting = False  # an exchange is waiting for (the rest of) its answer
 
     # ---- asyncio.Protocol
 
@@ -167,6 +168,11 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._failed:
+            return
+        if not self._expecting and self._response is None:
+            # Bytes nobody asked for on an idle pooled connection: a late or smuggled
+            # answer that would be read as the next request's. The connection is dropped.
+            self.abort()
             return
         self._got_bytes = True
         try:
@@ -199,6 +205,12 @@ class _Connection(asyncio.Protocol):
         pass
 
     # ---- httptools callbacks
+
+    def on_message_begin(self) -> None:
+        if not self._expecting:
+            # A second answer after the one this exchange asked for (a response smuggled
+            # behind a 204 or HEAD, say): never let it pair with a later request.
+            self._fail(UpstreamUnreachable("The upstream sent an answer nobody asked for.", reason="protocol"))
 
     def on_status(self, status: bytes) -> None:
         self._reason = status.decode("latin-1")[:256]
@@ -243,9 +255,10 @@ class _Connection(asyncio.Protocol):
             self._response._feed(body)
 
     def on_message_complete(self) -> None:
-        if self._response is None:  # the end of an interim answer
+        if self._response is None or self._failed:  # the end of an interim answer
             return
         self._complete = True
+        self._expecting = False
         self._response._finish()
 
     # ---- used by the pool and the response
@@ -265,6 +278,7 @@ class _Connection(asyncio.Protocol):
         self._response = None
         self._complete = False
         self._got_bytes = False
+        self._expecting = True
         self._head_waiter = asyncio.get_running_loop().create_future()
         self.transport.write(request)
         try:

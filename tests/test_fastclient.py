@@ -1,0 +1,195 @@
+"""The lean upstream client against raw upstreams that misbehave on purpose."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import pytest
+from multidict import CIMultiDict
+
+from sidecar.errors import DestinationNotAllowed, UpstreamUnreachable
+from sidecar.fastclient import FastPool, FastResponse
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
+
+
+class RawUpstream:
+    """Counts connections and hands each one to a scripted handler."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> RawUpstream:
+        async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.connections += 1
+            try:
+                await self.handler(reader, writer, self.connections)
+            finally:
+                writer.close()
+
+        self._server = await asyncio.start_server(accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+
+async def read_head(reader: asyncio.StreamReader) -> bytes:
+    return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+
+
+def pool(port: int, allow_private: bool = True) -> FastPool:
+    return FastPool("127.0.0.1", port, None, allow_private, 2.0, f"127.0.0.1:{port}")
+
+
+async def body(resp: FastResponse) -> bytes:
+    out = b""
+    while chunk := await resp.readany():
+        out += chunk
+    resp.release()
+    return out
+
+
+async def test_keep_alive_reuses_one_connection_and_sends_one_clean_request() -> None:
+    seen: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        for _ in range(3):
+            seen.append(await read_head(reader))
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    async with RawUpstream(handler) as up:
+        p = pool(up.port)
+        headers = CIMultiDict({"X-A": "1", "Content-Length": "99", "Host": "evil"})
+        for _ in range(3):
+            assert await body(await p.request("GET", "/x?y=1", headers, None)) == b"ok"
+        p.close()
+    assert up.connections == 1
+    assert seen[0].startswith(b"GET /x?y=1 HTTP/1.1\r\nHost: 127.0.0.1:")
+    # The client frames the request itself: the app's Content-Length and Host never pass.
+    assert b"Content-Length" not in seen[0] and b"evil" not in seen[0] and b"X-A: 1" in seen[0]
+
+
+async def test_a_late_answer_on_an_idle_connection_is_never_paired_with_the_next_request() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_head(reader)
+        if n == 1:
+            writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.2)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nsmuggled")
+            await writer.drain()
+            await asyncio.sleep(1)
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nreal")
+            await writer.drain()
+
+    async with RawUpstream(handler) as up:
+        p = pool(up.port)
+        first = await p.request("GET", "/a", CIMultiDict(), None)
+        assert first.status == 204 and await body(first) == b""
+        await asyncio.sleep(0.4)  # the smuggled answer arrives while the connection idles
+        assert await body(await p.request("GET", "/b", CIMultiDict(), None)) == b"real"
+        p.close()
+    assert up.connections == 2
+
+
+async def test_an_answer_smuggled_behind_a_complete_one_poisons_the_connection() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_head(reader)
+        if n == 1:
+            writer.write(b"HTTP/1.1 204 No Content\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nsmuggled")
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nreal")
+        await writer.drain()
+        await asyncio.sleep(0.5)
+
+    async with RawUpstream(handler) as up:
+        p = pool(up.port)
+        assert (await p.request("GET", "/a", CIMultiDict(), None)).status == 204
+        assert await body(await p.request("GET", "/b", CIMultiDict(), None)) == b"real"
+        p.close()
+    assert up.connections == 2
+
+
+async def test_a_pooled_connection_closed_by_the_upstream_is_retried_once() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        # then close, as an upstream's idle timeout would
+
+    async with RawUpstream(handler) as up:
+        p = pool(up.port)
+        assert await body(await p.request("GET", "/a", CIMultiDict(), None)) == b"ok"
+        await asyncio.sleep(0.1)
+        assert await body(await p.request("POST", "/b", CIMultiDict(), b"payload")) == b"ok"
+        p.close()
+    assert up.connections == 2
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 20000 + b"\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(200)) + b"Content-Length: 0\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+        b"HTTP/1.1 2OO OK\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nabc",
+    ],
+    ids=["huge-field", "too-many-headers", "unsolicited-101", "bad-status", "double-length"],
+)
+async def test_malformed_answers_become_upstream_unreachable(answer: bytes) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_head(reader)
+        writer.write(answer)
+        await writer.drain()
+        await asyncio.sleep(0.3)
+
+    async with RawUpstream(handler) as up:
+        p = pool(up.port)
+        with pytest.raises(UpstreamUnreachable):
+            await p.request("GET", "/", CIMultiDict(), None)
+        p.close()
+
+
+async def test_interim_answers_are_skipped() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    async with RawUpstream(handler) as up:
+        p = pool(up.port)
+        resp = await p.request("GET", "/", CIMultiDict(), None)
+        assert resp.status == 200 and "Link" not in resp.headers
+        assert await body(resp) == b"ok"
+        p.close()
+
+
+async def test_truncated_body_is_an_error_not_a_clean_end() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly-some")
+        await writer.drain()
+
+    async with RawUpstream(handler) as up:
+        p = pool(up.port)
+        resp = await p.request("GET", "/", CIMultiDict(), None)
+        with pytest.raises(ConnectionError):
+            await body(resp)
+        p.close()
+
+
+async def test_address_guard_refuses_loopback_without_allow_private() -> None:
+    p = pool(9, allow_private=False)
+    with pytest.raises(DestinationNotAllowed):
+        await p.request("GET", "/", CIMultiDict(), None)
