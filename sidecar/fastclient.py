@@ -41,6 +41,9 @@ MAX_HEADERS = 128
 _FRAMING = frozenset({"content-length", "transfer-encoding", "host"})
 #: Bytes of response body buffered before reading from the upstream pauses.
 HIGH_WATER = 256 * 1024
+#: Open connections per upstream (busy and idle), as aiohttp's connector limit; a
+#: request beyond it waits for one to come back (bounded by timeout_seconds).
+MAX_CONNECTIONS = 256
 #: Idle pooled connections kept per upstream, and how long.
 MAX_IDLE = 64
 IDLE_SECONDS = 30.0
@@ -146,6 +149,7 @@ class _Connection(asyncio.Protocol):
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self.counted = False  # part of the pool's open-connection count
         self.idle_since = 0.0
         self._parser = httptools.HttpResponseParser(self)
         self._head_waiter: asyncio.Future[FastResponse] | None = None
@@ -331,6 +335,8 @@ class FastPool:
         self._addresses: list[str] = []
         self._resolved_at = -DNS_TTL_SECONDS
         self._closed = False
+        self._open = 0  # connections counted against MAX_CONNECTIONS (connecting, busy, idle)
+        self._waiters: deque[asyncio.Future[None]] = deque()
 
     async def request(self, method: str, target: str, headers: CIMultiDict[str], body: bytes | None) -> FastResponse:
         """Send ``method target`` with ``headers`` and ``body``; return the answer's head."""
@@ -348,6 +354,19 @@ class FastPool:
             head.append(b"\r\n")
         data = b"".join(head)
         conn = self._take_idle()
+        while conn is None and self._open >= MAX_CONNECTIONS:
+            # Every connection is busy: wait for one to be given back or to close.
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # woken, then cancelled: pass the turn on
+                else:
+                    waiter.cancel()
+                raise
+            conn = self._take_idle()
         if conn is not None:
             try:
                 return await conn.exchange(data)
@@ -380,10 +399,23 @@ class FastPool:
             return
         conn.idle_since = time.monotonic()
         self._idle.append(conn)
+        self._wake_one()
 
     def forget(self, conn: _Connection) -> None:
+        """A connection closed: it leaves the idle list and the count."""
         if conn in self._idle:
             self._idle.remove(conn)
+        if conn.counted:
+            conn.counted = False
+            self._open -= 1
+            self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     async def _resolve(self) -> list[str]:
         now = time.monotonic()
@@ -414,6 +446,8 @@ class FastPool:
         last: BaseException | None = None
         for address in addresses:
             conn = _Connection(self)
+            conn.counted = True
+            self._open += 1  # counted while connecting, so concurrent connects cannot overshoot
             try:
                 async with asyncio.timeout(self.timeout):
                     await loop.create_connection(
@@ -424,11 +458,17 @@ class FastPool:
                         server_hostname=self.host if self.ssl_context is not None else None,
                     )
                 return conn
-            except TimeoutError:
-                raise UpstreamTimeout(reason="connect_timeout") from None
-            except ssl.SSLError:
-                raise UpstreamUnreachable("The TLS handshake with the upstream failed.", reason="tls") from None
-            except OSError as exc:
+            except BaseException as exc:
+                if conn.counted and conn.transport is None:  # never connected: uncount it here
+                    conn.counted = False
+                    self._open -= 1
+                    self._wake_one()
+                if isinstance(exc, TimeoutError):
+                    raise UpstreamTimeout(reason="connect_timeout") from None
+                if isinstance(exc, ssl.SSLError):
+                    raise UpstreamUnreachable("The TLS handshake with the upstream failed.", reason="tls") from None
+                if not isinstance(exc, OSError):
+                    raise
                 last = exc
         raise UpstreamUnreachable("The connection to the upstream failed.", reason="connect") from last
 

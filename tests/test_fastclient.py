@@ -193,3 +193,38 @@ async def test_address_guard_refuses_loopback_without_allow_private() -> None:
     p = pool(9, allow_private=False)
     with pytest.raises(DestinationNotAllowed):
         await p.request("GET", "/", CIMultiDict(), None)
+
+
+async def test_open_connections_are_capped_and_waiters_get_the_freed_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sidecar.fastclient
+
+    monkeypatch.setattr(sidecar.fastclient, "MAX_CONNECTIONS", 2)
+    active = 0
+    peak = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        try:
+            while True:
+                try:
+                    await read_head(reader)
+                except (asyncio.IncompleteReadError, TimeoutError):
+                    return
+                await asyncio.sleep(0.05)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        finally:
+            active -= 1
+
+    async with RawUpstream(handler) as up:
+        p = pool(up.port)
+
+        async def one() -> bytes:
+            return await body(await p.request("GET", "/", CIMultiDict(), None))
+
+        results = await asyncio.wait_for(asyncio.gather(*(one() for _ in range(8))), 10)
+        p.close()
+    assert results == [b"ok"] * 8
+    assert up.connections <= 2 and peak <= 2
