@@ -13,9 +13,7 @@ that does not start with ``CONNECT `` is handed, with those bytes, to an aiohttp
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
-import socket
 import ssl
 import time
 from collections.abc import Coroutine
@@ -32,8 +30,8 @@ from yarl import URL
 from sidecar import metrics
 from sidecar.config import normalize_host
 from sidecar.errors import BadRequest, DestinationNotAllowed, SidecarError, UpstreamTimeout, UpstreamUnreachable
-from sidecar.policy import is_forbidden_address
 from sidecar.proxy import UNPARSEABLE_TARGET, error_response
+from sidecar.upstream import resolve_allowed
 
 if TYPE_CHECKING:
     from sidecar.mitm import CertificateAuthority
@@ -344,7 +342,12 @@ class Front:
 
     async def _tunnel(self, client: asyncio.Transport, host: str, port: int, rest: bytes) -> None:
         loop = asyncio.get_running_loop()
-        address = await self._resolve_allowed(host, port, self.plane.runtime.passthrough_allow_private)
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                allowed = await resolve_allowed(host, port, self.plane.runtime.passthrough_allow_private)
+        except TimeoutError:
+            raise UpstreamTimeout(reason="dns_timeout") from None
+        address = allowed[0]
         tunnel = _Tunnel(self)
         to_upstream = _Half(tunnel)
         to_client = _Half(tunnel)
@@ -369,26 +372,6 @@ class Front:
             await tunnel.done
         finally:
             self._tunnels.discard(tunnel)
-
-    async def _resolve_allowed(self, host: str, port: int, allow_private: bool) -> str:
-        """Resolve once and pick an allowed address: the connection goes to exactly that one."""
-        try:
-            literal = ipaddress.ip_address(host)
-            candidates = [str(literal)]
-        except ValueError:
-            loop = asyncio.get_running_loop()
-            try:
-                async with asyncio.timeout(CONNECT_TIMEOUT):
-                    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            except (OSError, TimeoutError):
-                raise UpstreamUnreachable("The tunnel destination does not resolve.", reason="dns") from None
-            candidates = [str(info[4][0]) for info in infos]
-        for address in candidates:
-            if allow_private or not is_forbidden_address(ipaddress.ip_address(address.split("%", 1)[0])):
-                return address
-        raise DestinationNotAllowed(
-            "The destination resolves to an address the sidecar may not reach.", reason="forbidden_address"
-        )
 
     async def _intercept(self, client: asyncio.Transport, host: str, port: int) -> None:
         assert self.authority is not None

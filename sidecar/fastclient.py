@@ -22,8 +22,6 @@ the rest (HEAD, streamed request bodies, ``Expect``). Guarantees kept:
 from __future__ import annotations
 
 import asyncio
-import ipaddress
-import socket
 import ssl
 import time
 from collections import deque
@@ -31,8 +29,8 @@ from collections import deque
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from sidecar.errors import DestinationNotAllowed, UpstreamTimeout, UpstreamUnreachable
-from sidecar.policy import is_forbidden_address
+from sidecar.errors import UpstreamTimeout, UpstreamUnreachable
+from sidecar.upstream import resolve_allowed
 
 #: Limits on an answer's head, as aiohttp's client has (one field, the whole head).
 MAX_FIELD_BYTES = 16 * 1024
@@ -418,31 +416,16 @@ class FastPool:
                 return
 
     async def _resolve(self) -> list[str]:
+        """The guard's allowed addresses for the upstream, reused for DNS_TTL_SECONDS."""
         now = time.monotonic()
-        if self._addresses and now - self._resolved_at < DNS_TTL_SECONDS:
-            return self._addresses
-        try:
-            candidates = [str(ipaddress.ip_address(self.host))]
-        except ValueError:
-            infos = await asyncio.get_running_loop().getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
-            candidates = list(dict.fromkeys(str(info[4][0]) for info in infos))
-        allowed = [
-            a for a in candidates
-            if self.allow_private or not is_forbidden_address(ipaddress.ip_address(a.split("%", 1)[0]))
-        ]
-        if not allowed:
-            raise DestinationNotAllowed(
-                "The upstream resolves to an address the sidecar may not reach.", reason="forbidden_address"
-            )
-        self._addresses, self._resolved_at = allowed, now
-        return allowed
+        if not self._addresses or now - self._resolved_at >= DNS_TTL_SECONDS:
+            self._addresses = await resolve_allowed(self.host, self.port, self.allow_private)
+            self._resolved_at = now
+        return self._addresses
 
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
-        try:
-            addresses = await self._resolve()
-        except OSError:
-            raise UpstreamUnreachable("The upstream name does not resolve.", reason="dns") from None
+        addresses = await self._resolve()
         last: BaseException | None = None
         for address in addresses:
             conn = _Connection(self)

@@ -46,6 +46,22 @@ _ALSO_FORBIDDEN = (
 )
 
 
+def allowed_addresses(candidates: Iterable[str], allow_private: bool) -> list[str]:
+    """The resolved addresses an upstream may connect to, in resolver order, without repeats.
+
+    ``allow_private`` (internal APIs) lets every address through; otherwise loopback,
+    private, link-local, reserved and the rest of ``is_forbidden_address`` are dropped.
+    An IPv6 zone (``fe80::1%eth0``) is ignored for the check.
+    """
+    allowed: list[str] = []
+    for address in candidates:
+        if address in allowed:
+            continue
+        if allow_private or not is_forbidden_address(ipaddress.ip_address(address.split("%", 1)[0])):
+            allowed.append(address)
+    return allowed
+
+
 def compile_client_matcher(patterns: Iterable[str]) -> re.Pattern[str] | None:
     """Compile glob patterns into one regex; None means every client is allowed."""
     patterns = list(patterns)

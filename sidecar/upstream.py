@@ -30,7 +30,7 @@ from sidecar.errors import (
 )
 from sidecar.inject import CompiledInjection, compile_injector
 from sidecar.metrics import UPSTREAM_ERRORS
-from sidecar.policy import compile_client_matcher, is_forbidden_address
+from sidecar.policy import allowed_addresses, compile_client_matcher
 
 if TYPE_CHECKING:
     from sidecar.fastclient import FastPool
@@ -88,6 +88,28 @@ class _BodyReader(Protocol):
     async def readany(self) -> bytes: ...
 
 
+async def resolve_allowed(host: str, port: int, allow_private: bool) -> list[str]:
+    """Resolve once; the addresses the guard allows. Callers connect only to these.
+
+    The lean client and CONNECT tunnels use this (each under its own deadline);
+    aiohttp's client gets the same filter through ``GuardedResolver``.
+    """
+    try:
+        candidates = [ipaddress.ip_address(host).compressed]
+    except ValueError:
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError:
+            raise UpstreamUnreachable("The destination name does not resolve.", reason="dns") from None
+        candidates = [str(info[4][0]) for info in infos]
+    allowed = allowed_addresses(candidates, allow_private)
+    if not allowed:
+        raise DestinationNotAllowed(
+            "The destination resolves to an address the sidecar may not reach.", reason="forbidden_address"
+        )
+    return allowed
+
+
 class ForbiddenAddressError(OSError):
     """Every address a name resolved to is loopback, private, link-local or reserved."""
 
@@ -102,7 +124,8 @@ class GuardedResolver(AbstractResolver):
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
         results = await self._inner.resolve(host, port, family)
-        allowed = [r for r in results if not is_forbidden_address(ipaddress.ip_address(r["host"]))]
+        keep = set(allowed_addresses((r["host"] for r in results), allow_private=False))
+        allowed = [r for r in results if r["host"] in keep]
         if not allowed:
             raise ForbiddenAddressError(f"{host} resolves only to addresses the sidecar may not reach")
         return allowed

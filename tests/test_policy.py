@@ -157,3 +157,14 @@ def test_matcher_accepts_any_iterable_once() -> None:
 )
 def test_scopes_allowed(required: set[str], held: set[str], allowed: bool) -> None:
     assert scopes_allowed(frozenset(required), frozenset(held)) is allowed
+
+
+def test_allowed_addresses_filters_dedupes_and_ignores_zones() -> None:
+    from sidecar.policy import allowed_addresses
+
+    answers = ["10.0.0.1", "93.184.216.34", "fe80::1%eth0", "93.184.216.34", "2606:4700:4700::1111"]
+    assert allowed_addresses(answers, allow_private=False) == ["93.184.216.34", "2606:4700:4700::1111"]
+    assert allowed_addresses(answers, allow_private=True) == [
+        "10.0.0.1", "93.184.216.34", "fe80::1%eth0", "2606:4700:4700::1111"
+    ]
+    assert allowed_addresses(["127.0.0.1", "169.254.169.254"], allow_private=False) == []
