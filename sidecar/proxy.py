@@ -110,6 +110,14 @@ def error_response(err: SidecarError) -> web.Response:
     return web.Response(status=err.status, body=err.body(), content_type="application/json", headers=headers)
 
 
+def _scrub(value: str, forms: tuple[str, ...]) -> str:
+    """``value`` with every spelling of the injected key replaced."""
+    for form in forms:
+        if form in value:
+            value = value.replace(form, _REDACTED)
+    return value
+
+
 def _check_path(path: str) -> None:
     """Refuse dot segments (also percent-encoded) and other paths an upstream could reinterpret."""
     if "#" in path or "\\" in path:
@@ -328,22 +336,19 @@ class DataPlane:
             raise UpstreamUnreachable("The upstream answered with an unexpected interim status.", reason="protocol")
         length = answer.content_length
         framed = length is not None and "chunked" not in answer.headers.get("Transfer-Encoding", "").lower()
-        response = (_OneWriteResponse if framed else web.StreamResponse)(status=answer.status, reason=answer.reason)
+        forms = secret.memo(upstream.injection, upstream.injection.scrub_forms)
+        # The reason phrase is the upstream's text too: an echo of the key there would
+        # reach the app in the status line.
+        reason = _scrub(answer.reason, forms) if answer.reason else answer.reason
+        response = (_OneWriteResponse if framed else web.StreamResponse)(status=answer.status, reason=reason)
         out = response.headers
-        forms: tuple[str, ...] | None = None
         drop = _RESPONSE_DROP
         connection = answer.headers.get("Connection")
         if connection:
             drop = drop | {t.strip().lower() for t in connection.split(",")}
         for name, value in answer.headers.items():
-            if name.lower() in drop:
-                continue
-            if forms is None:
-                forms = secret.memo(upstream.injection, upstream.injection.scrub_forms)
-            for form in forms:
-                if form in value:
-                    value = value.replace(form, _REDACTED)
-            out.add(name, value)
+            if name.lower() not in drop:
+                out.add(name, _scrub(value, forms))
         if framed:
             response.content_length = length
         rec.status = answer.status

@@ -217,6 +217,16 @@ def test_redirect_not_followed_and_key_scrubbed_from_location(
     assert len(echo.received) == 1  # not followed
 
 
+def test_key_echoed_in_the_reason_phrase_is_scrubbed(sidecar: SidecarProcess, keys: dict[str, str]) -> None:
+    out = raw_request(
+        sidecar, b"GET /polygon/reason-echo HTTP/1.1\r\nHost: x\r\nX-Client-Id: alice\r\nConnection: close\r\n\r\n"
+    )
+    status_line = out.split(b"\r\n", 1)[0]
+    assert status_line.startswith(b"HTTP/1.1 401 Bad key "), status_line
+    assert keys["alice"].encode() not in out
+    assert b"[redacted]" in status_line
+
+
 def test_head_and_upstream_status_pass_through(sidecar: SidecarProcess) -> None:
     resp = requests.head(sidecar.url + "/polygon/x", headers={"X-Client-Id": "alice"}, timeout=10)
     assert resp.status_code == 200
