@@ -14,7 +14,6 @@ import logging
 import sys
 import time
 from typing import TYPE_CHECKING, Any, TextIO
-from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
     from aiohttp.web import BaseRequest
@@ -98,15 +97,12 @@ class AccessLog:
 
     def request(self, request: BaseRequest, rec: _Record, elapsed: float) -> None:
         """The line for an HTTP request the data plane handled."""
-        path = request.raw_path
-        if rec.mode == "proxy":
-            # Absolute form: the path only; the host goes to its own field.
-            split = urlsplit(path)
-            destination = split.netloc.rpartition("@")[2]
-            path = split.path or "/"
-        else:
-            destination = None
-            path = path.split("?", 1)[0]
+        path = rec.path
+        if path is None:
+            # Refused before its target was parsed: an origin-form path without its query,
+            # and nothing of an absolute-form target (it could carry user information).
+            raw = request.raw_path
+            path = raw.split("?", 1)[0] if raw.startswith("/") else "-"
         self.line(
             method=request.method,
             path=path,
@@ -119,7 +115,7 @@ class AccessLog:
             cache=rec.cache,
             error=rec.error,
             reason=rec.reason,
-            destination=destination,
+            destination=rec.destination,
         )
 
     def line(

@@ -88,10 +88,14 @@ class _OneWriteResponse(web.StreamResponse):
 class _Record:
     """What the access log line says about one request."""
 
-    __slots__ = ("cache", "client_id", "error", "identity", "mode", "reason", "status", "upstream")
+    __slots__ = (
+        "cache", "client_id", "destination", "error", "identity", "mode", "path", "reason", "status", "upstream",
+    )
 
     def __init__(self) -> None:
         self.upstream = "-"
+        self.path: str | None = None  # the request path without its query, once parsed
+        self.destination: str | None = None  # forward-proxy mode: host[:port] the app named
         self.client_id: str | None = None
         self.identity: str | None = None
         self.cache: str | None = None
@@ -197,9 +201,11 @@ class DataPlane:
             if not raw.startswith("/"):
                 raise BadRequest("Requests inside a tunnel use origin-form targets.", reason="bad_target")
             path, _, query = raw.partition("?")
+            rec.path = path
             return self._match_origin(rt, origin, "https", path, query)
         if raw.startswith("/"):
             path, _, query = raw.partition("?")
+            rec.path = path
             name, slash, rest = path[1:].partition("/")
             upstream = rt.upstreams.get(name)
             if upstream is None:
@@ -213,14 +219,16 @@ class DataPlane:
             raise DestinationNotAllowed("CONNECT must be the first request on a connection.", reason="connect")
         if not rt.forward_proxy:
             raise BadRequest("Forward-proxy requests are disabled.", reason="forward_proxy_disabled")
-        return self._match_absolute(rt, raw)
+        return self._match_absolute(rt, raw, rec)
 
-    def _match_absolute(self, rt: Runtime, raw: str) -> tuple[Upstream, str, str]:
+    def _match_absolute(self, rt: Runtime, raw: str, rec: _Record) -> tuple[Upstream, str, str]:
         try:
             parts = urlsplit(raw)
             port = parts.port
         except ValueError:
             raise BadRequest("The request target is not a valid URL.", reason="bad_target") from None
+        rec.path = parts.path or "/"
+        rec.destination = parts.netloc.rpartition("@")[2]  # never userinfo in a log line
         scheme = parts.scheme.lower()
         if scheme not in ("http", "https"):
             raise DestinationNotAllowed("Only http and https destinations exist here.", reason="scheme")

@@ -112,6 +112,8 @@ def test_requests_with_http_proxy_reaches_https_upstream_with_key(
     assert resp.status_code == 200
     assert tls.last().raw_path == f"/v2/aggs?ticker=AAPL&apiKey={key}"
     assert "x-client-id" not in tls.last().header_names()
+    line = sc.wait_for_line(lambda line: line.get("event") == "request" and line.get("mode") == "proxy")
+    assert line["path"] == "/v2/aggs" and line["destination"] == f"localhost:{tls.port}"
 
 
 def test_httpx_and_aiohttp_with_proxy(
