@@ -7,7 +7,15 @@ from collections.abc import Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from sidecar.config import ListenAddress
 from sidecar.metrics import exposition
+
+
+def bound_address(runner: web.BaseRunner | None) -> str | None:
+    """``host:port`` a runner listens on (port 0 in the config becomes the real one)."""
+    if runner is None or not runner.addresses:
+        return None
+    return str(ListenAddress(*runner.addresses[0][:2]))
 
 
 def build_admin_app(is_ready: Callable[[], bool]) -> web.Application:

@@ -22,8 +22,8 @@ from aiohttp import web
 
 from sidecar import metrics
 from sidecar.access_log import AccessLog, configure_logging
-from sidecar.admin import build_admin_app
-from sidecar.config import SecretsSettings, Settings, load_settings, parse_passthrough
+from sidecar.admin import bound_address, build_admin_app
+from sidecar.config import ListenAddress, SecretsSettings, Settings, load_settings, parse_passthrough
 from sidecar.connect import Front
 from sidecar.errors import ConfigError, NoCredential, SecretStoreUnavailable
 from sidecar.identity import IdentityResolver, build_identity_resolver
@@ -84,7 +84,6 @@ class Sidecar:
         self._plane: DataPlane | None = None
         self._front: Front | None = None
         self._authority: CertificateAuthority | None = None
-        self._listen_address: str | None = None
         self._admin_runner: web.AppRunner | None = None
         self._prefetch_task: asyncio.Task[None] | None = None
         self._retire_tasks: set[asyncio.Task[None]] = set()
@@ -141,26 +140,18 @@ class Sidecar:
             if self._admin_runner is not None:
                 await self._admin_runner.cleanup()
             raise StartupError(f"cannot listen: {exc.strerror or exc}") from None
-        self._listen_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         log.info(
             "listening" if self.worker is None else "worker listening",
             extra={
-                "listen": self._listen_address,
+                "listen": str(ListenAddress(host, port)),
                 "pid": os.getpid(),
-                "admin_listen": self.bound_address(self._admin_runner),
+                "admin_listen": bound_address(self._admin_runner),
                 "upstreams": sorted(s.upstreams),
                 "backend": s.secrets.backend,
                 "identity": "jwt" if s.identity.jwt else "header",
             },
         )
         self._prefetch_task = asyncio.get_running_loop().create_task(self._prefetch_then_ready(parts))
-
-    @staticmethod
-    def bound_address(runner: web.BaseRunner | None) -> str | None:
-        if runner is None or not runner.addresses:
-            return None
-        host, port = runner.addresses[0][:2]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     async def _build(self, settings: Settings, previous: _Parts | None) -> _Parts:
         """Build the parts for ``settings``, reusing unchanged ones from ``previous``."""

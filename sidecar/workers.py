@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sidecar.config import Settings
+from sidecar.config import ListenAddress, Settings
 
 if TYPE_CHECKING:
     from sidecar.mitm import CertificateAuthority
@@ -199,7 +199,7 @@ class Supervisor:
     async def run(self) -> int:
         from aiohttp import web
 
-        from sidecar.admin import build_admin_app
+        from sidecar.admin import bound_address, build_admin_app
         from sidecar.config import load_settings
         from sidecar.errors import ConfigError
 
@@ -233,13 +233,11 @@ class Supervisor:
             return 1
         for worker in self.workers:
             await self._spawn(worker)
-        admin_host, admin_port = admin.addresses[0][:2]
-        host = s.listen.host
         log.info(
             "listening",
             extra={
-                "listen": f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}",
-                "admin_listen": f"{admin_host}:{admin_port}",
+                "listen": str(ListenAddress(s.listen.host, self.port)),
+                "admin_listen": bound_address(admin),
                 "workers": len(self.workers),
                 "upstreams": sorted(s.upstreams),
             },
