@@ -40,11 +40,7 @@ REJECTED_BACKOFF_SECONDS = 30.0
 
 CacheKey = tuple[str, str | None]
 
-_HIT = metrics.SECRET_LOOKUPS.labels("hit")
-_MISS = metrics.SECRET_LOOKUPS.labels("miss")
-_STALE = metrics.SECRET_LOOKUPS.labels("stale")
-_NEGATIVE = metrics.SECRET_LOOKUPS.labels("negative")
-_ERROR = metrics.SECRET_LOOKUPS.labels("error")
+_LOOKUPS = {result: metrics.SECRET_LOOKUPS.labels(result) for result in ("hit", "miss", "stale", "negative", "error")}
 
 
 def _no_credential(reason: str, lookup: str) -> NoCredential:
@@ -91,27 +87,20 @@ class SecretCache:
         entry = self._entries.get(key)
         if entry is not None and self._clock() < entry.fresh_until:
             self._entries.move_to_end(key)
-            if entry.secret is None:
-                _NEGATIVE.inc()
-                raise _no_credential(entry.reason, "negative")
-            if entry.stale:
-                _STALE.inc()
-                return entry.secret, "stale"
-            _HIT.inc()
-            return entry.secret, "hit"
-        try:
-            entry = await self._load(key)
-        except SecretStoreUnavailable:
-            _ERROR.inc()
-            raise
-        if entry.secret is None:
-            _MISS.inc()
-            raise _no_credential(entry.reason, "miss")
+            result = "hit" if entry.secret is not None else "negative"
+        else:
+            try:
+                entry = await self._load(key)
+            except SecretStoreUnavailable:
+                _LOOKUPS["error"].inc()
+                raise
+            result = "miss"
         if entry.stale:
-            _STALE.inc()
-            return entry.secret, "stale"
-        _MISS.inc()
-        return entry.secret, "miss"
+            result = "stale"
+        _LOOKUPS[result].inc()
+        if entry.secret is None:
+            raise _no_credential(entry.reason, result)
+        return entry.secret, result
 
     def invalidate(self, secret_id: str, field: str | None = None) -> None:
         """Forget one entry (an upstream refused its value)."""
