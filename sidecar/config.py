@@ -12,7 +12,7 @@ import re
 import socket
 import string
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -308,13 +308,7 @@ def parse_settings(
     settings = r.settings(raw)
     if problems or settings is None:
         raise ConfigError(problems)
-    return settings if source is None else _with_source(settings, source)
-
-
-def _with_source(settings: Settings, source: Path) -> Settings:
-    from dataclasses import replace
-
-    return replace(settings, source=source)
+    return settings if source is None else replace(settings, source=source)
 
 
 def _join(path: str, key: str) -> str:
@@ -867,7 +861,8 @@ _LEGACY_IPV4 = re.compile(r"[0-9a-fA-FxX.]+")
 
 def normalize_host(host: str) -> str | None:
     """Lower-case, strip one trailing dot and IDNA-encode a host name; None if invalid."""
-    host = host.strip().rstrip(".") if host.endswith(".") and not host.endswith("..") else host
+    if host.endswith(".") and not host.endswith(".."):
+        host = host[:-1]  # the root label: "api.example.com." is "api.example.com"
     if not host:
         return None
     literal = ip_literal(host)
