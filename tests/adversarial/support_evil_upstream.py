@@ -15,7 +15,7 @@ import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from tests.adversarial.support_http import LOCAL, LoopThread
+from tests.adversarial.support_http import LOCAL, LoopThread, StreamServerMixin
 
 #: Longest a misbehaviour holds a connection (silent, trickle): tests give up well before.
 HOLD_SECONDS = 15.0
@@ -35,7 +35,8 @@ def ok(body: bytes, extra: bytes = b"") -> bytes:
 
 
 @dataclass
-class EvilUpstream:
+class EvilUpstream(StreamServerMixin):
+    thread_name = "evil-upstream"
     port: int = 0
     seen: list[Seen] = field(default_factory=list)
     connections: int = 0
@@ -43,25 +44,6 @@ class EvilUpstream:
     _thread: LoopThread | None = None
     _server: asyncio.Server | None = None
 
-    @property
-    def url(self) -> str:
-        return f"http://{LOCAL}:{self.port}"
-
-    def start(self) -> EvilUpstream:
-        self._thread = LoopThread("evil-upstream")
-
-        async def serve() -> int:
-            self._server = await asyncio.start_server(self._connection, LOCAL, 0)
-            return int(self._server.sockets[0].getsockname()[1])
-
-        self.port = self._thread.run(serve())
-        return self
-
-    def stop(self) -> None:
-        assert self._thread is not None
-        if self._server is not None:
-            self._thread.call(self._server.close)
-        self._thread.stop()
 
     def targets(self) -> list[str]:
         return [s.target for s in self.seen]

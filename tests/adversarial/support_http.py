@@ -283,3 +283,39 @@ class LoopThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         self.loop.close()
+
+
+class StreamServerMixin:
+    """start/stop/url for a raw asyncio server on 127.0.0.1 in its own loop thread.
+
+    The dataclass using it declares ``port``, ``_thread`` and ``_server`` and
+    implements ``_connection(reader, writer)``.
+    """
+
+    thread_name = "stream-server"
+    port: int
+    _thread: LoopThread | None
+    _server: asyncio.Server | None
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOCAL}:{self.port}"
+
+    def start(self) -> Any:
+        self._thread = LoopThread(self.thread_name)
+
+        async def serve() -> int:
+            self._server = await asyncio.start_server(self._connection, LOCAL, 0)
+            return int(self._server.sockets[0].getsockname()[1])
+
+        self.port = self._thread.run(serve())
+        return self
+
+    def stop(self) -> None:
+        assert self._thread is not None
+        if self._server is not None:
+            self._thread.call(self._server.close)
+        self._thread.stop()
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from tests.adversarial.support_http import LOCAL, LoopThread
+from tests.adversarial.support_http import LOCAL, LoopThread, StreamServerMixin
 
 ACCOUNT = "123456789012"
 #: Longest any fault holds a connection; tests give up earlier.
@@ -109,36 +109,18 @@ class FakeSecretsManager:
 
 
 @dataclass
-class FaultProxy:
+class FaultProxy(StreamServerMixin):
     """A TCP proxy to ``target``; ``mode`` is pass, delay, refuse or blackhole."""
 
     target: tuple[str, int]
     mode: str = "pass"
     delay: float = 3.0
+    thread_name = "fault-proxy"
     port: int = 0
     connections: int = 0
     _thread: LoopThread | None = None
     _server: asyncio.Server | None = None
 
-    @property
-    def url(self) -> str:
-        return f"http://{LOCAL}:{self.port}"
-
-    def start(self) -> FaultProxy:
-        self._thread = LoopThread("fault-proxy")
-
-        async def serve() -> int:
-            self._server = await asyncio.start_server(self._connection, LOCAL, 0)
-            return int(self._server.sockets[0].getsockname()[1])
-
-        self.port = self._thread.run(serve())
-        return self
-
-    def stop(self) -> None:
-        assert self._thread is not None
-        if self._server is not None:
-            self._thread.call(self._server.close)
-        self._thread.stop()
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
