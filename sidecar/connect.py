@@ -28,7 +28,7 @@ from aiohttp.web_request import BaseRequest
 from yarl import URL
 
 from sidecar import metrics
-from sidecar.config import normalize_host
+from sidecar.config import ListenAddress, normalize_host
 from sidecar.errors import BadRequest, DestinationNotAllowed, SidecarError, UpstreamTimeout, UpstreamUnreachable
 from sidecar.proxy import UNPARSEABLE_TARGET, error_response
 from sidecar.upstream import resolve_allowed
@@ -292,8 +292,9 @@ class Front:
             parts = line.split(" ")
             if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
                 raise BadRequest("Malformed CONNECT request line.", reason="bad_connect")
-            target = parts[1][:300]
             host, port = parse_authority(parts[1])
+            # Logged only once parsed: a raw authority could carry user:password@.
+            target = str(ListenAddress(host, port))
             rt = self.plane.runtime
             if not rt.forward_proxy:
                 raise DestinationNotAllowed("Forward-proxy mode is disabled.", reason="forward_proxy_disabled")

@@ -305,6 +305,16 @@ def test_guard_refuses_upstream_resolving_to_loopback(
     assert canary.connections == 0
 
 
+def test_connect_userinfo_never_reaches_the_log(
+    start_sidecar: Start, tmp_path: Path, tls: TlsEchoUpstream, echo: EchoUpstream, key: str
+) -> None:
+    sc = start_sidecar(config(tmp_path, tls, echo, key))
+    out = raw(sc, b"CONNECT alice:hunter2-pw@evil.example:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert out.split(b" ")[1] == b"400"
+    sc.wait_for_line(lambda line: line.get("method") == "CONNECT")
+    assert "hunter2-pw" not in sc.output()
+
+
 def test_passthrough_to_private_address_needs_opt_in(
     start_sidecar: Start, tmp_path: Path, tls: TlsEchoUpstream, echo: EchoUpstream, key: str, canary: Canary
 ) -> None:
