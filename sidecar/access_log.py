@@ -16,9 +16,7 @@ import time
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
-    from aiohttp.web import BaseRequest
-
-    from sidecar.proxy import _Record
+    from sidecar.proxy import RequestLine, _Record
 
 FLUSH_SECONDS = 0.05
 #: Attributes every LogRecord has; anything else came in through ``extra=`` and is logged.
@@ -95,7 +93,7 @@ class AccessLog:
         self.stream = stream or sys.stdout
         self._flush_pending = False
 
-    def request(self, request: BaseRequest, rec: _Record, elapsed: float) -> None:
+    def request(self, request: RequestLine, rec: _Record, elapsed: float) -> None:
         """The line for an HTTP request the data plane handled."""
         path = rec.path
         if path is None:

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
 import time
 from collections.abc import Coroutine
+from importlib.util import find_spec
 from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
@@ -33,7 +35,13 @@ from sidecar.errors import BadRequest, DestinationNotAllowed, SidecarError, Upst
 from sidecar.proxy import UNPARSEABLE_TARGET, error_response
 from sidecar.upstream import resolve_allowed
 
+#: The lean server (sidecar/fastserver.py) takes plain HTTP connections and hands
+#: aiohttp anything it does not serve itself; SIDECAR_SERVER=aiohttp gives aiohttp
+#: every connection (a comparison and an escape hatch).
+FAST_SERVER = os.environ.get("SIDECAR_SERVER", "fast") != "aiohttp" and find_spec("httptools") is not None
+
 if TYPE_CHECKING:
+    from sidecar.fastserver import FastServer
     from sidecar.mitm import CertificateAuthority
     from sidecar.proxy import DataPlane
 
@@ -156,7 +164,7 @@ class _Sniffer(asyncio.Protocol):
             return  # could still become a CONNECT
         if not head.startswith(_CONNECT):
             self._cancel_timer()
-            self.front.hand_to_http(self.transport, self.buffer)
+            self.front.accept_http(self.transport, self.buffer)
             return
         end = self.buffer.find(b"\r\n\r\n")
         if end < 0:
@@ -251,6 +259,11 @@ class Front:
         self.plane = plane
         self.server_kwargs = http_server_kwargs
         self.http = _Server(self, plane.handle, **http_server_kwargs)
+        self.fast: FastServer | None = None
+        if FAST_SERVER:
+            from sidecar.fastserver import FastServer
+
+            self.fast = FastServer(plane, self.hand_to_http)
         self.authority = authority
         self._intercept_servers: dict[tuple[str, int], web.Server] = {}
         self._tunnels: set[_Tunnel] = set()
@@ -265,6 +278,13 @@ class Front:
         )
         sockname = self._listener.sockets[0].getsockname()
         return str(sockname[0]), int(sockname[1])
+
+    def accept_http(self, transport: asyncio.Transport, first: bytes) -> None:
+        """A new plain HTTP connection: the fast server's, unless it is turned off."""
+        if self.fast is not None:
+            self.fast.accept(transport, first)
+        else:
+            self.hand_to_http(transport, first)
 
     def hand_to_http(self, transport: asyncio.Transport, first: bytes) -> None:
         handler = self.http()
@@ -412,7 +432,10 @@ class Front:
         servers = [self.http, *self._intercept_servers.values()]
         for server in servers:
             server.pre_shutdown()
-        await asyncio.gather(*(server.shutdown(grace) for server in servers))
+        waits = [server.shutdown(grace) for server in servers]
+        if self.fast is not None:
+            waits.append(self.fast.drain(grace))
+        await asyncio.gather(*waits)
         for tunnel in list(self._tunnels):
             tunnel.close()
         for task in list(self._tasks):

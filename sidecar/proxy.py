@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 import aiohttp
@@ -37,7 +37,8 @@ from sidecar.upstream import HOP_BY_HOP, Upstream, UpstreamAnswer
 
 if TYPE_CHECKING:
     from sidecar.access_log import AccessLog
-    from sidecar.identity import IdentityResolver
+    from sidecar.fastserver import FastExchange
+    from sidecar.identity import HeaderReader, IdentityResolver
     from sidecar.secrets.base import Secret
     from sidecar.secrets.cache import SecretCache
 
@@ -105,13 +106,71 @@ class _Record:
         self.mode = "route"
 
 
-def error_response(err: SidecarError) -> web.Response:
-    """The contract's JSON error with ``X-Sidecar-Error``; the one place refusals take shape."""
+def error_headers(err: SidecarError) -> dict[str, str]:
+    """The headers of a refusal besides its framing; the one place refusals take shape."""
     headers = {"X-Sidecar-Error": err.code, "Cache-Control": "no-store"}
     if err.status == 503:
         # The store is failing; the cache retries it this often, so sooner is pointless.
         headers["Retry-After"] = RETRY_AFTER_SECONDS
-    return web.Response(status=err.status, body=err.body(), content_type="application/json", headers=headers)
+    return headers
+
+
+def error_response(err: SidecarError) -> web.Response:
+    """The contract's JSON error with ``X-Sidecar-Error`` as an aiohttp response."""
+    return web.Response(
+        status=err.status, body=err.body(), content_type="application/json", headers=error_headers(err)
+    )
+
+
+@dataclass(slots=True)
+class Admitted:
+    """A request that passed routing, identity, policy and the secret lookup."""
+
+    upstream: Upstream
+    path: str
+    query: str
+    client_id: str
+    secret_id: str
+    secret: Secret
+
+
+class ResponseHead:
+    """What goes back to the app from an upstream answer: scrubbed reason and headers, framing."""
+
+    __slots__ = ("framed", "headers", "length", "reason", "status")
+
+    def __init__(self, answer: UpstreamAnswer, upstream: Upstream, secret: Secret) -> None:
+        if answer.status < 200:
+            # A 101 the app never asked for (Upgrade is stripped) or another interim
+            # status as the final answer: not something to relay.
+            answer.close()
+            raise UpstreamUnreachable("The upstream answered with an unexpected interim status.", reason="protocol")
+        self.status = answer.status
+        self.length = answer.content_length
+        self.framed = (
+            self.length is not None and "chunked" not in answer.headers.get("Transfer-Encoding", "").lower()
+        )
+        forms = secret.memo(upstream.injection, upstream.injection.scrub_forms)
+        # The reason phrase is the upstream's text too: an echo of the key there would
+        # reach the app in the status line.
+        self.reason = _scrub(answer.reason, forms) if answer.reason else answer.reason
+        drop = _RESPONSE_DROP
+        connection = answer.headers.get("Connection")
+        if connection:
+            drop = drop | {t.strip().lower() for t in connection.split(",")}
+        self.headers = [
+            (name, _scrub(value, forms)) for name, value in answer.headers.items() if name.lower() not in drop
+        ]
+
+
+class RequestLine(Protocol):
+    """What the access log and the router read of a request (aiohttp's or the fast server's)."""
+
+    @property
+    def method(self) -> str: ...
+
+    @property
+    def raw_path(self) -> str: ...
 
 
 def _scrub(value: str, forms: tuple[str, ...]) -> str:
@@ -134,7 +193,7 @@ def _check_path(path: str) -> None:
 
 
 class DataPlane:
-    """The request handler for aiohttp's low-level ``web.Server``."""
+    """The request handler: ``handle`` for aiohttp's low-level server, ``handle_fast`` for fastserver."""
 
     def __init__(self, runtime: Runtime, access_log: AccessLog) -> None:
         self.runtime = runtime
@@ -149,42 +208,76 @@ class DataPlane:
         try:
             return await self._proxy(rt, request, rec, origin)
         except SidecarError as err:
-            return self._refuse(err, rec)
+            return error_response(self._refuse(err, rec))
         except asyncio.CancelledError:
             # The app hung up (handler_cancellation): the upstream call is abandoned with it.
             rec.status = rec.status or 499
             rec.reason = "client_closed"
             raise
         except Exception as exc:
-            # A bug, not a refusal. The exception text could hold a URL with a key in it,
-            # so only its type is logged.
-            log.error(
-                "unexpected failure handling a request",
-                extra={"upstream": rec.upstream, "exception": type(exc).__name__},
-            )
-            return self._refuse(SidecarError(reason="internal_error"), rec)
+            return error_response(self._refuse(self._bug(exc, rec), rec))
         finally:
-            metrics.INFLIGHT.dec()
-            elapsed = time.perf_counter() - started
-            counter = _REQUESTS.get((rec.upstream, rec.status))
-            if counter is None:
-                counter = _REQUESTS[(rec.upstream, rec.status)] = metrics.REQUESTS.labels(rec.upstream, str(rec.status))
-            counter.inc()
-            histogram = _DURATION.get(rec.upstream)
-            if histogram is None:
-                histogram = _DURATION[rec.upstream] = metrics.REQUEST_DURATION.labels(rec.upstream)
-            histogram.observe(elapsed)
-            self.access_log.request(request, rec, elapsed)
+            self._account(request, rec, started)
 
-    def _refuse(self, err: SidecarError, rec: _Record) -> web.Response:
+    async def handle_fast(self, exchange: FastExchange) -> None:
+        """Handle one request the fast server parsed and buffered whole; it writes the answer."""
+        rt = self.runtime
+        started = time.perf_counter()
+        rec = _Record()
+        metrics.INFLIGHT.inc()
+        try:
+            admitted = await self._admit(rt, exchange, exchange.headers, rec, None)
+            headers = exchange.headers  # the fast server's own copy: edited in place
+            self._drop_hop_headers(rt, admitted.upstream, headers)
+            answer, secret = await self._exchange(rt, exchange.method, admitted, headers, exchange.body, True, rec)
+            head = ResponseHead(answer, admitted.upstream, secret)
+            rec.status = head.status
+            if not await exchange.relay(answer, head):
+                rec.reason = "stream_interrupted"
+        except SidecarError as err:
+            exchange.refuse(self._refuse(err, rec))
+        except asyncio.CancelledError:
+            rec.status = rec.status or 499
+            rec.reason = "client_closed"
+            raise
+        except Exception as exc:
+            exchange.refuse(self._refuse(self._bug(exc, rec), rec))
+        finally:
+            self._account(exchange, rec, started)
+
+    @staticmethod
+    def _bug(exc: Exception, rec: _Record) -> SidecarError:
+        # A bug, not a refusal. The exception text could hold a URL with a key in it,
+        # so only its type is logged.
+        log.error(
+            "unexpected failure handling a request",
+            extra={"upstream": rec.upstream, "exception": type(exc).__name__},
+        )
+        return SidecarError(reason="internal_error")
+
+    def _account(self, request: RequestLine, rec: _Record, started: float) -> None:
+        metrics.INFLIGHT.dec()
+        elapsed = time.perf_counter() - started
+        counter = _REQUESTS.get((rec.upstream, rec.status))
+        if counter is None:
+            counter = _REQUESTS[(rec.upstream, rec.status)] = metrics.REQUESTS.labels(rec.upstream, str(rec.status))
+        counter.inc()
+        histogram = _DURATION.get(rec.upstream)
+        if histogram is None:
+            histogram = _DURATION[rec.upstream] = metrics.REQUEST_DURATION.labels(rec.upstream)
+        histogram.observe(elapsed)
+        self.access_log.request(request, rec, elapsed)
+
+    @staticmethod
+    def _refuse(err: SidecarError, rec: _Record) -> SidecarError:
         rec.status = err.status
         rec.error = err.code
         rec.reason = err.reason
         _DENIED.get(err.code, _DENIED["internal_error"]).inc()
-        return error_response(err)
+        return err
 
     def _route(
-        self, rt: Runtime, request: web.BaseRequest, rec: _Record, origin: tuple[str, int] | None
+        self, rt: Runtime, request: RequestLine, rec: _Record, origin: tuple[str, int] | None
     ) -> tuple[Upstream, str, str]:
         """Pick the upstream; return it with the path and raw query to send."""
         raw = request.raw_path
@@ -253,13 +346,19 @@ class DataPlane:
                 return upstream, path, query
         raise DestinationNotAllowed(reason="not_an_upstream")
 
-    async def _proxy(
-        self, rt: Runtime, request: web.BaseRequest, rec: _Record, origin: tuple[str, int] | None
-    ) -> web.StreamResponse:
+    async def _admit(
+        self,
+        rt: Runtime,
+        request: RequestLine,
+        headers: HeaderReader,
+        rec: _Record,
+        origin: tuple[str, int] | None,
+    ) -> Admitted:
+        """Route, identify, check policy and look the key up; every refusal raises."""
         upstream, path, query = self._route(rt, request, rec, origin)
         rec.upstream = upstream.name
         _check_path(path)
-        identity = await rt.identity.resolve(request.headers)
+        identity = await rt.identity.resolve(headers)
         rec.client_id = identity.client_id
         rec.identity = identity.source
         if not client_allowed(upstream.client_matcher, identity.client_id):
@@ -276,31 +375,37 @@ class DataPlane:
         except SecretStoreUnavailable:
             rec.cache = "error"
             raise
+        return Admitted(upstream, path, query, identity.client_id, secret_id, secret)
 
-        headers = CIMultiDict(request.headers)
+    @staticmethod
+    def _drop_hop_headers(rt: Runtime, upstream: Upstream, headers: CIMultiDict[str]) -> None:
+        """Remove identity, hop-by-hop and app-supplied key headers from the outgoing copy."""
+        connection = headers.get("Connection")
         for name in rt.drop_headers[upstream.name]:
             headers.popall(name, None)
-        connection = request.headers.get("Connection")
         if connection:
             # RFC 9110 7.6.1: fields named in Connection are for this hop only.
             for token in connection.split(","):
                 headers.popall(token.strip(), None)
 
-        data: bytes | StreamReader | None = None
-        replayable = True
-        if request.body_exists:
-            if request.headers.get("Expect", "").lower() == "100-continue":
-                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            length = request.content_length
-            if length is not None and length <= REPLAY_BODY_LIMIT:
-                data = await request.read()  # small: kept so a rotation can replay it
-            else:
-                data = request.content
-                replayable = False
-        target = self._target(upstream, path, query, headers, secret)
-        answer = await upstream.send(request.method, target, headers, data)
+    async def _exchange(
+        self,
+        rt: Runtime,
+        method: str,
+        admitted: Admitted,
+        headers: CIMultiDict[str],
+        data: bytes | StreamReader | None,
+        replayable: bool,
+        rec: _Record,
+    ) -> tuple[UpstreamAnswer, Secret]:
+        """Inject, send; on 401/403 with a rotated key in the store, send once more."""
+        upstream = admitted.upstream
+        secret = admitted.secret
+        field = upstream.settings.secret_field
+        target = self._target(upstream, admitted.path, admitted.query, headers, secret)
+        answer = await upstream.send(method, target, headers, data)
         if answer.status in (401, 403):
-            fresh = await rt.cache.refresh_rejected(secret_id, settings.secret_field, secret)
+            fresh = await rt.cache.refresh_rejected(admitted.secret_id, field, secret)
             if fresh is None:
                 metrics.ROTATIONS.labels(upstream.name, "unchanged").inc()
             elif not replayable:
@@ -312,12 +417,32 @@ class DataPlane:
                 answer.close()
                 metrics.ROTATIONS.labels(upstream.name, "replayed").inc()
                 log.info("upstream refused a credential that has since changed; replaying once",
-                         extra={"upstream": upstream.name, "client_id": identity.client_id})
+                         extra={"upstream": upstream.name, "client_id": admitted.client_id})
                 rec.reason = "credential_rotated"
                 secret = fresh
-                target = self._target(upstream, path, query, headers, secret)
-                answer = await upstream.send(request.method, target, headers, data)
-        return await self._stream_back(request, answer, upstream, secret, rec)
+                target = self._target(upstream, admitted.path, admitted.query, headers, secret)
+                answer = await upstream.send(method, target, headers, data)
+        return answer, secret
+
+    async def _proxy(
+        self, rt: Runtime, request: web.BaseRequest, rec: _Record, origin: tuple[str, int] | None
+    ) -> web.StreamResponse:
+        admitted = await self._admit(rt, request, request.headers, rec, origin)
+        headers = CIMultiDict(request.headers)
+        self._drop_hop_headers(rt, admitted.upstream, headers)
+        data: bytes | StreamReader | None = None
+        replayable = True
+        if request.body_exists:
+            if request.headers.get("Expect", "").lower() == "100-continue":
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            length = request.content_length
+            if length is not None and length <= REPLAY_BODY_LIMIT:
+                data = await request.read()  # small: kept so a rotation can replay it
+            else:
+                data = request.content
+                replayable = False
+        answer, secret = await self._exchange(rt, request.method, admitted, headers, data, replayable, rec)
+        return await self._stream_back(request, answer, ResponseHead(answer, admitted.upstream, secret), rec)
 
     @staticmethod
     def _target(upstream: Upstream, path: str, query: str, headers: CIMultiDict[str], secret: Secret) -> str:
@@ -330,39 +455,18 @@ class DataPlane:
         return path + "?" + query if query else path
 
     async def _stream_back(
-        self,
-        request: web.BaseRequest,
-        answer: UpstreamAnswer,
-        upstream: Upstream,
-        secret: Secret,
-        rec: _Record,
+        self, request: web.BaseRequest, answer: UpstreamAnswer, head: ResponseHead, rec: _Record
     ) -> web.StreamResponse:
-        if answer.status < 200:
-            # A 101 the app never asked for (Upgrade is stripped) or another interim
-            # status as the final answer: not something to relay.
-            answer.close()
-            raise UpstreamUnreachable("The upstream answered with an unexpected interim status.", reason="protocol")
-        length = answer.content_length
-        framed = length is not None and "chunked" not in answer.headers.get("Transfer-Encoding", "").lower()
-        forms = secret.memo(upstream.injection, upstream.injection.scrub_forms)
-        # The reason phrase is the upstream's text too: an echo of the key there would
-        # reach the app in the status line.
-        reason = _scrub(answer.reason, forms) if answer.reason else answer.reason
-        response = (_OneWriteResponse if framed else web.StreamResponse)(status=answer.status, reason=reason)
+        response = (_OneWriteResponse if head.framed else web.StreamResponse)(status=head.status, reason=head.reason)
         out = response.headers
-        drop = _RESPONSE_DROP
-        connection = answer.headers.get("Connection")
-        if connection:
-            drop = drop | {t.strip().lower() for t in connection.split(",")}
-        for name, value in answer.headers.items():
-            if name.lower() not in drop:
-                out.add(name, _scrub(value, forms))
-        if framed:
-            response.content_length = length
-        rec.status = answer.status
+        for name, value in head.headers:
+            out.add(name, value)
+        if head.framed:
+            response.content_length = head.length
+        rec.status = head.status
         try:
             await response.prepare(request)
-            if request.method != "HEAD" and answer.status not in (204, 304):
+            if request.method != "HEAD" and head.status not in (204, 304):
                 content = answer.content
                 while True:
                     chunk = await content.readany()

@@ -1,0 +1,435 @@
+"""A lean HTTP/1.1 server for the common request; anything else goes to aiohttp's.
+
+The benchmark (bench/RESULTS.md) put aiohttp's server machinery (RequestHandler,
+BaseRequest, StreamResponse) at about 25 µs of CPU per request, a third of the
+sidecar's whole budget. This protocol serves what the sidecar sees nearly all the
+time, and nothing else:
+
+- HTTP/1.1, method GET, POST, PUT, PATCH, DELETE or OPTIONS;
+- an ASCII head of at most MAX_HEAD bytes, parsed by llhttp (httptools, the same
+  parser aiohttp's C extension uses) with CRLF line ends;
+- no body, or a Content-Length body of at most REPLAY_BODY_LIMIT, buffered whole;
+- no Transfer-Encoding, Expect or Upgrade.
+
+The first request on a connection that is anything else (a parse error included)
+is handed, with every byte from its first byte on, to an aiohttp
+``RequestHandler``, which then owns the connection for good; so every odd case
+keeps aiohttp's behaviour and the adversarial suite's guarantees. The answer to a
+fast request is written by hand: one write of head and body when the upstream's
+answer is already whole, otherwise the body streamed with back-pressure
+(Content-Length kept, or chunked).
+
+Timeouts are checked by one sweep a second over all connections, not a timer per
+request: a head or body that does not complete within HEAD_TIMEOUT and a kept-alive
+connection idle for KEEPALIVE_SECONDS are closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
+
+import aiohttp
+import httptools
+from multidict import CIMultiDict
+
+from sidecar.proxy import REPLAY_BODY_LIMIT, error_headers
+
+if TYPE_CHECKING:
+    from sidecar.errors import SidecarError
+    from sidecar.proxy import DataPlane, ResponseHead
+    from sidecar.upstream import UpstreamAnswer
+
+log = logging.getLogger("sidecar.fastserver")
+
+#: Largest request head served here; a bigger one goes to aiohttp (which allows 32 KiB a field).
+MAX_HEAD = 16 * 1024
+MAX_HEADERS = 100
+#: A request head (or its body) must be complete this long after its first byte.
+HEAD_TIMEOUT = 30.0
+#: An idle kept-alive connection is closed after this long (aiohttp's server default).
+KEEPALIVE_SECONDS = 3630.0
+#: Bytes of pipelined requests buffered while one is being answered; reading pauses beyond.
+MAX_PENDING = MAX_HEAD + REPLAY_BODY_LIMIT
+FAST_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_NO_BODY_STATUS = frozenset({204, 304})
+_STATUS_LINES: dict[tuple[int, str], bytes] = {}
+_REASONS = {
+    400: "Bad Request", 403: "Forbidden", 404: "Not Found", 500: "Internal Server Error", 502: "Bad Gateway",
+    503: "Service Unavailable", 504: "Gateway Timeout",
+}
+_date: list[object] = [-1, b""]
+
+
+def _date_line(now: float) -> bytes:
+    """``Date: <IMF-fixdate>\\r\\n``, formatted once a second."""
+    whole = int(now)
+    if whole != _date[0]:
+        _date[0] = whole
+        _date[1] = b"Date: " + time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(whole)).encode() + b"\r\n"
+    return cast(bytes, _date[1])
+
+
+def _status_line(status: int, reason: str | None) -> bytes:
+    key = (status, reason or "")
+    line = _STATUS_LINES.get(key)
+    if line is None:
+        line = f"HTTP/1.1 {status} {reason or ''}\r\n".encode("latin-1", "replace")
+        if len(_STATUS_LINES) < 512:  # bounded: statuses x reason phrases seen
+            _STATUS_LINES[key] = line
+    return line
+
+
+def _encode(text: str) -> bytes:
+    try:
+        return text.encode("latin-1")  # the lean client decodes latin-1: bytes round-trip
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape")
+
+
+class _Handover(Exception):
+    """This request is not one for the fast path: aiohttp takes the connection."""
+
+
+class _HeadParser:
+    """llhttp callbacks collecting one request head."""
+
+    __slots__ = ("complete", "content_length", "count", "headers", "keep_alive", "parser", "url")
+
+    def __init__(self) -> None:
+        self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
+        self.keep_alive = False
+        self.url = b""
+        self.headers: list[tuple[str, str]] = []
+        self.count = 0
+        self.content_length = 0
+        self.complete = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.count += 1
+        if self.count > MAX_HEADERS:
+            raise _Handover
+        lower = name.lower()
+        if lower in (b"transfer-encoding", b"expect", b"upgrade"):
+            raise _Handover
+        key = name.decode("latin-1")
+        text = value.decode("latin-1")
+        if lower == b"content-length":
+            self.content_length = int(value)  # llhttp checked: digits, no duplicates
+            if self.content_length > REPLAY_BODY_LIMIT:
+                raise _Handover
+        self.headers.append((key, text))
+
+    def on_headers_complete(self) -> None:
+        # Read here: once the message is complete llhttp resets its connection flags.
+        parser = self.parser
+        assert parser is not None
+        if parser.get_http_version() != "1.1" or parser.should_upgrade():
+            raise _Handover
+        self.keep_alive = bool(parser.should_keep_alive())
+        self.complete = True
+
+
+class FastExchange:
+    """One request and the way back to its app: what ``DataPlane.handle_fast`` works with."""
+
+    __slots__ = ("body", "conn", "headers", "keep_alive", "method", "raw_path", "started")
+
+    def __init__(
+        self, conn: FastConnection, method: str, raw_path: str, headers: CIMultiDict[str], body: bytes | None,
+        keep_alive: bool,
+    ) -> None:
+        self.conn = conn
+        self.method = method
+        self.raw_path = raw_path
+        self.headers = headers
+        self.body = body
+        self.keep_alive = keep_alive
+        self.started = False  # a byte of the answer went out
+
+    def _closing(self) -> bool:
+        return not self.keep_alive or self.conn.server.closing
+
+    def refuse(self, err: SidecarError) -> None:
+        """Write the contract's JSON error (``DataPlane`` decided its status and headers)."""
+        if self.started:
+            self.conn.abort()  # the answer had begun: the app must see it cut, not completed
+            return
+        body = err.body()
+        parts = [_status_line(err.status, _REASONS.get(err.status, "Error")), _date_line(time.time())]
+        for name, value in error_headers(err).items():
+            parts.append(f"{name}: {value}\r\n".encode("ascii"))
+        parts.append(b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body))
+        if self._closing():
+            self.keep_alive = False
+            parts.append(b"Connection: close\r\n")
+        parts.append(b"\r\n")
+        parts.append(body)
+        self.started = True
+        self.conn.write(b"".join(parts))
+
+    async def relay(self, answer: UpstreamAnswer, head: ResponseHead) -> bool:
+        """Send the upstream's answer back; False if either side broke off mid-body."""
+        conn = self.conn
+        parts = [_status_line(head.status, head.reason)]
+        date = True
+        for name, value in head.headers:
+            if date and len(name) == 4 and name.lower() == "date":
+                date = False
+            parts.append(_encode(f"{name}: {value}\r\n"))
+        if date:
+            parts.append(_date_line(time.time()))
+        bodiless = head.status in _NO_BODY_STATUS
+        chunked = False
+        if head.framed:
+            parts.append(b"Content-Length: %d\r\n" % (head.length or 0))
+        elif not bodiless:
+            chunked = True
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        if self._closing():
+            self.keep_alive = False
+            parts.append(b"Connection: close\r\n")
+        parts.append(b"\r\n")
+        try:
+            if bodiless:
+                self.started = True
+                conn.write(b"".join(parts))
+            else:
+                content = answer.content
+                chunk = await content.readany()
+                if chunked and chunk:
+                    parts.append(b"%x\r\n" % len(chunk))
+                    parts.append(chunk)
+                    parts.append(b"\r\n")
+                elif chunk:
+                    parts.append(chunk)
+                self.started = True
+                conn.write(b"".join(parts))
+                while chunk:
+                    if conn.paused:
+                        await conn.drain()
+                    chunk = await content.readany()
+                    if not chunk:
+                        break
+                    conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                if chunked:
+                    conn.write(b"0\r\n\r\n")
+        except (TimeoutError, ConnectionError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError):
+            # Either side broke mid-body: the app must see a cut response, never a clean
+            # end, and the upstream connection must not go back to the pool half-read.
+            answer.close()
+            self.keep_alive = False
+            conn.abort()
+            return False
+        except BaseException:
+            answer.close()  # cancelled (the app hung up): never leave the upstream connection behind
+            raise
+        answer.release()
+        return True
+
+
+class FastConnection(asyncio.Protocol):
+    """One app connection on the fast path; see the module docstring."""
+
+    def __init__(self, server: FastServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+        self.busy = False  # a request is being answered
+        self.paused = False  # the app is not reading: writes wait in drain()
+        self.reading_paused = False
+        self.deadline = 0.0
+        self.task: asyncio.Task[None] | None = None
+        self._drain: asyncio.Future[None] | None = None
+
+    # ---- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.server.connections.add(self)
+        self.deadline = time.monotonic() + HEAD_TIMEOUT
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer = self.buffer + data if self.buffer else data
+        if self.busy:
+            if len(self.buffer) > MAX_PENDING and not self.reading_paused and self.transport is not None:
+                self.reading_paused = True
+                self.transport.pause_reading()
+            return
+        self._next()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        if self.task is not None and not self.task.done():
+            self.task.cancel()  # the app hung up: its upstream call is abandoned with it
+        self.transport = None
+        self._wake_drain()
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self._wake_drain()
+
+    # ---- requests
+
+    def _next(self) -> None:
+        """Start the request at the front of the buffer if it is complete and fast-path material."""
+        buf = self.buffer
+        if not buf:
+            return
+        if self.server.closing:
+            self.abort()
+            return
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > MAX_HEAD or b"\n\n" in buf or not buf.isascii():
+                self._handover()
+            else:
+                self._arm_head_deadline()
+            return
+        head_end = end + 4
+        if head_end > MAX_HEAD or not buf[:head_end].isascii():
+            self._handover()
+            return
+        fields = _HeadParser()
+        parser = fields.parser
+        assert parser is not None
+        try:
+            parser.feed_data(buf[:head_end])
+        except (httptools.HttpParserError, ValueError):
+            self._handover()
+            return
+        finally:
+            fields.parser = None
+        if not fields.complete:
+            self._handover()
+            return
+        method = parser.get_method().decode("ascii")
+        if method not in FAST_METHODS:
+            self._handover()
+            return
+        length = fields.content_length
+        if len(buf) < head_end + length:
+            self._arm_head_deadline()
+            return  # the body is still arriving
+        body = buf[head_end : head_end + length] if length else None
+        self.buffer = buf[head_end + length :]
+        self.busy = True
+        self.deadline = 0.0
+        exchange = FastExchange(
+            self, method, fields.url.decode("ascii"), CIMultiDict(fields.headers), body,
+            fields.keep_alive,
+        )
+        task = asyncio.get_running_loop().create_task(self.server.plane.handle_fast(exchange))
+        self.task = task
+        task.add_done_callback(lambda _: self._done(exchange))
+
+    def _arm_head_deadline(self) -> None:
+        """A request has begun: it must be complete within HEAD_TIMEOUT of its first byte."""
+        limit = time.monotonic() + HEAD_TIMEOUT
+        if self.deadline == 0.0 or self.deadline > limit:
+            self.deadline = limit
+
+    def _done(self, exchange: FastExchange) -> None:
+        self.task = None
+        self.busy = False
+        if self.transport is None:
+            return
+        if not exchange.keep_alive or self.server.closing or not exchange.started:
+            self.transport.close()
+            return
+        if self.reading_paused:
+            self.reading_paused = False
+            self.transport.resume_reading()
+        self.deadline = 0.0
+        if self.buffer:
+            self._next()
+        if not self.busy and self.transport is not None and self.deadline == 0.0:
+            self.deadline = time.monotonic() + KEEPALIVE_SECONDS
+
+    def _handover(self) -> None:
+        """aiohttp's server takes this connection, with every byte of the current request."""
+        transport = self.transport
+        if transport is None:
+            return
+        self.server.connections.discard(self)
+        self.transport = None
+        if self.reading_paused:
+            transport.resume_reading()
+        data, self.buffer = self.buffer, b""
+        self.server.hand_to_http(transport, data)
+
+    # ---- used by FastExchange
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        while self.paused and self.transport is not None:
+            self._drain = asyncio.get_running_loop().create_future()
+            await self._drain
+
+    def _wake_drain(self) -> None:
+        waiter, self._drain = self._drain, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close_if_idle(self) -> None:
+        if not self.busy and self.transport is not None:
+            self.transport.close()
+
+
+class FastServer:
+    """Makes FastConnections; sweeps their timeouts; drains them."""
+
+    def __init__(self, plane: DataPlane, hand_to_http: Callable[[asyncio.Transport, bytes], None]) -> None:
+        self.plane = plane
+        self.hand_to_http = hand_to_http
+        self.connections: set[FastConnection] = set()
+        self.closing = False
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def accept(self, transport: asyncio.Transport, first: bytes) -> None:
+        """A new connection whose first bytes were read by the listener."""
+        conn = FastConnection(self)
+        transport.set_protocol(conn)
+        conn.connection_made(transport)
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)
+        conn.data_received(first)
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        for conn in list(self.connections):
+            if not conn.busy and conn.deadline and now >= conn.deadline and conn.transport is not None:
+                conn.transport.close()
+        self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep) if self.connections else None
+
+    async def drain(self, grace: float) -> None:
+        """Close idle connections now, busy ones after their answer; abort what is left at ``grace``."""
+        self.closing = True
+        for conn in list(self.connections):
+            conn.close_if_idle()
+        busy = [conn.task for conn in self.connections if conn.task is not None]
+        if busy:
+            await asyncio.wait(busy, timeout=grace)
+        for conn in list(self.connections):
+            if conn.task is not None:
+                conn.task.cancel()
+            conn.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None

@@ -1,0 +1,247 @@
+"""The lean server (sidecar/fastserver.py) through the real CLI, on raw sockets.
+
+It serves simple HTTP/1.1 requests itself and hands a connection to aiohttp at the
+first request it does not serve; these tests drive both kinds on one connection,
+pipelining, framing of what goes back, and keep-alive, the way an app's HTTP
+client would. Every test runs with the fast server and with SIDECAR_SERVER=aiohttp:
+the two must not differ in anything an app can see.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.leaks import make_secret
+from tests.support.process import SidecarProcess
+from tests.support.upstream import EchoUpstream
+
+
+@pytest.fixture(scope="module", params=["fast", "aiohttp"])
+def server_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> dict[str, str]:
+    return {"alice": make_secret("fs-alice"), "bob": make_secret("fs-bob")}
+
+
+@pytest.fixture
+def sidecar(
+    start_sidecar: Callable[..., SidecarProcess], echo: EchoUpstream, tmp_path: Path, keys: dict[str, str],
+    server_kind: str,
+) -> SidecarProcess:
+    keys_file = tmp_path / "keys.json"
+    keys_file.write_text(json.dumps({f"mcp/polygon/{k}": v for k, v in keys.items()}), encoding="utf-8")
+    return start_sidecar(
+        {
+            "secrets": {"backend": "file", "file": {"path": str(keys_file)}},
+            "upstreams": {
+                "polygon": {
+                    "url": echo.url,
+                    "secret": "mcp/polygon/{client_id}",
+                    "inject": {"query": "apiKey"},
+                    "allow_private": True,
+                },
+            },
+        },
+        env={"SIDECAR_SERVER": server_kind},
+    )
+
+
+class Conn:
+    """A raw keep-alive connection that reads one response at a time."""
+
+    def __init__(self, sc: SidecarProcess) -> None:
+        host, port = sc.url.split("//")[1].rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=10)
+        self.buf = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _fill(self) -> bool:
+        chunk = self.sock.recv(65536)
+        self.buf += chunk
+        return bool(chunk)
+
+    def response(self) -> tuple[int, dict[str, str], bytes]:
+        while b"\r\n\r\n" not in self.buf:
+            assert self._fill(), f"connection closed before a response head: {self.buf!r}"
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ")[1])
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        if "content-length" in headers:
+            n = int(headers["content-length"])
+            while len(self.buf) < n:
+                assert self._fill(), "connection closed mid-body"
+            body, self.buf = self.buf[:n], self.buf[n:]
+        elif headers.get("transfer-encoding", "").lower() == "chunked":
+            body = b""
+            while True:
+                while b"\r\n" not in self.buf:
+                    assert self._fill()
+                size_line, self.buf = self.buf.split(b"\r\n", 1)
+                size = int(size_line, 16)
+                while len(self.buf) < size + 2:
+                    assert self._fill()
+                body += self.buf[:size]
+                assert self.buf[size : size + 2] == b"\r\n"
+                self.buf = self.buf[size + 2 :]
+                if size == 0:
+                    break
+        else:
+            body = b""
+        return status, headers, body
+
+    def closed_by_peer(self) -> bool:
+        try:
+            return not self._fill() and self.buf == b""
+        except TimeoutError:
+            return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def get(path: str, client: str = "alice", extra: str = "") -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: sidecar\r\nX-Client-Id: {client}\r\n{extra}\r\n".encode()
+
+
+def test_pipelined_requests_answer_in_order_with_each_clients_key(
+    sidecar: SidecarProcess, keys: dict[str, str]
+) -> None:
+    conn = Conn(sidecar)
+    conn.send(get("/polygon/echo/one?x=1") + get("/polygon/echo/two", "bob") + get("/polygon/echo/three"))
+    answers = [conn.response() for _ in range(3)]
+    assert [a[0] for a in answers] == [200, 200, 200]
+    seen = [json.loads(a[2]) for a in answers]
+    assert [s["raw_path"].split("?")[0] for s in seen] == ["/echo/one", "/echo/two", "/echo/three"]
+    assert seen[0]["query"] == f"x=1&apiKey={keys['alice']}"
+    assert seen[1]["query"] == f"apiKey={keys['bob']}"
+    for s in seen:
+        assert "x-client-id" not in {k.lower() for k, _ in s["headers"]}
+    conn.close()
+
+
+def test_head_arriving_a_byte_at_a_time(sidecar: SidecarProcess) -> None:
+    conn = Conn(sidecar)
+    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for byte in get("/polygon/echo/bytewise"):
+        conn.send(bytes([byte]))
+    status, _, body = conn.response()
+    assert status == 200 and json.loads(body)["raw_path"].startswith("/echo/bytewise?")
+    conn.close()
+
+
+def test_requests_the_fast_path_does_not_serve_share_the_connection(sidecar: SidecarProcess) -> None:
+    """A plain GET, then a chunked upload (aiohttp's), then a GET: one connection, three answers."""
+    conn = Conn(sidecar)
+    conn.send(get("/polygon/echo/first"))
+    assert conn.response()[0] == 200
+    payload = b"0123456789" * 1000
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(payload), payload)
+    conn.send(
+        b"POST /polygon/upload HTTP/1.1\r\nHost: s\r\nX-Client-Id: alice\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + chunked
+    )
+    status, _, body = conn.response()
+    assert status == 200
+    assert json.loads(body) == {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+    conn.send(get("/polygon/echo/third"))
+    status, _, body = conn.response()
+    assert status == 200 and json.loads(body)["raw_path"].startswith("/echo/third?")
+    conn.close()
+
+
+def test_content_length_body_arrives_whole_and_split(sidecar: SidecarProcess) -> None:
+    conn = Conn(sidecar)
+    payload = bytes(range(256)) * 300  # 76.8 kB, binary
+    head = (
+        b"POST /polygon/upload HTTP/1.1\r\nHost: s\r\nX-Client-Id: alice\r\n"
+        b"Content-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n" % len(payload)
+    )
+    conn.send(head + payload[:1000])
+    conn.send(payload[1000:])
+    status, _, body = conn.response()
+    assert status == 200
+    assert json.loads(body) == {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+    conn.close()
+
+
+def test_streamed_upstream_answer_is_relayed_chunked_and_the_connection_kept(sidecar: SidecarProcess) -> None:
+    conn = Conn(sidecar)
+    conn.send(get("/polygon/stream?chunks=4&delay=0.05"))
+    status, headers, body = conn.response()
+    assert status == 200
+    assert headers.get("transfer-encoding", "").lower() == "chunked"
+    assert body == b"".join(f"chunk-{i}\n".encode() for i in range(4))
+    conn.send(get("/polygon/echo/after"))
+    assert conn.response()[0] == 200
+    conn.close()
+
+
+def test_refusal_keeps_the_connection_and_connection_close_is_honoured(sidecar: SidecarProcess) -> None:
+    conn = Conn(sidecar)
+    conn.send(get("/nope/x") + get("/polygon/echo/x", client="bad client"))
+    status, headers, body = conn.response()
+    assert status == 404 and headers["x-sidecar-error"] == "unknown_upstream"
+    assert json.loads(body)["error"] == "unknown_upstream"
+    status, headers, _ = conn.response()
+    assert status == 400 and headers["x-sidecar-error"] == "invalid_client_id"
+    conn.send(get("/polygon/echo/last", extra="Connection: close\r\n"))
+    status, _, _ = conn.response()
+    assert status == 200
+    assert conn.closed_by_peer()
+    conn.close()
+
+
+def test_http10_request_is_answered_and_closed(sidecar: SidecarProcess) -> None:
+    conn = Conn(sidecar)
+    conn.send(b"GET /polygon/echo/old HTTP/1.0\r\nX-Client-Id: alice\r\n\r\n")
+    status, _, body = conn.response()
+    assert status == 200 and json.loads(body)["raw_path"].startswith("/echo/old?")
+    assert conn.closed_by_peer()
+    conn.close()
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GET /polygon/echo/x HTTP/1.1\r\nX-Client-Id: alice\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+        b"GET /polygon/echo/x HTTP/1.1\r\nX Client: alice\r\n\r\n",
+        b"GET /polygon/echo/x HTTP/1.1\r\nX-Client-Id: alice\r\nContent-Length: -1\r\n\r\n",
+    ],
+    ids=["two-lengths", "space-in-name", "negative-length"],
+)
+def test_malformed_heads_get_the_contract_400_and_no_upstream_call(
+    sidecar: SidecarProcess, echo: EchoUpstream, raw: bytes
+) -> None:
+    conn = Conn(sidecar)
+    conn.send(raw)
+    status, headers, body = conn.response()
+    assert status == 400
+    assert headers["content-type"].startswith("application/json")
+    assert json.loads(body)["error"] == "bad_request"
+    assert echo.received == []
+    conn.close()
+
+
+def test_large_head_goes_through(sidecar: SidecarProcess) -> None:
+    """A head over the fast path's 16 KiB (aiohttp allows 32 KiB a field) is still served."""
+    conn = Conn(sidecar)
+    big = "".join(f"X-Big-{i}: {str(i) * 6000}\r\n" for i in range(3))  # the echo upstream allows 8 KiB a field
+    conn.send(get("/polygon/echo/big", extra=big))
+    status, _, body = conn.response()
+    assert status == 200
+    got: dict[str, Any] = dict(json.loads(body)["headers"])
+    assert [got[f"X-Big-{i}"] for i in range(3)] == [str(i) * 6000 for i in range(3)]
+    conn.close()
