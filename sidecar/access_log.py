@@ -1,9 +1,15 @@
 """Logging: JSON (or text) lines on stdout, and the one access line per request.
 
-The access line is built by hand and written straight to stdout: the stdlib
-logging chain (records, filters, formatters) costs several times more per
-request. Writes are flushed at most every FLUSH_SECONDS so a busy sidecar does
-not make one syscall per request, and a quiet one still shows its lines at once.
+The access line is built by hand: the stdlib logging chain (records, filters,
+formatters) costs several times more per request. Lines are kept in a list and
+written at most every FLUSH_SECONDS with ``os.write`` on the stream's descriptor,
+in pieces of whole lines no larger than PIPE_BUF: a write that size to a pipe is
+atomic, so the workers of ``workers: N`` sharing one stdout never interleave
+inside a line, and a busy sidecar makes one syscall per many requests instead of
+one per request (Python's own stdout, line-buffered or PYTHONUNBUFFERED as in the
+image, would write every line). A quiet sidecar still shows its lines within
+FLUSH_SECONDS; other log records flush pending access lines first, so the order of
+lines on stdout is the order they happened.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from typing import TYPE_CHECKING, Any, TextIO
@@ -19,6 +26,17 @@ if TYPE_CHECKING:
     from sidecar.proxy import RequestLine, _Record
 
 FLUSH_SECONDS = 0.05
+#: Largest single write: atomic on a pipe (POSIX PIPE_BUF is at least 512; Linux 4096).
+WRITE_PIECE = 4096
+_encode_str = json.encoder.encode_basestring_ascii
+#: AccessLogs with lines not yet written.
+_dirty: set[AccessLog] = set()
+
+
+def flush_access_lines() -> None:
+    """Write every pending access line now (before another log record, and at exit)."""
+    for log in list(_dirty):
+        log.flush()
 #: Attributes every LogRecord has; anything else came in through ``extra=`` and is logged.
 _STANDARD = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime", "taskName"}
 
@@ -70,9 +88,18 @@ class TextFormatter(logging.Formatter):
         return f"{text} {extras}" if extras else text
 
 
+class _OrderedHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler that lets pending access lines out first."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if _dirty:
+            flush_access_lines()
+        super().emit(record)
+
+
 def configure_logging(level: str, fmt: str, stream: TextIO | None = None) -> None:
     """Send every logger to stdout in the chosen format; quiet aiohttp's own access log."""
-    handler = logging.StreamHandler(stream or sys.stdout)
+    handler = _OrderedHandler(stream or sys.stdout)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
@@ -91,7 +118,12 @@ class AccessLog:
     def __init__(self, fmt: str = "json", stream: TextIO | None = None) -> None:
         self.fmt = fmt
         self.stream = stream or sys.stdout
-        self._flush_pending = False
+        self._pending: list[str] = []
+        self._timer: asyncio.TimerHandle | None = None
+        try:
+            self._fd: int | None = self.stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            self._fd = None  # a StringIO in tests: written through the stream
 
     def request(self, request: RequestLine, rec: _Record, elapsed: float) -> None:
         """The line for an HTTP request the data plane handled."""
@@ -140,15 +172,15 @@ class AccessLog:
             text = (
                 f'{{"ts": "{_timestamp(time.time())}", "event": "request", "mode": "{mode}", '
                 f'"client_id": {_q(client_id)}, "identity": {_q(identity)}, "upstream": "{upstream}", '
-                f'"method": {json.dumps(method)}, "path": {json.dumps(path[:512])}, "status": {status}, '
+                f'"method": {_encode_str(method)}, "path": {_encode_str(path[:512])}, "status": {status}, '
                 f'"duration_ms": {round(elapsed * 1000, 3)}, "cache": {_q(cache)}'
             )
             if destination is not None:
-                text += f', "destination": {json.dumps(destination[:300])}'
+                text += f', "destination": {_encode_str(destination[:300])}'
             if error is not None:
                 text += f', "error": "{error}"'
             if reason is not None:
-                text += f', "reason": {json.dumps(reason)}'
+                text += f', "reason": {_encode_str(reason)}'
             text += "}"
         else:
             fields: dict[str, Any] = {
@@ -158,17 +190,35 @@ class AccessLog:
                 "destination": destination, "error": error, "reason": reason,
             }
             text = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
-        self.stream.write(text + "\n")
-        if not self._flush_pending:
-            self._flush_pending = True
+        self._pending.append(text)
+        if self._timer is None:
+            _dirty.add(self)
             try:
-                asyncio.get_running_loop().call_later(FLUSH_SECONDS, self._flush)
+                self._timer = asyncio.get_running_loop().call_later(FLUSH_SECONDS, self.flush)
             except RuntimeError:
-                self._flush()
+                self.flush()
 
-    def _flush(self) -> None:
-        self._flush_pending = False
+    def flush(self) -> None:
+        """Write the pending lines: whole lines, pieces of at most WRITE_PIECE bytes."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        _dirty.discard(self)
+        lines, self._pending = self._pending, []
+        if not lines:
+            return
+        data = ("\n".join(lines) + "\n").encode("utf-8", "surrogateescape")
         try:
-            self.stream.flush()
+            if self._fd is None:
+                self.stream.write(data.decode("utf-8", "surrogateescape"))
+                self.stream.flush()
+                return
+            self.stream.flush()  # anything Python buffered for this stream goes first
+            while data:
+                cut = len(data) if len(data) <= WRITE_PIECE else data.rfind(b"\n", 0, WRITE_PIECE) + 1
+                if cut <= 0:
+                    cut = data.find(b"\n") + 1  # one line longer than a piece: alone
+                written = os.write(self._fd, data[:cut])
+                data = data[written:]
         except (OSError, ValueError):
-            pass
+            pass  # stdout is gone; nothing else could report it

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from sidecar import metrics
-from sidecar.access_log import AccessLog, configure_logging
+from sidecar.access_log import AccessLog, configure_logging, flush_access_lines
 from sidecar.admin import bound_address, build_admin_app
 from sidecar.config import ListenAddress, SecretsSettings, Settings, load_settings, parse_passthrough
 from sidecar.connect import Front
@@ -378,4 +378,7 @@ def run(settings: Settings, config_path: Path | None, worker: WorkerRole | None 
         runner = uvloop.run
     except ImportError:
         pass
-    return runner(serve(settings, config_path, worker))
+    try:
+        return runner(serve(settings, config_path, worker))
+    finally:
+        flush_access_lines()
