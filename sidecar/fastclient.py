@@ -275,18 +275,33 @@ class _Connection(asyncio.Protocol):
         self.abort()
 
     async def exchange(self, request: bytes) -> FastResponse:
-        """Send one request; wait for the head of its answer."""
+        """Send one request; wait at most the pool's timeout for the whole head of its answer.
+
+        A plain timer, not ``asyncio.timeout``: that context manager costs several
+        microseconds a request (a Timeout object, the current task, uncancel).
+        """
         assert self.transport is not None
         self._response = None
         self._complete = False
         self._got_bytes = False
         self._expecting = True
-        self._head_waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[FastResponse] = loop.create_future()
+        self._head_waiter = waiter
         self.transport.write(request)
+        timer = loop.call_later(self.pool.timeout, self._head_timeout)
         try:
-            return await self._head_waiter
+            return await waiter
         finally:
+            timer.cancel()
             self._head_waiter = None
+
+    def _head_timeout(self) -> None:
+        """The answer's head did not arrive in time: the exchange fails, the connection goes."""
+        waiter = self._head_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(UpstreamTimeout(reason="timeout"))
+        self.abort()
 
     def finished(self, reusable: bool) -> None:
         self._response = None
@@ -352,8 +367,31 @@ class FastPool:
             head.append(b"\r\n")
         data = b"".join(head)
         conn = self._take_idle()
+        if conn is None and self._open >= MAX_CONNECTIONS:
+            async with asyncio.timeout(self.timeout):  # a TimeoutError: Upstream.send's timeout
+                conn = await self._wait_for_slot()
+        if conn is not None:
+            try:
+                return await conn.exchange(data)
+            except _EarlyClose:
+                pass  # the upstream had closed the idle connection: one fresh try
+            except BaseException:
+                conn.abort()  # cancelled or failed mid-exchange: the connection is in an unknown state
+                raise
+        async with asyncio.timeout(self.timeout):  # name resolution and connect, as one budget
+            conn = await self._connect()
+        try:
+            return await conn.exchange(data)
+        except _EarlyClose:
+            raise UpstreamUnreachable("The upstream closed the connection.", reason="protocol") from None
+        except BaseException:
+            conn.abort()
+            raise
+
+    async def _wait_for_slot(self) -> _Connection | None:
+        """Every connection is busy: wait for one to be given back (returned) or to close (None)."""
+        conn = None
         while conn is None and self._open >= MAX_CONNECTIONS:
-            # Every connection is busy: wait for one to be given back or to close.
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
             try:
@@ -365,22 +403,7 @@ class FastPool:
                     waiter.cancel()
                 raise
             conn = self._take_idle()
-        if conn is not None:
-            try:
-                return await conn.exchange(data)
-            except _EarlyClose:
-                pass  # the upstream had closed the idle connection: one fresh try
-            except BaseException:
-                conn.abort()  # cancelled or failed mid-exchange: the connection is in an unknown state
-                raise
-        conn = await self._connect()
-        try:
-            return await conn.exchange(data)
-        except _EarlyClose:
-            raise UpstreamUnreachable("The upstream closed the connection.", reason="protocol") from None
-        except BaseException:
-            conn.abort()
-            raise
+        return conn
 
     def _take_idle(self) -> _Connection | None:
         now = time.monotonic()

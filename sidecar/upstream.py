@@ -57,7 +57,7 @@ READ_BUFFER = 64 * 1024
 FAST_CLIENT = os.environ.get("SIDECAR_UPSTREAM_CLIENT", "fast") != "aiohttp" and find_spec("httptools") is not None
 _ERROR_KINDS = {
     "connect": "connect", "dns": "connect", "tls": "tls", "connect_timeout": "timeout",
-    "protocol": "protocol", "forbidden_address": "forbidden_address",
+    "protocol": "protocol", "forbidden_address": "forbidden_address", "timeout": "timeout",
 }
 
 
@@ -207,16 +207,17 @@ class Upstream:
         """Send one request (``target`` is the raw path and query); failures become our errors."""
         assert self.session is not None
         try:
+            if (
+                self.fast is not None
+                and method != "HEAD"  # llhttp cannot be told a response has no body
+                and (data is None or isinstance(data, bytes))
+                and "Expect" not in headers
+            ):
+                # The lean client bounds connecting and the head itself (timeout_seconds each).
+                return await self.fast.request(method, target, headers, data)
             # sock_read alone would let an upstream trickle its head a byte at a time
             # forever; the head as a whole must arrive within timeout_seconds.
             async with asyncio.timeout(self.settings.timeout_seconds):
-                if (
-                    self.fast is not None
-                    and method != "HEAD"  # llhttp cannot be told a response has no body
-                    and (data is None or isinstance(data, bytes))
-                    and "Expect" not in headers
-                ):
-                    return await self.fast.request(method, target, headers, data)
                 url = URL(self.origin + target, encoded=True)
                 return await self.session.request(
                     method, url, headers=headers, data=data, allow_redirects=False, compress=None
