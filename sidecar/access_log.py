@@ -120,6 +120,7 @@ class AccessLog:
         self.stream = stream or sys.stdout
         self._pending: list[str] = []
         self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # looked up once: each lookup is a getpid()
         try:
             self._fd: int | None = self.stream.fileno()
         except (AttributeError, OSError, ValueError):
@@ -193,10 +194,14 @@ class AccessLog:
         self._pending.append(text)
         if self._timer is None:
             _dirty.add(self)
-            try:
-                self._timer = asyncio.get_running_loop().call_later(FLUSH_SECONDS, self.flush)
-            except RuntimeError:
-                self.flush()
+            loop = self._loop
+            if loop is None or loop.is_closed():
+                try:
+                    loop = self._loop = asyncio.get_running_loop()
+                except RuntimeError:
+                    self.flush()
+                    return
+            self._timer = loop.call_later(FLUSH_SECONDS, self.flush)
 
     def flush(self) -> None:
         """Write the pending lines: whole lines, pieces of at most WRITE_PIECE bytes."""

@@ -17,7 +17,7 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from importlib.util import find_spec
 from typing import TYPE_CHECKING, Any, cast
 
@@ -154,7 +154,7 @@ class _Sniffer(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport; they implement it.
         self.transport = cast(asyncio.Transport, transport)
-        self.timer = asyncio.get_running_loop().call_later(FIRST_BYTES_TIMEOUT, self.transport.close)
+        self.timer = self.front.loop.call_later(FIRST_BYTES_TIMEOUT, self.transport.close)
 
     def data_received(self, data: bytes) -> None:
         assert self.transport is not None
@@ -164,7 +164,7 @@ class _Sniffer(asyncio.Protocol):
             return  # could still become a CONNECT
         if not head.startswith(_CONNECT):
             self._cancel_timer()
-            self.front.accept_http(self.transport, self.buffer)
+            self.front.hand_to_http(self.transport, self.buffer)
             return
         end = self.buffer.find(b"\r\n\r\n")
         if end < 0:
@@ -259,11 +259,12 @@ class Front:
         self.plane = plane
         self.server_kwargs = http_server_kwargs
         self.http = _Server(self, plane.handle, **http_server_kwargs)
+        self.loop = asyncio.get_running_loop()
         self.fast: FastServer | None = None
         if FAST_SERVER:
             from sidecar.fastserver import FastServer
 
-            self.fast = FastServer(plane, self.hand_to_http)
+            self.fast = FastServer(plane, self.hand_to_http, self.hand_to_connect)
         self.authority = authority
         self._intercept_servers: dict[tuple[str, int], web.Server] = {}
         self._tunnels: set[_Tunnel] = set()
@@ -273,18 +274,23 @@ class Front:
     async def listen(self, host: str, port: int, reuse_port: bool = False) -> tuple[str, int]:
         """Bind; returns the bound address."""
         loop = asyncio.get_running_loop()
+        # The fast server reads the first bytes itself and passes a CONNECT on to a _Sniffer.
+        factory: Callable[[], asyncio.Protocol] = self.fast.protocol if self.fast is not None else self._sniffer
         self._listener = await loop.create_server(
-            lambda: _Sniffer(self), host, port, reuse_address=True, reuse_port=reuse_port or None, backlog=1024
+            factory, host, port, reuse_address=True, reuse_port=reuse_port or None, backlog=1024
         )
         sockname = self._listener.sockets[0].getsockname()
         return str(sockname[0]), int(sockname[1])
 
-    def accept_http(self, transport: asyncio.Transport, first: bytes) -> None:
-        """A new plain HTTP connection: the fast server's, unless it is turned off."""
-        if self.fast is not None:
-            self.fast.accept(transport, first)
-        else:
-            self.hand_to_http(transport, first)
+    def _sniffer(self) -> _Sniffer:
+        return _Sniffer(self)
+
+    def hand_to_connect(self, transport: asyncio.Transport, first: bytes) -> None:
+        """A connection that starts with CONNECT (seen by the fast server): decided here."""
+        sniffer = _Sniffer(self)
+        transport.set_protocol(sniffer)
+        sniffer.connection_made(transport)
+        sniffer.data_received(first)
 
     def hand_to_http(self, transport: asyncio.Transport, first: bytes) -> None:
         handler = self.http()

@@ -285,7 +285,7 @@ class _Connection(asyncio.Protocol):
         self._complete = False
         self._got_bytes = False
         self._expecting = True
-        loop = asyncio.get_running_loop()
+        loop = self.pool.loop
         waiter: asyncio.Future[FastResponse] = loop.create_future()
         self._head_waiter = waiter
         self.transport.write(request)
@@ -344,6 +344,8 @@ class FastPool:
         self.allow_private = allow_private
         self.timeout = timeout
         self.host_line = f"Host: {host_header}\r\n".encode("ascii")
+        # Kept: asyncio.get_running_loop() costs a getpid() syscall on every call (CPython 3.11).
+        self.loop = asyncio.get_running_loop()
         self._idle: list[_Connection] = []
         self._addresses: list[str] = []
         self._resolved_at = -DNS_TTL_SECONDS

@@ -54,6 +54,7 @@ HEAD_TIMEOUT = 30.0
 KEEPALIVE_SECONDS = 3630.0
 #: Bytes of pipelined requests buffered while one is being answered; reading pauses beyond.
 MAX_PENDING = MAX_HEAD + REPLAY_BODY_LIMIT
+_CONNECT = b"CONNECT "
 FAST_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _NO_BODY_STATUS = frozenset({204, 304})
 _STATUS_LINES: dict[tuple[int, str], bytes] = {}
@@ -177,12 +178,13 @@ class FastExchange:
     async def relay(self, answer: UpstreamAnswer, head: ResponseHead) -> bool:
         """Send the upstream's answer back; False if either side broke off mid-body."""
         conn = self.conn
-        parts = [_status_line(head.status, head.reason)]
+        lines = []
         date = True
         for name, value in head.headers:
             if date and len(name) == 4 and name.lower() == "date":
                 date = False
-            parts.append(_encode(f"{name}: {value}\r\n"))
+            lines.append(f"{name}: {value}\r\n")
+        parts = [_status_line(head.status, head.reason), _encode("".join(lines))]
         if date:
             parts.append(_date_line(time.time()))
         bodiless = head.status in _NO_BODY_STATUS
@@ -245,6 +247,7 @@ class FastConnection(asyncio.Protocol):
         self.paused = False  # the app is not reading: writes wait in drain()
         self.reading_paused = False
         self.deadline = 0.0
+        self.fresh = True  # nothing read yet: the connection could still be a CONNECT
         self.task: asyncio.Task[None] | None = None
         self._drain: asyncio.Future[None] | None = None
 
@@ -257,6 +260,14 @@ class FastConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer = self.buffer + data if self.buffer else data
+        if self.fresh:
+            head = self.buffer[:8]
+            if _CONNECT.startswith(head) and len(head) < 8:
+                return  # could still become a CONNECT
+            self.fresh = False
+            if head == _CONNECT:
+                self._hand(self.server.hand_to_connect)
+                return
         if self.busy:
             if len(self.buffer) > MAX_PENDING and not self.reading_paused and self.transport is not None:
                 self.reading_paused = True
@@ -328,7 +339,7 @@ class FastConnection(asyncio.Protocol):
             self, method, fields.url.decode("ascii"), CIMultiDict(fields.headers), body,
             fields.keep_alive,
         )
-        task = asyncio.get_running_loop().create_task(self.server.plane.handle_fast(exchange))
+        task = self.server.loop.create_task(self.server.plane.handle_fast(exchange))
         self.task = task
         task.add_done_callback(lambda _: self._done(exchange))
 
@@ -357,6 +368,9 @@ class FastConnection(asyncio.Protocol):
 
     def _handover(self) -> None:
         """aiohttp's server takes this connection, with every byte of the current request."""
+        self._hand(self.server.hand_to_http)
+
+    def _hand(self, to: Callable[[asyncio.Transport, bytes], None]) -> None:
         transport = self.transport
         if transport is None:
             return
@@ -365,7 +379,7 @@ class FastConnection(asyncio.Protocol):
         if self.reading_paused:
             transport.resume_reading()
         data, self.buffer = self.buffer, b""
-        self.server.hand_to_http(transport, data)
+        to(transport, data)
 
     # ---- used by FastExchange
 
@@ -375,7 +389,7 @@ class FastConnection(asyncio.Protocol):
 
     async def drain(self) -> None:
         while self.paused and self.transport is not None:
-            self._drain = asyncio.get_running_loop().create_future()
+            self._drain = self.server.loop.create_future()
             await self._drain
 
     def _wake_drain(self) -> None:
@@ -395,28 +409,33 @@ class FastConnection(asyncio.Protocol):
 class FastServer:
     """Makes FastConnections; sweeps their timeouts; drains them."""
 
-    def __init__(self, plane: DataPlane, hand_to_http: Callable[[asyncio.Transport, bytes], None]) -> None:
+    def __init__(
+        self,
+        plane: DataPlane,
+        hand_to_http: Callable[[asyncio.Transport, bytes], None],
+        hand_to_connect: Callable[[asyncio.Transport, bytes], None],
+    ) -> None:
+        # Kept: asyncio.get_running_loop() costs a getpid() syscall on every call (CPython 3.11).
+        self.loop = asyncio.get_running_loop()
         self.plane = plane
         self.hand_to_http = hand_to_http
+        self.hand_to_connect = hand_to_connect
         self.connections: set[FastConnection] = set()
         self.closing = False
         self._sweeper: asyncio.TimerHandle | None = None
 
-    def accept(self, transport: asyncio.Transport, first: bytes) -> None:
-        """A new connection whose first bytes were read by the listener."""
-        conn = FastConnection(self)
-        transport.set_protocol(conn)
-        conn.connection_made(transport)
+    def protocol(self) -> FastConnection:
+        """The listener's protocol factory: every new connection starts here."""
         if self._sweeper is None:
-            self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep)
-        conn.data_received(first)
+            self._sweeper = self.loop.call_later(1.0, self._sweep)
+        return FastConnection(self)
 
     def _sweep(self) -> None:
         now = time.monotonic()
         for conn in list(self.connections):
             if not conn.busy and conn.deadline and now >= conn.deadline and conn.transport is not None:
                 conn.transport.close()
-        self._sweeper = asyncio.get_running_loop().call_later(1.0, self._sweep) if self.connections else None
+        self._sweeper = self.loop.call_later(1.0, self._sweep) if self.connections else None
 
     async def drain(self, grace: float) -> None:
         """Close idle connections now, busy ones after their answer; abort what is left at ``grace``."""

@@ -59,8 +59,11 @@ def compile_injector(rule: InjectSettings) -> CompiledInjection:
         def render(secret: Secret) -> str:
             return before + secret.reveal() + after
 
+        def encode_pair(secret: Secret) -> str:
+            return quoted_name + "=" + quote(render(secret), safe="")
+
         def inject_query(query: str, secret: Secret) -> str:
-            pair = quoted_name + "=" + quote(render(secret), safe="")
+            pair: str = secret.memo(encode_pair, encode_pair)  # percent-encoded once per value
             if not query:
                 return pair
             if "%" in query or "+" in query or folded in query.casefold():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import unquote, urlsplit
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from sidecar.access_log import AccessLog
     from sidecar.fastserver import FastExchange
     from sidecar.identity import HeaderReader, IdentityResolver
+    from sidecar.inject import CompiledInjection
     from sidecar.secrets.base import Secret
     from sidecar.secrets.cache import SecretCache
 
@@ -150,7 +152,7 @@ class ResponseHead:
         self.framed = (
             self.length is not None and "chunked" not in answer.headers.get("Transfer-Encoding", "").lower()
         )
-        forms = secret.memo(upstream.injection, upstream.injection.scrub_forms)
+        forms, shortest = secret.memo(upstream.injection, _scrub_forms_of(upstream.injection))
         # The reason phrase is the upstream's text too: an echo of the key there would
         # reach the app in the status line.
         self.reason = _scrub(answer.reason, forms) if answer.reason else answer.reason
@@ -158,8 +160,11 @@ class ResponseHead:
         connection = answer.headers.get("Connection")
         if connection:
             drop = drop | {t.strip().lower() for t in connection.split(",")}
+        # A value shorter than every spelling of the key cannot hold one (most of them).
         self.headers = [
-            (name, _scrub(value, forms)) for name, value in answer.headers.items() if name.lower() not in drop
+            (name, _scrub(value, forms) if len(value) >= shortest else value)
+            for name, value in answer.headers.items()
+            if name.lower() not in drop
         ]
 
 
@@ -179,6 +184,16 @@ def _scrub(value: str, forms: tuple[str, ...]) -> str:
         if form in value:
             value = value.replace(form, _REDACTED)
     return value
+
+
+def _scrub_forms_of(injection: CompiledInjection) -> Callable[[Secret], tuple[tuple[str, ...], int]]:
+    """The spellings of a key to scrub, and the length of the shortest (memoised per value)."""
+
+    def derive(secret: Secret) -> tuple[tuple[str, ...], int]:
+        forms = injection.scrub_forms(secret)
+        return forms, min((len(f) for f in forms), default=0)
+
+    return derive
 
 
 def _check_path(path: str) -> None:
