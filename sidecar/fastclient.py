@@ -25,7 +25,6 @@ import asyncio
 import ssl
 import time
 from collections import deque
-from typing import Protocol
 
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -57,31 +56,6 @@ class _EarlyClose(Exception):
     """The pooled connection was closed before any byte of the answer: safe to retry."""
 
 
-class AnswerSink(Protocol):
-    """Who is told about the answer to one exchange: its head (and what body came with it), or an error."""
-
-    def on_answer(self, response: FastResponse) -> None: ...
-
-    def on_error(self, error: BaseException) -> None: ...
-
-
-class _FutureSink:
-    """The sink of an awaited exchange."""
-
-    __slots__ = ("future",)
-
-    def __init__(self, future: asyncio.Future[FastResponse]) -> None:
-        self.future = future
-
-    def on_answer(self, response: FastResponse) -> None:
-        if not self.future.done():
-            self.future.set_result(response)
-
-    def on_error(self, error: BaseException) -> None:
-        if not self.future.done():
-            self.future.set_exception(error)
-
-
 class FastResponse:
     """The answer: status, headers and a body read with ``readany`` (aiohttp's surface)."""
 
@@ -107,14 +81,6 @@ class FastResponse:
     @property
     def content(self) -> FastResponse:
         return self
-
-    def whole_body(self) -> bytes | None:
-        """The entire body if it has all arrived cleanly and nothing was read yet; else None."""
-        if not self._done or self._error is not None:
-            return None
-        if len(self._chunks) == 1:
-            return self._chunks[0]
-        return b"".join(self._chunks)
 
     # ---- fed by the connection
 
@@ -184,9 +150,7 @@ class _Connection(asyncio.Protocol):
         self.counted = False  # part of the pool's open-connection count
         self.idle_since = 0.0
         self._parser = httptools.HttpResponseParser(self)
-        self._sink: AnswerSink | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._ready: FastResponse | None = None  # a head parsed in this feed, told after it
+        self._head_waiter: asyncio.Future[FastResponse] | None = None
         self._response: FastResponse | None = None
         self._headers: CIMultiDict[str] = CIMultiDict()
         self._reason = ""
@@ -219,14 +183,6 @@ class _Connection(asyncio.Protocol):
             self._fail(UpstreamUnreachable("The upstream switched protocols.", reason="protocol"))
         except httptools.HttpParserError:
             self._fail(UpstreamUnreachable("The upstream answered with a malformed response.", reason="protocol"))
-        ready = self._ready
-        if ready is not None:
-            # Told once the whole read is parsed: a small answer is then complete, and the
-            # sink can send it back in one piece.
-            self._ready = None
-            sink = self._detach()
-            if sink is not None:
-                sink.on_answer(ready)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -237,12 +193,12 @@ class _Connection(asyncio.Protocol):
                 response._finish()  # a body that ends with the connection (no length, not chunked)
             else:
                 response._finish(UpstreamBodyError("connection closed mid-body"))
-        sink = self._detach()
-        if sink is not None:
+        waiter = self._head_waiter
+        if waiter is not None and not waiter.done():
             if not self._got_bytes:
-                sink.on_error(_EarlyClose())
+                waiter.set_exception(_EarlyClose())
             else:
-                sink.on_error(UpstreamUnreachable("The upstream closed the connection.", reason="protocol"))
+                waiter.set_exception(UpstreamUnreachable("The upstream closed the connection.", reason="protocol"))
 
     def pause_writing(self) -> None:  # request bodies here are small; nothing to pause
         pass
@@ -292,7 +248,9 @@ class _Connection(asyncio.Protocol):
         )
         response = FastResponse(self, status, self._reason, headers, self.pool.timeout)
         self._response = response
-        self._ready = response
+        waiter = self._head_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(response)
 
     def on_body(self, body: bytes) -> None:
         if self._response is not None and not self._failed:
@@ -309,57 +267,40 @@ class _Connection(asyncio.Protocol):
 
     def _fail(self, error: UpstreamUnreachable) -> None:
         self._failed = True
-        ready, self._ready = self._ready, None
-        sink = self._detach()
+        waiter = self._head_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(error)
         if self._response is not None:
             self._response._finish(UpstreamBodyError("malformed response body"))
-        self.abort()  # before the sink hears anything: this connection never goes back to the pool
-        if sink is not None:
-            if ready is not None and self._complete:
-                sink.on_answer(ready)  # a whole answer, then garbage behind it: the answer stands
-            else:
-                sink.on_error(error)
+        self.abort()
 
-    def start(self, request: bytes, sink: AnswerSink) -> None:
-        """Send one request; ``sink`` hears of its answer's head, or of an error, once.
+    async def exchange(self, request: bytes) -> FastResponse:
+        """Send one request; wait at most the pool's timeout for the whole head of its answer.
 
-        The head must arrive within the pool's timeout. A plain timer, not
-        ``asyncio.timeout``: that context manager costs several microseconds a
-        request (a Timeout object, the current task, uncancel).
+        A plain timer, not ``asyncio.timeout``: that context manager costs several
+        microseconds a request (a Timeout object, the current task, uncancel).
         """
         assert self.transport is not None
         self._response = None
         self._complete = False
         self._got_bytes = False
         self._expecting = True
-        self._sink = sink
+        loop = self.pool.loop
+        waiter: asyncio.Future[FastResponse] = loop.create_future()
+        self._head_waiter = waiter
         self.transport.write(request)
-        self._timer = self.pool.loop.call_later(self.pool.timeout, self._head_timeout)
-
-    async def exchange(self, request: bytes) -> FastResponse:
-        """Send one request; wait for the head of its answer."""
-        future: asyncio.Future[FastResponse] = self.pool.loop.create_future()
-        self.start(request, _FutureSink(future))
+        timer = loop.call_later(self.pool.timeout, self._head_timeout)
         try:
-            return await future
-        except BaseException:
-            self._detach()
-            raise
-
-    def _detach(self) -> AnswerSink | None:
-        """Forget the exchange's sink and timer; return the sink if it was still waiting."""
-        sink, self._sink = self._sink, None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        return sink
+            return await waiter
+        finally:
+            timer.cancel()
+            self._head_waiter = None
 
     def _head_timeout(self) -> None:
         """The answer's head did not arrive in time: the exchange fails, the connection goes."""
-        self._timer = None
-        sink = self._detach()
-        if sink is not None:
-            sink.on_error(UpstreamTimeout(reason="timeout"))
+        waiter = self._head_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(UpstreamTimeout(reason="timeout"))
         self.abort()
 
     def finished(self, reusable: bool) -> None:
@@ -412,8 +353,8 @@ class FastPool:
         self._open = 0  # connections counted against MAX_CONNECTIONS (connecting, busy, idle)
         self._waiters: deque[asyncio.Future[None]] = deque()
 
-    def encode(self, method: str, target: str, headers: CIMultiDict[str], body: bytes | None) -> bytes:
-        """The request as it goes on the wire, framed by this client."""
+    async def request(self, method: str, target: str, headers: CIMultiDict[str], body: bytes | None) -> FastResponse:
+        """Send ``method target`` with ``headers`` and ``body``; return the answer's head."""
         head = [f"{method} {target} HTTP/1.1\r\n".encode("utf-8", "surrogateescape"), self.host_line]
         for name, value in headers.items():
             if name.lower() in _FRAMING:
@@ -426,12 +367,8 @@ class FastPool:
             head.append(b"Content-Length: 0\r\n\r\n")
         else:
             head.append(b"\r\n")
-        return b"".join(head)
-
-    async def request(self, method: str, target: str, headers: CIMultiDict[str], body: bytes | None) -> FastResponse:
-        """Send ``method target`` with ``headers`` and ``body``; return the answer's head."""
-        data = self.encode(method, target, headers, body)
-        conn = self.take_idle()
+        data = b"".join(head)
+        conn = self._take_idle()
         if conn is None and self._open >= MAX_CONNECTIONS:
             async with asyncio.timeout(self.timeout):  # a TimeoutError: Upstream.send's timeout
                 conn = await self._wait_for_slot()
@@ -467,10 +404,10 @@ class FastPool:
                 else:
                     waiter.cancel()
                 raise
-            conn = self.take_idle()
+            conn = self._take_idle()
         return conn
 
-    def take_idle(self) -> _Connection | None:
+    def _take_idle(self) -> _Connection | None:
         now = time.monotonic()
         while self._idle:
             conn = self._idle.pop()

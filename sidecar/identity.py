@@ -41,9 +41,6 @@ class IdentityResolver(Protocol):
 
     async def resolve(self, headers: HeaderReader) -> Identity: ...
 
-    def resolve_now(self, headers: HeaderReader) -> Identity | None:
-        """The Identity if it can be decided without waiting (None: use ``resolve``); raises refusals."""
-
     async def close(self) -> None: ...
 
 
@@ -73,9 +70,6 @@ class HeaderIdentity:
         self.strip_headers = frozenset({settings.header.lower()})
 
     async def resolve(self, headers: HeaderReader) -> Identity:
-        return self.resolve_now(headers)
-
-    def resolve_now(self, headers: HeaderReader) -> Identity:
         value = single_header(headers, self.header)
         if value is None or value == "":
             if self.default is None:

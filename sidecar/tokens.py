@@ -434,14 +434,6 @@ class JwtIdentity:
     async def close(self) -> None:
         await self._keys.close()
 
-    def resolve_now(self, headers: HeaderReader) -> Identity | None:
-        """The caller if this token is in the verified-token cache; None if it must be verified."""
-        token = self._read_token(headers)
-        cached = self._cache.get(hashlib.sha256(token.encode()).digest(), self._clock())
-        if cached is not None:
-            _TOKEN_HIT.inc()
-        return cached
-
     async def resolve(self, headers: HeaderReader) -> Identity:
         """The verified caller, from the cache or a full verification; raises InvalidToken."""
         token = self._read_token(headers)

@@ -102,16 +102,6 @@ class SecretCache:
             raise _no_credential(entry.reason, result)
         return entry.secret, result
 
-    def peek(self, secret_id: str, field: str | None = None) -> Secret | None:
-        """The secret if a fresh value is cached (counted as a hit); None: ask ``get``, nothing counted."""
-        key = (secret_id, field)
-        entry = self._entries.get(key)
-        if entry is None or entry.secret is None or entry.stale or self._clock() >= entry.fresh_until:
-            return None
-        self._entries.move_to_end(key)
-        _LOOKUPS["hit"].inc()
-        return entry.secret
-
     def invalidate(self, secret_id: str, field: str | None = None) -> None:
         """Forget one entry (an upstream refused its value)."""
         self._entries.pop((secret_id, field), None)
