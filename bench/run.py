@@ -373,6 +373,8 @@ def sidecar_config(b: Bench, name: str, *, jwt: bool = False, aws: bool = False,
         upstreams["sink"] = {**upstream, "url": f"http://127.0.0.1:{b.port('sink')}"}
         upstreams["tls"] = {**upstream, "url": f"https://127.0.0.1:{b.port('upstream_tls')}",
                             "ca_file": str(b.tmp / "tls" / "ca.pem")}
+        # The same TLS upstream behind the latency relay: an API a network away.
+        upstreams["tlsfar"] = {**upstreams["tls"], "url": f"https://127.0.0.1:{b.port('relay')}"}
     config: dict[str, Any] = {
         "listen": f"127.0.0.1:{b.port(name)}",
         "admin_listen": f"127.0.0.1:{b.port(name + '-admin')}",
@@ -436,6 +438,12 @@ def setup(b: Bench) -> None:
     ])
     b.procs["helpers"] = helper
     wait_until(lambda: "ready" in helper.log.read_text(), helper, "helper servers", 20)
+    relay = b.children.start("relay", [
+        PY, str(HERE / "support" / "relay.py"), "--port", str(b.port("relay")),
+        "--target", str(b.port("upstream_tls")), "--one-way-ms", str(b.args.rtt_ms / 2),
+    ])
+    b.procs["relay"] = relay
+    wait_until(lambda: "ready" in relay.log.read_text(), relay, "latency relay", 20)
 
     for name, kw in (
         ("sidecar", {}), ("sidecar-jwt", {"jwt": True}), ("sidecar-aws", {"aws": True}), ("sidecar-w2", {"workers": 2}),
@@ -548,13 +556,19 @@ def phase_https(b: Bench) -> None:
     runs: dict[str, dict[int, list[dict[str, float]]]] = defaultdict(lambda: defaultdict(list))
     direct = f"https://127.0.0.1:{b.port('upstream_tls')}{QUERY_PATH}&apiKey={API_KEY}"
     via = f"http://127.0.0.1:{b.port('sidecar')}/tls{QUERY_PATH}"
+    far = f"https://127.0.0.1:{b.port('relay')}{QUERY_PATH}&apiKey={API_KEY}"
+    via_far = f"http://127.0.0.1:{b.port('sidecar')}/tlsfar{QUERY_PATH}"
+    sidecar_headers = ["Connection: close", f"X-Client-Id: {CLIENT_ID}"]
     for rep in range(b.args.repeat):
         for c in b.args.https_concurrency:
             for name, url, headers, pids in (
                 ("direct-https", direct, ["Connection: close"], b.procs["upstream"].pids),
-                ("sidecar-pooled-tls", via, ["Connection: close", f"X-Client-Id: {CLIENT_ID}"],
-                 [b.procs["sidecar"].pid]),
+                ("sidecar-pooled-tls", via, sidecar_headers, [b.procs["sidecar"].pid]),
+                (f"direct-https-rtt{b.args.rtt_ms:g}ms", far, ["Connection: close"], b.procs["upstream"].pids),
+                (f"sidecar-pooled-tls-rtt{b.args.rtt_ms:g}ms", via_far, sidecar_headers, [b.procs["sidecar"].pid]),
             ):
+                if "rtt" in name and c != 1:
+                    continue  # the Python relay itself would be the bottleneck beyond one connection
                 # Upstream CPU per request tells whether the sidecar really reuses its TLS
                 # connections (a few µs) or handshakes per call (like direct-https).
                 r = run_wrk(url, c, b.args.duration, headers, pids, b.procs["upstream"].pids)
@@ -960,6 +974,13 @@ def report(b: Bench) -> tuple[str, list[tuple[str, str, str]]]:
                                f"{s['rps'] / d['rps']:.2f}x req/s, {s['mean_ms_per_call']:.3f} vs "
                                f"{d['mean_ms_per_call']:.3f} ms per call",
                                verdict(s["rps"] > d["rps"])))
+            rtt = f"rtt{b.args.rtt_ms:g}ms"
+            d, s = https.get(f"direct-https-{rtt}", {}).get(c), https.get(f"sidecar-pooled-tls-{rtt}", {}).get(c)
+            if d and s:
+                checks.append((f"(context) the same, upstream {b.args.rtt_ms:g} ms RTT away (c={c})",
+                               f"{s['rps'] / d['rps']:.2f}x req/s, {s['mean_ms_per_call']:.3f} vs "
+                               f"{d['mean_ms_per_call']:.3f} ms per call",
+                               verdict(s["rps"] > d["rps"])))
     stream = r.get("stream")
     if stream:
         lines += ["", f"### Streaming {stream['bytes'] / MIB:.0f} MiB (RSS sampled every 50 ms)", "",
@@ -1078,6 +1099,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--https-concurrency", type=int, nargs="+", default=[1, 16])
     p.add_argument("--stream-mib", type=int, help="MiB streamed each way (default 1024; smoke 20)")
+    p.add_argument("--rtt-ms", type=float, default=2.0,
+                   help="round trip of the latency relay in front of the TLS upstream (https phase; default 2)")
     p.add_argument("--burst", type=int, default=500, help="simultaneous cold requests (default 500)")
     p.add_argument("--phases", nargs="+", default=["load", "https", "stream", "cold", "floors"],
                    choices=["load", "https", "stream", "cold", "floors"])
