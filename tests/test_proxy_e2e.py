@@ -47,11 +47,16 @@ def keys(tmp_path: Path) -> dict[str, str]:
     return {"alice": make_secret("alice"), "bob": make_secret("bob"), "svc": make_secret("svc")}
 
 
-@pytest.fixture(params=["fast", "aiohttp"])
+#: (server, upstream client): the lean ones (default), and aiohttp's in each place.
+STACKS = {"fast": ("fast", "fast"), "aiohttp-client": ("fast", "aiohttp"), "aiohttp-server": ("aiohttp", "fast")}
+
+
+@pytest.fixture(params=list(STACKS))
 def sidecar(
     start_sidecar: Start, tmp_path: Path, echo: EchoUpstream, keys: dict[str, str], request: pytest.FixtureRequest
 ) -> SidecarProcess:
-    """The sidecar with the lean upstream client (default) and with aiohttp's, same behaviour."""
+    """The sidecar with the lean server and client (default), and with aiohttp's in each place: same behaviour."""
+    server, client = STACKS[request.param]
     keys_file = write_keys(
         tmp_path / "keys.yaml",
         {
@@ -78,7 +83,7 @@ def sidecar(
                 "slow": polygon(echo, url=echo.url, timeout_seconds=0.5),
             },
         ),
-        env={"SIDECAR_UPSTREAM_CLIENT": request.param},
+        env={"SIDECAR_SERVER": server, "SIDECAR_UPSTREAM_CLIENT": client},
     )
 
 
