@@ -110,7 +110,8 @@ class Sidecar:
                 raise StartupError(f"forward_proxy.mitm: {exc}") from None
         parts = await self._build(self.settings, None)
         self._parts = parts
-        self._plane = DataPlane(self._runtime(parts), AccessLog(self.settings.log.format))
+        access_log = AccessLog(self.settings.log.format, shared=self.worker is not None)
+        self._plane = DataPlane(self._runtime(parts), access_log)
         self._front = Front(
             self._plane,
             {
@@ -277,7 +278,7 @@ class Sidecar:
         self._plane.runtime = self._runtime(parts)
         if settings.log != old.settings.log:
             configure_logging(settings.log.level, settings.log.format)
-            self._plane.access_log = AccessLog(settings.log.format)
+            self._plane.access_log = AccessLog(settings.log.format, shared=self.worker is not None)
         self.settings = settings
         metrics.CONFIG_RELOADS.labels("ok").inc()
         log.info("config reloaded", extra={"upstreams": sorted(settings.upstreams)})
