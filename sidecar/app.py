@@ -390,3 +390,4 @@ def run(settings: Settings, config_path: Path | None, worker: WorkerRole | None 
         return runner(serve(settings, config_path, worker))
     finally:
         flush_access_lines()
+        metrics.apply_pending()

@@ -7,7 +7,9 @@ ID, a path or a secret never becomes a label.
 
 from __future__ import annotations
 
+import asyncio
 import os
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -20,6 +22,7 @@ MULTIPROCESS_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 
 def exposition() -> bytes:
     """The text exposition of every metric, across worker processes when there are several."""
+    apply_pending()
     if MULTIPROCESS_DIR:
         from prometheus_client import multiprocess
 
@@ -86,3 +89,60 @@ CONFIG_RELOADS = Counter("sidecar_config_reloads", "SIGHUP config reloads.", ["r
 # 1 while /readyz answers 200.
 # With workers only the supervisor sets it (to 1 when every worker is ready).
 READY = Gauge("sidecar_ready", "1 when ready to serve.", registry=REGISTRY, multiprocess_mode="livemax")
+
+
+# ---- per-request counts, applied in batches
+
+#: Requests counted but not yet added to REQUESTS and REQUEST_DURATION: (upstream, status, seconds).
+_pending: list[tuple[str, int, float]] = []
+_applying: list[Any] = [None, None]  # [event loop, timer]
+#: Pending counts are applied this often (and before every /metrics answer of this process).
+APPLY_SECONDS = 0.05
+_counters: dict[tuple[str, int], Any] = {}
+_histograms: dict[str, Any] = {}
+
+
+def record_request(upstream: str, status: int, seconds: float) -> None:
+    """Count one finished request. Applied within APPLY_SECONDS, in a batch.
+
+    Measured in a running sidecar (A/B, interleaved): updating the counter and the
+    histogram as each request ended cost ~8 us of CPU a request, cold caches between
+    requests; a loop over the batch costs a fraction of that. /metrics of this
+    process applies what is pending first; with workers, the supervisor's /metrics
+    sees a worker's counts at most APPLY_SECONDS late.
+    """
+    _pending.append((upstream, status, seconds))
+    if _applying[1] is None:
+        loop = _applying[0]
+        if loop is None or loop.is_closed():
+            try:
+                loop = _applying[0] = asyncio.get_running_loop()  # looked up once: each lookup is a getpid()
+            except RuntimeError:
+                apply_pending()
+                return
+        _applying[1] = loop.call_later(APPLY_SECONDS, apply_pending)
+
+
+def apply_pending() -> None:
+    """Add every pending request to REQUESTS and REQUEST_DURATION now."""
+    timer = _applying[1]
+    if timer is not None:
+        timer.cancel()
+        _applying[1] = None
+    if not _pending:
+        return
+    batch = _pending[:]
+    _pending.clear()
+    counts: dict[tuple[str, int], int] = {}
+    for upstream, status, seconds in batch:
+        key = (upstream, status)
+        counts[key] = counts.get(key, 0) + 1
+        histogram = _histograms.get(upstream)
+        if histogram is None:
+            histogram = _histograms[upstream] = REQUEST_DURATION.labels(upstream)
+        histogram.observe(seconds)
+    for key, n in counts.items():
+        counter = _counters.get(key)
+        if counter is None:
+            counter = _counters[key] = REQUESTS.labels(key[0], str(key[1]))
+        counter.inc(n)

@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import unquote, urlsplit
 
 import aiohttp
@@ -47,10 +47,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("sidecar.proxy")
 
 _DENIED = {code: metrics.DENIED.labels(code) for code in (*ERROR_CODES, SidecarError.code)}
-# Labelled children, looked up once: ``labels()`` costs a lock and a tuple per call.
-# Keys are bounded (configured upstream names x HTTP statuses).
-_REQUESTS: dict[tuple[str, int], Any] = {}
-_DURATION: dict[str, Any] = {}
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 _REDACTED = "[redacted]"
 #: Request bodies up to this size are read whole so a rotated key can replay them.
@@ -273,14 +269,7 @@ class DataPlane:
     def _account(self, request: RequestLine, rec: _Record, started: float) -> None:
         metrics.INFLIGHT.dec()
         elapsed = time.perf_counter() - started
-        counter = _REQUESTS.get((rec.upstream, rec.status))
-        if counter is None:
-            counter = _REQUESTS[(rec.upstream, rec.status)] = metrics.REQUESTS.labels(rec.upstream, str(rec.status))
-        counter.inc()
-        histogram = _DURATION.get(rec.upstream)
-        if histogram is None:
-            histogram = _DURATION[rec.upstream] = metrics.REQUEST_DURATION.labels(rec.upstream)
-        histogram.observe(elapsed)
+        metrics.record_request(rec.upstream, rec.status, elapsed)
         self.access_log.request(request, rec, elapsed)
 
     @staticmethod
