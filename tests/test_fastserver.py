@@ -9,6 +9,7 @@ the two must not differ in anything an app can see.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import socket
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from sidecar import fastserver
 from tests.support.leaks import make_secret
 from tests.support.process import SidecarProcess
 from tests.support.upstream import EchoUpstream
@@ -245,3 +247,52 @@ def test_large_head_goes_through(sidecar: SidecarProcess) -> None:
     got: dict[str, Any] = dict(json.loads(body)["headers"])
     assert [got[f"X-Big-{i}"] for i in range(3)] == [str(i) * 6000 for i in range(3)]
     conn.close()
+
+
+# ---------------------------------------------------------------- timeouts (in-process, short limits)
+
+
+async def _lean_server(monkeypatch: pytest.MonkeyPatch) -> tuple[asyncio.Server, list[bytes]]:
+    """The lean server alone on 127.0.0.1 with a 0.3 s head limit; what it hands to aiohttp is recorded."""
+    monkeypatch.setattr(fastserver, "HEAD_TIMEOUT", 0.3)
+    handed: list[bytes] = []
+
+    def hand(transport: asyncio.Transport, data: bytes) -> None:
+        handed.append(data)
+        transport.close()
+
+    server = fastserver.FastServer(None, hand, hand)  # type: ignore[arg-type]  # no request reaches the plane
+    listener = await asyncio.get_running_loop().create_server(server.protocol, "127.0.0.1", 0)
+    return listener, handed
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [b"", b"GET /polygon/x HTTP/1.1\r\nHost: a\r\n", b"POST /p/x HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc"],
+    ids=["nothing", "half-a-head", "half-a-body"],
+)
+async def test_a_request_that_never_completes_is_closed(monkeypatch: pytest.MonkeyPatch, sent: bytes) -> None:
+    listener, handed = await _lean_server(monkeypatch)
+    port = listener.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(sent)
+    started = asyncio.get_running_loop().time()
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the once-a-second sweep
+    assert asyncio.get_running_loop().time() - started < 2.5
+    assert handed == []  # nothing went to aiohttp or upstream
+    writer.close()
+    listener.close()
+
+
+async def test_connect_goes_to_the_connect_handler(monkeypatch: pytest.MonkeyPatch) -> None:
+    listener, handed = await _lean_server(monkeypatch)
+    port = listener.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"CONN")  # could still become a CONNECT: nobody is handed anything yet
+    await asyncio.sleep(0.1)
+    assert handed == []
+    writer.write(b"ECT api.example:443 HTTP/1.1\r\n\r\n")
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    assert handed == [b"CONNECT api.example:443 HTTP/1.1\r\n\r\n"]
+    writer.close()
+    listener.close()
