@@ -1,0 +1,134 @@
+"""A/B two versions of the sidecar on the same machine at the same time.
+
+    python bench/ab.py HEAD~3                 # that commit against the working tree
+    python bench/ab.py main my-branch --rounds 6 --concurrency 16 64
+
+On a shared VM the machine's speed drifts by 10-20% within an hour, more than most
+single changes are worth, so two full benchmark runs cannot be compared. This
+starts both versions side by side (route mode, file backend, one nginx upstream on
+127.0.0.1) and interleaves short wrk rounds, A then B, so both see the same
+machine. It prints CPU microseconds per request (utime + stime from /proc) and
+req/s per round and the medians. An A/A run (the same ref twice) differs by about
+2%. Every run is bounded (--rounds x --duration per concurrency); every process is
+stopped at the end. Needs Debian's nginx and wrk, like bench/run.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+import run as bench  # noqa: E402  (bench/run.py: processes, ports, wrk, /proc)
+
+NGINX = """
+worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/t; proxy_temp_path {dir}/t; fastcgi_temp_path {dir}/t;
+    uwsgi_temp_path {dir}/t; scgi_temp_path {dir}/t;
+    keepalive_requests 10000000;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{ default_type application/json; return 200 '{body}'; }}
+    }}
+}}
+"""
+
+
+def tree_for(ref: str, tmp: Path) -> Path:
+    """The source tree of ``ref``: the working tree for ".", else a detached worktree."""
+    if ref == ".":
+        return REPO
+    path = tmp / f"tree-{len(list(tmp.glob('tree-*')))}"
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(path), ref], check=True)
+    return path
+
+
+def start(children: bench.Children, name: str, tree: Path, tmp: Path, upstream: int) -> tuple[bench.Child, int]:
+    port, admin = bench.free_port(), bench.free_port()
+    keys = tmp / "keys.json"
+    keys.write_text(json.dumps({"mcp/polygon/alice": "k-" + "x" * 32}), encoding="utf-8")
+    config = tmp / f"{name}.yaml"
+    config.write_text(json.dumps({
+        "listen": f"127.0.0.1:{port}", "admin_listen": f"127.0.0.1:{admin}", "log": {"level": "warning"},
+        "secrets": {"backend": "file", "file": {"path": str(keys)}},
+        "upstreams": {"polygon": {"url": f"http://127.0.0.1:{upstream}", "secret": "mcp/polygon/{client_id}",
+                                  "inject": {"query": "apiKey"}, "allow_private": True}},
+    }), encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    where = subprocess.run([sys.executable, "-c", "import sidecar; print(sidecar.__file__)"], env=env, cwd=tree,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    if not where.startswith(str(tree)):
+        raise RuntimeError(f"{name}: imports sidecar from {where}, not from {tree}")
+    child = children.start(name, [sys.executable, "-m", "sidecar", "run", "--config", str(config)], env=env)
+    bench.wait_until(lambda: bench.port_open(port), child, "listening port", 20)
+    status, _ = bench.http_get(port, "/polygon/warm", {"X-Client-Id": "alice"})
+    if status != 200:
+        raise RuntimeError(f"{name}: warm-up answered {status}")
+    return child, port
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("a", help="git ref of A, or . for the working tree")
+    p.add_argument("b", nargs="?", default=".", help="git ref of B (default: the working tree)")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--duration", type=int, default=3, help="seconds per wrk round")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[16])
+    args = p.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="sidecar-ab-"))
+    (tmp / "t").mkdir()
+    children = bench.Children(tmp)
+    trees: list[Path] = []
+    try:
+        upstream = bench.free_port()
+        conf = tmp / "nginx.conf"
+        conf.write_text(NGINX.format(dir=tmp, port=upstream, body=bench.BODY), encoding="utf-8")
+        nginx = children.start("nginx", ["nginx", "-p", str(tmp), "-e", str(tmp / "nginx-startup.log"),
+                                         "-c", str(conf)])
+        bench.wait_until(lambda: bench.port_open(upstream), nginx, "nginx", 15)
+        sides = {}
+        for name, ref in (("A", args.a), ("B", args.b)):
+            tree = tree_for(ref, tmp)
+            if tree != REPO:
+                trees.append(tree)
+            sides[name] = start(children, name, tree, tmp, upstream)
+        print(f"A = {args.a}, B = {args.b}; {args.rounds} rounds of {args.duration} s per concurrency")
+        for c in args.concurrency:
+            got: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
+            for i in range(args.rounds):
+                line = f"c={c:<3} round {i + 1}:"
+                for name, (child, port) in sides.items():
+                    r = bench.run_wrk(f"http://127.0.0.1:{port}/polygon/x", c, args.duration,
+                                      ["X-Client-Id: alice"], [child.pid])
+                    got[name].append(r)
+                    line += f"  {name} {r['cpu_us_per_req']:6.1f} us/req {r['rps']:8.0f} req/s"
+                print(line, flush=True)
+            med = {n: (statistics.median(r["cpu_us_per_req"] for r in rs), statistics.median(r["rps"] for r in rs))
+                   for n, rs in got.items()}
+            print(f"c={c:<3} median:   A {med['A'][0]:6.1f} us/req {med['A'][1]:8.0f} req/s"
+                  f"   B {med['B'][0]:6.1f} us/req {med['B'][1]:8.0f} req/s"
+                  f"   B/A CPU {med['B'][0] / med['A'][0]:.3f}, req/s {med['B'][1] / med['A'][1]:.3f}")
+    finally:
+        children.stop_all()
+        for tree in trees:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
