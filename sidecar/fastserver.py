@@ -32,11 +32,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
-import aiohttp
 import httptools
 from multidict import CIMultiDict
 
-from sidecar.proxy import REPLAY_BODY_LIMIT, error_headers
+from sidecar.proxy import REPLAY_BODY_LIMIT, STREAM_BROKEN, error_headers
 
 if TYPE_CHECKING:
     from sidecar.errors import SidecarError
@@ -222,7 +221,7 @@ class FastExchange:
                     conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
                 if chunked:
                     conn.write(b"0\r\n\r\n")
-        except (TimeoutError, ConnectionError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError):
+        except STREAM_BROKEN:
             # Either side broke mid-body: the app must see a cut response, never a clean
             # end, and the upstream connection must not go back to the pool half-read.
             answer.close()

@@ -57,6 +57,8 @@ REFUSED_METHODS = frozenset({"TRACE", "TRACK"})
 #: Marks a request whose target aiohttp could not even turn into a URL (see connect.py).
 UNPARSEABLE_TARGET = "\x00unparseable-target"
 RETRY_AFTER_SECONDS = "5"
+#: Either side breaking off mid-body, as the clients and transports report it.
+STREAM_BROKEN = (TimeoutError, ConnectionError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -477,7 +479,7 @@ class DataPlane:
                     if not chunk:
                         break
                     await response.write(chunk)
-        except (TimeoutError, ConnectionError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError):
+        except STREAM_BROKEN:
             # Either side broke mid-body. The app must see a cut response, never a clean
             # end, and the upstream connection must not go back to the pool half-read.
             answer.close()
