@@ -29,7 +29,7 @@ from collections import deque
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from sidecar.errors import UpstreamTimeout, UpstreamUnreachable
+from sidecar.errors import SidecarError, UpstreamTimeout, UpstreamUnreachable
 from sidecar.upstream import resolve_allowed
 
 #: Limits on an answer's head, as aiohttp's client has (one field, the whole head).
@@ -352,6 +352,7 @@ class FastPool:
         self._closed = False
         self._open = 0  # connections counted against MAX_CONNECTIONS (connecting, busy, idle)
         self._waiters: deque[asyncio.Future[None]] = deque()
+        self._warming: set[asyncio.Task[None]] = set()
 
     async def request(self, method: str, target: str, headers: CIMultiDict[str], body: bytes | None) -> FastResponse:
         """Send ``method target`` with ``headers`` and ``body``; return the answer's head."""
@@ -406,6 +407,28 @@ class FastPool:
                 raise
             conn = self._take_idle()
         return conn
+
+    def warm(self) -> None:
+        """Open one connection ahead of a request that is about to wait (for its key, say).
+
+        The TCP and TLS handshakes then overlap that wait instead of following it: a
+        cold client's first call costs max(store, connect) rather than their sum. At most
+        MAX_IDLE connections are warmed at once, none beyond MAX_CONNECTIONS; a failure
+        is left for the request itself to meet and report.
+        """
+        if self._closed or len(self._idle) + len(self._warming) >= MAX_IDLE or self._open >= MAX_CONNECTIONS:
+            return
+        task = self.loop.create_task(self._warm_one())
+        self._warming.add(task)
+        task.add_done_callback(self._warming.discard)
+
+    async def _warm_one(self) -> None:
+        try:
+            async with asyncio.timeout(self.timeout):
+                conn = await self._connect()
+        except (SidecarError, TimeoutError, OSError):
+            return
+        self.give_back(conn)
 
     def _take_idle(self) -> _Connection | None:
         now = time.monotonic()
@@ -482,6 +505,8 @@ class FastPool:
 
     def close(self) -> None:
         self._closed = True
+        for task in list(self._warming):
+            task.cancel()
         for conn in self._idle:
             conn.abort()
         self._idle.clear()

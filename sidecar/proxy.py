@@ -374,7 +374,7 @@ class DataPlane:
         settings = upstream.settings
         secret_id = settings.secret.format(client_id=identity.client_id, upstream=upstream.name)
         try:
-            secret, rec.cache = await rt.cache.get(secret_id, settings.secret_field)
+            secret, rec.cache = await rt.cache.get(secret_id, settings.secret_field, upstream.warm)
         except NoCredential as err:
             rec.cache = err.lookup or "negative"
             raise

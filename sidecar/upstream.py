@@ -230,6 +230,11 @@ class Upstream:
         except Exception as exc:
             raise self.translate(exc) from None
 
+    def warm(self) -> None:
+        """A request for this upstream is about to wait for its key: connect meanwhile."""
+        if self.fast is not None:
+            self.fast.warm()
+
     def translate(self, exc: BaseException) -> SidecarError:
         """Map an aiohttp/OS exception to the contract's error; never copies its text."""
         if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(exc.os_error, ForbiddenAddressError):

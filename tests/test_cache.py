@@ -136,6 +136,22 @@ async def test_miss_then_hit(backend: FakeBackend, clock: FakeClock, alice: str)
     assert len(cache) == 1
 
 
+async def test_on_miss_runs_before_the_store_call_and_never_on_a_hit(backend: FakeBackend, clock: FakeClock) -> None:
+    """The proxy opens its upstream connection while the store is asked (on_miss)."""
+    events: list[str] = []
+    cache = make_cache(backend, clock)
+
+    def on_miss() -> None:
+        events.append(f"on_miss with {len(backend.calls)} store calls made")
+
+    await cache.get("mcp/polygon/alice", on_miss=on_miss)
+    await cache.get("mcp/polygon/alice", on_miss=on_miss)
+    assert events == ["on_miss with 0 store calls made"]
+    clock.advance(TTL + 1)
+    await cache.get("mcp/polygon/alice", on_miss=on_miss)
+    assert len(events) == 2
+
+
 async def test_secret_does_not_print_itself(backend: FakeBackend, clock: FakeClock, alice: str) -> None:
     secret, _ = await make_cache(backend, clock).get("mcp/polygon/alice")
     assert alice not in repr(secret)

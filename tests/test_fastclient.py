@@ -228,3 +228,37 @@ async def test_open_connections_are_capped_and_waiters_get_the_freed_ones(monkey
         p.close()
     assert results == [b"ok"] * 8
     assert up.connections <= 2 and peak <= 2
+
+
+async def test_warm_opens_a_connection_the_next_request_uses() -> None:
+    """A cold request's upstream connection is opened while its key is fetched."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    async with RawUpstream(handler) as up:
+        p = pool(up.port)
+        p.warm()
+        for _ in range(100):
+            if up.connections == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert up.connections == 1
+        await asyncio.sleep(0.05)  # the warmed connection is in the idle pool
+        assert await body(await p.request("GET", "/x", CIMultiDict(), None)) == b"ok"
+        assert up.connections == 1  # no second handshake
+        p.close()
+
+
+async def test_warm_to_an_unreachable_upstream_is_silent_and_bounded() -> None:
+    p = pool(1)  # nothing listens on port 1
+    for _ in range(200):
+        p.warm()
+    assert len(p._warming) <= 64  # MAX_IDLE
+    await asyncio.sleep(0.2)
+    assert not p._warming  # every attempt ended, none raised
+    with pytest.raises(UpstreamUnreachable):
+        await p.request("GET", "/x", CIMultiDict(), None)  # the request itself reports the failure
+    p.close()

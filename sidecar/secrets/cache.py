@@ -81,14 +81,22 @@ class SecretCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    async def get(self, secret_id: str, field: str | None = None) -> tuple[Secret, str]:
-        """The secret for ``secret_id`` (and ``field``), and hit/miss/stale/negative."""
+    async def get(
+        self, secret_id: str, field: str | None = None, on_miss: Callable[[], None] | None = None
+    ) -> tuple[Secret, str]:
+        """The secret for ``secret_id`` (and ``field``), and hit/miss/stale/negative.
+
+        ``on_miss`` is called before waiting for the store (the proxy opens the
+        upstream connection meanwhile).
+        """
         key = (secret_id, field)
         entry = self._entries.get(key)
         if entry is not None and self._clock() < entry.fresh_until:
             self._entries.move_to_end(key)
             result = "hit" if entry.secret is not None else "negative"
         else:
+            if on_miss is not None:
+                on_miss()
             try:
                 entry = await self._load(key)
             except SecretStoreUnavailable:
