@@ -97,10 +97,12 @@ class _Handover(Exception):
 class _HeadParser:
     """llhttp callbacks collecting one request head."""
 
-    __slots__ = ("complete", "content_length", "count", "headers", "keep_alive", "parser", "url")
+    __slots__ = ("complete", "content_length", "count", "head_end", "headers", "keep_alive", "method", "parser", "url")
 
     def __init__(self) -> None:
         self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
+        self.method = ""
+        self.head_end = 0
         self.keep_alive = False
         self.url = b""
         self.headers: list[tuple[str, str]] = []
@@ -241,7 +243,10 @@ class FastConnection(asyncio.Protocol):
     def __init__(self, server: FastServer) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
-        self.buffer = b""
+        # Grows in place: a body arriving in many small pieces must not be copied again
+        # with every piece (a 1 MiB body in 1 KiB segments would copy ~500 MB).
+        self.buffer = bytearray()
+        self.waiting: _HeadParser | None = None  # a parsed head whose body is still arriving
         self.busy = False  # a request is being answered
         self.paused = False  # the app is not reading: writes wait in drain()
         self.reading_paused = False
@@ -258,7 +263,7 @@ class FastConnection(asyncio.Protocol):
         self.deadline = time.monotonic() + HEAD_TIMEOUT
 
     def data_received(self, data: bytes) -> None:
-        self.buffer = self.buffer + data if self.buffer else data
+        self.buffer += data
         if self.fresh:
             head = self.buffer[:8]
             if _CONNECT.startswith(head) and len(head) < 8:
@@ -298,44 +303,50 @@ class FastConnection(asyncio.Protocol):
         if self.server.closing:
             self.abort()
             return
-        end = buf.find(b"\r\n\r\n")
-        if end < 0:
-            if len(buf) > MAX_HEAD or b"\n\n" in buf or not buf.isascii():
+        fields = self.waiting
+        if fields is None:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > MAX_HEAD or b"\n\n" in buf or not buf.isascii():
+                    self._handover()
+                else:
+                    self._arm_head_deadline()
+                return
+            head_end = end + 4
+            if head_end > MAX_HEAD or not buf[:head_end].isascii():
                 self._handover()
-            else:
-                self._arm_head_deadline()
-            return
-        head_end = end + 4
-        if head_end > MAX_HEAD or not buf[:head_end].isascii():
-            self._handover()
-            return
-        fields = _HeadParser()
-        parser = fields.parser
-        assert parser is not None
-        try:
-            parser.feed_data(buf[:head_end])
-        except (httptools.HttpParserError, ValueError):
-            self._handover()
-            return
-        finally:
-            fields.parser = None
-        if not fields.complete:
-            self._handover()
-            return
-        method = parser.get_method().decode("ascii")
-        if method not in FAST_METHODS:
-            self._handover()
-            return
+                return
+            fields = _HeadParser()
+            parser = fields.parser
+            assert parser is not None
+            try:
+                parser.feed_data(bytes(buf[:head_end]))
+            except (httptools.HttpParserError, ValueError):
+                self._handover()
+                return
+            finally:
+                fields.parser = None
+            if not fields.complete:
+                self._handover()
+                return
+            fields.method = parser.get_method().decode("ascii")
+            if fields.method not in FAST_METHODS:
+                self._handover()
+                return
+            fields.head_end = head_end
         length = fields.content_length
+        head_end = fields.head_end
         if len(buf) < head_end + length:
+            self.waiting = fields  # parsed once; later pieces only count bytes
             self._arm_head_deadline()
             return  # the body is still arriving
-        body = buf[head_end : head_end + length] if length else None
-        self.buffer = buf[head_end + length :]
+        self.waiting = None
+        body = bytes(buf[head_end : head_end + length]) if length else None
+        del buf[: head_end + length]
         self.busy = True
         self.deadline = 0.0
         exchange = FastExchange(
-            self, method, fields.url.decode("ascii"), CIMultiDict(fields.headers), body,
+            self, fields.method, fields.url.decode("ascii"), CIMultiDict(fields.headers), body,
             fields.keep_alive,
         )
         task = self.server.loop.create_task(self.server.plane.handle_fast(exchange))
@@ -377,7 +388,9 @@ class FastConnection(asyncio.Protocol):
         self.transport = None
         if self.reading_paused:
             transport.resume_reading()
-        data, self.buffer = self.buffer, b""
+        data = bytes(self.buffer)
+        self.buffer.clear()
+        self.waiting = None
         to(transport, data)
 
     # ---- used by FastExchange

@@ -176,6 +176,14 @@ def test_content_length_body_arrives_whole_and_split(sidecar: SidecarProcess) ->
     status, _, body = conn.response()
     assert status == 200
     assert json.loads(body) == {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+    # The same again on the same connection, head and body in 1 KiB segments.
+    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    data = head + payload
+    for i in range(0, len(data), 1024):
+        conn.send(data[i : i + 1024])
+    status, _, body = conn.response()
+    assert status == 200
+    assert json.loads(body) == {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
     conn.close()
 
 
