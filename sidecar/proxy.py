@@ -217,7 +217,7 @@ class DataPlane:
         rt = self.runtime
         started = time.perf_counter()
         rec = _Record()
-        metrics.INFLIGHT.inc()
+        metrics.bump(metrics.INFLIGHT)
         try:
             return await self._proxy(rt, request, rec, origin)
         except SidecarError as err:
@@ -237,7 +237,7 @@ class DataPlane:
         rt = self.runtime
         started = time.perf_counter()
         rec = _Record()
-        metrics.INFLIGHT.inc()
+        metrics.bump(metrics.INFLIGHT)
         try:
             admitted = await self._admit(rt, exchange, exchange.headers, rec, None)
             headers = exchange.headers  # the fast server's own copy: edited in place
@@ -269,7 +269,7 @@ class DataPlane:
         return SidecarError(reason="internal_error")
 
     def _account(self, request: RequestLine, rec: _Record, started: float) -> None:
-        metrics.INFLIGHT.dec()
+        metrics.bump(metrics.INFLIGHT, -1)
         elapsed = time.perf_counter() - started
         metrics.record_request(rec.upstream, rec.status, elapsed)
         self.access_log.request(request, rec, elapsed)

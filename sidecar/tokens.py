@@ -51,7 +51,7 @@ from jwt.algorithms import AllowedPublicKeys
 from sidecar.config import ASYMMETRIC_ALGORITHMS, IdentitySettings, JwtSettings
 from sidecar.errors import InvalidToken
 from sidecar.identity import HeaderReader, Identity, claim_strings, single_header, validate_client_id
-from sidecar.metrics import JWKS_REFRESHES, TOKEN_CACHE
+from sidecar.metrics import JWKS_REFRESHES, TOKEN_CACHE, bump
 
 log = logging.getLogger("sidecar.tokens")
 
@@ -440,7 +440,7 @@ class JwtIdentity:
         digest = hashlib.sha256(token.encode()).digest()
         cached = self._cache.get(digest, self._clock())
         if cached is not None:
-            _TOKEN_HIT.inc()
+            bump(_TOKEN_HIT)
             return cached
         _TOKEN_MISS.inc()
         try:

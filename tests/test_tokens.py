@@ -21,7 +21,7 @@ from multidict import CIMultiDict
 from sidecar.config import parse_settings
 from sidecar.errors import BadRequest, ConfigError, InvalidClientId, InvalidToken
 from sidecar.identity import build_identity_resolver
-from sidecar.metrics import REGISTRY
+from sidecar.metrics import REGISTRY, apply_pending
 from sidecar.tokens import JwtIdentity
 from tests.support.idp import IdentityProvider, b64json, hs256_token, make_key, unsigned_token
 
@@ -37,6 +37,7 @@ class FakeClock:
 
 
 def metric(name: str, result: str) -> float:
+    apply_pending()  # hot-path counts are applied in batches
     return REGISTRY.get_sample_value(name, {"result": result}) or 0.0
 
 

@@ -105,7 +105,7 @@ class SecretCache:
             result = "miss"
         if entry.stale:
             result = "stale"
-        _LOOKUPS[result].inc()
+        metrics.bump(_LOOKUPS[result])
         if entry.secret is None:
             raise _no_credential(entry.reason, result)
         return entry.secret, result
