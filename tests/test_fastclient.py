@@ -49,6 +49,13 @@ def pool(port: int, allow_private: bool = True) -> FastPool:
     return FastPool("127.0.0.1", port, None, allow_private, 2.0, f"127.0.0.1:{port}")
 
 
+async def answer_ok_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+    """An upstream connection that answers one request with 200 "ok", then closes."""
+    await read_head(reader)
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    await writer.drain()
+
+
 async def body(resp: FastResponse) -> bytes:
     out = b""
     while chunk := await resp.readany():
@@ -121,13 +128,8 @@ async def test_an_answer_smuggled_behind_a_complete_one_poisons_the_connection()
 
 
 async def test_a_pooled_connection_closed_by_the_upstream_is_retried_once() -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
-        await read_head(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        await writer.drain()
-        # then close, as an upstream's idle timeout would
-
-    async with RawUpstream(handler) as up:
+    # Each connection answers once and closes, as an upstream's idle timeout would.
+    async with RawUpstream(answer_ok_once) as up:
         p = pool(up.port)
         assert await body(await p.request("GET", "/a", CIMultiDict(), None)) == b"ok"
         await asyncio.sleep(0.1)
@@ -232,13 +234,7 @@ async def test_open_connections_are_capped_and_waiters_get_the_freed_ones(monkey
 
 async def test_warm_opens_a_connection_the_next_request_uses() -> None:
     """A cold request's upstream connection is opened while its key is fetched."""
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
-        await read_head(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        await writer.drain()
-
-    async with RawUpstream(handler) as up:
+    async with RawUpstream(answer_ok_once) as up:
         p = pool(up.port)
         p.warm()
         for _ in range(100):
