@@ -31,6 +31,7 @@ sys.path.insert(0, str(HERE))
 import run as bench  # noqa: E402  (bench/run.py: processes, ports, wrk, /proc)
 
 NGINX = """
+{user}
 worker_processes 1;
 daemon off;
 pid {dir}/nginx.pid;
@@ -43,7 +44,7 @@ http {{
     keepalive_requests 10000000;
     server {{
         listen 127.0.0.1:{port} backlog=4096;
-        location / {{ default_type application/json; return 200 '{body}'; }}
+        location / {{ default_type application/json; {answer} }}
     }}
 }}
 """
@@ -89,6 +90,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--duration", type=int, default=3, help="seconds per wrk round")
     p.add_argument("--concurrency", type=int, nargs="+", default=[16])
+    p.add_argument("--body-bytes", type=int, default=0,
+                   help="answer with a static file of this size instead of the ~300-byte JSON (0: the JSON)")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="sidecar-ab-"))
     (tmp / "t").mkdir()
@@ -97,7 +100,12 @@ def main() -> int:
     try:
         upstream = bench.free_port()
         conf = tmp / "nginx.conf"
-        conf.write_text(NGINX.format(dir=tmp, port=upstream, body=bench.BODY), encoding="utf-8")
+        answer = f"return 200 '{bench.BODY}';"
+        if args.body_bytes:
+            (tmp / "body.json").write_bytes(b"x" * args.body_bytes)
+            answer = f"root {tmp}; try_files /body.json =404;"
+        user = "user root root;" if os.geteuid() == 0 else ""  # the worker must read the temp dir
+        conf.write_text(NGINX.format(user=user, dir=tmp, port=upstream, answer=answer), encoding="utf-8")
         nginx = children.start("nginx", ["nginx", "-p", str(tmp), "-e", str(tmp / "nginx-startup.log"),
                                          "-c", str(conf)])
         bench.wait_until(lambda: bench.port_open(upstream), nginx, "nginx", 15)

@@ -56,6 +56,12 @@ class _EarlyClose(Exception):
     """The pooled connection was closed before any byte of the answer: safe to retry."""
 
 
+def _time_out(waiter: asyncio.Future[None]) -> None:
+    """No byte of the body for the read timeout: the waiting readany() raises TimeoutError."""
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
 class FastResponse:
     """The answer: status, headers and a body read with ``readany`` (aiohttp's surface)."""
 
@@ -81,6 +87,11 @@ class FastResponse:
     @property
     def content(self) -> FastResponse:
         return self
+
+    @property
+    def finished_clean(self) -> bool:
+        """Every byte of the body has arrived and been read: another readany() would return b""."""
+        return self._done and self._error is None and not self._chunks
 
     # ---- fed by the connection
 
@@ -111,11 +122,15 @@ class FastResponse:
                 if self._error is not None:
                     raise UpstreamBodyError("the upstream response body was cut off") from None
                 return b""
-            self._waiter = asyncio.get_running_loop().create_future()
+            # A future and a plain timer: asyncio.timeout and get_running_loop() (a getpid()
+            # syscall) would cost several µs for every wait on a body that comes in pieces.
+            loop = self._conn.pool.loop if self._conn is not None else asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_later(self._read_timeout, _time_out, waiter)
             try:
-                async with asyncio.timeout(self._read_timeout):
-                    await self._waiter
+                await waiter
             finally:
+                timer.cancel()
                 self._waiter = None
         if len(self._chunks) == 1:
             data = self._chunks.popleft()

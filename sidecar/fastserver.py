@@ -214,7 +214,8 @@ class FastExchange:
                     parts.append(chunk)
                 self.started = True
                 conn.write(b"".join(parts))
-                while chunk:
+                # The lean client says when the body is complete: no wait for its empty last read.
+                while chunk and not getattr(content, "finished_clean", False):
                     if conn.paused:
                         await conn.drain()
                     chunk = await content.readany()
