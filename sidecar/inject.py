@@ -35,6 +35,14 @@ class CompiledInjection:
         forms = {value, self.render(secret), quote(value, safe=""), quote(value, safe="/")}
         return tuple(f for f in forms if f)
 
+    def scrub_set(self, secret: Secret) -> tuple[tuple[str, ...], int]:
+        """``scrub_forms`` and the length of the shortest, computed once per key value."""
+        return secret.memo(self, self._derive_scrub_set)  # type: ignore[no-any-return]
+
+    def _derive_scrub_set(self, secret: Secret) -> tuple[tuple[str, ...], int]:
+        forms = self.scrub_forms(secret)
+        return forms, min((len(f) for f in forms), default=0)
+
 
 def split_format(fmt: str) -> tuple[str, str]:
     """The literal text before and after ``{secret}``, with ``{{``/``}}`` unescaped as str.format does."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import unquote, urlsplit
@@ -40,7 +39,6 @@ if TYPE_CHECKING:
     from sidecar.access_log import AccessLog
     from sidecar.fastserver import FastExchange
     from sidecar.identity import HeaderReader, IdentityResolver
-    from sidecar.inject import CompiledInjection
     from sidecar.secrets.base import Secret
     from sidecar.secrets.cache import SecretCache
 
@@ -150,7 +148,7 @@ class ResponseHead:
         self.framed = (
             self.length is not None and "chunked" not in answer.headers.get("Transfer-Encoding", "").lower()
         )
-        forms, shortest = secret.memo(upstream.injection, _scrub_forms_of(upstream.injection))
+        forms, shortest = upstream.injection.scrub_set(secret)
         # The reason phrase is the upstream's text too: an echo of the key there would
         # reach the app in the status line.
         self.reason = _scrub(answer.reason, forms) if answer.reason else answer.reason
@@ -182,16 +180,6 @@ def _scrub(value: str, forms: tuple[str, ...]) -> str:
         if form in value:
             value = value.replace(form, _REDACTED)
     return value
-
-
-def _scrub_forms_of(injection: CompiledInjection) -> Callable[[Secret], tuple[tuple[str, ...], int]]:
-    """The spellings of a key to scrub, and the length of the shortest (memoised per value)."""
-
-    def derive(secret: Secret) -> tuple[tuple[str, ...], int]:
-        forms = injection.scrub_forms(secret)
-        return forms, min((len(f) for f in forms), default=0)
-
-    return derive
 
 
 def _check_path(path: str) -> None:
