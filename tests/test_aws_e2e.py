@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -15,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.leaks import make_secret
 from tests.support.process import SidecarProcess
-from tests.support.upstream import EchoUpstream
+from tests.support.upstream import EchoUpstream, closed_port
 
 Start = Callable[..., SidecarProcess]
 
@@ -109,10 +108,7 @@ def test_fifty_concurrent_first_requests_make_one_store_call(
 
 
 def test_store_down_with_nothing_cached_is_503(start_sidecar: Start, aws_env: dict[str, str], echo: EchoUpstream) -> None:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    dead = f"http://127.0.0.1:{s.getsockname()[1]}"
-    s.close()
+    dead = f"http://127.0.0.1:{closed_port()}"
     sc = start_sidecar(aws_config(dead, echo), env=aws_env)
     resp = call(sc, "/polygon/x", "alice")
     assert resp.status_code == 503

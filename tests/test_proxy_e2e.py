@@ -14,7 +14,7 @@ import yaml
 
 from tests.support.leaks import make_secret
 from tests.support.process import SidecarProcess
-from tests.support.upstream import EchoUpstream
+from tests.support.upstream import EchoUpstream, closed_port
 
 Start = Callable[..., SidecarProcess]
 
@@ -85,14 +85,6 @@ def sidecar(
         ),
         env={"SIDECAR_SERVER": server, "SIDECAR_UPSTREAM_CLIENT": client},
     )
-
-
-def closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def get(sc: SidecarProcess, path: str, client: str | None = "alice", **kw: Any) -> requests.Response:

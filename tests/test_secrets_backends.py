@@ -30,6 +30,7 @@ from sidecar.secrets.base import SecretNotFound, StoreError, extract
 from sidecar.secrets.cache import SecretCache
 from sidecar.secrets.file import FileBackend, FileLoadError, load_secret_file
 from tests.support.leaks import make_secret
+from tests.support.upstream import closed_port
 
 # ====================================================================== file backend
 
@@ -351,12 +352,6 @@ async def test_aws_without_a_region_fails_at_start(
         assert "region" in str(info.value)
     finally:
         await backend.close()
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_aws_endpoint_down_is_a_quick_store_error(aws_env: dict[str, str], name: str) -> None:

@@ -10,7 +10,6 @@ classification itself is covered in-process by tests/test_policy.py).
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,7 +18,6 @@ import trustme
 import yaml
 
 from tests.adversarial.support_http import (
-    LOCAL,
     address,
     assert_alive,
     assert_no_secret,
@@ -29,15 +27,9 @@ from tests.adversarial.support_http import (
 from tests.support.leaks import make_secret
 from tests.support.process import SidecarProcess
 from tests.support.tls import Canary, TlsEchoUpstream
-from tests.support.upstream import EchoUpstream
+from tests.support.upstream import EchoUpstream, closed_port
 
 KEYS: dict[str, str] = {}
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOCAL, 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +159,7 @@ def _host_tricks(echo_port: int, tls_port: int, closed: int) -> list[str]:
 
 
 def test_host_string_tricks(sc: SidecarProcess, tls: TlsEchoUpstream, echo: EchoUpstream, watch: None) -> None:
-    tricks = _host_tricks(echo.port, tls.port, _closed_port())
+    tricks = _host_tricks(echo.port, tls.port, closed_port())
     for target in tricks:
         echo.reset()
         ex = exchange(sc.url, f"GET {target} HTTP/1.1\r\nHost: x\r\nX-Client-Id: alice\r\n\r\n".encode())

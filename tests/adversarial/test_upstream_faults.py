@@ -31,6 +31,7 @@ from tests.adversarial.support_http import (
 from tests.support.leaks import make_secret
 from tests.support.process import SidecarProcess
 from tests.support.tls import TlsEchoUpstream
+from tests.support.upstream import closed_port
 
 #: The upstream timeout the module configures; "hangs" are judged against it.
 TIMEOUT = 1.0
@@ -57,12 +58,6 @@ def key() -> str:
     return make_secret("upfault")
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOCAL, 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module", params=list(PARSERS))
 def sc(
     request: pytest.FixtureRequest,
@@ -80,7 +75,7 @@ def sc(
         "upstreams": {
             "evil": {"url": evil.url, "timeout_seconds": TIMEOUT, **common},
             "patient": {"url": f"http://localhost:{evil.port}", "timeout_seconds": 20, **common},
-            "down": {"url": f"http://{LOCAL}:{_closed_port()}", "timeout_seconds": TIMEOUT, **common},
+            "down": {"url": f"http://{LOCAL}:{closed_port()}", "timeout_seconds": TIMEOUT, **common},
             "untrusted": {"url": untrusted_tls.url, "timeout_seconds": TIMEOUT, **common},
         },
     }

@@ -17,11 +17,19 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound once, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 @dataclass
