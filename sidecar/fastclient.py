@@ -168,7 +168,7 @@ class _Connection(asyncio.Protocol):
         self._head_waiter: asyncio.Future[FastResponse] | None = None
         self._response: FastResponse | None = None
         self._headers: CIMultiDict[str] = CIMultiDict()
-        self._reason = ""
+        self._reason = b""
         self._got_bytes = False
         self._complete = False
         self._keep_alive = False
@@ -228,10 +228,16 @@ class _Connection(asyncio.Protocol):
             # A second answer after the one this exchange asked for (a response smuggled
             # behind a 204 or HEAD, say): never let it pair with a later request.
             self._fail(UpstreamUnreachable("The upstream sent an answer nobody asked for.", reason="protocol"))
+        self._reason = b""
+        self._head_bytes = 0
 
     def on_status(self, status: bytes) -> None:
-        self._reason = status.decode("latin-1")[:256]
-        self._head_bytes = len(status)
+        # Called again for each piece when the status line spans reads: kept whole (the
+        # proxy scrubs the key from it before anything shortens it).
+        self._reason += status
+        self._head_bytes += len(status)
+        if len(self._reason) > MAX_FIELD_BYTES:
+            self._fail(UpstreamUnreachable("The upstream answered with an oversized head.", reason="protocol"))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._failed:
@@ -261,7 +267,7 @@ class _Connection(asyncio.Protocol):
             and "chunked" not in headers.get("Transfer-Encoding", "").lower()
             and status not in (204, 304)
         )
-        response = FastResponse(self, status, self._reason, headers, self.pool.timeout)
+        response = FastResponse(self, status, self._reason.decode("latin-1"), headers, self.pool.timeout)
         self._response = response
         waiter = self._head_waiter
         if waiter is not None and not waiter.done():

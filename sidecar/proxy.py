@@ -55,6 +55,8 @@ REFUSED_METHODS = frozenset({"TRACE", "TRACK"})
 #: Marks a request whose target aiohttp could not even turn into a URL (see connect.py).
 UNPARSEABLE_TARGET = "\x00unparseable-target"
 RETRY_AFTER_SECONDS = "5"
+#: Longest reason phrase relayed to the app.
+MAX_REASON = 256
 #: Either side breaking off mid-body, as the clients and transports report it.
 STREAM_BROKEN = (TimeoutError, ConnectionError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
 
@@ -151,7 +153,9 @@ class ResponseHead:
         forms, shortest = upstream.injection.scrub_set(secret)
         # The reason phrase is the upstream's text too: an echo of the key there would
         # reach the app in the status line.
-        self.reason = _scrub(answer.reason, forms) if answer.reason else answer.reason
+        # Shortened only after the scrub: a cut through an echoed key would leave a piece
+        # of it that no longer matches any spelling.
+        self.reason = _scrub(answer.reason, forms)[:MAX_REASON] if answer.reason else answer.reason
         drop = _RESPONSE_DROP
         connection = answer.headers.get("Connection")
         if connection:

@@ -224,6 +224,22 @@ def test_key_echoed_in_the_reason_phrase_is_scrubbed(sidecar: SidecarProcess, ke
     assert b"[redacted]" in status_line
 
 
+@pytest.mark.parametrize("pad", [240, 250])
+def test_key_crossing_the_reason_phrase_limit_leaves_no_piece(
+    sidecar: SidecarProcess, keys: dict[str, str], pad: int
+) -> None:
+    """The phrase is shortened to 256 characters only after the scrub: no cut-off part of the key leaks."""
+    out = raw_request(
+        sidecar,
+        f"GET /polygon/reason-echo?pad={pad} HTTP/1.1\r\nHost: x\r\nX-Client-Id: alice\r\n"
+        "Connection: close\r\n\r\n".encode(),
+    )
+    status_line = out.split(b"\r\n", 1)[0]
+    assert status_line.startswith(b"HTTP/1.1 401 " + b"x" * pad), status_line[:80]
+    key = keys["alice"].encode()
+    assert not any(key[i : i + 8] in out for i in range(len(key) - 7)), "a piece of the key reached the app"
+
+
 def test_head_and_upstream_status_pass_through(sidecar: SidecarProcess) -> None:
     resp = requests.head(sidecar.url + "/polygon/x", headers={"X-Client-Id": "alice"}, timeout=10)
     assert resp.status_code == 200

@@ -8,7 +8,7 @@ Paths (after any prefix):
   /slow?delay=S        answers after S seconds
   /redirect?to=URL     302 to URL plus the query it received (so an injected key is echoed)
   /keyed               200 only when apiKey equals ``accepted_key``, else 401
-  /reason-echo         401 whose reason phrase repeats the apiKey it received
+  /reason-echo?pad=N   401 whose reason phrase repeats the apiKey it received, after N characters
   /truncate            promises 100 bytes, sends 10, closes
   /upload              reads the body in chunks, answers its size and sha256
 """
@@ -149,7 +149,9 @@ class EchoUpstream:
             raise web.HTTPFound(q["to"] + "?" + request.query_string)
         if "/reason-echo" in tail:
             # A careless upstream that puts the key it got into its reason phrase.
-            return web.Response(status=401, reason=f"Bad key {q.get('apiKey', '')}", text="no")
+            # ?pad=N puts N characters before it (a key that crosses a length limit).
+            pad = "x" * int(q.get("pad", "0"))
+            return web.Response(status=401, reason=f"{pad}Bad key {q.get('apiKey', '')}", text="no")
         if "/keyed" in tail:
             if self.accepted_key is not None and q.get("apiKey") == self.accepted_key:
                 return web.json_response({"ok": True})
