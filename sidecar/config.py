@@ -198,7 +198,10 @@ class Settings:
         if jwt is None:
             lines.append(f"identity:      header {self.identity.header}")
         else:
-            source = jwt.jwks_url or f"{jwt.issuer} (OIDC discovery)"
+            if jwt.jwks_url:
+                source = loggable_url(jwt.jwks_url)
+            else:
+                source = f"{loggable_url(jwt.issuer or '')} (OIDC discovery)"
             lines.append(
                 f"identity:      verified JWT in {jwt.header}; keys from {source}; "
                 f"client ID from {', '.join(jwt.client_id_claims)}"
@@ -210,7 +213,7 @@ class Settings:
             str(s.file.path)
             if s.backend == "file"
             else f"AWS Secrets Manager region={s.aws.region or '(default chain)'}"
-            + (f" endpoint={s.aws.endpoint_url}" if s.aws.endpoint_url else "")
+            + (f" endpoint={loggable_url(s.aws.endpoint_url)}" if s.aws.endpoint_url else "")
             + f" stage={s.aws.version_stage}"
         )
         lines.append(f"secrets:       {s.backend}: {where}")
@@ -327,6 +330,24 @@ class _Reader:
 
     def fail(self, path: str, message: str) -> None:
         self.problems.append(f"{path}: {message}")
+
+    def check_service_url(self, value: str | None, path: str) -> None:
+        """An http(s) URL the sidecar itself calls (identity provider, store endpoint).
+
+        No user information: these URLs are logged (``check``'s summary, key loading),
+        and none of these services takes credentials that way.
+        """
+        if not value:
+            return
+        try:
+            parts = urlsplit(value)
+        except ValueError:
+            self.fail(path, "is not a valid URL")
+            return
+        if parts.scheme not in ("http", "https"):
+            self.fail(path, "expected an http:// or https:// URL")
+        elif "@" in parts.netloc:
+            self.fail(path, "must not contain user information (user@host)")
 
     # ---- primitives
 
@@ -554,8 +575,7 @@ class _Reader:
             # be in the JWKS could mint identities. jwks_url alone is not enough.
             self.fail(f"{path}.issuer", "is required (the token's iss claim is always checked)")
         for key, value in (("jwks_url", jwks_url), ("issuer", issuer)):
-            if value and urlsplit(value).scheme not in ("http", "https"):
-                self.fail(f"{path}.{key}", "expected an http:// or https:// URL")
+            self.check_service_url(value, f"{path}.{key}")
 
         def check_alg(alg: str) -> str | None:
             if alg.lower() == "none" or alg.upper().startswith("HS"):
@@ -615,8 +635,7 @@ class _Reader:
             frozenset({"region", "endpoint_url", "version_stage", "timeout_seconds"}),
         )
         endpoint = self.string(am, "endpoint_url", f"{path}.aws", None)
-        if endpoint and urlsplit(endpoint).scheme not in ("http", "https"):
-            self.fail(f"{path}.aws.endpoint_url", "expected an http:// or https:// URL")
+        self.check_service_url(endpoint, f"{path}.aws.endpoint_url")
         aws = AwsBackendSettings(
             region=self.string(am, "region", f"{path}.aws", None),
             endpoint_url=endpoint or None,
@@ -883,6 +902,16 @@ def normalize_host(host: str) -> str | None:
     if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*", encoded):
         return None
     return encoded
+
+
+def loggable_url(url: str) -> str:
+    """``scheme://host[:port]/path`` of a URL: never its user information or query, which may hold credentials."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc.rpartition("@")[2]
+    except ValueError:
+        return "(an invalid URL)"
+    return f"{parts.scheme}://{netloc}{parts.path}"
 
 
 def parse_upstream_url(url: str) -> tuple[str, str, int, str] | str:

@@ -48,7 +48,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from jwt.algorithms import AllowedPublicKeys
 
-from sidecar.config import ASYMMETRIC_ALGORITHMS, IdentitySettings, JwtSettings
+from sidecar.config import ASYMMETRIC_ALGORITHMS, IdentitySettings, JwtSettings, loggable_url
 from sidecar.errors import InvalidToken
 from sidecar.identity import HeaderReader, Identity, claim_strings, single_header, validate_client_id
 from sidecar.metrics import JWKS_REFRESHES, TOKEN_CACHE, bump
@@ -297,7 +297,7 @@ class JwksSource:
         self._keys = keys
         self._fetched_at = self._monotonic()
         if previous != keys.kids:
-            log.info("loaded %d signing keys from %s", len(keys.entries), url)
+            log.info("loaded %d signing keys from %s", len(keys.entries), loggable_url(url))
 
     def _failed(self, problem: str) -> None:
         JWKS_REFRESHES.labels(result="error").inc()
@@ -326,16 +326,16 @@ class JwksSource:
             self._session = aiohttp.ClientSession(headers={"User-Agent": USER_AGENT, "Accept": "application/json"})
         async with self._session.get(url) as response:
             if response.status != 200:
-                raise _FetchError(f"{url} answered HTTP {response.status}")
+                raise _FetchError(f"{loggable_url(url)} answered HTTP {response.status}")
             body = bytearray()
             async for chunk in response.content.iter_chunked(64 * 1024):
                 body += chunk
                 if len(body) > MAX_DOCUMENT_BYTES:
-                    raise _FetchError(f"{url} returned more than {MAX_DOCUMENT_BYTES} bytes")
+                    raise _FetchError(f"{loggable_url(url)} returned more than {MAX_DOCUMENT_BYTES} bytes")
         try:
             return json.loads(body)
         except (ValueError, RecursionError):
-            raise _FetchError(f"{url} did not return JSON") from None
+            raise _FetchError(f"{loggable_url(url)} did not return JSON") from None
 
     async def close(self) -> None:
         """Stop a fetch in flight and close the HTTP session; no fetch starts afterwards."""

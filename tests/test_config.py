@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.config import ListenAddress, Settings, load_settings, parse_settings
+from sidecar.config import ListenAddress, Settings, load_settings, loggable_url, parse_settings
 from sidecar.errors import ConfigError
 from tests.support.leaks import make_secret
 
@@ -820,3 +820,26 @@ def test_summary_for_aws_and_jwt(tmp_path: Path) -> None:
     assert "https://idp.example/pool (OIDC discovery)" in summary
     assert "client ID from azp" in summary
     assert "config:        (inline)" in summary
+
+
+@pytest.mark.parametrize(
+    "where",
+    [("identity", "jwt", "jwks_url"), ("identity", "jwt", "issuer"), ("secrets", "aws", "endpoint_url")],
+)
+def test_service_urls_with_credentials_are_refused_and_never_printed(tmp_path: Path, where: tuple[str, str, str]) -> None:
+    """URLs the sidecar calls are logged and summarised: a password in one is refused at load."""
+    raw: dict[str, Any] = {
+        "identity": {"jwt": {"issuer": "https://idp.example/realm", "jwks_url": "https://idp.example/keys"}},
+        "secrets": {"backend": "aws", "aws": {"region": "eu-west-1"}},
+        "upstreams": {"p": {"url": "https://api.example", "secret": "{client_id}", "inject": {"query": "k"}}},
+    }
+    section, sub, key = where
+    raw[section][sub][key] = "https://svc:hunter2-secret@idp.example/x"
+    with pytest.raises(ConfigError) as info:
+        parse_settings(raw, base_dir=tmp_path)
+    assert f"{section}.{sub}.{key}: must not contain user information" in str(info.value)
+    assert "hunter2" not in str(info.value)
+
+
+def test_summary_prints_service_urls_without_their_query() -> None:
+    assert loggable_url("https://u:pw@idp.example:8443/keys?token=abc#x") == "https://idp.example:8443/keys"
