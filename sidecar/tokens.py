@@ -463,11 +463,15 @@ class JwtIdentity:
             raise _refuse("not_bearer")
         if not value:
             raise _refuse("missing")
+        # Before anything hashes it: aiohttp hands undecodable bytes over as surrogates,
+        # which .encode() refuses (a 500 per hostile request otherwise).
+        if len(value) > MAX_TOKEN_LENGTH:
+            raise _refuse("oversized")
+        if not value.isascii():
+            raise _refuse("malformed")
         return value
 
     async def _verify(self, token: str) -> tuple[Identity, float]:
-        if len(token) > MAX_TOKEN_LENGTH:
-            raise _refuse("oversized")
         if _COMPACT_JWS.fullmatch(token) is None:
             raise _refuse("malformed")
         header = _decode_part(token.partition(".")[0])

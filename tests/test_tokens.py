@@ -372,6 +372,14 @@ async def test_signed_payload_must_be_a_json_object(
     await refused(resolver, bearer(token), "malformed")
 
 
+@pytest.mark.parametrize("token", ["eyJ\udcff.e30.c2ln", "eyJ\u00e9.e30.c2ln"], ids=["undecodable-byte", "non-ascii"])
+async def test_token_with_bytes_outside_ascii_is_malformed_not_a_crash(
+    make_resolver: MakeResolver, token: str
+) -> None:
+    """aiohttp passes undecodable header bytes on as surrogates: refused before any hashing."""
+    await refused(make_resolver(), bearer(token), "malformed")
+
+
 async def test_oversized_token_is_refused_before_parsing(idp: IdentityProvider, make_resolver: MakeResolver) -> None:
     resolver = make_resolver()
     await refused(resolver, bearer(idp.mint(client_id="a", padding="x" * 20_000)), "oversized")
