@@ -9,14 +9,16 @@ the request headers and setting the formatted value.
 
 from __future__ import annotations
 
+import re
 import string
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import quote, unquote_plus
+from urllib.parse import quote, quote_plus, unquote, unquote_plus
 
 from sidecar.config import InjectSettings
 from sidecar.secrets.base import Secret
 
+REDACTED = "[redacted]"
 #: (raw query string without '?', secret) -> new raw query string
 QueryInjector = Callable[[str, Secret], str]
 
@@ -35,13 +37,42 @@ class CompiledInjection:
         forms = {value, self.render(secret), quote(value, safe=""), quote(value, safe="/")}
         return tuple(f for f in forms if f)
 
-    def scrub_set(self, secret: Secret) -> tuple[tuple[str, ...], int]:
-        """``scrub_forms`` and the length of the shortest, computed once per key value."""
-        return secret.memo(self, self._derive_scrub_set)  # type: ignore[no-any-return]
+    def scrub_set(self, secret: Secret) -> Scrubber:
+        """How to remove this key from text the upstream sends back; built once per key value."""
+        return secret.memo(self, self._derive_scrubber)  # type: ignore[no-any-return]
 
-    def _derive_scrub_set(self, secret: Secret) -> tuple[tuple[str, ...], int]:
-        forms = self.scrub_forms(secret)
-        return forms, min((len(f) for f in forms), default=0)
+    def _derive_scrubber(self, secret: Secret) -> Scrubber:
+        forms = sorted({*self.scrub_forms(secret), quote_plus(secret.reveal())} - {""}, key=len, reverse=True)
+        return Scrubber(
+            re.compile("|".join(map(re.escape, forms)), re.IGNORECASE),
+            min((len(f) for f in forms), default=0),
+            secret.reveal(),
+        )
+
+
+class Scrubber:
+    """Every spelling of one key in text an upstream sends back, replaced with ``[redacted]``.
+
+    The known spellings (raw, as injected, percent-encoded) are matched case-insensitively,
+    so ``%2f`` is caught like ``%2F``; a value that still holds the key once
+    percent-decoded (some other mix of escapes) is replaced whole. Matching too much
+    only ever redacts more.
+    """
+
+    __slots__ = ("_raw", "_spellings", "shortest")
+
+    def __init__(self, spellings: re.Pattern[str], shortest: int, raw: str) -> None:
+        self._spellings = spellings
+        self.shortest = shortest  # a shorter value cannot hold the key
+        self._raw = raw
+
+    def __call__(self, value: str) -> str:
+        value = self._spellings.sub(REDACTED, value)
+        if ("%" in value or "+" in value) and self._raw and (
+            self._raw in unquote(value) or self._raw in unquote_plus(value)
+        ):
+            return REDACTED
+        return value
 
 
 def split_format(fmt: str) -> tuple[str, str]:

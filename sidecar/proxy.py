@@ -46,7 +46,6 @@ log = logging.getLogger("sidecar.proxy")
 
 _DENIED = {code: metrics.DENIED.labels(code) for code in (*ERROR_CODES, SidecarError.code)}
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
-_REDACTED = "[redacted]"
 #: Request bodies up to this size are read whole so a rotated key can replay them.
 REPLAY_BODY_LIMIT = 1024 * 1024
 #: Methods never forwarded: an upstream implementing them reflects the request,
@@ -150,19 +149,20 @@ class ResponseHead:
         self.framed = (
             self.length is not None and "chunked" not in answer.headers.get("Transfer-Encoding", "").lower()
         )
-        forms, shortest = upstream.injection.scrub_set(secret)
+        scrub = upstream.injection.scrub_set(secret)
+        shortest = scrub.shortest
         # The reason phrase is the upstream's text too: an echo of the key there would
         # reach the app in the status line.
         # Shortened only after the scrub: a cut through an echoed key would leave a piece
         # of it that no longer matches any spelling.
-        self.reason = _scrub(answer.reason, forms)[:MAX_REASON] if answer.reason else answer.reason
+        self.reason = scrub(answer.reason)[:MAX_REASON] if answer.reason else answer.reason
         drop = _RESPONSE_DROP
         connection = answer.headers.get("Connection")
         if connection:
             drop = drop | {t.strip().lower() for t in connection.split(",")}
         # A value shorter than every spelling of the key cannot hold one (most of them).
         self.headers = [
-            (name, _scrub(value, forms) if len(value) >= shortest else value)
+            (name, scrub(value) if len(value) >= shortest else value)
             for name, value in answer.headers.items()
             if name.lower() not in drop
         ]
@@ -176,14 +176,6 @@ class RequestLine(Protocol):
 
     @property
     def raw_path(self) -> str: ...
-
-
-def _scrub(value: str, forms: tuple[str, ...]) -> str:
-    """``value`` with every spelling of the injected key replaced."""
-    for form in forms:
-        if form in value:
-            value = value.replace(form, _REDACTED)
-    return value
 
 
 def _check_path(path: str) -> None:

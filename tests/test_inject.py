@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from urllib.parse import parse_qsl, quote
+from urllib.parse import parse_qsl, quote, quote_plus, unquote_plus
 
 import pytest
 
@@ -184,3 +185,27 @@ def test_every_format_config_accepts_renders_as_str_format(fmt: str, tmp_path: P
     )
     injection = compile_injector(settings.upstreams["api"].inject)
     assert injection.render(Secret(key)) == fmt.format(secret=key)
+
+
+@pytest.mark.parametrize(
+    "echo",
+    [
+        "{v}",  # raw
+        "{pct}",  # as injected
+        "{pct_lower}",  # lower-case escapes
+        "{mixed}",  # some characters escaped, some not
+        "{plus}",  # form-encoding
+    ],
+)
+def test_scrubber_catches_every_spelling_of_the_key_in_an_echo(key: str, echo: str) -> None:
+    value = key + "/+=é x"
+    pct = quote(value, safe="")
+    spelled = echo.format(
+        v=value, pct=pct, pct_lower=re.sub(r"%[0-9A-F]{2}", lambda m: m.group(0).lower(), pct),
+        mixed=quote(value, safe="/+"), plus=quote_plus(value),
+    )
+    scrub = query_rule().scrub_set(Secret(value))
+    out = scrub(f"https://elsewhere.example/next?apiKey={spelled}&page=2")
+    assert "[redacted]" in out
+    assert key not in out and key not in unquote_plus(out)
+    assert scrub("https://elsewhere.example/next?page=2") == "https://elsewhere.example/next?page=2"
