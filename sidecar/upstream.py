@@ -154,7 +154,9 @@ class Upstream:
         self.timeout = aiohttp.ClientTimeout(
             total=None, connect=None, sock_connect=settings.timeout_seconds, sock_read=settings.timeout_seconds
         )
-        drop = set(HOP_BY_HOP) | {"host"}
+        # Expect: this hop meets it (the proxy answers 100 Continue and reads the body),
+        # so the upstream must not wait for a body that is already here.
+        drop = set(HOP_BY_HOP) | {"host", "expect"}
         if self.injection.header is not None:
             drop.add(self.injection.header.lower())
         self.drop_request_headers = frozenset(drop)
@@ -211,7 +213,6 @@ class Upstream:
                 self.fast is not None
                 and method != "HEAD"  # llhttp cannot be told a response has no body
                 and (data is None or isinstance(data, bytes))
-                and "Expect" not in headers
             ):
                 # The lean client bounds connecting and the head itself (timeout_seconds each).
                 return await self.fast.request(method, target, headers, data)

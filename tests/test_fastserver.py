@@ -304,3 +304,23 @@ async def test_connect_goes_to_the_connect_handler(monkeypatch: pytest.MonkeyPat
     assert handed == [b"CONNECT api.example:443 HTTP/1.1\r\n\r\n"]
     writer.close()
     listener.close()
+
+
+def test_expect_100_continue_is_met_here_and_not_forwarded(sidecar: SidecarProcess, echo: EchoUpstream) -> None:
+    """The sidecar answers 100 Continue itself; the upstream gets the body, never the Expect."""
+    conn = Conn(sidecar)
+    conn.send(
+        b"POST /polygon/echo/e HTTP/1.1\r\nHost: s\r\nX-Client-Id: alice\r\nContent-Length: 5\r\n"
+        b"Expect: 100-continue\r\n\r\n"
+    )
+    while b"\r\n\r\n" not in conn.buf:
+        assert conn._fill()
+    interim, conn.buf = conn.buf.split(b"\r\n\r\n", 1)
+    assert interim.startswith(b"HTTP/1.1 100")
+    conn.send(b"hello")
+    status, _, body = conn.response()
+    assert status == 200
+    seen = json.loads(body)
+    assert seen["body_size"] == 5
+    assert "expect" not in {k.lower() for k, _ in seen["headers"]}
+    conn.close()
