@@ -32,7 +32,7 @@ from yarl import URL
 from sidecar import metrics
 from sidecar.config import ListenAddress, normalize_host
 from sidecar.errors import BadRequest, DestinationNotAllowed, SidecarError, UpstreamTimeout, UpstreamUnreachable
-from sidecar.proxy import UNPARSEABLE_TARGET, error_response
+from sidecar.proxy import UNPARSEABLE_TARGET, error_bytes, error_response
 from sidecar.upstream import resolve_allowed
 
 #: The lean server (sidecar/fastserver.py) takes plain HTTP connections and hands
@@ -56,18 +56,6 @@ FIRST_BYTES_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 10.0
 #: A tunnel with no bytes either way for this long is closed.
 TUNNEL_IDLE_SECONDS = 300.0
-_REASONS = {400: "Bad Request", 403: "Forbidden", 502: "Bad Gateway", 504: "Gateway Timeout"}
-
-
-def error_bytes(err: SidecarError) -> bytes:
-    """The contract's error response, written by hand on a raw connection."""
-    body = err.body()
-    head = (
-        f"HTTP/1.1 {err.status} {_REASONS.get(err.status, 'Error')}\r\n"
-        f"Content-Type: application/json\r\nX-Sidecar-Error: {err.code}\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-    )
-    return head.encode("ascii") + body
 
 
 def parse_authority(target: str) -> tuple[str, int]:
@@ -170,7 +158,7 @@ class _Sniffer(asyncio.Protocol):
         if end < 0:
             if len(self.buffer) > MAX_CONNECT_HEAD:
                 self._cancel_timer()
-                self.transport.write(error_bytes(BadRequest("The CONNECT request is too large.")))
+                self.transport.write(error_bytes(BadRequest("The CONNECT request is too large."), close=True))
                 self.transport.close()
             return
         self._cancel_timer()
@@ -347,7 +335,7 @@ class Front:
             status = err.status
             metrics.DENIED.labels(err.code).inc()
             if not transport.is_closing():
-                transport.write(error_bytes(err))
+                transport.write(error_bytes(err, close=True))
                 transport.close()
         except Exception:
             status = 502

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, cast
 import httptools
 from multidict import CIMultiDict
 
-from sidecar.proxy import REPLAY_BODY_LIMIT, STREAM_BROKEN, error_headers
+from sidecar.proxy import REPLAY_BODY_LIMIT, STREAM_BROKEN, error_bytes
 
 if TYPE_CHECKING:
     from sidecar.errors import SidecarError
@@ -57,10 +57,6 @@ _CONNECT = b"CONNECT "
 FAST_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _NO_BODY_STATUS = frozenset({204, 304})
 _STATUS_LINES: dict[tuple[int, str], bytes] = {}
-_REASONS = {
-    400: "Bad Request", 403: "Forbidden", 404: "Not Found", 500: "Internal Server Error", 502: "Bad Gateway",
-    503: "Service Unavailable", 504: "Gateway Timeout",
-}
 _date: list[object] = [-1, b""]
 
 
@@ -163,18 +159,11 @@ class FastExchange:
         if self.started:
             self.conn.abort()  # the answer had begun: the app must see it cut, not completed
             return
-        body = err.body()
-        parts = [_status_line(err.status, _REASONS.get(err.status, "Error")), _date_line(time.time())]
-        for name, value in error_headers(err).items():
-            parts.append(f"{name}: {value}\r\n".encode("ascii"))
-        parts.append(b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body))
-        if self._closing():
+        close = self._closing()
+        if close:
             self.keep_alive = False
-            parts.append(b"Connection: close\r\n")
-        parts.append(b"\r\n")
-        parts.append(body)
         self.started = True
-        self.conn.write(b"".join(parts))
+        self.conn.write(error_bytes(err, close=close, extra=_date_line(time.time())))
 
     async def relay(self, answer: UpstreamAnswer, head: ResponseHead) -> bool:
         """Send the upstream's answer back; False if either side broke off mid-body."""

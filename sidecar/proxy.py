@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import unquote, urlsplit
 
@@ -112,6 +113,17 @@ def error_headers(err: SidecarError) -> dict[str, str]:
         # The store is failing; the cache retries it this often, so sooner is pointless.
         headers["Retry-After"] = RETRY_AFTER_SECONDS
     return headers
+
+
+def error_bytes(err: SidecarError, *, close: bool, extra: bytes = b"") -> bytes:
+    """The same refusal written by hand (the lean server, CONNECT); ``extra``: more header lines."""
+    body = err.body()
+    head = [f"HTTP/1.1 {err.status} {HTTPStatus(err.status).phrase}\r\n"]
+    head += [f"{name}: {value}\r\n" for name, value in error_headers(err).items()]
+    head.append(f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n")
+    if close:
+        head.append("Connection: close\r\n")
+    return "".join(head).encode("ascii") + extra + b"\r\n" + body
 
 
 def error_response(err: SidecarError) -> web.Response:
