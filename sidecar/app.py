@@ -28,6 +28,7 @@ from sidecar.config import ListenAddress, SecretsSettings, Settings, load_settin
 from sidecar.connect import Front
 from sidecar.errors import ConfigError, NoCredential, SecretStoreUnavailable
 from sidecar.identity import IdentityResolver, build_identity_resolver
+from sidecar.policy import client_allowed
 from sidecar.proxy import DataPlane, Runtime
 from sidecar.secrets.base import SecretBackend, StoreError
 from sidecar.secrets.cache import SecretCache
@@ -223,13 +224,13 @@ class Sidecar:
             (client, up)
             for client in parts.settings.secrets.prefetch
             for up in parts.upstreams.values()
-            if up.client_matcher is None or up.client_matcher.match(client)
+            if client_allowed(up.client_matcher, client)
         ]
         delay = 0.5
         while pending:
             retry = []
             for client, up in pending:
-                secret_id = up.settings.secret.format(client_id=client, upstream=up.name)
+                secret_id = up.secret_id(client_id=client)
                 try:
                     await parts.cache.get(secret_id, up.settings.secret_field)
                 except NoCredential:

@@ -30,7 +30,7 @@ import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.errors import SidecarError, UpstreamTimeout, UpstreamUnreachable
-from sidecar.upstream import resolve_allowed
+from sidecar.upstream import DNS_TTL_SECONDS, KEEPALIVE_SECONDS, POOL_LIMIT, resolve_allowed
 
 #: Limits on an answer's head, as aiohttp's client has (one field, the whole head).
 MAX_FIELD_BYTES = 16 * 1024
@@ -39,13 +39,12 @@ MAX_HEADERS = 128
 _FRAMING = frozenset({"content-length", "transfer-encoding", "host"})
 #: Bytes of response body buffered before reading from the upstream pauses.
 HIGH_WATER = 256 * 1024
-#: Open connections per upstream (busy and idle), as aiohttp's connector limit; a
+#: Open connections per upstream (busy and idle), the aiohttp connector's limit too; a
 #: request beyond it waits for one to come back (bounded by timeout_seconds).
-MAX_CONNECTIONS = 256
-#: Idle pooled connections kept per upstream, and how long.
+MAX_CONNECTIONS = POOL_LIMIT
+#: Idle pooled connections kept per upstream, and how long (aiohttp's keep-alive too).
 MAX_IDLE = 64
-IDLE_SECONDS = 30.0
-DNS_TTL_SECONDS = 10.0
+IDLE_SECONDS = KEEPALIVE_SECONDS
 
 
 class UpstreamBodyError(ConnectionError):

@@ -368,7 +368,7 @@ class DataPlane:
         if upstream.scopes and not scopes_allowed(upstream.scopes, identity.scopes):
             raise ClientNotAllowed("The caller holds none of the scopes this upstream needs.", reason="scope")
         settings = upstream.settings
-        secret_id = settings.secret.format(client_id=identity.client_id, upstream=upstream.name)
+        secret_id = upstream.secret_id(client_id=identity.client_id)
         try:
             secret, rec.cache = await rt.cache.get(secret_id, settings.secret_field, upstream.warm)
         except NoCredential as err:

@@ -8,6 +8,7 @@ exceptions are translated into our errors here, at the boundary where they arise
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import os
 import socket
@@ -46,8 +47,10 @@ HOP_BY_HOP = frozenset(
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 #: Idle keep-alive connections to an upstream live this long.
 KEEPALIVE_SECONDS = 30.0
-#: Upper bound on pooled connections per upstream.
+#: Upper bound on open connections per upstream (both clients).
 POOL_LIMIT = 256
+#: Resolved upstream addresses are reused this long (both clients).
+DNS_TTL_SECONDS = 10.0
 READ_BUFFER = 64 * 1024
 
 
@@ -145,9 +148,11 @@ class Upstream:
         self.settings = settings
         self.name = settings.name
         default_port = 443 if settings.scheme == "https" else 80
-        port = "" if settings.port == default_port else f":{settings.port}"
-        self.origin = f"{settings.scheme}://{_url_host(settings.host)}{port}"
-        self.base = self.origin + settings.base_path
+        #: host[:port] as in a Host header and a URL (the port only when not the default)
+        self.authority = _url_host(settings.host) + ("" if settings.port == default_port else f":{settings.port}")
+        self.origin = f"{settings.scheme}://{self.authority}"
+        #: the secret's name for a client: the template with the upstream already filled in
+        self.secret_id = functools.partial(settings.secret.format, upstream=settings.name)
         self.injection: CompiledInjection = compile_injector(settings.inject)
         self.client_matcher = compile_client_matcher(settings.clients)
         self.scopes = frozenset(settings.scopes)
@@ -179,11 +184,9 @@ class Upstream:
         if FAST_CLIENT and self._resolver is None:
             from sidecar.fastclient import FastPool
 
-            default_port = 443 if s.scheme == "https" else 80
-            host_header = _url_host(s.host) + ("" if s.port == default_port else f":{s.port}")
             self.fast = FastPool(
                 s.host, s.port, ssl_context if isinstance(ssl_context, ssl.SSLContext) else None,
-                s.allow_private, s.timeout_seconds, host_header,
+                s.allow_private, s.timeout_seconds, self.authority,
             )
         resolver: AbstractResolver | None = self._resolver
         if not s.allow_private:
@@ -193,7 +196,7 @@ class Upstream:
             ssl=ssl_context,
             limit=POOL_LIMIT,
             keepalive_timeout=KEEPALIVE_SECONDS,
-            ttl_dns_cache=10,
+            ttl_dns_cache=DNS_TTL_SECONDS,
         )
         self.session = aiohttp.ClientSession(
             connector=connector,
