@@ -368,7 +368,7 @@ class FastPool:
         self.loop = asyncio.get_running_loop()
         self._idle: list[_Connection] = []
         self._addresses: list[str] = []
-        self._resolved_at = -DNS_TTL_SECONDS
+        self._resolved_at = -float(DNS_TTL_SECONDS)
         self._closed = False
         self._open = 0  # connections counted against MAX_CONNECTIONS (connecting, busy, idle)
         self._waiters: deque[asyncio.Future[None]] = deque()

@@ -50,7 +50,7 @@ KEEPALIVE_SECONDS = 30.0
 #: Upper bound on open connections per upstream (both clients).
 POOL_LIMIT = 256
 #: Resolved upstream addresses are reused this long (both clients).
-DNS_TTL_SECONDS = 10.0
+DNS_TTL_SECONDS = 10
 READ_BUFFER = 64 * 1024
 
 
