@@ -401,8 +401,7 @@ class FastPool:
             except BaseException:
                 conn.abort()  # cancelled or failed mid-exchange: the connection is in an unknown state
                 raise
-        async with asyncio.timeout(self.timeout):  # name resolution and connect, as one budget
-            conn = await self._connect()
+        conn = await self._connect()
         try:
             return await conn.exchange(data)
         except _EarlyClose:
@@ -444,9 +443,8 @@ class FastPool:
 
     async def _warm_one(self) -> None:
         try:
-            async with asyncio.timeout(self.timeout):
-                conn = await self._connect()
-        except (SidecarError, TimeoutError, OSError):
+            conn = await self._connect()
+        except (SidecarError, OSError):
             return
         self.give_back(conn)
 
@@ -492,7 +490,15 @@ class FastPool:
         return self._addresses
 
     async def _connect(self) -> _Connection:
-        loop = asyncio.get_running_loop()
+        """Resolve and connect (TLS handshake included) within one timeout_seconds budget."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await self._open_connection()
+        except TimeoutError:
+            raise UpstreamTimeout(reason="connect_timeout") from None
+
+    async def _open_connection(self) -> _Connection:
+        loop = self.loop
         addresses = await self._resolve()
         last: BaseException | None = None
         for address in addresses:
@@ -500,22 +506,19 @@ class FastPool:
             conn.counted = True
             self._open += 1  # counted while connecting, so concurrent connects cannot overshoot
             try:
-                async with asyncio.timeout(self.timeout):
-                    await loop.create_connection(
-                        lambda conn=conn: conn,
-                        address,
-                        self.port,
-                        ssl=self.ssl_context,
-                        server_hostname=self.host if self.ssl_context is not None else None,
-                    )
+                await loop.create_connection(
+                    lambda conn=conn: conn,
+                    address,
+                    self.port,
+                    ssl=self.ssl_context,
+                    server_hostname=self.host if self.ssl_context is not None else None,
+                )
                 return conn
             except BaseException as exc:
                 if conn.counted and conn.transport is None:  # never connected: uncount it here
                     conn.counted = False
                     self._open -= 1
                     self._wake_one()
-                if isinstance(exc, TimeoutError):
-                    raise UpstreamTimeout(reason="connect_timeout") from None
                 if isinstance(exc, ssl.SSLError):
                     raise UpstreamUnreachable("The TLS handshake with the upstream failed.", reason="tls") from None
                 if not isinstance(exc, OSError):

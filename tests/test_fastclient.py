@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Awaitable, Callable
 
 import pytest
 from multidict import CIMultiDict
 
-from sidecar.errors import DestinationNotAllowed, UpstreamUnreachable
+from sidecar.errors import DestinationNotAllowed, UpstreamTimeout, UpstreamUnreachable
 from sidecar.fastclient import FastPool, FastResponse
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
@@ -258,3 +259,19 @@ async def test_warm_to_an_unreachable_upstream_is_silent_and_bounded() -> None:
     with pytest.raises(UpstreamUnreachable):
         await p.request("GET", "/x", CIMultiDict(), None)  # the request itself reports the failure
     p.close()
+
+
+async def test_a_tls_handshake_that_never_ends_is_a_connect_timeout() -> None:
+    """Name resolution, connect and TLS handshake share one timeout, reported as connect_timeout."""
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await reader.read()  # accepts TCP, never answers the ClientHello
+
+    async with RawUpstream(silent) as up:
+        p = FastPool("127.0.0.1", up.port, ssl.create_default_context(), True, 0.3, f"127.0.0.1:{up.port}")
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(UpstreamTimeout) as info:
+            await p.request("GET", "/x", CIMultiDict(), None)
+        assert info.value.reason == "connect_timeout"
+        assert asyncio.get_running_loop().time() - started < 2
+        p.close()
