@@ -275,7 +275,7 @@ class DataPlane:
         rec.status = err.status
         rec.error = err.code
         rec.reason = err.reason
-        _DENIED.get(err.code, _DENIED["internal_error"]).inc()
+        metrics.bump(_DENIED.get(err.code, _DENIED["internal_error"]))
         return err
 
     def _route(
@@ -371,11 +371,8 @@ class DataPlane:
         secret_id = upstream.secret_id(client_id=identity.client_id)
         try:
             secret, rec.cache = await rt.cache.get(secret_id, settings.secret_field, upstream.warm)
-        except NoCredential as err:
-            rec.cache = err.lookup or "negative"
-            raise
-        except SecretStoreUnavailable:
-            rec.cache = "error"
+        except (NoCredential, SecretStoreUnavailable) as err:
+            rec.cache = err.lookup  # the cache's outcome word, set where it was decided
             raise
         return Admitted(upstream, path, query, identity.client_id, secret_id, secret)
 

@@ -442,7 +442,7 @@ class JwtIdentity:
         if cached is not None:
             bump(_TOKEN_HIT)
             return cached
-        _TOKEN_MISS.inc()
+        bump(_TOKEN_MISS)
         try:
             identity, expires_at = await self._verify(token)
         except InvalidToken as exc:

@@ -99,8 +99,9 @@ class SecretCache:
                 on_miss()
             try:
                 entry = await self._load(key)
-            except SecretStoreUnavailable:
-                _LOOKUPS["error"].inc()
+            except SecretStoreUnavailable as err:
+                metrics.bump(_LOOKUPS["error"])
+                err.lookup = "error"  # the access log's cache word, as for NoCredential
                 raise
             result = "miss"
         if entry.stale:
