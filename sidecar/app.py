@@ -153,6 +153,7 @@ class Sidecar:
                 "upstreams": sorted(s.upstreams),
                 "backend": s.secrets.backend,
                 "identity": "jwt" if s.identity.jwt else "header",
+                **({"worker": self.worker.index} if self.worker is not None else {}),
             },
         )
         self._prefetch_task = asyncio.get_running_loop().create_task(self._prefetch_then_ready(parts))

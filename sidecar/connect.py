@@ -109,7 +109,7 @@ class _Server(web.Server):
         self.handler_kwargs = {k: v for k, v in kwargs.items() if k != "handler_cancellation"}
 
     def __call__(self) -> RequestHandler:
-        handler = _RequestHandler(self, loop=asyncio.get_running_loop(), **self.handler_kwargs)
+        handler = _RequestHandler(self, loop=self.front.loop, **self.handler_kwargs)
         handler.front = self.front
         return handler
 
@@ -212,18 +212,18 @@ class _Tunnel:
         self.client: asyncio.Transport | None = None
         self.upstream: asyncio.Transport | None = None
         self.last_active = time.monotonic()
-        self.done = asyncio.get_running_loop().create_future()
+        self.done = front.loop.create_future()
         self._idle: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
-        self._idle = asyncio.get_running_loop().call_later(TUNNEL_IDLE_SECONDS, self._check_idle)
+        self._idle = self.front.loop.call_later(TUNNEL_IDLE_SECONDS, self._check_idle)
 
     def _check_idle(self) -> None:
         idle = time.monotonic() - self.last_active
         if idle >= TUNNEL_IDLE_SECONDS:
             self.close()
         else:
-            self._idle = asyncio.get_running_loop().call_later(TUNNEL_IDLE_SECONDS - idle, self._check_idle)
+            self._idle = self.front.loop.call_later(TUNNEL_IDLE_SECONDS - idle, self._check_idle)
 
     def close(self) -> None:
         if self._idle is not None:
@@ -287,7 +287,7 @@ class Front:
         handler.data_received(first)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+        task = self.loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -356,7 +356,7 @@ class Front:
             )
 
     async def _tunnel(self, client: asyncio.Transport, host: str, port: int, rest: bytes) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 allowed = await resolve_allowed(host, port, self.plane.runtime.passthrough_allow_private)
@@ -390,7 +390,7 @@ class Front:
 
     async def _intercept(self, client: asyncio.Transport, host: str, port: int) -> None:
         assert self.authority is not None
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         context = await loop.run_in_executor(None, self.authority.context_for, host)
         server = self._intercept_servers.get((host, port))
         if server is None:

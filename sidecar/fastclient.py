@@ -214,12 +214,6 @@ class _Connection(asyncio.Protocol):
             else:
                 waiter.set_exception(UpstreamUnreachable("The upstream closed the connection.", reason="protocol"))
 
-    def pause_writing(self) -> None:  # request bodies here are small; nothing to pause
-        pass
-
-    def resume_writing(self) -> None:
-        pass
-
     # ---- httptools callbacks
 
     def on_message_begin(self) -> None:

@@ -30,8 +30,6 @@ def is_forbidden_address(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) ->
             return True
         if addr in _NAT64:
             return is_forbidden_address(ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF))
-    if isinstance(addr, ipaddress.IPv6Address) and addr.is_site_local:
-        return True
     return not addr.is_global or addr.is_multicast or any(addr in net for net in _ALSO_FORBIDDEN)
 
 

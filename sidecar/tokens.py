@@ -226,11 +226,6 @@ class JwksSource:
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
 
-    @property
-    def keys(self) -> KeySet | None:
-        """The last good key set, or None before the first successful fetch."""
-        return self._keys
-
     async def key_for(self, kid: str | None, alg: str) -> AllowedPublicKeys:
         """The key that verifies a token with this ``kid`` and ``alg``; raises InvalidToken."""
         entry = self._keys.find(kid, alg) if self._keys is not None else None

@@ -80,7 +80,7 @@ class SecretBackend(Protocol):
     async def close(self) -> None: ...
 
 
-def extract(raw: RawSecret, field: str | None, secret_id: str) -> Secret:
+def extract(raw: RawSecret, field: str | None) -> Secret:
     """Turn a stored value into the Secret to inject, taking ``field`` from JSON objects."""
     secret = _extract(raw, field)
     value = secret.reveal()

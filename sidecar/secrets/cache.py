@@ -184,7 +184,7 @@ class SecretCache:
             self._fetch_duration.observe(time.perf_counter() - started)
         now = self._clock()
         try:
-            secret = extract(raw, field, secret_id)
+            secret = extract(raw, field)
         except NoCredential as exc:
             log.warning(
                 "stored secret cannot be used",
