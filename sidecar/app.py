@@ -32,6 +32,7 @@ from sidecar.policy import client_allowed
 from sidecar.proxy import DataPlane, Runtime
 from sidecar.secrets.base import SecretBackend, StoreError
 from sidecar.secrets.cache import SecretCache
+from sidecar.secrets.file import FileLoadError
 from sidecar.upstream import Upstream
 
 if TYPE_CHECKING:
@@ -168,8 +169,11 @@ class Sidecar:
                 await backend.start()
             except StoreError as exc:
                 raise StartupError(f"secrets.{settings.secrets.backend}: {exc.detail or exc.kind}") from None
+            except FileLoadError as exc:
+                raise StartupError(f"secrets.{settings.secrets.backend}: {exc}") from None  # ours: no file content
             except Exception as exc:
-                raise StartupError(f"secrets.{settings.secrets.backend}: {exc}") from None
+                # A library's text may quote what it read (a key); its type is enough.
+                raise StartupError(f"secrets.{settings.secrets.backend}: {type(exc).__name__}") from None
             cache = SecretCache(backend, settings.secrets.cache)
             backend.on_change = cache.clear
         if previous is not None and previous.settings.identity == settings.identity:

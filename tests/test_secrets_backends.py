@@ -507,3 +507,13 @@ async def test_aws_transport_errors_map_to_store_errors(
     with pytest.raises(StoreError) as info:
         await backend.fetch("mcp/polygon/alice")
     assert info.value.kind == kind
+
+
+def test_a_keys_file_that_is_not_utf8_is_a_load_error_that_quotes_nothing(tmp_path: Path) -> None:
+    key = make_secret("latin1")
+    path = tmp_path / "keys.yaml"
+    path.write_bytes(f"alice: {key}\xe9\n".encode("latin-1"))
+    with pytest.raises(FileLoadError) as info:
+        load_secret_file(path)
+    assert str(info.value) == f"{path} is not UTF-8 text"
+    assert key not in repr(info.value) and info.value.__suppress_context__

@@ -43,6 +43,9 @@ def load_secret_file(path: Path) -> dict[str, RawSecret]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise FileLoadError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        # The decoder's message quotes the offending bytes, which may be part of a key.
+        raise FileLoadError(f"{path} is not UTF-8 text") from None
     try:
         data = yaml.load(text, Loader=_KeysLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError:
