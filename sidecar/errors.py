@@ -115,22 +115,8 @@ class UpstreamTimeout(SidecarError):
     default_message = "The upstream did not answer in time."
 
 
-ERROR_CODES: tuple[str, ...] = tuple(
-    cls.code
-    for cls in (
-        BadRequest,
-        InvalidClientId,
-        MissingIdentity,
-        InvalidToken,
-        ClientNotAllowed,
-        DestinationNotAllowed,
-        NoCredential,
-        UnknownUpstream,
-        UpstreamUnreachable,
-        SecretStoreUnavailable,
-        UpstreamTimeout,
-    )
-)
+#: Every refusal's code, in declaration order: each class above, written once.
+ERROR_CODES: tuple[str, ...] = tuple(cls.code for cls in SidecarError.__subclasses__())
 
 
 class ConfigError(Exception):

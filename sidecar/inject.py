@@ -89,38 +89,33 @@ def split_format(fmt: str) -> tuple[str, str]:
 
 def compile_injector(rule: InjectSettings) -> CompiledInjection:
     """Check and pre-shape a rule once, at start."""
-    if rule.kind == "query":
-        name = rule.name
-        folded = name.casefold()
-        quoted_name = quote(name, safe="")
-        before, after = split_format(rule.format)
-
-        def render(secret: Secret) -> str:
-            return before + secret.reveal() + after
-
-        def encode_pair(secret: Secret) -> str:
-            return quoted_name + "=" + quote(render(secret), safe="")
-
-        def inject_query(query: str, secret: Secret) -> str:
-            pair: str = secret.memo(encode_pair, encode_pair)  # percent-encoded once per value
-            if not query:
-                return pair
-            if "%" in query or "+" in query or folded in query.casefold():
-                kept = [
-                    part
-                    for part in query.split("&")
-                    if unquote_plus(part.partition("=")[0]).casefold() != folded
-                ]
-                query = "&".join(kept)
-                if not query:
-                    return pair
-            return query + "&" + pair
-
-        return CompiledInjection(query=inject_query, header=None, render=render)
-
     before, after = split_format(rule.format)
 
-    def render_header(secret: Secret) -> str:
+    def render(secret: Secret) -> str:
         return before + secret.reveal() + after
 
-    return CompiledInjection(query=None, header=rule.name, render=render_header)
+    if rule.kind != "query":
+        return CompiledInjection(query=None, header=rule.name, render=render)
+
+    folded = rule.name.casefold()
+    quoted_name = quote(rule.name, safe="")
+
+    def encode_pair(secret: Secret) -> str:
+        return quoted_name + "=" + quote(render(secret), safe="")
+
+    def inject_query(query: str, secret: Secret) -> str:
+        pair: str = secret.memo(encode_pair, encode_pair)  # percent-encoded once per value
+        if not query:
+            return pair
+        if "%" in query or "+" in query or folded in query.casefold():
+            kept = [
+                part
+                for part in query.split("&")
+                if unquote_plus(part.partition("=")[0]).casefold() != folded
+            ]
+            query = "&".join(kept)
+            if not query:
+                return pair
+        return query + "&" + pair
+
+    return CompiledInjection(query=inject_query, header=None, render=render)
