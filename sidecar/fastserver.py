@@ -93,7 +93,7 @@ class _Handover(Exception):
 class _HeadParser:
     """llhttp callbacks collecting one request head."""
 
-    __slots__ = ("complete", "content_length", "count", "head_end", "headers", "keep_alive", "method", "parser", "url")
+    __slots__ = ("complete", "content_length", "head_end", "headers", "keep_alive", "method", "parser", "url")
 
     def __init__(self) -> None:
         self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
@@ -102,7 +102,6 @@ class _HeadParser:
         self.keep_alive = False
         self.url = b""
         self.headers: list[tuple[str, str]] = []
-        self.count = 0
         self.content_length = 0
         self.complete = False
 
@@ -110,8 +109,7 @@ class _HeadParser:
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.count += 1
-        if self.count > MAX_HEADERS:
+        if len(self.headers) >= MAX_HEADERS:
             raise _Handover
         lower = name.lower()
         if lower in (b"transfer-encoding", b"expect", b"upgrade"):
@@ -237,13 +235,17 @@ class FastConnection(asyncio.Protocol):
         # with every piece (a 1 MiB body in 1 KiB segments would copy ~500 MB).
         self.buffer = bytearray()
         self.waiting: _HeadParser | None = None  # a parsed head whose body is still arriving
-        self.busy = False  # a request is being answered
         self.paused = False  # the app is not reading: writes wait in drain()
         self.reading_paused = False
         self.deadline = 0.0
         self.fresh = True  # nothing read yet: the connection could still be a CONNECT
         self.task: asyncio.Task[None] | None = None
         self._drain: asyncio.Future[None] | None = None
+
+    @property
+    def busy(self) -> bool:
+        """A request is being answered (its task runs)."""
+        return self.task is not None
 
     # ---- asyncio.Protocol
 
@@ -303,14 +305,15 @@ class FastConnection(asyncio.Protocol):
                     self._arm_head_deadline()
                 return
             head_end = end + 4
-            if head_end > MAX_HEAD or not buf[:head_end].isascii():
+            head = bytes(buf[:head_end])
+            if head_end > MAX_HEAD or not head.isascii():
                 self._handover()
                 return
             fields = _HeadParser()
             parser = fields.parser
             assert parser is not None
             try:
-                parser.feed_data(bytes(buf[:head_end]))
+                parser.feed_data(head)
             except (httptools.HttpParserError, ValueError):
                 self._handover()
                 return
@@ -333,7 +336,6 @@ class FastConnection(asyncio.Protocol):
         self.waiting = None
         body = bytes(buf[head_end : head_end + length]) if length else None
         del buf[: head_end + length]
-        self.busy = True
         self.deadline = 0.0
         exchange = FastExchange(
             self, fields.method, fields.url.decode("ascii"), CIMultiDict(fields.headers), body,
@@ -351,7 +353,6 @@ class FastConnection(asyncio.Protocol):
 
     def _done(self, exchange: FastExchange) -> None:
         self.task = None
-        self.busy = False
         if self.transport is None:
             return
         if not exchange.keep_alive or self.server.closing or not exchange.started:
