@@ -88,8 +88,8 @@ class _RequestHandler(RequestHandler):
         err: SidecarError = (
             BadRequest(reason="malformed") if 400 <= status < 500 else SidecarError(reason="internal_error")
         )
-        metrics.DENIED.labels(err.code).inc()
-        metrics.REQUESTS.labels("-", str(err.status)).inc()
+        metrics.bump(metrics.DENIED.labels(err.code))
+        metrics.bump(metrics.REQUESTS.labels("-", str(err.status)))
         self.front.plane.access_log.line(
             method="-", path="-", mode="route", upstream="-", status=err.status, elapsed=0.0,
             error=err.code, reason=type(exc).__name__ if exc is not None else err.reason,
@@ -300,7 +300,7 @@ class Front:
         status = 200
         error: SidecarError | None = None
         mode = "tunnel"
-        metrics.INFLIGHT.inc()
+        metrics.bump(metrics.INFLIGHT)
         try:
             line = head.split(b"\r\n", 1)[0].decode("latin-1")
             parts = line.split(" ")
@@ -333,7 +333,7 @@ class Front:
         except SidecarError as err:
             error = err
             status = err.status
-            metrics.DENIED.labels(err.code).inc()
+            metrics.bump(metrics.DENIED.labels(err.code))
             if not transport.is_closing():
                 transport.write(error_bytes(err, close=True))
                 transport.close()
@@ -342,8 +342,9 @@ class Front:
             log.error("CONNECT handling failed", exc_info=False)
             transport.close()
         finally:
-            metrics.INFLIGHT.dec()
-            metrics.REQUESTS.labels(upstream_name, str(status)).inc()
+            metrics.bump(metrics.INFLIGHT, -1)
+            # Counted, not timed: a tunnel's lifetime is no request latency.
+            metrics.bump(metrics.REQUESTS.labels(upstream_name, str(status)))
             self.plane.access_log.line(
                 method="CONNECT",
                 path=target,
