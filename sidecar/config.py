@@ -331,6 +331,12 @@ class _Reader:
     def fail(self, path: str, message: str) -> None:
         self.problems.append(f"{path}: {message}")
 
+    def check_header_name(self, name: str, path: str) -> bool:
+        if HEADER_NAME_PATTERN.fullmatch(name):
+            return True
+        self.fail(path, "is not a valid HTTP header name")
+        return False
+
     def check_service_url(self, value: str | None, path: str) -> None:
         """An http(s) URL the sidecar itself calls (identity provider, store endpoint).
 
@@ -542,11 +548,11 @@ class _Reader:
         path = "identity"
         m = self.mapping(raw, path, frozenset({"header", "default_client_id", "jwt"}))
         header = self.string(m, "header", path, DEFAULT_IDENTITY_HEADER) or DEFAULT_IDENTITY_HEADER
-        if not HEADER_NAME_PATTERN.fullmatch(header):
-            self.fail(f"{path}.header", "is not a valid HTTP header name")
+        self.check_header_name(header, f"{path}.header")
         default_id = self.string(m, "default_client_id", path, None)
-        if default_id is not None and not CLIENT_ID_PATTERN.fullmatch(default_id):
-            self.fail(f"{path}.default_client_id", f"does not match {CLIENT_ID_PATTERN.pattern}")
+        problem = _check_client_id(default_id) if default_id is not None else None
+        if problem is not None:
+            self.fail(f"{path}.default_client_id", problem)
         jwt = self.jwt(m["jwt"]) if m.get("jwt") is not None else None
         if jwt is not None and default_id is not None:
             self.fail(f"{path}.default_client_id", "has no effect with identity.jwt (every caller needs a token)")
@@ -566,8 +572,7 @@ class _Reader:
             ),
         )
         header = self.string(m, "header", path, DEFAULT_JWT_HEADER) or DEFAULT_JWT_HEADER
-        if not HEADER_NAME_PATTERN.fullmatch(header):
-            self.fail(f"{path}.header", "is not a valid HTTP header name")
+        self.check_header_name(header, f"{path}.header")
         jwks_url = self.string(m, "jwks_url", path, None)
         issuer = self.string(m, "issuer", path, None)
         if not issuer:
@@ -762,8 +767,7 @@ class _Reader:
         if not name:
             self.fail(f"{path}.{kind}", "is required")
             return None
-        if kind == "header" and not HEADER_NAME_PATTERN.fullmatch(name):
-            self.fail(f"{path}.header", "is not a valid HTTP header name")
+        if kind == "header" and not self.check_header_name(name, f"{path}.header"):
             return None
         if kind == "header" and name.lower() in _FORBIDDEN_INJECT_HEADERS:
             self.fail(f"{path}.header", f"{name} is managed by the sidecar and cannot carry a key")
