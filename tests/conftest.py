@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.aws import AWS_ENV
 from tests.support.leaks import OUTPUT_DIR
 from tests.support.process import SidecarProcess
 from tests.support.upstream import EchoUpstream
@@ -60,16 +61,9 @@ def moto_endpoint() -> Iterator[str]:
 @pytest.fixture
 def aws_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """Fake AWS credentials for moto; returned so subprocesses get them too."""
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_SESSION_TOKEN": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }
-    for k, v in env.items():
+    for k, v in AWS_ENV.items():
         monkeypatch.setenv(k, v)
-    return env
+    return dict(AWS_ENV)
 
 
 @pytest.fixture

@@ -20,17 +20,11 @@ from tests.adversarial.support_http import (
     metric,
     running_sidecar,
 )
+from tests.support.aws import AWS_ENV
 from tests.support.leaks import make_secret
 from tests.support.process import SidecarProcess
 from tests.support.upstream import EchoUpstream
 
-AWS_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_SESSION_TOKEN": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_EC2_METADATA_DISABLED": "true",
-}
 PREFIX = "adv-ids/polygon/"
 FETCHES = "sidecar_secret_fetch_duration_seconds_count"
 KEYS: dict[str, str] = {}

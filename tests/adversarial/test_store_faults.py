@@ -26,17 +26,11 @@ from tests.adversarial.support_http import (
     running_sidecar,
 )
 from tests.adversarial.support_store import FakeSecretsManager, FaultProxy
+from tests.support.aws import AWS_ENV
 from tests.support.leaks import make_secret
 from tests.support.process import SidecarProcess
 from tests.support.upstream import EchoUpstream
 
-AWS_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_SESSION_TOKEN": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_EC2_METADATA_DISABLED": "true",
-}
 STORE_TIMEOUT = 1.0
 #: aws.py asks botocore for ``max_attempts: 3``, which botocore counts as retries: 4 calls in all,
 #: each bounded by STORE_TIMEOUT, plus jittered exponential backoff (at most 1 + 2 + 4 s).
