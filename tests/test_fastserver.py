@@ -62,8 +62,7 @@ class Conn:
     """A raw keep-alive connection that reads one response at a time."""
 
     def __init__(self, sc: SidecarProcess) -> None:
-        host, port = sc.url.split("//")[1].rsplit(":", 1)
-        self.sock = socket.create_connection((host, int(port)), timeout=10)
+        self.sock = sc.connect()
         self.buf = b""
 
     def send(self, data: bytes) -> None:

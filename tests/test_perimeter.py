@@ -84,18 +84,6 @@ def config(
     }
 
 
-def raw(sc: SidecarProcess, data: bytes, read_all: bool = True) -> bytes:
-    host, port = sc.url.split("//")[1].rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=10) as s:
-        s.sendall(data)
-        out = b""
-        while chunk := s.recv(65536):
-            out += chunk
-            if not read_all:
-                break
-    return out
-
-
 # ---------------------------------------------------------------- forward proxy, unchanged app code
 
 
@@ -177,7 +165,7 @@ def test_connect_to_upstream_without_mitm_is_refused(
     start_sidecar: Start, tmp_path: Path, tls: TlsEchoUpstream, echo: EchoUpstream, key: str
 ) -> None:
     sc = start_sidecar(config(tmp_path, tls, echo, key, mitm=False))
-    out = raw(sc, f"CONNECT localhost:{tls.port} HTTP/1.1\r\nHost: localhost:{tls.port}\r\n\r\n".encode())
+    out = sc.raw(f"CONNECT localhost:{tls.port} HTTP/1.1\r\nHost: localhost:{tls.port}\r\n\r\n".encode())
     assert out.startswith(b"HTTP/1.1 403")
     assert b"X-Sidecar-Error: destination_not_allowed" in out
     assert b"connect_not_intercepted" not in out  # the reason goes to the log, the app gets the message
@@ -215,8 +203,7 @@ def test_tunnels_close_on_shutdown(
         )
         | {"shutdown_grace_seconds": 2}
     )
-    host, port = sc.url.split("//")[1].rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=10) as s:
+    with sc.connect() as s:
         s.sendall(f"CONNECT 127.0.0.1:{tls.port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         assert s.recv(1024).startswith(b"HTTP/1.1 200")
         sc.signal(signal.SIGTERM)
@@ -251,7 +238,7 @@ def test_connect_refused_and_nothing_sent(
 ) -> None:
     sc = start_sidecar(config(tmp_path, tls, echo, key, passthrough_hosts=[f"127.0.0.1:{canary.port}"]))
     target = target.format(canary=canary.port)
-    out = raw(sc, f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+    out = sc.raw(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
     assert out.split(b" ")[1] in (b"400", b"403"), out
     assert b"X-Sidecar-Error: " in out
     assert canary.connections == 0
@@ -280,7 +267,7 @@ def test_absolute_form_confusions(
 ) -> None:
     sc = start_sidecar(config(tmp_path, tls, echo, key))
     target = target.format(echo=echo.port, canary=canary.port)
-    out = raw(sc, f"GET {target} HTTP/1.1\r\nHost: x\r\nX-Client-Id: alice\r\nConnection: close\r\n\r\n".encode())
+    out = sc.raw(f"GET {target} HTTP/1.1\r\nHost: x\r\nX-Client-Id: alice\r\nConnection: close\r\n\r\n".encode())
     if allowed:
         assert out.startswith(b"HTTP/1.1 200"), out
         assert echo.last().header("X-API-Key") == key
@@ -309,7 +296,7 @@ def test_connect_userinfo_never_reaches_the_log(
     start_sidecar: Start, tmp_path: Path, tls: TlsEchoUpstream, echo: EchoUpstream, key: str
 ) -> None:
     sc = start_sidecar(config(tmp_path, tls, echo, key))
-    out = raw(sc, b"CONNECT alice:hunter2-pw@evil.example:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+    out = sc.raw(b"CONNECT alice:hunter2-pw@evil.example:443 HTTP/1.1\r\nHost: x\r\n\r\n")
     assert out.split(b" ")[1] == b"400"
     sc.wait_for_line(lambda line: line.get("method") == "CONNECT")
     assert "hunter2-pw" not in sc.output()
@@ -319,7 +306,7 @@ def test_passthrough_to_private_address_needs_opt_in(
     start_sidecar: Start, tmp_path: Path, tls: TlsEchoUpstream, echo: EchoUpstream, key: str, canary: Canary
 ) -> None:
     sc = start_sidecar(config(tmp_path, tls, echo, key, passthrough_hosts=[f"localhost:{canary.port}"]))
-    out = raw(sc, f"CONNECT localhost:{canary.port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    out = sc.raw(f"CONNECT localhost:{canary.port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     assert out.startswith(b"HTTP/1.1 403")
     assert canary.connections == 0
 
@@ -328,7 +315,7 @@ def test_route_escapes_stay_on_the_upstream(
     start_sidecar: Start, tmp_path: Path, tls: TlsEchoUpstream, echo: EchoUpstream, key: str
 ) -> None:
     sc = start_sidecar(config(tmp_path, tls, echo, key))
-    out = raw(sc, b"GET /plain//evil.example/x HTTP/1.1\r\nHost: x\r\nX-Client-Id: alice\r\nConnection: close\r\n\r\n")
+    out = sc.raw(b"GET /plain//evil.example/x HTTP/1.1\r\nHost: x\r\nX-Client-Id: alice\r\nConnection: close\r\n\r\n")
     assert out.startswith(b"HTTP/1.1 200")
     assert echo.last().raw_path == "/echo//evil.example/x"
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -215,8 +214,7 @@ def test_redirect_not_followed_and_key_scrubbed_from_location(
 
 
 def test_key_echoed_in_the_reason_phrase_is_scrubbed(sidecar: SidecarProcess, keys: dict[str, str]) -> None:
-    out = raw_request(
-        sidecar, b"GET /polygon/reason-echo HTTP/1.1\r\nHost: x\r\nX-Client-Id: alice\r\nConnection: close\r\n\r\n"
+    out = sidecar.raw(b"GET /polygon/reason-echo HTTP/1.1\r\nHost: x\r\nX-Client-Id: alice\r\nConnection: close\r\n\r\n"
     )
     status_line = out.split(b"\r\n", 1)[0]
     assert status_line.startswith(b"HTTP/1.1 401 Bad key "), status_line
@@ -229,9 +227,7 @@ def test_key_crossing_the_reason_phrase_limit_leaves_no_piece(
     sidecar: SidecarProcess, keys: dict[str, str], pad: int
 ) -> None:
     """The phrase is shortened to 256 characters only after the scrub: no cut-off part of the key leaks."""
-    out = raw_request(
-        sidecar,
-        f"GET /polygon/reason-echo?pad={pad} HTTP/1.1\r\nHost: x\r\nX-Client-Id: alice\r\n"
+    out = sidecar.raw(f"GET /polygon/reason-echo?pad={pad} HTTP/1.1\r\nHost: x\r\nX-Client-Id: alice\r\n"
         "Connection: close\r\n\r\n".encode(),
     )
     status_line = out.split(b"\r\n", 1)[0]
@@ -294,28 +290,16 @@ def test_upstream_unreachable_and_timeout(sidecar: SidecarProcess) -> None:
     assert time.monotonic() - started < 2.5
 
 
-def raw_request(sc: SidecarProcess, head: bytes) -> bytes:
-    """Send bytes as they are (no client-side URL normalisation) and read the whole answer."""
-    host, port = sc.url.split("//")[1].rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=10) as s:
-        s.sendall(head)
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    return data
-
-
 @pytest.mark.parametrize("path", ["/polygon/../admin", "/polygon/a/%2e%2e/b", "/polygon/..%2f..%2fadmin", "/polygon/./x"])
 def test_dot_segments_refused(sidecar: SidecarProcess, echo: EchoUpstream, path: str) -> None:
-    data = raw_request(sidecar, f"GET {path} HTTP/1.1\r\nHost: x\r\nX-Client-Id: alice\r\nConnection: close\r\n\r\n".encode())
+    data = sidecar.raw(f"GET {path} HTTP/1.1\r\nHost: x\r\nX-Client-Id: alice\r\nConnection: close\r\n\r\n".encode())
     assert data.startswith(b"HTTP/1.1 400"), data
     assert b"X-Sidecar-Error: bad_request" in data
     assert echo.received == []
 
 
 def test_duplicate_identity_headers_refused(sidecar: SidecarProcess) -> None:
-    data = raw_request(
-        sidecar, b"GET /polygon/x HTTP/1.1\r\nHost: x\r\nX-Client-Id: alice\r\nX-Client-Id: bob\r\nConnection: close\r\n\r\n"
+    data = sidecar.raw(b"GET /polygon/x HTTP/1.1\r\nHost: x\r\nX-Client-Id: alice\r\nX-Client-Id: bob\r\nConnection: close\r\n\r\n"
     )
     assert data.startswith(b"HTTP/1.1 400")
     assert b"X-Sidecar-Error: bad_request" in data
@@ -387,12 +371,11 @@ def test_default_client_id(start_sidecar: Start, tmp_path: Path, echo: EchoUpstr
 
 def test_unparseable_requests_get_the_contract_error_without_echo(sidecar: SidecarProcess, echo: EchoUpstream) -> None:
     token = "eyJ" + "t" * 40000
-    out = raw_request(sidecar, f"GET /polygon/x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
+    out = sidecar.raw(f"GET /polygon/x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
     assert out.split(b" ")[1] == b"400"
     assert b"X-Sidecar-Error: bad_request" in out
     assert b"ttttttttttttttttt" not in out  # aiohttp's own error page would quote the header
-    out = raw_request(
-        sidecar, b"POST /polygon/x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    out = sidecar.raw(b"POST /polygon/x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
     )
     assert out.split(b" ")[1] == b"400" and b'"error": "bad_request"' in out
     assert echo.received == []

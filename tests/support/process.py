@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -85,6 +86,28 @@ class SidecarProcess:
                 return
             time.sleep(0.05)
         raise RuntimeError(f"sidecar not ready after {timeout}s:\n{self.output()}")
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """(host, port) of the data plane, for raw sockets."""
+        host, port = self.url.split("//")[1].rsplit(":", 1)
+        return host, int(port)
+
+    def connect(self) -> socket.socket:
+        """A raw TCP connection to the data plane (10 s timeout)."""
+        return socket.create_connection(self.address, timeout=10)
+
+    def raw(self, data: bytes, read_all: bool = True) -> bytes:
+        """Send bytes as they are (no client-side URL normalisation); read until the sidecar
+        closes (``read_all``) or the first piece of its answer."""
+        with self.connect() as s:
+            s.sendall(data)
+            out = b""
+            while chunk := s.recv(65536):
+                out += chunk
+                if not read_all:
+                    break
+        return out
 
     def readyz(self) -> int:
         try:
