@@ -25,6 +25,7 @@ from botocore.exceptions import (
 
 import sidecar.secrets.file as file_module
 from sidecar.config import AwsBackendSettings, CacheSettings
+from sidecar.errors import NoCredential
 from sidecar.secrets.aws import AwsBackend
 from sidecar.secrets.base import SecretNotFound, StoreError, extract
 from sidecar.secrets.cache import SecretCache
@@ -516,4 +517,17 @@ def test_a_keys_file_that_is_not_utf8_is_a_load_error_that_quotes_nothing(tmp_pa
     with pytest.raises(FileLoadError) as info:
         load_secret_file(path)
     assert str(info.value) == f"{path} is not UTF-8 text"
-    assert key not in repr(info.value) and info.value.__suppress_context__
+    assert key not in repr(info.value)
+    assert info.value.__context__ is None  # no library error (quoting the bytes) rides along
+
+
+def test_refusals_of_unusable_secrets_carry_no_parser_error_with_the_value(tmp_path: Path) -> None:
+    key = make_secret("ctx")
+    with pytest.raises(NoCredential) as info:
+        extract(f"{key} is not json", "apiKey")
+    assert info.value.__context__ is None
+    path = tmp_path / "keys.yaml"
+    path.write_text(f"alice: [{key}\n", encoding="utf-8")  # unclosed flow sequence
+    with pytest.raises(FileLoadError) as load:
+        load_secret_file(path)
+    assert load.value.__context__ is None

@@ -90,6 +90,14 @@ def extract(raw: RawSecret, field: str | None) -> Secret:
     return secret
 
 
+def _json_or_none(text: str) -> Any:
+    """The parsed JSON, or None; the parser's error (which holds the text) is dropped here."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
 def _extract(raw: RawSecret, field: str | None) -> Secret:
     if field is None:
         if isinstance(raw, str):
@@ -99,12 +107,9 @@ def _extract(raw: RawSecret, field: str | None) -> Secret:
         )
     obj: Any = raw
     if isinstance(raw, str):
-        try:
-            obj = json.loads(raw)
-        except ValueError:
-            raise NoCredential(
-                "The stored secret is not a JSON object.", reason="secret_not_json"
-            ) from None
+        obj = _json_or_none(raw)
+        if obj is None:  # raised out here: inside the except, the error would keep the value as context
+            raise NoCredential("The stored secret is not a JSON object.", reason="secret_not_json")
     if not isinstance(obj, Mapping) or field not in obj:
         raise NoCredential("The stored secret has no such field.", reason="secret_field_missing")
     value = obj[field]

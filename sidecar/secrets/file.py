@@ -39,18 +39,24 @@ class FileLoadError(Exception):
 
 def load_secret_file(path: Path) -> dict[str, RawSecret]:
     """Read the mapping ``secret id -> string or mapping``; numbers become strings."""
+    # Each failure is raised after its except block: raised inside one, our error would
+    # carry the library's (which quotes bytes or a line of the file: a key) as __context__.
+    problem = None
+    text = ""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise FileLoadError(f"cannot read {path}: {exc.strerror}") from None
+        problem = f"cannot read {path}: {exc.strerror}"
     except UnicodeDecodeError:
-        # The decoder's message quotes the offending bytes, which may be part of a key.
-        raise FileLoadError(f"{path} is not UTF-8 text") from None
+        problem = f"{path} is not UTF-8 text"
+    if problem is not None:
+        raise FileLoadError(problem)
     try:
         data = yaml.load(text, Loader=_KeysLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError:
-        # The parser's message can quote the offending line, which may hold a key.
-        raise FileLoadError(f"{path} is not valid YAML or JSON") from None
+        problem = f"{path} is not valid YAML or JSON"
+    if problem is not None:
+        raise FileLoadError(problem)
     if data is None:
         return {}
     if not isinstance(data, Mapping):
