@@ -87,9 +87,8 @@ class FastResponse:
     def content(self) -> FastResponse:
         return self
 
-    @property
-    def finished_clean(self) -> bool:
-        """Every byte of the body has arrived and been read: another readany() would return b""."""
+    def at_eof(self) -> bool:
+        """Every byte of the body has arrived cleanly and been read (aiohttp's StreamReader has it too)."""
         return self._done and self._error is None and not self._chunks
 
     # ---- fed by the connection
@@ -145,7 +144,7 @@ class FastResponse:
         """Done with the answer: its connection goes back to the pool if the exchange was clean."""
         conn, self._conn = self._conn, None
         if conn is not None:
-            conn.finished(reusable=self._done and self._error is None and not self._chunks)
+            conn.finished(reusable=self.at_eof())
 
     def close(self) -> None:
         """Drop the answer and its connection."""

@@ -201,8 +201,8 @@ class FastExchange:
                     parts.append(chunk)
                 self.started = True
                 conn.write(b"".join(parts))
-                # The lean client says when the body is complete: no wait for its empty last read.
-                while chunk and not getattr(content, "finished_clean", False):
+                # Both clients say when the body is complete: no wait for an empty last read.
+                while chunk and not content.at_eof():
                     if conn.paused:
                         await conn.drain()
                     chunk = await content.readany()

@@ -90,6 +90,8 @@ class UpstreamAnswer(Protocol):
 class _BodyReader(Protocol):
     async def readany(self) -> bytes: ...
 
+    def at_eof(self) -> bool: ...
+
 
 async def resolve_allowed(host: str, port: int, allow_private: bool) -> list[str]:
     """Resolve once; the addresses the guard allows. Callers connect only to these.
