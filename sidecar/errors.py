@@ -16,6 +16,7 @@ The hierarchy::
     └── UpstreamTimeout               504     upstream_timeout
 
     ConfigError (not an HTTP error: a list of "field.path: problem" lines)
+    UpstreamBodyError (a ConnectionError: an answer's body broke off after its head went on)
 
 Messages are written by us, never copied from a library exception, so no
 secret or URL with an injected key can reach a response or a log line through
@@ -125,3 +126,11 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
         super().__init__("\n".join(problems))
+
+
+class UpstreamBodyError(ConnectionError):
+    """The upstream broke off or garbled a response body after its head was sent on.
+
+    Kept here, not in fastclient.py: a compiled (mypyc) module cannot define a
+    subclass of ConnectionError.
+    """

@@ -29,7 +29,7 @@ from collections import deque
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from sidecar.errors import SidecarError, UpstreamTimeout, UpstreamUnreachable
+from sidecar.errors import SidecarError, UpstreamBodyError, UpstreamTimeout, UpstreamUnreachable
 from sidecar.upstream import DNS_TTL_SECONDS, KEEPALIVE_SECONDS, POOL_LIMIT, resolve_allowed
 
 #: Limits on an answer's head, as aiohttp's client has (one field, the whole head).
@@ -45,10 +45,6 @@ MAX_CONNECTIONS = POOL_LIMIT
 #: Idle pooled connections kept per upstream, and how long (aiohttp's keep-alive too).
 MAX_IDLE = 64
 IDLE_SECONDS = KEEPALIVE_SECONDS
-
-
-class UpstreamBodyError(ConnectionError):
-    """The upstream broke off or garbled a response body after its head was sent on."""
 
 
 class _EarlyClose(Exception):

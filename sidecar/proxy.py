@@ -33,15 +33,16 @@ from sidecar.errors import (
     UnknownUpstream,
     UpstreamUnreachable,
 )
+from sidecar.identity import IdentityResolver
 from sidecar.policy import client_allowed, scopes_allowed
+from sidecar.secrets.base import Secret
+from sidecar.secrets.cache import SecretCache
 from sidecar.upstream import HOP_BY_HOP, Upstream, UpstreamAnswer
 
 if TYPE_CHECKING:
     from sidecar.access_log import AccessLog
     from sidecar.fastserver import FastExchange
-    from sidecar.identity import HeaderReader, IdentityResolver
-    from sidecar.secrets.base import Secret
-    from sidecar.secrets.cache import SecretCache
+    from sidecar.identity import HeaderReader
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -63,7 +64,11 @@ STREAM_BROKEN = (TimeoutError, ConnectionError, aiohttp.ClientConnectionError, a
 
 @dataclass(frozen=True, slots=True)
 class Runtime:
-    """Everything compiled from one config. A request keeps the Runtime it started with."""
+    """Everything compiled from one config. A request keeps the Runtime it started with.
+
+    Its field types are imported at run time, not only for the type checker: mypyc
+    (see setup.py) compiles this dataclass and needs them.
+    """
 
     upstreams: dict[str, Upstream]
     by_origin: dict[tuple[str, int], tuple[Upstream, ...]]  # longest base path first

@@ -172,7 +172,7 @@ def _parse_jwk(raw: object, index: int, algorithms: tuple[str, ...]) -> _Jwk | N
         return None
     if raw.get("use") not in (None, "sig"):
         return None  # an encryption key published alongside the signing keys
-    if _PRIVATE_JWK_MEMBERS & raw.keys():
+    if not _PRIVATE_JWK_MEMBERS.isdisjoint(raw):
         # Never verify with (or keep in memory) key material that should be secret.
         log.warning("JWKS key %d carries private or symmetric key material; skipped", index)
         return None
@@ -280,12 +280,12 @@ class JwksSource:
         except TimeoutError:
             self._failed(f"no answer within {self._settings.jwks_timeout_seconds:g}s")
             return
-        except (aiohttp.ClientError, OSError) as exc:
+        except (aiohttp.ClientError, OSError) as failure:
             # The class name only: library messages are not ours to put in a log line.
-            self._failed(f"request failed ({type(exc).__name__})")
+            self._failed(f"request failed ({type(failure).__name__})")
             return
-        except Exception as exc:  # a background task must not die with an unretrieved error
-            self._failed(f"unexpected {type(exc).__name__}")
+        except Exception as bug:  # a background task must not die with an unretrieved error
+            self._failed(f"unexpected {type(bug).__name__}")
             return
         JWKS_REFRESHES.labels(result="ok").inc()
         previous = self._keys.kids if self._keys is not None else None

@@ -20,6 +20,12 @@ from typing import Any
 import pytest
 
 from sidecar import fastserver
+from sidecar.access_log import AccessLog
+from sidecar.config import CacheSettings, IdentitySettings
+from sidecar.identity import HeaderIdentity
+from sidecar.proxy import DataPlane, Runtime
+from sidecar.secrets.cache import SecretCache
+from sidecar.secrets.file import FileBackend
 from tests.support.leaks import make_secret
 from tests.support.process import SidecarProcess
 from tests.support.upstream import EchoUpstream
@@ -259,6 +265,19 @@ def test_large_head_goes_through(sidecar: SidecarProcess) -> None:
 # ---------------------------------------------------------------- timeouts (in-process, short limits)
 
 
+def _idle_plane() -> DataPlane:
+    """A real DataPlane with no upstreams: no request in these tests gets as far as the plane.
+
+    (A real one, not None: the compiled build checks argument types.)
+    """
+    runtime = Runtime(
+        upstreams={}, by_origin={}, identity=HeaderIdentity(IdentitySettings()),
+        cache=SecretCache(FileBackend(Path("/nonexistent/keys.json")), CacheSettings()),
+        forward_proxy=False, mitm=False, passthrough=frozenset(), passthrough_allow_private=False, drop_headers={},
+    )
+    return DataPlane(runtime, AccessLog())
+
+
 async def _lean_server(monkeypatch: pytest.MonkeyPatch) -> tuple[asyncio.Server, list[bytes]]:
     """The lean server alone on 127.0.0.1 with a 0.3 s head limit; what it hands to aiohttp is recorded."""
     monkeypatch.setattr(fastserver, "HEAD_TIMEOUT", 0.3)
@@ -268,7 +287,7 @@ async def _lean_server(monkeypatch: pytest.MonkeyPatch) -> tuple[asyncio.Server,
         handed.append(data)
         transport.close()
 
-    server = fastserver.FastServer(None, hand, hand)  # type: ignore[arg-type]  # no request reaches the plane
+    server = fastserver.FastServer(_idle_plane(), hand, hand)
     listener = await asyncio.get_running_loop().create_server(server.protocol, "127.0.0.1", 0)
     return listener, handed
 
