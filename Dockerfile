@@ -6,9 +6,11 @@
 #   docker run --rm -v "$PWD/sidecar.yaml:/etc/credential-sidecar/config.yaml:ro" \
 #     mcp-credential-sidecar:local
 #
-# Two stages: the builder resolves and installs every dependency into a venv;
-# the final stage gets that venv (the package is installed inside it, not
-# editable) and nothing else: no compiler, no pip cache, no source tree.
+# Two stages: the builder resolves and installs every dependency into a venv and
+# compiles the request path to C with mypyc (setup.py; about 25% less CPU per
+# request, bench/RESULTS.md); the final stage gets that venv (the package is
+# installed inside it, not editable) and nothing else: no compiler, no mypy, no
+# pip cache, no source tree. --build-arg SIDECAR_COMPILE=0 builds pure Python.
 
 # Both stages use the same base so the venv's python symlink stays valid.
 # Pin by digest (python:3.12-slim-bookworm@sha256:...) in a release pipeline.
@@ -16,6 +18,12 @@ ARG PYTHON_IMAGE=python:3.12-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS builder
 
+# The C compiler for mypyc; this stage only.
+RUN apt-get update \
+ && apt-get install --yes --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
+
+ARG SIDECAR_COMPILE=1
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
@@ -24,14 +32,18 @@ RUN python -m venv /opt/venv
 ENV PATH="/opt/venv/bin:${PATH}"
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md setup.py ./
+COPY scripts/build_backend.py ./scripts/
 COPY sidecar ./sidecar
 # A regular (non-editable) install: the package lands in the venv's site-packages
 # with its .pyc files compiled now, because the root filesystem is read-only at run time.
 # botocore (Secrets Manager) is a core dependency; fast: uvloop. pip itself is not needed
-# at run time, so it leaves the venv (about 17 MB).
-RUN pip install ".[fast]" \
- && python -m pip uninstall --yes pip
+# at run time, so it leaves the venv (about 17 MB). mypy is only in pip's throw-away
+# build environment. The last line fails the build if nothing was compiled.
+RUN SIDECAR_COMPILE=${SIDECAR_COMPILE} pip install ".[fast]" \
+ && python -m pip uninstall --yes pip \
+ && cd / && python -c "import sidecar, sys; print('sidecar build:', sidecar.build()); \
+      sys.exit('${SIDECAR_COMPILE}' == '1' and sidecar.build() != 'compiled')"
 
 FROM ${PYTHON_IMAGE}
 

@@ -54,6 +54,8 @@ def tree_for(ref: str, tmp: Path) -> Path:
     """The source tree of ``ref``: the working tree for ".", else a detached worktree."""
     if ref == ".":
         return REPO
+    if Path(ref).is_dir():
+        return Path(ref).resolve()  # a prepared tree (a compiled build, say), used as it is
     path = tmp / f"tree-{len(list(tmp.glob('tree-*')))}"
     subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(path), ref], check=True)
     return path
@@ -75,6 +77,9 @@ def start(children: bench.Children, name: str, tree: Path, tmp: Path, upstream: 
                            capture_output=True, text=True, check=True).stdout.strip()
     if not where.startswith(str(tree)):
         raise RuntimeError(f"{name}: imports sidecar from {where}, not from {tree}")
+    build = subprocess.run([sys.executable, "-c", "import sidecar; print(sidecar.build())"], env=env, cwd=tree,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    print(f"{name}: {tree} ({build})", flush=True)
     child = children.start(name, [sys.executable, "-m", "sidecar", "run", "--config", str(config)], env=env)
     bench.wait_until(lambda: bench.port_open(port), child, "listening port", 20)
     status, _ = bench.http_get(port, "/polygon/warm", {"X-Client-Id": "alice"})
@@ -85,7 +90,7 @@ def start(children: bench.Children, name: str, tree: Path, tmp: Path, upstream: 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("a", help="git ref of A, or . for the working tree")
+    p.add_argument("a", help="git ref of A, . for the working tree, or a directory holding a sidecar/ tree")
     p.add_argument("b", nargs="?", default=".", help="git ref of B (default: the working tree)")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--duration", type=int, default=3, help="seconds per wrk round")
@@ -112,7 +117,7 @@ def main() -> int:
         sides = {}
         for name, ref in (("A", args.a), ("B", args.b)):
             tree = tree_for(ref, tmp)
-            if tree != REPO:
+            if tree.is_relative_to(tmp):  # a worktree made here: removed at the end
                 trees.append(tree)
             sides[name] = start(children, name, tree, tmp, upstream)
         print(f"A = {args.a}, B = {args.b}; {args.rounds} rounds of {args.duration} s per concurrency")

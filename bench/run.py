@@ -1092,6 +1092,9 @@ def machine() -> dict[str, str]:
         "cpu": model, "nproc": str(os.cpu_count()), "memory": mem, "kernel": platform.release(),
         "python": platform.python_version(), "aiohttp": aio, "uvloop": uv,
         "nginx": version(["nginx", "-v"]), "wrk": version(["wrk", "--version"]),
+        # compiled (mypyc, scripts/compile.sh) or python: the same source, about 25% apart
+        "sidecar_build": version([PY, "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); import sidecar; "
+                                            "print(sidecar.build())"]),
     }
 
 

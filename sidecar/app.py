@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from sidecar import metrics
+from sidecar import build, metrics
 from sidecar.access_log import AccessLog, configure_logging, flush_access_lines
 from sidecar.admin import bound_address, build_admin_app
 from sidecar.config import ListenAddress, SecretsSettings, Settings, load_settings, parse_passthrough
@@ -154,6 +154,7 @@ class Sidecar:
                 "upstreams": sorted(s.upstreams),
                 "backend": s.secrets.backend,
                 "identity": "jwt" if s.identity.jwt else "header",
+                "build": build(),  # compiled (mypyc) or python: see setup.py
                 **({"worker": self.worker.index} if self.worker is not None else {}),
             },
         )

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from sidecar import __version__
+from sidecar import __version__, build
 from sidecar.config import Settings, load_settings
 from sidecar.errors import ConfigError
 
@@ -19,7 +19,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="credential-sidecar",
         description="Inject each MCP client's API key into outbound calls; refuse every other destination.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__} ({build()})")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (
         ("run", "start the data plane and the admin listener"),

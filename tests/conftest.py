@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import shutil
 from collections.abc import Callable, Iterator
@@ -10,13 +11,38 @@ from typing import Any
 
 import pytest
 
+import sidecar
 from tests.support.aws import AWS_ENV
 from tests.support.leaks import OUTPUT_DIR
 from tests.support.process import SidecarProcess
 from tests.support.upstream import EchoUpstream
 
 
+def pytest_report_header() -> str:
+    compiled = sidecar.compiled_modules()
+    return f"sidecar build: {sidecar.build()}" + (f" ({len(compiled)} modules compiled by mypyc)" if compiled else "")
+
+
+def _stale_compiled_modules() -> list[str]:
+    """Modules whose .py changed after their compiled extension was built: the tests would run old code."""
+    stale = []
+    for name in sidecar.compiled_modules():
+        spec = importlib.util.find_spec(name)
+        assert spec is not None and spec.origin is not None
+        extension = Path(spec.origin)
+        source = extension.parent / (name.rpartition(".")[2] + ".py")
+        if source.stat().st_mtime > extension.stat().st_mtime:
+            stale.append(name)
+    return stale
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
+    stale = _stale_compiled_modules()
+    if stale:
+        raise pytest.UsageError(
+            f"{', '.join(stale)}: edited after it was compiled, so its old code would run. "
+            "Run `bash scripts/compile.sh` again, or `bash scripts/compile.sh --clean` for pure Python."
+        )
     shutil.rmtree(OUTPUT_DIR, ignore_errors=True)
     OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
     # Every log record of in-process tests lands here too, so the leak check sees it.

@@ -83,13 +83,19 @@ def test_two_stages_on_an_official_slim_python(parsed: tuple[dict[str, str], lis
 def test_dependencies_are_installed_in_the_builder_venv(parsed: tuple[dict[str, str], list[Stage]]) -> None:
     _, (builder, _) = parsed
     runs = [c.value[0] for c in instructions(builder, "RUN")]
-    assert runs[0] == f"python -m venv {VENV}"
+    # The builder alone gets a C compiler (for mypyc), and no apt lists are kept.
+    assert runs[0].startswith("apt-get update") and "gcc" in runs[0] and "rm -rf /var/lib/apt/lists" in runs[0]
+    assert runs[1] == f"python -m venv {VENV}"
     assert env_of(builder)["PATH"].startswith(f"{VENV}/bin:")
     installs = [r for r in runs if re.search(r"\bpip install\b", r)]
     assert len(installs) == 1
     # A regular install of this project (boto3 comes with it) plus uvloop: never editable.
     assert '".[fast]"' in installs[0]
     assert "-e" not in shlex.split(installs[0])
+    # Compiled by default, and the build fails when it was asked to compile and did not.
+    assert [c.value[0] for c in instructions(builder, "ARG")] == ["SIDECAR_COMPILE=1"]
+    assert installs[0].startswith("SIDECAR_COMPILE=${SIDECAR_COMPILE} pip install")
+    assert "sidecar.build() != 'compiled'" in installs[0]
 
 
 def test_final_stage_gets_only_the_venv(parsed: tuple[dict[str, str], list[Stage]]) -> None:
@@ -214,16 +220,26 @@ def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
             for source in sources:
                 src = ROOT / source
                 if src.is_dir():
-                    shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__"))
+                    # .dockerignore's exclusions: no bytecode, no in-place compiled modules
+                    shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__", "*.py[cod]", "*.so"))
+                elif dest.endswith("/"):
+                    target.mkdir(parents=True, exist_ok=True)  # as Docker does
+                    shutil.copy2(src, target / src.name)
                 else:
-                    shutil.copy2(src, target / src.name if dest.endswith("/") else target)
+                    shutil.copy2(src, target)
+        elif command.cmd == "ARG":
+            name, _, default = command.value[0].partition("=")
+            env[name] = default  # an ARG is in the environment of the RUNs after it
+        elif command.cmd == "RUN" and command.value[0].startswith("apt-get "):
+            # Not replayed (it would install into this machine as root); what it is for is checked.
+            assert shutil.which("gcc"), "the builder installs gcc for mypyc; this machine needs it too"
         elif command.cmd == "RUN":
             script = command.value[0].replace(VENV, str(venv))
             result = subprocess.run(
                 ["sh", "-c", script], cwd=workdir, env=env, capture_output=True, text=True, timeout=300, check=False
             )
             assert result.returncode == 0, f"RUN {script}\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
-        elif command.cmd != "ARG":
+        else:
             pytest.fail(f"the replay does not know {command.cmd}; teach it before adding it to the builder")
     # The source tree is not part of the final image: remove it, so nothing can import from it.
     if workdir != root:
@@ -245,6 +261,17 @@ def test_the_installed_package_lives_in_the_venv(image_venv: Path, tmp_path: Pat
     )
     package = Path(result.stdout.strip()).parent
     assert package.is_relative_to(image_venv)
+    # The request path runs compiled (mypyc): fastserver imports from its C extension.
+    result = subprocess.run(
+        [str(python), "-c", "import sidecar, sidecar.fastserver as f; print(sidecar.build(), f.__file__)"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    build, fastserver = result.stdout.split()
+    assert build == "compiled"
+    assert fastserver.endswith(".so") and Path(fastserver).is_relative_to(package)
     # pip is removed from the final venv; the console script is there.
     assert not (image_venv / "bin" / "pip").exists()
     assert (image_venv / "bin" / "credential-sidecar").exists()

@@ -1,0 +1,37 @@
+"""PEP 517 build backend: setuptools' own, plus what mypyc needs when compiling.
+
+``SIDECAR_COMPILE=1 pip install .`` compiles the request path with mypyc (see
+setup.py). pip builds in an isolated environment holding only what the backend
+asks for, so then, and only then, this asks for the type checker and what it
+checks against: mypy and its stubs from the dev extra, and the package's own
+dependencies (mypyc compiles against their real types; without them every
+aiohttp or multidict object would be Any and the build fails). A plain install
+downloads none of it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+
+from setuptools import build_meta as _setuptools
+from setuptools.build_meta import *  # noqa: F403  (every other hook is setuptools' own)
+
+
+def _compiling() -> list[str]:
+    if os.environ.get("SIDECAR_COMPILE", "0") != "1":
+        return []
+    with open("pyproject.toml", "rb") as f:
+        project = tomllib.load(f)["project"]
+    # mypy itself and the stub packages: the same versions the dev extra type-checks with.
+    typing = [req for req in project["optional-dependencies"]["dev"] if re.match(r"mypy\b|types-|\S+-stubs\b", req)]
+    return [*typing, *project["dependencies"]]
+
+
+def get_requires_for_build_wheel(config_settings: dict[str, str] | None = None) -> list[str]:
+    return [*_setuptools.get_requires_for_build_wheel(config_settings), *_compiling()]
+
+
+def get_requires_for_build_editable(config_settings: dict[str, str] | None = None) -> list[str]:
+    return [*_setuptools.get_requires_for_build_editable(config_settings), *_compiling()]
