@@ -13,5 +13,7 @@ if [ "${1:-}" = "--clean" ]; then
   exit 0
 fi
 PY=${PY:-.venv/bin/python}
+# setuptools is not in a Python 3.12+ venv by default; mypy comes with the dev extra.
+"$PY" -c "import setuptools, mypyc" 2>/dev/null || "$PY" -m pip install --quiet "setuptools>=68" "mypy>=1.10"
 SIDECAR_COMPILE=1 "$PY" -W ignore setup.py --quiet build_ext --inplace >/dev/null
 "$PY" -c 'import sidecar; print("compiled:", " ".join(sidecar.compiled_modules()))'

@@ -6,11 +6,16 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
+from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 
 import yaml
 
+import sidecar
+from sidecar import fastserver
 from tests.support.leaks import make_secret
+from tests.support.process import SidecarProcess
 
 
 def cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -144,3 +149,17 @@ def test_python_m_and_console_script_agree(tmp_path: Path) -> None:
         [str(exe), "check", "--config", str(good_config(tmp_path))], capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_version_and_the_listening_line_name_the_build_that_runs(
+    tmp_path: Path, start_sidecar: Callable[..., SidecarProcess]
+) -> None:
+    # What really runs: the data plane imports from C extensions (compiled) or from .py files.
+    expected = "compiled" if str(fastserver.__file__).endswith(tuple(EXTENSION_SUFFIXES)) else "python"
+    assert sidecar.build() == expected
+    result = cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"credential-sidecar {sidecar.__version__} ({expected})"
+    proc = start_sidecar(yaml.safe_load(good_config(tmp_path).read_text()), wait_ready=False)
+    (listening,) = [line for line in proc.lines() if line.get("message") == "listening"]
+    assert listening["build"] == expected
