@@ -2,28 +2,33 @@
 
 from __future__ import annotations
 
-from importlib.machinery import EXTENSION_SUFFIXES
+from importlib.machinery import EXTENSION_SUFFIXES, ExtensionFileLoader
+from importlib.util import find_spec
 from pathlib import Path
 
 __version__ = "0.1.0"
 
 
 def compiled_modules() -> list[str]:
-    """The package's modules present as mypyc-compiled C extensions (see setup.py); [] when pure Python.
+    """The package's modules that import as mypyc-compiled C extensions (see setup.py); [] when pure Python.
 
     Python imports an extension module in preference to the .py beside it, so
-    these are the modules that run compiled.
+    these are the modules that run compiled. A file built for another Python
+    version (``x.cpython-312-...so`` under 3.11) is not imported, and not counted.
     """
     package = Path(__file__).parent
-    suffixes = sorted(EXTENSION_SUFFIXES, key=len, reverse=True)  # ".cpython-311-...so" before ".so"
-    found = set()
+    found = []
     for path in package.rglob("*"):
-        suffix = next((s for s in suffixes if path.name.endswith(s)), None)
+        suffix = next((s for s in EXTENSION_SUFFIXES if path.name.endswith(s)), None)
         if suffix is None:
             continue
-        name = path.name[: -len(suffix)]
-        if not name.endswith("__mypyc"):  # that one is the shared runtime library, not a module
-            found.add(".".join(("sidecar", *path.relative_to(package).parent.parts, name)))
+        stem = path.name[: -len(suffix)]
+        if "." in stem or stem.endswith("__mypyc"):  # another ABI's file, or mypyc's shared runtime
+            continue
+        name = ".".join(("sidecar", *path.relative_to(package).parent.parts, stem))
+        spec = find_spec(name)
+        if spec is not None and isinstance(spec.loader, ExtensionFileLoader):
+            found.append(name)
     return sorted(found)
 
 

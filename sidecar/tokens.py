@@ -509,10 +509,12 @@ class JwtIdentity:
             raise _refuse("wrong_token_use")
         if self._audience and not self._audience & _audiences(claims):
             raise _refuse("wrong_audience")
-        client_id = next(
-            (v for v in (claims.get(name) for name in s.client_id_claims) if isinstance(v, str) and v),
-            None,
-        )
+        client_id = None
+        for name in s.client_id_claims:  # the first configured claim holding a non-empty string
+            value = claims.get(name)
+            if isinstance(value, str) and value:
+                client_id = value
+                break
         if client_id is None:
             raise _refuse("no_client_id_claim")
         identity = Identity(validate_client_id(client_id), "jwt", claim_strings(claims, *SCOPE_CLAIMS))

@@ -185,12 +185,12 @@ class SecretCache:
         now = self._clock()
         try:
             secret = extract(raw, field)
-        except NoCredential as exc:
+        except NoCredential as unusable:  # not "exc": mypyc types a name by its first binding (StoreError)
             log.warning(
                 "stored secret cannot be used",
-                extra={"secret_id": secret_id, "reason": exc.reason},
+                extra={"secret_id": secret_id, "reason": unusable.reason},
             )
-            entry = _Entry(None, now + s.negative_ttl_seconds, now + s.negative_ttl_seconds, reason=exc.reason)
+            entry = _Entry(None, now + s.negative_ttl_seconds, now + s.negative_ttl_seconds, reason=unusable.reason)
             self._store(key, entry)
             return entry
         fresh_until = now + s.ttl_seconds
