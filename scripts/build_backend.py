@@ -20,11 +20,15 @@ from setuptools.build_meta import *  # noqa: F403  (every other hook is setuptoo
 
 
 def _compiling() -> list[str]:
-    if os.environ.get("SIDECAR_COMPILE", "0") != "1":
+    value = os.environ.get("SIDECAR_COMPILE", "0")
+    if value not in ("0", "1"):  # setup.py says the same; a typo must not build pure Python silently
+        raise SystemExit(f"SIDECAR_COMPILE must be 0 or 1, not {value!r}")
+    if value == "0":
         return []
     with open("pyproject.toml", "rb") as f:
         project = tomllib.load(f)["project"]
-    # mypy itself and the stub packages: the same versions the dev extra type-checks with.
+    # mypy itself (pinned: compiled semantics follow its version) and the stub packages,
+    # as the dev extra type-checks with them.
     typing = [req for req in project["optional-dependencies"]["dev"] if re.match(r"mypy\b|types-|\S+-stubs\b", req)]
     return [*typing, *project["dependencies"]]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import shutil
 from collections.abc import Callable, Iterator
@@ -13,6 +12,7 @@ import pytest
 
 import sidecar
 from tests.support.aws import AWS_ENV
+from tests.support.build import changed_since_compiled
 from tests.support.leaks import OUTPUT_DIR
 from tests.support.process import SidecarProcess
 from tests.support.upstream import EchoUpstream
@@ -23,26 +23,16 @@ def pytest_report_header() -> str:
     return f"sidecar build: {sidecar.build()}" + (f" ({len(compiled)} modules compiled by mypyc)" if compiled else "")
 
 
-def _stale_compiled_modules() -> list[str]:
-    """Modules whose .py changed after their compiled extension was built: the tests would run old code."""
-    stale = []
-    for name in sidecar.compiled_modules():
-        spec = importlib.util.find_spec(name)
-        assert spec is not None and spec.origin is not None
-        extension = Path(spec.origin)
-        source = extension.parent / (name.rpartition(".")[2] + ".py")
-        if source.stat().st_mtime > extension.stat().st_mtime:
-            stale.append(name)
-    return stale
-
-
 def pytest_sessionstart(session: pytest.Session) -> None:
-    stale = _stale_compiled_modules()
-    if stale:
-        raise pytest.UsageError(
-            f"{', '.join(stale)}: edited after it was compiled, so its old code would run. "
-            "Run `bash scripts/compile.sh` again, or `bash scripts/compile.sh --clean` for pure Python."
-        )
+    if sidecar.compiled_modules():
+        # A compiled module shadows its .py: a source changed since would leave old code running.
+        changed = changed_since_compiled()
+        if changed is None or changed:
+            what = "no record of what they were compiled from" if changed is None else ", ".join(changed)
+            raise pytest.UsageError(
+                f"compiled modules are present but the sources changed since ({what}). "
+                "Run `bash scripts/compile.sh` again, or `bash scripts/compile.sh --clean` for pure Python."
+            )
     shutil.rmtree(OUTPUT_DIR, ignore_errors=True)
     OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
     # Every log record of in-process tests lands here too, so the leak check sees it.

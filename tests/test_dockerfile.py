@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -191,12 +192,24 @@ def _free_ports(count: int) -> list[int]:
             s.close()
 
 
+def _dockerignore_anywhere() -> list[str]:
+    """.dockerignore's "**/name" exclusions (bytecode, in-place compiled modules), as copytree patterns."""
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    return [line.strip()[3:] for line in lines if line.strip().startswith("**/")]
+
+
+def _can_compile_extensions() -> bool:
+    include = Path(sysconfig.get_paths()["include"])
+    return shutil.which("gcc") is not None and (include / "Python.h").exists()
+
+
 @pytest.fixture(scope="module")
 def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Replay the builder stage: COPY into WORKDIR, then each RUN with /opt/venv relocated.
 
-    The one deviation: PIP_NO_CACHE_DIR is dropped so pip reuses its wheel cache
-    (the image keeps no cache; here a warm cache keeps the test near 15 s).
+    The deviations: PIP_NO_CACHE_DIR is dropped so pip reuses its wheel cache (the
+    image keeps no cache), and the apt-get step is replaced by a check that this
+    machine can compile. Most of the minute this takes is mypyc compiling.
     """
     _, (builder, _) = stages(DOCKERFILE)
     root = tmp_path_factory.mktemp("image")
@@ -220,8 +233,7 @@ def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
             for source in sources:
                 src = ROOT / source
                 if src.is_dir():
-                    # .dockerignore's exclusions: no bytecode, no in-place compiled modules
-                    shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__", "*.py[cod]", "*.so"))
+                    shutil.copytree(src, target, ignore=shutil.ignore_patterns(*_dockerignore_anywhere()))
                 elif dest.endswith("/"):
                     target.mkdir(parents=True, exist_ok=True)  # as Docker does
                     shutil.copy2(src, target / src.name)
@@ -231,8 +243,10 @@ def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
             name, _, default = command.value[0].partition("=")
             env[name] = default  # an ARG is in the environment of the RUNs after it
         elif command.cmd == "RUN" and command.value[0].startswith("apt-get "):
-            # Not replayed (it would install into this machine as root); what it is for is checked.
-            assert shutil.which("gcc"), "the builder installs gcc for mypyc; this machine needs it too"
+            # Not replayed (it would install into this machine as root). What it is for, a C
+            # compiler for mypyc, must be here instead (.ci/run installs it; Debian: gcc python3-dev).
+            if not _can_compile_extensions():
+                pytest.skip("no C compiler or Python headers here: the builder's compile step cannot be replayed")
         elif command.cmd == "RUN":
             script = command.value[0].replace(VENV, str(venv))
             result = subprocess.run(
