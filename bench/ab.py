@@ -54,7 +54,7 @@ def tree_for(ref: str, tmp: Path) -> Path:
     """The source tree of ``ref``: the working tree for ".", else a detached worktree."""
     if ref == ".":
         return REPO
-    if Path(ref).is_dir():
+    if (Path(ref) / "sidecar").is_dir():
         return Path(ref).resolve()  # a prepared tree (a compiled build, say), used as it is
     path = tmp / f"tree-{len(list(tmp.glob('tree-*')))}"
     subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(path), ref], check=True)
@@ -77,9 +77,7 @@ def start(children: bench.Children, name: str, tree: Path, tmp: Path, upstream: 
                            capture_output=True, text=True, check=True).stdout.strip()
     if not where.startswith(str(tree)):
         raise RuntimeError(f"{name}: imports sidecar from {where}, not from {tree}")
-    build = subprocess.run([sys.executable, "-c", "import sidecar; print(sidecar.build())"], env=env, cwd=tree,
-                           capture_output=True, text=True, check=True).stdout.strip()
-    print(f"{name}: {tree} ({build})", flush=True)
+    print(f"{name}: {tree} ({bench.sidecar_build(tree)})", flush=True)
     child = children.start(name, [sys.executable, "-m", "sidecar", "run", "--config", str(config)], env=env)
     bench.wait_until(lambda: bench.port_open(port), child, "listening port", 20)
     status, _ = bench.http_get(port, "/polygon/warm", {"X-Client-Id": "alice"})
