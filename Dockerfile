@@ -7,7 +7,7 @@
 #     mcp-credential-sidecar:local
 #
 # Two stages: the builder resolves and installs every dependency into a venv and
-# compiles the request path to C with mypyc (setup.py; about 25% less CPU per
+# compiles the request path to C with mypyc (setup.py; about 20% less CPU per
 # request, bench/RESULTS.md); the final stage gets that venv (the package is
 # installed inside it, not editable) and nothing else: no compiler, no mypy, no
 # pip cache, no source tree. --build-arg SIDECAR_COMPILE=0 builds pure Python.
