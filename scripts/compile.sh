@@ -5,7 +5,8 @@
 #                                     and Python's headers)
 #   bash scripts/compile.sh --clean   remove the compiled modules: pure Python again
 # A compiled module shadows its .py: after editing any source, compile again or clean.
-# tests/conftest.py refuses to run when a source changed since (tests/support/build.py).
+# The sidecar warns at startup, and tests/conftest.py refuses to run, when a source changed
+# since (sidecar/buildinfo.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 find sidecar -name '*.so' -delete
@@ -17,5 +18,5 @@ PY=${PY:-.venv/bin/python}
 # mypy (the compiler) and setuptools come with the dev extra.
 "$PY" -c "import setuptools, mypyc" 2>/dev/null || "$PY" -m pip install --quiet -e '.[dev]'
 SIDECAR_COMPILE=1 "$PY" -W ignore setup.py --quiet build_ext --inplace >/dev/null
-"$PY" -m tests.support.build --record
-"$PY" -c 'import sidecar; print("compiled:", " ".join(sidecar.compiled_modules()))'
+"$PY" -m sidecar.buildinfo --record
+"$PY" -m sidecar.buildinfo

@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from sidecar import build, metrics
+from sidecar import metrics
 from sidecar.access_log import AccessLog, configure_logging, flush_access_lines
 from sidecar.admin import bound_address, build_admin_app
+from sidecar.buildinfo import build, changed_since_compiled, compiled_modules
 from sidecar.config import ListenAddress, SecretsSettings, Settings, load_settings, parse_passthrough
 from sidecar.connect import Front
 from sidecar.errors import ConfigError, NoCredential, SecretStoreUnavailable
@@ -378,9 +379,21 @@ async def serve(settings: Settings, config_path: Path | None, worker: WorkerRole
     return 0
 
 
+def warn_if_stale_build() -> None:
+    """An in-place compiled build (scripts/compile.sh) older than its sources runs the old code: say so."""
+    changed = changed_since_compiled() if compiled_modules() else None
+    if changed:
+        log.warning(
+            "compiled modules are older than their sources: the old code is running",
+            extra={"changed": changed[:10], "fix": "bash scripts/compile.sh, or scripts/compile.sh --clean"},
+        )
+
+
 def run(settings: Settings, config_path: Path | None, worker: WorkerRole | None = None) -> int:
     """Blocking entry point: logging, event loop (uvloop when installed), serve."""
     configure_logging(settings.log.level, settings.log.format)
+    if worker is None or worker.index == 0:
+        warn_if_stale_build()
     # The store call (botocore) and file reads run in threads. While the event loop is
     # busy (a burst of requests waiting for that very key), a thread waits up to the
     # switch interval each time it needs the GIL back: 5 ms by default, several times

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 import sidecar
+from sidecar.buildinfo import changed_since_compiled
 from tests.support.aws import AWS_ENV
-from tests.support.build import changed_since_compiled
 from tests.support.leaks import OUTPUT_DIR
 from tests.support.process import SidecarProcess
 from tests.support.upstream import EchoUpstream

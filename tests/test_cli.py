@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -10,10 +11,11 @@ from collections.abc import Callable
 from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 
+import pytest
 import yaml
 
 import sidecar
-from sidecar import fastserver
+from sidecar import buildinfo, fastserver
 from tests.support.leaks import make_secret
 from tests.support.process import SidecarProcess
 
@@ -163,3 +165,32 @@ def test_version_and_the_listening_line_name_the_build_that_runs(
     proc = start_sidecar(yaml.safe_load(good_config(tmp_path).read_text()), wait_ready=False)
     (listening,) = [line for line in proc.lines() if line.get("message") == "listening"]
     assert listening["build"] == expected
+
+
+def test_the_record_of_compiled_sources_names_what_changed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(buildinfo, "MANIFEST", tmp_path / "record.json")
+    assert buildinfo.changed_since_compiled() is None  # no record: an installed package, never "stale"
+    buildinfo.record()
+    assert buildinfo.changed_since_compiled() == []
+    recorded = json.loads((tmp_path / "record.json").read_text())
+    recorded["proxy.py"] = "0" * 64  # as if proxy.py was edited after compiling
+    recorded["gone.py"] = "0" * 64  # ... and gone.py deleted
+    del recorded["config.py"]  # ... and config.py added
+    (tmp_path / "record.json").write_text(json.dumps(recorded))
+    assert buildinfo.changed_since_compiled() == ["config.py", "gone.py", "proxy.py"]
+
+
+@pytest.mark.skipif(not sidecar.compiled_modules(), reason="only a compiled build can be stale")
+def test_a_stale_compiled_build_is_named_at_startup(
+    tmp_path: Path, start_sidecar: Callable[..., SidecarProcess]
+) -> None:
+    saved = buildinfo.MANIFEST.read_bytes()
+    try:
+        recorded = json.loads(saved)
+        recorded["proxy.py"] = "0" * 64
+        buildinfo.MANIFEST.write_text(json.dumps(recorded))
+        proc = start_sidecar(yaml.safe_load(good_config(tmp_path).read_text()), wait_ready=False)
+    finally:
+        buildinfo.MANIFEST.write_bytes(saved)
+    (warning,) = [line for line in proc.lines() if line.get("message", "").startswith("compiled modules are older")]
+    assert warning["level"] == "warning" and warning["changed"] == ["proxy.py"]
