@@ -267,23 +267,16 @@ def test_the_installed_package_lives_in_the_venv(image_venv: Path, tmp_path: Pat
     assert list(image_venv.glob("lib/python3*/site-packages/sidecar/__pycache__/config.*.pyc"))
     python = image_venv / "bin" / "python"
     result = subprocess.run(
-        [str(python), "-c", "import sidecar, sys; print(sidecar.__file__)"],
+        [str(python), "-c", "import sidecar, sidecar.fastserver as f; print(sidecar.__file__, sidecar.build(), f.__file__)"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
         check=True,
     )
-    package = Path(result.stdout.strip()).parent
+    init, build, fastserver = result.stdout.split()
+    package = Path(init).parent
     assert package.is_relative_to(image_venv)
     # The request path runs compiled (mypyc): fastserver imports from its C extension.
-    result = subprocess.run(
-        [str(python), "-c", "import sidecar, sidecar.fastserver as f; print(sidecar.build(), f.__file__)"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    build, fastserver = result.stdout.split()
     assert build == "compiled"
     assert fastserver.endswith(".so") and Path(fastserver).is_relative_to(package)
     # pip is removed from the final venv; the console script is there.
