@@ -11,6 +11,7 @@ import pytest
 import requests
 import yaml
 
+from sidecar.proxy import MAX_REASON
 from tests.support.leaks import make_secret
 from tests.support.process import SidecarProcess
 from tests.support.upstream import EchoUpstream, closed_port
@@ -222,11 +223,16 @@ def test_key_echoed_in_the_reason_phrase_is_scrubbed(sidecar: SidecarProcess, ke
     assert b"[redacted]" in status_line
 
 
-@pytest.mark.parametrize("pad", [240, 250])
+@pytest.mark.parametrize("inside", [8, 20])
 def test_key_crossing_the_reason_phrase_limit_leaves_no_piece(
-    sidecar: SidecarProcess, keys: dict[str, str], pad: int
+    sidecar: SidecarProcess, keys: dict[str, str], inside: int
 ) -> None:
-    """The phrase is shortened to 256 characters only after the scrub: no cut-off part of the key leaks."""
+    """The phrase is shortened to MAX_REASON characters only after the scrub: no cut-off part of the key leaks.
+
+    The echo puts ``inside`` characters of the key before the limit, so a cut before the
+    scrub would leave at least one 8-byte piece the window below finds.
+    """
+    pad = MAX_REASON - len("Bad key ") - inside
     out = sidecar.raw(f"GET /polygon/reason-echo?pad={pad} HTTP/1.1\r\nHost: x\r\nX-Client-Id: alice\r\n"
         "Connection: close\r\n\r\n".encode(),
     )
