@@ -10,7 +10,8 @@ import pytest
 from multidict import CIMultiDict
 
 from sidecar.errors import DestinationNotAllowed, UpstreamTimeout, UpstreamUnreachable
-from sidecar.fastclient import FastPool, FastResponse
+from sidecar.fastclient import MAX_IDLE, FastPool, FastResponse
+from tests.support.upstream import closed_port
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 
@@ -250,10 +251,10 @@ async def test_warm_opens_a_connection_the_next_request_uses() -> None:
 
 
 async def test_warm_to_an_unreachable_upstream_is_silent_and_bounded() -> None:
-    p = pool(1)  # nothing listens on port 1
+    p = pool(closed_port())
     for _ in range(200):
         p.warm()
-    assert len(p._warming) <= 64  # MAX_IDLE
+    assert len(p._warming) <= MAX_IDLE
     await asyncio.sleep(0.2)
     assert not p._warming  # every attempt ended, none raised
     with pytest.raises(UpstreamUnreachable):

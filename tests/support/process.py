@@ -97,16 +97,13 @@ class SidecarProcess:
         """A raw TCP connection to the data plane (10 s timeout)."""
         return socket.create_connection(self.address, timeout=10)
 
-    def raw(self, data: bytes, read_all: bool = True) -> bytes:
-        """Send bytes as they are (no client-side URL normalisation); read until the sidecar
-        closes (``read_all``) or the first piece of its answer."""
+    def raw(self, data: bytes) -> bytes:
+        """Send bytes as they are (no client-side URL normalisation); read until the sidecar closes."""
         with self.connect() as s:
             s.sendall(data)
             out = b""
             while chunk := s.recv(65536):
                 out += chunk
-                if not read_all:
-                    break
         return out
 
     def readyz(self) -> int:
