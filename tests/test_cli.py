@@ -18,6 +18,7 @@ import sidecar
 from sidecar import buildinfo, fastserver
 from tests.support.leaks import make_secret
 from tests.support.process import SidecarProcess
+from tests.support.upstream import closed_port
 
 
 def cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -123,10 +124,7 @@ def test_missing_config_and_bad_yaml(tmp_path: Path) -> None:
 
 
 def test_run_with_invalid_config_exits_2_before_binding(tmp_path: Path) -> None:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
+    port = closed_port()
     config = write(tmp_path / "c.yaml", {"listen": f"127.0.0.1:{port}", "upstreams": {"x": {"url": "nope"}}})
     result = cli("run", "--config", str(config))
     assert result.returncode == 2

@@ -20,16 +20,11 @@ from urllib.parse import quote
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.process import SidecarProcess
+from tests.support.process import SidecarProcess, address
 
 LOCAL = "127.0.0.1"
 #: Default upper bound on one raw exchange.
 EXCHANGE_TIMEOUT = 5.0
-
-
-def address(url: str) -> tuple[str, int]:
-    host, port = url.split("//", 1)[1].rstrip("/").rsplit(":", 1)
-    return host.strip("[]"), int(port)
 
 
 @dataclass

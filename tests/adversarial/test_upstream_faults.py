@@ -7,7 +7,6 @@ previous one. A cut or malformed answer must never reach the app as a clean 200.
 
 from __future__ import annotations
 
-import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,7 +19,6 @@ import yaml
 from tests.adversarial.support_evil_upstream import EvilUpstream
 from tests.adversarial.support_http import (
     LOCAL,
-    address,
     assert_alive,
     assert_no_secret,
     exchange,
@@ -233,7 +231,7 @@ def test_client_abort_cancels_the_upstream_call(sc: SidecarProcess, evil: EvilUp
     before_conns = evil.connections
     aborts = 20
     for _ in range(aborts):
-        with socket.create_connection(address(sc.url), timeout=5) as s:
+        with sc.connect() as s:
             s.sendall(get("/patient/silent"))
             time.sleep(0.05)
     deadline = time.monotonic() + 4
@@ -249,7 +247,7 @@ def test_client_abort_cancels_the_upstream_call(sc: SidecarProcess, evil: EvilUp
 
 def test_aborted_clients_leave_the_sidecar_healthy(sc: SidecarProcess, key: str) -> None:
     for _ in range(50):
-        with socket.create_connection(address(sc.url), timeout=5) as s:
+        with sc.connect() as s:
             s.sendall(get("/evil/ok/abort")[:-10])  # half a request, then gone
     follow_up(sc, key)
 

@@ -24,6 +24,12 @@ from tests.support.leaks import output_file
 START_TIMEOUT = 20.0
 
 
+def address(url: str) -> tuple[str, int]:
+    """(host, port) of an ``http://host:port[/]`` URL; IPv6 brackets removed."""
+    host, port = url.split("//", 1)[1].rstrip("/").rsplit(":", 1)
+    return host.strip("[]"), int(port)
+
+
 class SidecarProcess:
     """One ``credential-sidecar run`` process."""
 
@@ -90,8 +96,7 @@ class SidecarProcess:
     @property
     def address(self) -> tuple[str, int]:
         """(host, port) of the data plane, for raw sockets."""
-        host, port = self.url.split("//")[1].rsplit(":", 1)
-        return host, int(port)
+        return address(self.url)
 
     def connect(self) -> socket.socket:
         """A raw TCP connection to the data plane (10 s timeout)."""
