@@ -9,7 +9,6 @@ the request headers and setting the formatted value.
 
 from __future__ import annotations
 
-import re
 import string
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ class CompiledInjection:
     def scrub_forms(self, secret: Secret) -> tuple[str, ...]:
         """Spellings of the key that must never be echoed back to the app."""
         value = secret.reveal()
-        forms = {value, self.render(secret), quote(value, safe=""), quote(value, safe="/")}
+        forms = {value, self.render(secret), quote(value, safe=""), quote(value, safe="/"), quote_plus(value)}
         return tuple(f for f in forms if f)
 
     def scrub_set(self, secret: Secret) -> Scrubber:
@@ -42,37 +41,55 @@ class CompiledInjection:
         return secret.memo(self, self._derive_scrubber)  # type: ignore[no-any-return]
 
     def _derive_scrubber(self, secret: Secret) -> Scrubber:
-        forms = sorted({*self.scrub_forms(secret), quote_plus(secret.reveal())} - {""}, key=len, reverse=True)
-        return Scrubber(
-            re.compile("|".join(map(re.escape, forms)), re.IGNORECASE),
-            min((len(f) for f in forms), default=0),
-            secret.reveal(),
-        )
+        return Scrubber(self.scrub_forms(secret), secret.reveal())
 
 
 class Scrubber:
     """Every spelling of one key in text an upstream sends back, replaced with ``[redacted]``.
 
-    The known spellings (raw, as injected, percent-encoded) are matched case-insensitively,
-    so ``%2f`` is caught like ``%2F``; a value that still holds the key once
-    percent-decoded (some other mix of escapes) is replaced whole. Matching too much
-    only ever redacts more.
+    The known spellings (raw, as injected, percent- and form-encoded) are matched
+    case-insensitively, so ``%2f`` is caught like ``%2F``; a value that still holds
+    the key once percent-decoded (some other mix of escapes) is replaced whole.
+    Matching too much only ever redacts more. No regular expression: ``re`` keeps
+    every compiled pattern, so the key, in a module-wide cache, after rotation.
     """
 
-    __slots__ = ("_raw", "_spellings", "shortest")
+    __slots__ = ("_forms", "_raw", "shortest")
 
-    def __init__(self, spellings: re.Pattern[str], shortest: int, raw: str) -> None:
-        self._spellings = spellings
-        self.shortest = shortest  # a shorter value cannot hold the key
+    def __init__(self, forms: tuple[str, ...], raw: str) -> None:
+        # Lower-cased, longest first: where two spellings start at one place, the longer one goes.
+        self._forms = sorted({f.lower() for f in forms}, key=len, reverse=True)
+        self.shortest = min((len(f) for f in self._forms), default=0)  # a shorter value cannot hold the key
         self._raw = raw
 
     def __call__(self, value: str) -> str:
-        value = self._spellings.sub(REDACTED, value)
-        if ("%" in value or "+" in value) and self._raw and (
-            self._raw in unquote(value) or self._raw in unquote_plus(value)
-        ):
+        lowered = value.lower()
+        if any(form in lowered for form in self._forms):
+            if len(lowered) != len(value):
+                return REDACTED  # a character whose lower case is longer: positions no longer line up
+            value = self._replace(value, lowered)
+        raw = self._raw
+        if raw and (("%" in value and raw in unquote(value)) or ("+" in value and raw in unquote_plus(value))):
             return REDACTED
         return value
+
+    def _replace(self, value: str, lowered: str) -> str:
+        """``value`` with each leftmost (then longest) spelling found in ``lowered`` replaced."""
+        out = []
+        start = 0
+        while True:
+            at, length = -1, 0
+            for form in self._forms:
+                i = lowered.find(form, start)
+                if i >= 0 and (at < 0 or i < at):
+                    at, length = i, len(form)
+            if at < 0:
+                break
+            out.append(value[start:at])
+            out.append(REDACTED)
+            start = at + length
+        out.append(value[start:])
+        return "".join(out)
 
 
 def split_format(fmt: str) -> tuple[str, str]:

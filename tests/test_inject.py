@@ -213,3 +213,11 @@ def test_scrubber_catches_every_spelling_of_the_key_in_an_echo(key: str, echo: s
     assert not leaked  # checked first, as a bool: a failure must not print the key
     assert out == expected
     assert scrub("https://elsewhere.example/next?page=2") == "https://elsewhere.example/next?page=2"
+
+
+def test_scrubber_redacts_whole_text_whose_lower_case_changes_length(key: str) -> None:
+    # "İ".lower() is two characters: offsets in the lower-cased copy no longer fit the text.
+    scrub = query_rule().scrub_set(Secret(key))
+    assert scrub(f"İstanbul {key.upper()} x") == "[redacted]"
+    assert scrub("İstanbul, no key here") == "İstanbul, no key here"
+    assert scrub(f"a {key} b {key.lower()} c") == "a [redacted] b [redacted] c"
