@@ -25,7 +25,7 @@ from botocore.exceptions import (
 
 import sidecar.secrets.file as file_module
 from sidecar.config import AwsBackendSettings, CacheSettings
-from sidecar.errors import NoCredential
+from sidecar.errors import NoCredential, SecretStoreUnavailable
 from sidecar.secrets.aws import AwsBackend
 from sidecar.secrets.base import SecretNotFound, StoreError, extract
 from sidecar.secrets.cache import SecretCache
@@ -299,6 +299,17 @@ async def test_aws_secret_binary_that_is_not_utf8(aws: AwsBackend, sm: Any, name
     with pytest.raises(StoreError) as info:
         await aws.fetch(name)
     assert info.value.kind == "invalid"
+    # Through the cache, as the proxy meets it: the refusal's chain holds none of the
+    # decode error that carried the stored bytes.
+    with pytest.raises(SecretStoreUnavailable) as refused:
+        await SecretCache(aws, CacheSettings()).get(name)
+    chain: list[BaseException] = []
+    exc: BaseException | None = refused.value
+    while exc is not None:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    assert not [e for e in chain if isinstance(e, UnicodeDecodeError)]
+    assert [type(e) for e in chain] == [SecretStoreUnavailable, StoreError]
 
 
 async def test_aws_not_found(aws: AwsBackend, name: str) -> None:
@@ -516,8 +527,9 @@ def test_a_keys_file_that_is_not_utf8_is_a_load_error_that_quotes_nothing(tmp_pa
     path.write_bytes(f"alice: {key}\xe9\n".encode("latin-1"))
     with pytest.raises(FileLoadError) as info:
         load_secret_file(path)
+    leaked = key in repr(info.value)
+    assert not leaked  # checked first, as a bool: a failure must not print the key
     assert str(info.value) == f"{path} is not UTF-8 text"
-    assert key not in repr(info.value)
     assert info.value.__context__ is None  # no library error (quoting the bytes) rides along
 
 

@@ -178,6 +178,10 @@ class SecretCache:
             self._store(key, entry)
             return entry
         except StoreError as exc:
+            # Every backend's failure passes here. Whatever library error it was raised
+            # inside (a decode error holding the stored bytes, say) stops here too: the
+            # refusal raised next would otherwise carry it along as context.
+            exc.__context__ = None
             metrics.SECRET_STORE_ERRORS.labels(self.backend.name, exc.kind).inc()
             return self._on_store_error(key, exc)
         finally:
