@@ -379,7 +379,9 @@ class FastPool:
             head.append(b"\r\n")
         data = b"".join(head)
         conn = self._take_idle()
-        if conn is None and self._open >= MAX_CONNECTIONS:
+        if conn is None and (self._open >= MAX_CONNECTIONS or self._warming):
+            # Every connection is busy, or one being warmed for this very request is on its
+            # way: wait for it rather than open another.
             async with asyncio.timeout(self.timeout):  # a TimeoutError: Upstream.send's timeout
                 conn = await self._wait_for_slot()
         if conn is not None:
@@ -400,9 +402,9 @@ class FastPool:
             raise
 
     async def _wait_for_slot(self) -> _Connection | None:
-        """Every connection is busy: wait for one to be given back (returned) or to close (None)."""
+        """Wait for a connection to be given back or warmed (returned), or for room to open one (None)."""
         conn = None
-        while conn is None and self._open >= MAX_CONNECTIONS:
+        while conn is None and (self._open >= MAX_CONNECTIONS or self._warming):
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
             try:
@@ -424,11 +426,15 @@ class FastPool:
         MAX_IDLE connections are warmed at once, none beyond MAX_CONNECTIONS; a failure
         is left for the request itself to meet and report.
         """
-        if self._closed or len(self._idle) + len(self._warming) >= MAX_IDLE or self._open >= MAX_CONNECTIONS:
-            return
+        if self._closed or self._idle or len(self._warming) >= MAX_IDLE or self._open >= MAX_CONNECTIONS:
+            return  # an idle connection is there already, or enough are on their way
         task = self.loop.create_task(self._warm_one())
         self._warming.add(task)
-        task.add_done_callback(self._warming.discard)
+        task.add_done_callback(self._warmed)
+
+    def _warmed(self, task: asyncio.Task[None]) -> None:
+        self._warming.discard(task)
+        self._wake_one()  # a request waiting for it: take the connection, or open one if it failed
 
     async def _warm_one(self) -> None:
         try:
