@@ -116,8 +116,14 @@ class UpstreamTimeout(SidecarError):
     default_message = "The upstream did not answer in time."
 
 
-#: Every refusal's code, in declaration order: each class above, written once.
-ERROR_CODES: tuple[str, ...] = tuple(cls.code for cls in SidecarError.__subclasses__())
+def _refusals(cls: type[SidecarError]) -> list[type[SidecarError]]:
+    """Every subclass of ``cls``, its subclasses' subclasses too, in declaration order."""
+    return [c for sub in cls.__subclasses__() for c in (sub, *_refusals(sub))]
+
+
+#: Every refusal's code, in declaration order: each class above, written once (a subclass
+#: that keeps its parent's code is listed once).
+ERROR_CODES: tuple[str, ...] = tuple(dict.fromkeys(cls.code for cls in _refusals(SidecarError)))
 
 
 class ConfigError(Exception):

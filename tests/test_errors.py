@@ -1,0 +1,18 @@
+"""The refusal hierarchy and the codes derived from it."""
+
+from __future__ import annotations
+
+from sidecar import errors
+from sidecar.errors import ERROR_CODES, SidecarError
+
+
+def test_every_refusal_class_in_errors_py_has_its_code_listed_once() -> None:
+    # Grandchildren included: a subclass of a subclass must be counted under its own code
+    # (proxy.py pre-labels a metric child per code; an unlisted one would count as internal_error).
+    classes = [
+        c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, SidecarError) and c is not SidecarError
+    ]
+    assert len(classes) == 11
+    assert set(ERROR_CODES) == {c.code for c in classes}
+    assert len(ERROR_CODES) == len(set(ERROR_CODES))
+    assert SidecarError.code not in ERROR_CODES  # internal_error has its own place
