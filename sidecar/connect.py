@@ -88,8 +88,8 @@ class _RequestHandler(RequestHandler):
         err: SidecarError = (
             BadRequest(reason="malformed") if 400 <= status < 500 else SidecarError(reason="internal_error")
         )
-        metrics.bump(metrics.DENIED.labels(err.code))
-        metrics.bump(metrics.REQUESTS.labels("-", str(err.status)))
+        metrics.count_refusal(err.code)
+        metrics.count_request("-", err.status)
         self.front.plane.access_log.line(
             method="-", path="-", mode="route", upstream="-", status=err.status, elapsed=0.0,
             error=err.code, reason=type(exc).__name__ if exc is not None else err.reason,
@@ -333,7 +333,7 @@ class Front:
         except SidecarError as err:
             error = err
             status = err.status
-            metrics.bump(metrics.DENIED.labels(err.code))
+            metrics.count_refusal(err.code)
             if not transport.is_closing():
                 transport.write(error_bytes(err, close=True))
                 transport.close()
@@ -343,8 +343,7 @@ class Front:
             transport.close()
         finally:
             metrics.bump(metrics.INFLIGHT, -1)
-            # Counted, not timed: a tunnel's lifetime is no request latency.
-            metrics.bump(metrics.REQUESTS.labels(upstream_name, str(status)))
+            metrics.count_request(upstream_name, status)
             self.plane.access_log.line(
                 method="CONNECT",
                 path=target,

@@ -13,6 +13,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from sidecar.errors import ERROR_CODES, SidecarError
+
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 #: Set (by the supervisor, before this module is imported) when ``workers > 1``:
@@ -67,6 +69,8 @@ SECRET_CACHE_ENTRIES = Gauge(
 )
 # Refusals by the contract's error code.
 DENIED = Counter("sidecar_denied", "Requests refused or failed by the sidecar.", ["reason"], registry=REGISTRY)
+#: One child per refusal code, made at start so every series exists from the first scrape.
+_DENIED = {code: DENIED.labels(code) for code in (*ERROR_CODES, SidecarError.code)}
 # Requests in flight on the data plane.
 INFLIGHT = Gauge(
     "sidecar_inflight_requests", "Requests being handled.", registry=REGISTRY, multiprocess_mode="livesum"
@@ -127,6 +131,23 @@ def _schedule() -> None:
     _applying[1] = loop.call_later(APPLY_SECONDS, apply_pending)
 
 
+def count_refusal(code: str) -> None:
+    """One refusal with the contract's error ``code`` (an unknown code counts as internal_error)."""
+    bump(_DENIED.get(code) or _DENIED[SidecarError.code])
+
+
+def count_request(upstream: str, status: int) -> None:
+    """One request counted without a duration (a CONNECT tunnel's lifetime is no request latency)."""
+    bump(_counter(upstream, status))
+
+
+def _counter(upstream: str, status: int) -> Any:
+    counter = _counters.get((upstream, status))
+    if counter is None:
+        counter = _counters[(upstream, status)] = REQUESTS.labels(upstream, str(status))
+    return counter
+
+
 def record_request(upstream: str, status: int, seconds: float) -> None:
     """Count one finished request. Applied within APPLY_SECONDS, in a batch.
 
@@ -165,8 +186,5 @@ def apply_pending() -> None:
         if histogram is None:
             histogram = _histograms[upstream] = REQUEST_DURATION.labels(upstream)
         histogram.observe(seconds)
-    for key, n in counts.items():
-        counter = _counters.get(key)
-        if counter is None:
-            counter = _counters[key] = REQUESTS.labels(key[0], str(key[1]))
-        counter.inc(n)
+    for (upstream, status), n in counts.items():
+        _counter(upstream, status).inc(n)

@@ -23,7 +23,6 @@ from multidict import CIMultiDict
 from sidecar import metrics
 from sidecar.config import normalize_host
 from sidecar.errors import (
-    ERROR_CODES,
     BadRequest,
     ClientNotAllowed,
     DestinationNotAllowed,
@@ -46,7 +45,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sidecar.proxy")
 
-_DENIED = {code: metrics.DENIED.labels(code) for code in (*ERROR_CODES, SidecarError.code)}
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 #: Request bodies up to this size are read whole so a rotated key can replay them.
 REPLAY_BODY_LIMIT = 1024 * 1024
@@ -280,7 +278,7 @@ class DataPlane:
         rec.status = err.status
         rec.error = err.code
         rec.reason = err.reason
-        metrics.bump(_DENIED.get(err.code, _DENIED["internal_error"]))
+        metrics.count_refusal(err.code)
         return err
 
     def _route(

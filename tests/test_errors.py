@@ -8,7 +8,7 @@ from sidecar.errors import ERROR_CODES, SidecarError
 
 def test_every_refusal_class_in_errors_py_has_its_code_listed_once() -> None:
     # Grandchildren included: a subclass of a subclass must be counted under its own code
-    # (proxy.py pre-labels a metric child per code; an unlisted one would count as internal_error).
+    # (metrics.py pre-labels a child per code; an unlisted one would count as internal_error).
     classes = [
         c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, SidecarError) and c is not SidecarError
     ]
