@@ -158,7 +158,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.counted = False  # part of the pool's open-connection count
         self.idle_since = 0.0
-        self._parser = httptools.HttpResponseParser(self)
+        self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self._head_waiter: asyncio.Future[FastResponse] | None = None
         self._response: FastResponse | None = None
         self._headers: CIMultiDict[str] = CIMultiDict()
@@ -178,7 +178,8 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        if self._failed:
+        parser = self._parser
+        if self._failed or parser is None:
             return
         if not self._expecting and self._response is None:
             # Bytes nobody asked for on an idle pooled connection: a late or smuggled
@@ -187,7 +188,7 @@ class _Connection(asyncio.Protocol):
             return
         self._got_bytes = True
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamUnreachable("The upstream switched protocols.", reason="protocol"))
         except httptools.HttpParserError:
@@ -208,6 +209,12 @@ class _Connection(asyncio.Protocol):
                 waiter.set_exception(_EarlyClose())
             else:
                 waiter.set_exception(UpstreamUnreachable("The upstream closed the connection.", reason="protocol"))
+        # Break the reference cycles (protocol <-> transport, protocol -> parser -> its bound
+        # callbacks -> protocol): a closed connection is then freed by reference counting at
+        # once instead of waiting for the cyclic collector. A burst closes hundreds of them,
+        # and the full collection they invite took ~30 ms with boto3's objects in the heap.
+        self.transport = None
+        self._parser = None
 
     # ---- httptools callbacks
 
@@ -237,9 +244,10 @@ class _Connection(asyncio.Protocol):
         self._headers.add(name.decode("latin-1"), value.decode("latin-1"))
 
     def on_headers_complete(self) -> None:
-        if self._failed:
+        parser = self._parser
+        if self._failed or parser is None:
             return
-        status = self._parser.get_status_code()
+        status = parser.get_status_code()
         if status < 200:
             if status == 101:
                 # Upgrade is never forwarded, so a switch is unsolicited.
@@ -249,7 +257,7 @@ class _Connection(asyncio.Protocol):
             self._headers = CIMultiDict()
             return
         headers, self._headers = self._headers, CIMultiDict()
-        self._keep_alive = bool(self._parser.should_keep_alive())
+        self._keep_alive = bool(parser.should_keep_alive())
         self._delimited_by_close = (
             "Content-Length" not in headers
             and "chunked" not in headers.get("Transfer-Encoding", "").lower()
