@@ -10,6 +10,7 @@ Lifecycle::
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -351,6 +352,7 @@ async def serve(settings: Settings, config_path: Path | None, worker: WorkerRole
     except StartupError as exc:
         log.error("cannot start: %s", exc)
         return 1
+    freeze_startup_heap()
     stop = asyncio.Event()
 
     def on_stop(signame: str) -> None:
@@ -377,6 +379,19 @@ async def serve(settings: Settings, config_path: Path | None, worker: WorkerRole
     await stop.wait()
     await sidecar.drain()
     return 0
+
+
+def freeze_startup_heap() -> None:
+    """Move everything alive after startup out of the cyclic collector's reach.
+
+    Imported modules, the settings and, with the AWS backend, botocore's service model and
+    session (about 50,000 objects) live as long as the process. A full collection re-scans
+    every tracked object: with them in the heap it took ~30 ms, and a burst of new
+    connections triggers one, stalling every request in flight. Frozen, they are skipped;
+    a collection first, so startup garbage is freed rather than frozen.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def warn_if_stale_build() -> None:

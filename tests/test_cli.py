@@ -192,3 +192,29 @@ def test_a_stale_compiled_build_is_named_at_startup(
         buildinfo.MANIFEST.write_bytes(saved)
     (warning,) = [line for line in proc.lines() if line.get("message", "").startswith("compiled modules are older")]
     assert warning["level"] == "warning" and warning["changed"] == ["proxy.py"]
+
+
+def test_the_startup_heap_is_frozen_out_of_the_cycle_collectors_walk() -> None:
+    """What is alive once the sidecar has started (modules, settings, boto3's service model)
+    lives as long as the process. A full collection walks every tracked object; with those in
+    the heap it took ~30 ms during a burst. Frozen, a collection walks only what came later."""
+    import gc
+
+    import boto3
+
+    from sidecar.app import freeze_startup_heap
+
+    client = boto3.session.Session(region_name="us-east-1").client(  # the AWS backend's heap
+        "secretsmanager", aws_access_key_id="x", aws_secret_access_key="x"
+    )
+    gc.unfreeze()
+    try:
+        tracked = len(gc.get_objects())
+        freeze_startup_heap()
+        assert gc.get_freeze_count() > 10_000 and len(gc.get_objects()) < tracked // 20
+        later_type = type("Later", (), {})
+        later = [later_type() for _ in range(100)]
+        assert sum(type(o) is later_type for o in gc.get_objects()) == len(later)  # still collectable
+    finally:
+        gc.unfreeze()
+    del client
