@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import yaml
 
@@ -345,15 +345,9 @@ class _Reader:
         """
         if not value:
             return
-        try:
-            parts = urlsplit(value)
-        except ValueError:
-            self.fail(path, "is not a valid URL")
-            return
-        if parts.scheme not in ("http", "https"):
-            self.fail(path, "expected an http:// or https:// URL")
-        elif "@" in parts.netloc:
-            self.fail(path, "must not contain user information (user@host)")
+        parts = split_http_url(value)
+        if isinstance(parts, str):
+            self.fail(path, parts)
 
     # ---- primitives
 
@@ -918,22 +912,31 @@ def loggable_url(url: str) -> str:
     return f"{parts.scheme}://{netloc}{parts.path}"
 
 
-def parse_upstream_url(url: str) -> tuple[str, str, int, str] | str:
-    """Split an upstream URL into (scheme, host, port, base_path) or return the problem."""
+def split_http_url(url: str) -> SplitResult | str:
+    """An http(s) URL with a host, a valid port and no user information, or the problem."""
     try:
         parts = urlsplit(url)
-        port = parts.port
+        parts.port  # noqa: B018  (raises ValueError for a port out of range or not a number)
     except ValueError as exc:
         return f"invalid URL ({exc})"
     if parts.scheme not in ("http", "https"):
         return "expected an http:// or https:// URL"
     if parts.username is not None or parts.password is not None or "@" in parts.netloc:
         return "must not contain user information (user@host)"
-    if parts.query or parts.fragment:
-        return "must not contain a query or fragment"
     if not parts.hostname:
         return "has no host"
-    raw_host = parts.hostname
+    return parts
+
+
+def parse_upstream_url(url: str) -> tuple[str, str, int, str] | str:
+    """Split an upstream URL into (scheme, host, port, base_path) or return the problem."""
+    parts = split_http_url(url)
+    if isinstance(parts, str):
+        return parts
+    if parts.query or parts.fragment:
+        return "must not contain a query or fragment"
+    port = parts.port
+    raw_host = parts.hostname or ""
     host = normalize_host(raw_host)
     if host is None:
         return f"invalid host {raw_host!r}"

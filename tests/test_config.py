@@ -841,5 +841,25 @@ def test_service_urls_with_credentials_are_refused_and_never_printed(tmp_path: P
     assert "hunter2" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("https://idp.example:99999/keys", "invalid URL (Port out of range 0-65535)"),
+        ("https://idp.example:https/keys", "invalid URL (Port could not be cast to integer value as 'https')"),
+        ("https:///keys", "has no host"),
+        ("ftp://idp.example/keys", "expected an http:// or https:// URL"),
+    ],
+)
+def test_service_urls_are_checked_like_upstream_urls(tmp_path: Path, url: str, problem: str) -> None:
+    """A URL the sidecar calls that could never be reached fails ``check``, not the first request."""
+    raw: dict[str, Any] = {
+        "identity": {"jwt": {"issuer": "https://idp.example/realm", "jwks_url": url}},
+        "upstreams": {"p": {"url": "https://api.example", "secret": "{client_id}", "inject": {"query": "k"}}},
+    }
+    with pytest.raises(ConfigError) as info:
+        parse_settings(raw, base_dir=tmp_path)
+    assert f"identity.jwt.jwks_url: {problem}" in str(info.value)
+
+
 def test_summary_prints_service_urls_without_their_query() -> None:
     assert loggable_url("https://u:pw@idp.example:8443/keys?token=abc#x") == "https://idp.example:8443/keys"
