@@ -13,10 +13,13 @@ stay in the package, and a module that was not compiled runs as Python.
 
 from __future__ import annotations
 
-import os
 import sys
+from pathlib import Path
 
 from setuptools import Extension, setup
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
+from build_backend import compile_requested  # one reading of SIDECAR_COMPILE for the backend and the build
 
 #: What a warm request runs through (tokens in JWT mode). Left as Python: upstream.py
 #: (one call a request; it defines an OSError and an aiohttp resolver subclass, which
@@ -37,14 +40,6 @@ COMPILED = [
 
 #: setup.py commands that build; the others (egg_info, dist_info, sdist) only read metadata.
 BUILDING = {"build", "build_ext", "bdist_wheel", "editable_wheel", "develop", "install"}
-
-
-def compile_requested() -> bool:
-    """SIDECAR_COMPILE: 1 compiles, 0 (or unset) does not; anything else is a mistake, not a silent no."""
-    value = os.environ.get("SIDECAR_COMPILE", "0")
-    if value not in ("0", "1"):
-        raise SystemExit(f"SIDECAR_COMPILE must be 0 or 1, not {value!r}")
-    return value == "1"
 
 
 def extensions() -> list[Extension]:

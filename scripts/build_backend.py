@@ -19,11 +19,19 @@ from setuptools import build_meta as _setuptools
 from setuptools.build_meta import *  # noqa: F403  (every other hook is setuptools' own)
 
 
-def _compiling() -> list[str]:
+def compile_requested() -> bool:
+    """SIDECAR_COMPILE: 1 compiles, 0 (or unset) does not; anything else is a mistake, not a silent no.
+
+    setup.py asks this too, so the backend and the build agree on one reading.
+    """
     value = os.environ.get("SIDECAR_COMPILE", "0")
-    if value not in ("0", "1"):  # setup.py says the same; a typo must not build pure Python silently
+    if value not in ("0", "1"):
         raise SystemExit(f"SIDECAR_COMPILE must be 0 or 1, not {value!r}")
-    if value == "0":
+    return value == "1"
+
+
+def _compiling() -> list[str]:
+    if not compile_requested():
         return []
     with open("pyproject.toml", "rb") as f:
         project = tomllib.load(f)["project"]
