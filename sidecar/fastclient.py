@@ -51,6 +51,9 @@ MAX_IDLE = MAX_CONNECTIONS
 IDLE_SECONDS = KEEPALIVE_SECONDS
 #: Connections being warmed at once (ahead of requests waiting for their key).
 MAX_WARMING = 64
+#: A request announced by ``warm`` that has not asked for its connection within this long
+#: no longer counts (its key lookup failed, or its client went away).
+ANNOUNCED_SECONDS = 10.0
 
 
 class _EarlyClose(Exception):
@@ -376,6 +379,8 @@ class FastPool:
         self._open = 0  # connections counted against MAX_CONNECTIONS (connecting, busy, idle)
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._warming: set[asyncio.Task[None]] = set()
+        self._announced = 0  # requests warm() was told of that have not asked for a connection yet
+        self._announced_at = 0.0
 
     async def request(self, method: str, target: str, headers: CIMultiDict[str], body: bytes | None) -> FastResponse:
         """Send ``method target`` with ``headers`` and ``body``; return the answer's head."""
@@ -392,10 +397,12 @@ class FastPool:
         else:
             head.append(b"\r\n")
         data = b"".join(head)
+        if self._announced:
+            self._announced -= 1
         conn = self._take_idle()
-        if conn is None and (self._open >= MAX_CONNECTIONS or self._warming):
-            # Every connection is busy, or one being warmed for this very request is on its
-            # way: wait for it rather than open another.
+        if conn is None and (self._open >= MAX_CONNECTIONS or len(self._waiters) < len(self._warming)):
+            # Every connection is busy, or one being warmed is on its way that no earlier
+            # request is waiting for: wait for it rather than open another.
             async with asyncio.timeout(self.timeout):  # a TimeoutError: Upstream.send's timeout
                 conn = await self._wait_for_slot()
         if conn is not None:
@@ -418,7 +425,7 @@ class FastPool:
     async def _wait_for_slot(self) -> _Connection | None:
         """Wait for a connection to be given back or warmed (returned), or for room to open one (None)."""
         conn = None
-        while conn is None and (self._open >= MAX_CONNECTIONS or self._warming):
+        while conn is None and (self._open >= MAX_CONNECTIONS or len(self._waiters) < len(self._warming)):
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
             try:
@@ -433,15 +440,35 @@ class FastPool:
         return conn
 
     def warm(self) -> None:
-        """Open one connection ahead of a request that is about to wait (for its key, say).
+        """A request is about to wait (for its key, say): have a connection ready for it.
 
         The TCP and TLS handshakes then overlap that wait instead of following it: a
-        cold client's first call costs max(store, connect) rather than their sum. At most
-        MAX_WARMING connections are warmed at once, none beyond MAX_CONNECTIONS; a failure
-        is left for the request itself to meet and report.
+        cold client's first call costs max(store, connect) rather than their sum. The
+        pool warms until idle and warming connections cover the requests announced and
+        not yet arrived, so a burst of 500 waiting for one key finds its connections open
+        when the key comes. At most MAX_WARMING are warmed at once, none beyond
+        MAX_CONNECTIONS. A failed warm stops warming until the next announcement; the
+        requests themselves meet and report the failure.
         """
-        if self._closed or self._idle or len(self._warming) >= MAX_WARMING or self._open >= MAX_CONNECTIONS:
-            return  # an idle connection is there already, or enough are on their way
+        if self._closed:
+            return
+        now = time.monotonic()
+        if now - self._announced_at >= ANNOUNCED_SECONDS:
+            self._announced = 0
+        self._announced = min(self._announced + 1, MAX_CONNECTIONS)
+        self._announced_at = now
+        self._top_up()
+
+    def _top_up(self) -> None:
+        """Start one more warm if the announced requests outnumber idle and warming connections."""
+        warming = len(self._warming)
+        if (
+            self._closed
+            or len(self._idle) + warming >= self._announced
+            or warming >= MAX_WARMING
+            or self._open + warming >= MAX_CONNECTIONS
+        ):
+            return
         task = self.loop.create_task(self._warm_one())
         self._warming.add(task)
         task.add_done_callback(self._warmed)
@@ -449,11 +476,13 @@ class FastPool:
     def _warmed(self, task: asyncio.Task[None]) -> None:
         self._warming.discard(task)
         self._wake_one()  # a request waiting for it: take the connection, or open one if it failed
+        self._top_up()  # the next one, while more are announced
 
     async def _warm_one(self) -> None:
         try:
             conn = await self._connect()
         except (SidecarError, OSError):
+            self._announced = 0  # the upstream is failing: no connect storm; requests report it
             return
         self.give_back(conn)
 

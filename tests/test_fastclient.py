@@ -342,6 +342,43 @@ async def test_warm_opens_a_connection_the_next_request_uses() -> None:
         p.close()
 
 
+async def test_warm_readies_one_connection_per_announced_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests waiting for one key (a burst for a new client) find their connections
+    open when it arrives: warming goes on past MAX_WARMING at a time, and stops at the
+    number announced."""
+    import sidecar.fastclient
+
+    monkeypatch.setattr(sidecar.fastclient, "MAX_WARMING", 4)
+
+    async def keep_alive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while True:
+            try:
+                await read_head(reader)
+            except (asyncio.IncompleteReadError, TimeoutError):
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    async with RawUpstream(keep_alive) as up:
+        p = pool(up.port)
+        for _ in range(20):
+            p.warm()
+        assert len(p._warming) <= 4
+        for _ in range(200):
+            if len(p._idle) == 20:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        assert (up.connections, len(p._idle), len(p._warming)) == (20, 20, 0)
+
+        async def one() -> bytes:
+            return await body(await p.request("GET", "/", CIMultiDict(), None))
+
+        results = await asyncio.gather(*(one() for _ in range(20)))
+        assert results == [b"ok"] * 20 and up.connections == 20  # no request connected on its own
+        p.close()
+
+
 async def test_warm_to_an_unreachable_upstream_is_silent_and_bounded() -> None:
     p = pool(closed_port())
     for _ in range(200):
