@@ -938,10 +938,11 @@ def report(b: Bench) -> tuple[str, list[tuple[str, str, str]]]:
             if w and n:
                 checks.append((f"workers: 2 (SO_REUSEPORT) ≥ 0.35x nginx at c={c}", f"{w['rps'] / n['rps']:.3f}x",
                                verdict(w["rps"] / n["rps"] >= 0.35)))
-        s1 = load.get("sidecar", {}).get(conc[0])
-        if s1 and d1:
-            added = s1["p50_ms"] - d1["p50_ms"]
-            checks.append((f"added p50 at c={conc[0]} ≤ 0.2 ms", f"{added:.3f} ms", verdict(added <= 0.2)))
+        # The target is for one connection: at c=16 the p50 is mostly queueing, not latency added.
+        s1, direct1 = load.get("sidecar", {}).get("1"), load.get("direct", {}).get("1")
+        if s1 and direct1:
+            added = s1["p50_ms"] - direct1["p50_ms"]
+            checks.append(("added p50 at c=1 ≤ 0.2 ms", f"{added:.3f} ms", verdict(added <= 0.2)))
         for c in ("16", "64"):
             j, s = load.get("sidecar-jwt", {}).get(c), load.get("sidecar", {}).get(c)
             if j and s:
