@@ -52,9 +52,6 @@ MAX_IDLE = MAX_CONNECTIONS
 IDLE_SECONDS = KEEPALIVE_SECONDS
 #: Connections being warmed at once (ahead of requests waiting for their key).
 MAX_WARMING = 64
-#: A request announced by ``warm`` that has not asked for its connection within this long
-#: no longer counts (its key lookup failed, or its client went away).
-ANNOUNCED_SECONDS = 10.0
 
 
 class _EarlyClose(Exception):
@@ -307,7 +304,9 @@ class _Connection(asyncio.Protocol):
         A plain timer, not ``asyncio.timeout``: that context manager costs several
         microseconds a request (a Timeout object, the current task, uncancel).
         """
-        assert self.transport is not None
+        transport = self.transport
+        if transport is None:  # closed since it was pooled (connection_lost drops it): one fresh try
+            raise _EarlyClose()
         self._response = None
         self._complete = False
         self._got_bytes = False
@@ -315,7 +314,7 @@ class _Connection(asyncio.Protocol):
         loop = self.pool.loop
         waiter: asyncio.Future[FastResponse] = loop.create_future()
         self._head_waiter = waiter
-        self.transport.write(request)
+        transport.write(request)
         timer = loop.call_later(self.pool.timeout, self._head_timeout)
         try:
             return await waiter
@@ -380,8 +379,8 @@ class FastPool:
         self._open = 0  # connections counted against MAX_CONNECTIONS (connecting, busy, idle)
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._warming: set[asyncio.Task[None]] = set()
-        self._announced = 0  # requests warm() was told of that have not asked for a connection yet
-        self._announced_at = 0.0
+        self._key_waits = 0  # requests for this upstream waiting for their key from the store
+        self._warm_credits = 0  # warms still allowed: one per request that started waiting
 
     async def request(self, method: str, target: str, headers: CIMultiDict[str], body: bytes | None) -> FastResponse:
         """Send ``method target`` with ``headers`` and ``body``; return the answer's head."""
@@ -398,8 +397,6 @@ class FastPool:
         else:
             head.append(b"\r\n")
         data = b"".join(head)
-        if self._announced:
-            self._announced -= 1
         conn = self._take_idle()
         if conn is None and (self._open >= MAX_CONNECTIONS or len(self._waiters) < len(self._warming)):
             # Every connection is busy, or one being warmed is on its way that no earlier
@@ -440,36 +437,41 @@ class FastPool:
             conn = self._take_idle()
         return conn
 
-    def warm(self) -> None:
-        """A request is about to wait (for its key, say): have a connection ready for it.
+    def key_wait(self, delta: int) -> None:
+        """A request for this upstream starts (+1) or stops (-1) waiting for its key.
 
-        The TCP and TLS handshakes then overlap that wait instead of following it: a
-        cold client's first call costs max(store, connect) rather than their sum. The
-        pool warms until idle and warming connections cover the requests announced and
-        not yet arrived, so a burst of 500 waiting for one key finds its connections open
-        when the key comes. At most MAX_WARMING are warmed at once, none beyond
-        MAX_CONNECTIONS. A failed warm stops warming until the next announcement; the
-        requests themselves meet and report the failure.
+        While requests wait, the pool opens connections for them (TCP and TLS), so the
+        handshakes overlap the store call instead of following it: a cold call costs
+        max(store, connect) rather than their sum, and a burst of 500 requests waiting
+        for one key finds its connections open when the key comes. It warms until idle
+        and warming connections cover the requests waiting, at most MAX_WARMING at once
+        and none beyond MAX_CONNECTIONS. Each request that starts waiting allows one warm,
+        so an upstream that drops connections at once is not reconnected in a loop.
+        Warming stops when the waits end, whether the key came or the lookup failed (a
+        caller with no key never takes a connection), and after a failed warm until the
+        next request starts waiting; the requests themselves meet and report the failure.
         """
-        if self._closed:
-            return
-        now = time.monotonic()
-        if now - self._announced_at >= ANNOUNCED_SECONDS:
-            self._announced = 0
-        self._announced = min(self._announced + 1, MAX_CONNECTIONS)
-        self._announced_at = now
-        self._top_up()
+        self._key_waits = max(0, self._key_waits + delta)
+        if delta > 0:
+            self._warm_credits = min(self._warm_credits + delta, MAX_CONNECTIONS)
+            self._top_up()
+        elif self._key_waits == 0:
+            self._warm_credits = 0
 
     def _top_up(self) -> None:
-        """Start one more warm if the announced requests outnumber idle and warming connections."""
+        """Start one more warm if requests waiting for a key outnumber idle and warming connections."""
         warming = len(self._warming)
         if (
             self._closed
-            or len(self._idle) + warming >= self._announced
+            or self._warm_credits <= 0
             or warming >= MAX_WARMING
             or self._open + warming >= MAX_CONNECTIONS
         ):
             return
+        self._prune(time.monotonic())
+        if len(self._idle) + warming >= self._key_waits:
+            return
+        self._warm_credits -= 1
         task = self.loop.create_task(self._warm_one())
         self._warming.add(task)
         task.add_done_callback(self._warmed)
@@ -477,15 +479,21 @@ class FastPool:
     def _warmed(self, task: asyncio.Task[None]) -> None:
         self._warming.discard(task)
         self._wake_one()  # a request waiting for it: take the connection, or open one if it failed
-        self._top_up()  # the next one, while more are announced
+        self._top_up()  # the next one, while requests still wait for their key
 
     async def _warm_one(self) -> None:
         try:
             conn = await self._connect()
         except (SidecarError, OSError):
-            self._announced = 0  # the upstream is failing: no connect storm; requests report it
+            self._warm_credits = 0  # the upstream is failing: no connect storm; the requests report it
             return
         self.give_back(conn)
+
+    def _prune(self, now: float) -> None:
+        """Close idle connections past IDLE_SECONDS (the oldest are first in the list)."""
+        idle = self._idle
+        while idle and now - idle[0].idle_since >= IDLE_SECONDS:
+            idle.pop(0).abort()
 
     def _take_idle(self) -> _Connection | None:
         now = time.monotonic()
@@ -500,7 +508,9 @@ class FastPool:
         if self._closed or len(self._idle) >= MAX_IDLE:
             conn.abort()
             return
-        conn.idle_since = time.monotonic()
+        now = time.monotonic()
+        self._prune(now)
+        conn.idle_since = now
         self._idle.append(conn)
         self._wake_one()
 
@@ -538,32 +548,39 @@ class FastPool:
 
     async def _open_connection(self) -> _Connection:
         loop = self.loop
-        addresses = await self._resolve()
-        last: BaseException | None = None
-        for address in addresses:
-            conn = _Connection(self)
-            conn.counted = True
-            self._open += 1  # counted while connecting, so concurrent connects cannot overshoot
-            try:
-                await loop.create_connection(
-                    lambda conn=conn: conn,
-                    address,
-                    self.port,
-                    ssl=self.ssl_context,
-                    server_hostname=self.host if self.ssl_context is not None else None,
-                )
-                return conn
-            except BaseException as exc:
-                if conn.counted and conn.transport is None:  # never connected: uncount it here
-                    conn.counted = False
-                    self._open -= 1
-                    self._wake_one()
-                if isinstance(exc, ssl.SSLError):
+        # Counted from the start, name resolution included, so concurrent connects cannot
+        # overshoot MAX_CONNECTIONS; the connection carries the count once it is made.
+        self._open += 1
+        counted_here = True
+        try:
+            addresses = await self._resolve()
+            last: BaseException | None = None
+            for address in addresses:
+                conn = _Connection(self)
+                try:
+                    await loop.create_connection(
+                        lambda conn=conn: conn,
+                        address,
+                        self.port,
+                        ssl=self.ssl_context,
+                        server_hostname=self.host if self.ssl_context is not None else None,
+                    )
+                except ssl.SSLError:
                     raise UpstreamUnreachable("The TLS handshake with the upstream failed.", reason="tls") from None
-                if not isinstance(exc, OSError):
-                    raise
-                last = exc
-        raise UpstreamUnreachable("The connection to the upstream failed.", reason="connect") from last
+                except OSError as exc:
+                    last = exc
+                    continue
+                if conn.closed:  # lost in the moment between connecting and here
+                    last = ConnectionError("closed at once")
+                    continue
+                conn.counted = True
+                counted_here = False
+                return conn
+            raise UpstreamUnreachable("The connection to the upstream failed.", reason="connect") from last
+        finally:
+            if counted_here:
+                self._open -= 1
+                self._wake_one()
 
     def close(self) -> None:
         self._closed = True

@@ -373,7 +373,7 @@ class DataPlane:
         settings = upstream.settings
         secret_id = upstream.secret_id(client_id=identity.client_id)
         try:
-            secret, rec.cache = await rt.cache.get(secret_id, settings.secret_field, upstream.warm)
+            secret, rec.cache = await rt.cache.get(secret_id, settings.secret_field, upstream.key_wait)
         except (NoCredential, SecretStoreUnavailable) as err:
             rec.cache = err.lookup  # the cache's outcome word, set where it was decided
             raise

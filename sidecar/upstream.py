@@ -236,10 +236,10 @@ class Upstream:
         except Exception as exc:
             raise self.translate(exc) from None
 
-    def warm(self) -> None:
-        """A request for this upstream is about to wait for its key: connect meanwhile."""
+    def key_wait(self, delta: int) -> None:
+        """A request for this upstream starts (+1) or stops (-1) waiting for its key: connect meanwhile."""
         if self.fast is not None:
-            self.fast.warm()
+            self.fast.key_wait(delta)
 
     def translate(self, exc: BaseException) -> SidecarError:
         """Map an aiohttp/OS exception to the contract's error; never copies its text."""

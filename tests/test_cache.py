@@ -137,20 +137,30 @@ async def test_miss_then_hit(backend: FakeBackend, clock: FakeClock, alice: str)
     assert len(cache) == 1
 
 
-async def test_on_miss_runs_before_the_store_call_and_never_on_a_hit(backend: FakeBackend, clock: FakeClock) -> None:
-    """The proxy opens its upstream connection while the store is asked (on_miss)."""
+async def test_key_wait_brackets_the_store_call_and_never_runs_on_a_hit(backend: FakeBackend, clock: FakeClock) -> None:
+    """The proxy warms upstream connections while requests wait for the store (key_wait +1),
+    and must hear when each wait ends, however it ends (-1): a wait never settled would keep
+    the pool warming for requests that will never come."""
     events: list[str] = []
     cache = make_cache(backend, clock)
 
-    def on_miss() -> None:
-        events.append(f"on_miss with {len(backend.calls)} store calls made")
+    def key_wait(delta: int) -> None:
+        events.append(f"{delta:+d} with {len(backend.calls)} store calls made")
 
-    await cache.get("mcp/polygon/alice", on_miss=on_miss)
-    await cache.get("mcp/polygon/alice", on_miss=on_miss)
-    assert events == ["on_miss with 0 store calls made"]
+    await cache.get("mcp/polygon/alice", key_wait=key_wait)
+    await cache.get("mcp/polygon/alice", key_wait=key_wait)  # a hit: no wait
+    assert events == ["+1 with 0 store calls made", "-1 with 1 store calls made"]
     clock.advance(TTL + 1)
-    await cache.get("mcp/polygon/alice", on_miss=on_miss)
-    assert len(events) == 2
+    await cache.get("mcp/polygon/alice", key_wait=key_wait)
+    assert len(events) == 4
+
+    events.clear()
+    with pytest.raises(NoCredential):
+        await cache.get("mcp/polygon/nobody", key_wait=key_wait)  # not in the store
+    backend.error = StoreError("throttled")
+    with pytest.raises(SecretStoreUnavailable):
+        await cache.get("mcp/polygon/bob", key_wait=key_wait)  # the store fails, nothing cached
+    assert [e[:2] for e in events] == ["+1", "-1", "+1", "-1"]
 
 
 async def test_secret_does_not_print_itself(backend: FakeBackend, clock: FakeClock, alice: str) -> None:

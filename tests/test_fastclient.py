@@ -319,50 +319,72 @@ async def test_a_bursts_connections_serve_the_next_burst_without_new_handshakes(
         p.close()
 
 
-async def test_warm_opens_a_connection_the_next_request_uses() -> None:
-    """A cold request's upstream connection is opened while its key is fetched."""
-    async def answer_twice(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
-        for _ in range(2):
+async def keep_alive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+    """An upstream connection that answers 200 "ok" to every request until the client closes."""
+    while True:
+        try:
             await read_head(reader)
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            await writer.drain()
+        except (asyncio.IncompleteReadError, TimeoutError):
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
 
-    async with RawUpstream(answer_twice) as up:
+
+async def test_the_connection_cap_holds_while_the_name_is_being_resolved(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Connects count against MAX_CONNECTIONS from the start: requests and warms that all
+    begin during a slow DNS lookup must not open more than the cap between them."""
+    import sidecar.fastclient
+
+    monkeypatch.setattr(sidecar.fastclient, "MAX_CONNECTIONS", 3)
+
+    async def slow_resolve(host: str, port: int, allow_private: bool) -> list[str]:
+        await asyncio.sleep(0.05)
+        return ["127.0.0.1"]
+
+    monkeypatch.setattr(sidecar.fastclient, "resolve_allowed", slow_resolve)
+    async with RawUpstream(keep_alive) as up:
         p = pool(up.port)
-        p.warm()
-        # The request comes before the warmed connection is ready (a key from memory):
-        # it waits for that connection instead of opening a second one.
+        for _ in range(5):
+            p.key_wait(1)
+
+        async def one() -> bytes:
+            return await body(await p.request("GET", "/", CIMultiDict(), None))
+
+        assert await asyncio.gather(*(one() for _ in range(10))) == [b"ok"] * 10
+        assert up.connections <= 3 and p._open <= 3
+        p.close()
+
+
+async def test_a_request_waiting_for_its_key_gets_a_connection_opened_meanwhile() -> None:
+    """A cold request's upstream connection is opened while its key is fetched."""
+    async with RawUpstream(keep_alive) as up:
+        p = pool(up.port)
+        p.key_wait(1)
+        p.key_wait(-1)
+        # The key came before the warmed connection was ready (a key from memory): the
+        # request waits for that connection instead of opening a second one.
         assert await body(await p.request("GET", "/x", CIMultiDict(), None)) == b"ok"
         assert up.connections == 1  # no second handshake
-        p.warm()  # an idle connection is there: nothing more is opened
+        p.key_wait(1)  # an idle connection is there: nothing more is opened
         await asyncio.sleep(0.05)
+        p.key_wait(-1)
         assert up.connections == 1 and not p._warming
         assert await body(await p.request("GET", "/y", CIMultiDict(), None)) == b"ok"
         assert up.connections == 1
         p.close()
 
 
-async def test_warm_readies_one_connection_per_announced_request(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_burst_waiting_for_one_key_finds_one_connection_each(monkeypatch: pytest.MonkeyPatch) -> None:
     """Requests waiting for one key (a burst for a new client) find their connections
     open when it arrives: warming goes on past MAX_WARMING at a time, and stops at the
-    number announced."""
+    number waiting."""
     import sidecar.fastclient
 
     monkeypatch.setattr(sidecar.fastclient, "MAX_WARMING", 4)
-
-    async def keep_alive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
-        while True:
-            try:
-                await read_head(reader)
-            except (asyncio.IncompleteReadError, TimeoutError):
-                return
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            await writer.drain()
-
     async with RawUpstream(keep_alive) as up:
         p = pool(up.port)
         for _ in range(20):
-            p.warm()
+            p.key_wait(1)
         assert len(p._warming) <= 4
         for _ in range(200):
             if len(p._idle) == 20:
@@ -370,6 +392,8 @@ async def test_warm_readies_one_connection_per_announced_request(monkeypatch: py
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.05)
         assert (up.connections, len(p._idle), len(p._warming)) == (20, 20, 0)
+        for _ in range(20):
+            p.key_wait(-1)  # the key arrived
 
         async def one() -> bytes:
             return await body(await p.request("GET", "/", CIMultiDict(), None))
@@ -379,13 +403,32 @@ async def test_warm_readies_one_connection_per_announced_request(monkeypatch: py
         p.close()
 
 
+async def test_callers_without_a_key_do_not_keep_the_pool_connecting() -> None:
+    """Each wait allows one warm, and warming ends with the wait. Callers whose lookup fails
+    (no key in the store) never take a connection: an upstream that drops idle connections
+    at once must see one connect per such caller, not a refill of the pool each time."""
+    async def drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        return  # closed at once
+
+    async with RawUpstream(drop) as up:
+        p = pool(up.port)
+        for _ in range(10):
+            p.key_wait(1)
+            await asyncio.sleep(0.02)
+            p.key_wait(-1)  # the lookup failed: 403 no_credential, no upstream call
+        await asyncio.sleep(0.1)
+        assert 1 <= up.connections <= 10 and not p._warming
+        p.close()
+
+
 async def test_warm_to_an_unreachable_upstream_is_silent_and_bounded() -> None:
     p = pool(closed_port())
     for _ in range(200):
-        p.warm()
+        p.key_wait(1)
     assert len(p._warming) <= MAX_WARMING
     await asyncio.sleep(0.2)
-    assert not p._warming  # every attempt ended, none raised
+    assert not p._warming  # every attempt ended, none raised, and none started after the failures
+    assert p._warm_credits == 0
     with pytest.raises(UpstreamUnreachable):
         await p.request("GET", "/x", CIMultiDict(), None)  # the request itself reports the failure
     p.close()

@@ -82,12 +82,12 @@ class SecretCache:
         return len(self._entries)
 
     async def get(
-        self, secret_id: str, field: str | None = None, on_miss: Callable[[], None] | None = None
+        self, secret_id: str, field: str | None = None, key_wait: Callable[[int], None] | None = None
     ) -> tuple[Secret, str]:
         """The secret for ``secret_id`` (and ``field``), and hit/miss/stale/negative.
 
-        ``on_miss`` is called before waiting for the store (the proxy opens the
-        upstream connection meanwhile).
+        ``key_wait(1)`` is called before waiting for the store and ``key_wait(-1)`` when
+        the wait ends, however it ends (the proxy's upstream opens connections meanwhile).
         """
         key = (secret_id, field)
         entry = self._entries.get(key)
@@ -95,14 +95,17 @@ class SecretCache:
             self._entries.move_to_end(key)
             result = "hit" if entry.secret is not None else "negative"
         else:
-            if on_miss is not None:
-                on_miss()
+            if key_wait is not None:
+                key_wait(1)
             try:
                 entry = await self._load(key)
             except SecretStoreUnavailable as err:
                 metrics.bump(_LOOKUPS["error"])
                 err.lookup = "error"  # the access log's cache word, as for NoCredential
                 raise
+            finally:
+                if key_wait is not None:
+                    key_wait(-1)
             result = "miss"
         if entry.stale:
             result = "stale"
