@@ -918,7 +918,10 @@ def split_http_url(url: str) -> SplitResult | str:
         parts = urlsplit(url)
         parts.port  # noqa: B018  (raises ValueError for a port out of range or not a number)
     except ValueError as exc:
-        return f"invalid URL ({exc})"
+        # Only the port's messages are repeated: urllib's others (an IPv6 or NFKC problem)
+        # can quote the whole netloc, and with it a password in user information.
+        problem = str(exc)
+        return f"invalid URL ({problem})" if problem.startswith("Port") else "invalid URL"
     if parts.scheme not in ("http", "https"):
         return "expected an http:// or https:// URL"
     if parts.username is not None or parts.password is not None or "@" in parts.netloc:

@@ -847,6 +847,7 @@ def test_service_urls_with_credentials_are_refused_and_never_printed(tmp_path: P
         ("https://idp.example:99999/keys", "invalid URL (Port out of range 0-65535)"),
         ("https://idp.example:https/keys", "invalid URL (Port could not be cast to integer value as 'https')"),
         ("https:///keys", "has no host"),
+        ("https://svc:hunter2\u2100@idp.example/keys", "invalid URL"),  # urllib's NFKC message quotes the netloc
         ("ftp://idp.example/keys", "expected an http:// or https:// URL"),
     ],
 )
@@ -859,6 +860,7 @@ def test_service_urls_are_checked_like_upstream_urls(tmp_path: Path, url: str, p
     with pytest.raises(ConfigError) as info:
         parse_settings(raw, base_dir=tmp_path)
     assert f"identity.jwt.jwks_url: {problem}" in str(info.value)
+    assert "hunter2" not in str(info.value)
 
 
 def test_summary_prints_service_urls_without_their_query() -> None:
