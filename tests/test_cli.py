@@ -218,3 +218,53 @@ def test_the_startup_heap_is_frozen_out_of_the_cycle_collectors_walk() -> None:
     finally:
         gc.unfreeze()
     del client
+
+
+def test_a_reload_thaws_the_heap_so_what_it_retired_can_be_collected() -> None:
+    """Frozen objects in reference cycles are never collected. A reload retires frozen
+    parts (upstream clients, a store client); after they are closed the heap is thawed,
+    collected and frozen again, so they do not leak on every SIGHUP."""
+    import gc
+    import weakref
+
+    from sidecar.app import freeze_startup_heap, refreeze_heap
+
+    class Part:
+        pass
+
+    part = Part()
+    part.cycle = part  # type: ignore[attr-defined]
+    alive = weakref.ref(part)
+    gc.unfreeze()
+    try:
+        freeze_startup_heap()  # the part is frozen with the startup heap
+        del part  # retired: only its own cycle holds it
+        gc.collect()
+        assert alive() is not None  # frozen garbage survives a collection
+        refreeze_heap()
+        assert alive() is None
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+
+
+def test_run_lifts_the_open_files_limit_to_the_hard_limit(
+    tmp_path: Path, start_sidecar: Callable[..., SidecarProcess]
+) -> None:
+    """Container runtimes often start processes with a soft limit of 1024 open files. Each app
+    connection and each pooled upstream connection holds one, so the sidecar raises it."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip("the hard limit leaves nothing to lift")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # inherited by the sidecar
+    try:
+        proc = start_sidecar(yaml.safe_load(good_config(tmp_path).read_text()))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert proc.proc is not None
+    limits = Path(f"/proc/{proc.proc.pid}/limits").read_text()
+    (line,) = [row for row in limits.splitlines() if row.startswith("Max open files")]
+    lifted = int(line.split()[3])
+    assert lifted > 256 and lifted == (hard if hard != resource.RLIM_INFINITY else 1 << 20)
