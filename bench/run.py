@@ -741,7 +741,10 @@ def phase_cold(b: Bench) -> None:
         )
         if direct.returncode != 0:
             raise RuntimeError(f"direct burst failed: {direct.stderr[-2000:]}")
-        r["direct_p99_ms"] = json.loads(direct.stdout)["p99_ms"]
+        floor = json.loads(direct.stdout)
+        if floor["statuses"] != {"200": b.args.burst}:
+            raise RuntimeError(f"direct burst answered {floor['statuses']}")
+        r["direct_p99_ms"] = floor["p99_ms"]
         runs.append(r)
         print(f"  cold rep={rep + 1} n={r['n']} store_calls={r['store_calls']} "
               f"fetch={r['sidecar_store_fetch_ms']:.1f}ms min={r['min_ms']:.1f}ms p50={r['p50_ms']:.1f}ms "

@@ -45,8 +45,10 @@ class Conn(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def send(self, request: bytes) -> asyncio.Future[tuple[float, int]]:
-        assert self.transport is not None
         self.done = asyncio.get_running_loop().create_future()
+        if self.transport is None or self.transport.is_closing():
+            self.done.set_exception(ConnectionError("the server closed this connection"))
+            return self.done
         self.buf.clear()
         self.started = time.perf_counter()
         self.transport.write(request)
@@ -62,6 +64,10 @@ class Conn(asyncio.Protocol):
         at = head.find(b"\r\ncontent-length:")
         if at >= 0:
             length = int(head[at + 17:].split(b"\r\n", 1)[0])
+        elif b"\r\ntransfer-encoding:" in head and self.done is not None and not self.done.done():
+            # Only Content-Length framing is read here; a chunked answer would be misread.
+            self.done.set_exception(ValueError("chunked answers are not supported by this client"))
+            return
         if len(self.buf) < end + 4 + length:
             return
         elapsed = time.perf_counter() - self.started
