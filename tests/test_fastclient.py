@@ -60,6 +60,27 @@ async def answer_ok_once(reader: asyncio.StreamReader, writer: asyncio.StreamWri
     await writer.drain()
 
 
+def keep_alive_after(gate: asyncio.Event | None = None) -> Handler:
+    """An upstream connection that answers 200 "ok" to every request (each once ``gate``
+    is set) until the client closes."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while True:
+            try:
+                await read_head(reader)
+            except (asyncio.IncompleteReadError, TimeoutError):
+                return
+            if gate is not None:
+                await gate.wait()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    return handler
+
+
+keep_alive = keep_alive_after()
+
+
 async def body(resp: FastResponse) -> bytes:
     out = b""
     while chunk := await resp.readany():
@@ -246,22 +267,11 @@ async def test_closed_connections_are_freed_at_once_not_left_to_the_cycle_collec
 
     monkeypatch.setattr(sidecar.fastclient, "MAX_IDLE", 1)
     release = asyncio.Event()
-
-    async def keep_alive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
-        while True:
-            try:
-                await read_head(reader)
-            except (asyncio.IncompleteReadError, TimeoutError):
-                return
-            await release.wait()
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            await writer.drain()
-
     gc.collect()
     gc.disable()
     gc.set_debug(gc.DEBUG_SAVEALL)
     try:
-        async with RawUpstream(keep_alive) as up, RawUpstream(answer_ok_once) as once:
+        async with RawUpstream(keep_alive_after(release)) as up, RawUpstream(answer_ok_once) as once:
             # Three at once on a pool that keeps one idle: two are closed by the pool.
             p = pool(up.port)
             calls = [asyncio.ensure_future(p.request("GET", "/", CIMultiDict(), None)) for _ in range(3)]
@@ -317,17 +327,6 @@ async def test_a_bursts_connections_serve_the_next_burst_without_new_handshakes(
             assert await asyncio.wait_for(asyncio.gather(*(one() for _ in range(100))), 10) == [b"ok"] * 100
             assert up.connections == 100, f"burst {burst + 1}"
         p.close()
-
-
-async def keep_alive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
-    """An upstream connection that answers 200 "ok" to every request until the client closes."""
-    while True:
-        try:
-            await read_head(reader)
-        except (asyncio.IncompleteReadError, TimeoutError):
-            return
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        await writer.drain()
 
 
 async def test_the_connection_cap_holds_while_the_name_is_being_resolved(monkeypatch: pytest.MonkeyPatch) -> None:
