@@ -31,25 +31,6 @@ sys.path.insert(0, str(HERE))
 
 import run as bench  # noqa: E402  (bench/run.py: processes, ports, wrk, /proc)
 
-NGINX = """
-{user}
-worker_processes 1;
-daemon off;
-pid {dir}/nginx.pid;
-error_log {dir}/nginx-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {dir}/t; proxy_temp_path {dir}/t; fastcgi_temp_path {dir}/t;
-    uwsgi_temp_path {dir}/t; scgi_temp_path {dir}/t;
-    keepalive_requests 10000000;
-    server {{
-        listen 127.0.0.1:{port} backlog=4096;
-        location / {{ default_type application/json; {answer} }}
-    }}
-}}
-"""
-
 
 def tree_for(ref: str, tmp: Path) -> Path:
     """The source tree of ``ref``: the working tree for ".", else a detached worktree."""
@@ -74,11 +55,13 @@ def start(children: bench.Children, name: str, tree: Path, tmp: Path, upstream: 
                                   "inject": {"query": "apiKey"}, "allow_private": True}},
     }), encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    where = subprocess.run([sys.executable, "-c", "import sidecar; print(sidecar.__file__)"], env=env, cwd=tree,
-                           capture_output=True, text=True, check=True).stdout.strip()
+    where, build = subprocess.run(
+        [sys.executable, "-c", "import sidecar; print(sidecar.__file__); print(sidecar.build())"],
+        env=env, cwd=tree, capture_output=True, text=True, check=True,
+    ).stdout.split()
     if not where.startswith(str(tree)):
         raise RuntimeError(f"{name}: imports sidecar from {where}, not from {tree}")
-    print(f"{name}: {tree} ({bench.sidecar_build(tree)})", flush=True)
+    print(f"{name}: {tree} ({build})", flush=True)
     child = children.start(name, [sys.executable, "-m", "sidecar", "run", "--config", str(config)], env=env)
     bench.wait_until(lambda: bench.port_open(port), child, "listening port", 20)
     status, _ = bench.http_get(port, "/polygon/warm", {"X-Client-Id": "alice"})
@@ -98,18 +81,19 @@ def main() -> int:
                    help="answer with a static file of this size instead of the ~300-byte JSON (0: the JSON)")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="sidecar-ab-"))
-    (tmp / "t").mkdir()
+    os.chmod(tmp, 0o755)  # nginx's worker reads the files below
     children = bench.Children(tmp)
     trees: list[Path] = []
     try:
+        # bench/run.py's upstream: the ~300-byte JSON at /, static files under /files/.
         upstream = bench.free_port()
-        conf = tmp / "nginx.conf"
-        answer = f"return 200 '{bench.BODY}';"
+        bench.make_tls(tmp)
+        conf = bench.render_nginx("upstream.conf", tmp, HTTP_PORT=upstream, TLS_PORT=bench.free_port())
+        path = "/polygon/x"
         if args.body_bytes:
-            (tmp / "body.json").write_bytes(b"x" * args.body_bytes)
-            answer = f"root {tmp}; try_files /body.json =404;"
-        user = "user root root;" if os.geteuid() == 0 else ""  # the worker must read the temp dir
-        conf.write_text(NGINX.format(user=user, dir=tmp, port=upstream, answer=answer), encoding="utf-8")
+            (tmp / "files").mkdir(mode=0o755)
+            (tmp / "files" / "body.json").write_bytes(b"x" * args.body_bytes)
+            path = "/polygon/files/body.json"
         nginx = children.start("nginx", ["nginx", "-p", str(tmp), "-e", str(tmp / "nginx-startup.log"),
                                          "-c", str(conf)])
         bench.wait_until(lambda: bench.port_open(upstream), nginx, "nginx", 15)
@@ -125,7 +109,7 @@ def main() -> int:
             for i in range(args.rounds):
                 line = f"c={c:<3} round {i + 1}:"
                 for name, (child, port) in sides.items():
-                    r = bench.run_wrk(f"http://127.0.0.1:{port}/polygon/x", c, args.duration,
+                    r = bench.run_wrk(f"http://127.0.0.1:{port}{path}", c, args.duration,
                                       ["X-Client-Id: alice"], [child.pid])
                     got[name].append(r)
                     line += f"  {name} {r['cpu_us_per_req']:6.1f} us/req {r['rps']:8.0f} req/s"
