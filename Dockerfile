@@ -42,8 +42,8 @@ COPY sidecar ./sidecar
 # build environment. The last line fails the build if nothing was compiled.
 RUN SIDECAR_COMPILE=${SIDECAR_COMPILE} pip install ".[fast]" \
  && python -m pip uninstall --yes pip \
- && cd / && python -c "import sidecar, sys; print('sidecar build:', sidecar.build()); \
-      sys.exit('${SIDECAR_COMPILE}' == '1' and sidecar.build() != 'compiled')"
+ && cd / && python -c "import sys; from sidecar.buildinfo import build; print('sidecar build:', build()); \
+      sys.exit('${SIDECAR_COMPILE}' == '1' and build() != 'compiled')"
 
 FROM ${PYTHON_IMAGE}
 

@@ -56,7 +56,7 @@ def start(children: bench.Children, name: str, tree: Path, tmp: Path, upstream: 
     }), encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": str(tree)}
     where, build = subprocess.run(
-        [sys.executable, "-c", "import sidecar; print(sidecar.__file__); print(sidecar.build())"],
+        [sys.executable, "-c", "import sidecar, sidecar.buildinfo as b; print(sidecar.__file__); print(b.build())"],
         env=env, cwd=tree, capture_output=True, text=True, check=True,
     ).stdout.split()
     if not where.startswith(str(tree)):

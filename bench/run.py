@@ -1114,7 +1114,7 @@ def machine() -> dict[str, str]:
 
 def sidecar_build(tree: Path) -> str:
     """``compiled`` or ``python``: how the sidecar in ``tree`` runs under this interpreter."""
-    code = f"import sys; sys.path.insert(0, {str(tree)!r}); import sidecar; print(sidecar.build())"
+    code = f"import sys; sys.path.insert(0, {str(tree)!r}); from sidecar.buildinfo import build; print(build())"
     return subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=30, check=True).stdout.strip()
 
 

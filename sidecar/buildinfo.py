@@ -13,6 +13,7 @@ package (the image, a wheel) carries no record and is never called stale.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sys
@@ -25,11 +26,13 @@ PACKAGE = Path(__file__).resolve().parent
 MANIFEST = PACKAGE / ".compiled-sources.json"
 
 
-def compiled_modules() -> list[str]:
-    """The package's modules that import as mypyc-compiled C extensions; [] when pure Python.
+@functools.cache
+def compiled_modules() -> tuple[str, ...]:
+    """The package's modules that import as mypyc-compiled C extensions; () when pure Python.
 
     A file built for another Python version (``x.cpython-312-...so`` under 3.11)
-    is not imported, and not counted.
+    is not imported, and not counted. Found once per process: what Python imports
+    does not change while it runs.
     """
     found = []
     for path in PACKAGE.rglob("*"):
@@ -43,7 +46,7 @@ def compiled_modules() -> list[str]:
         spec = find_spec(name)
         if spec is not None and isinstance(spec.loader, ExtensionFileLoader):
             found.append(name)
-    return sorted(found)
+    return tuple(sorted(found))
 
 
 def build() -> str:

@@ -7,7 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from sidecar import __version__, build
+from sidecar import __version__
+from sidecar.buildinfo import build
 from sidecar.config import Settings, load_settings
 from sidecar.errors import ConfigError
 

@@ -10,8 +10,7 @@ from typing import Any
 
 import pytest
 
-import sidecar
-from sidecar.buildinfo import changed_since_compiled
+from sidecar.buildinfo import build, changed_since_compiled, compiled_modules
 from tests.support.aws import AWS_ENV
 from tests.support.leaks import OUTPUT_DIR
 from tests.support.process import SidecarProcess
@@ -19,7 +18,7 @@ from tests.support.upstream import EchoUpstream
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    if sidecar.compiled_modules():
+    if compiled_modules():
         # mypyc-compiled coroutines (scripts/compile.sh) on Python 3.12+ pass an exception into
         # the awaitable they wait on with throw()'s old three-argument form. Harmless, and only
         # theirs: the pure build keeps every warning an error.
@@ -29,12 +28,12 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_report_header() -> str:
-    compiled = sidecar.compiled_modules()
-    return f"sidecar build: {sidecar.build()}" + (f" ({len(compiled)} modules compiled by mypyc)" if compiled else "")
+    compiled = compiled_modules()
+    return f"sidecar build: {build()}" + (f" ({len(compiled)} modules compiled by mypyc)" if compiled else "")
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    if sidecar.compiled_modules():
+    if compiled_modules():
         # A compiled module shadows its .py: a source changed since would leave old code running.
         changed = changed_since_compiled()
         if changed is None or changed:

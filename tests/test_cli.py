@@ -156,7 +156,7 @@ def test_version_and_the_listening_line_name_the_build_that_runs(
 ) -> None:
     # What really runs: the data plane imports from C extensions (compiled) or from .py files.
     expected = "compiled" if str(fastserver.__file__).endswith(tuple(EXTENSION_SUFFIXES)) else "python"
-    assert sidecar.build() == expected
+    assert buildinfo.build() == expected
     result = cli("--version")
     assert result.returncode == 0
     assert result.stdout.strip() == f"credential-sidecar {sidecar.__version__} ({expected})"
@@ -178,7 +178,7 @@ def test_the_record_of_compiled_sources_names_what_changed(tmp_path: Path, monke
     assert buildinfo.changed_since_compiled() == ["config.py", "gone.py", "proxy.py"]
 
 
-@pytest.mark.skipif(not sidecar.compiled_modules(), reason="only a compiled build can be stale")
+@pytest.mark.skipif(not buildinfo.compiled_modules(), reason="only a compiled build can be stale")
 def test_a_stale_compiled_build_is_named_at_startup(
     tmp_path: Path, start_sidecar: Callable[..., SidecarProcess]
 ) -> None:
