@@ -42,13 +42,12 @@ HIGH_WATER = 256 * 1024
 #: Open connections per upstream (busy and idle), the aiohttp connector's limit too; a
 #: request beyond it waits for one to come back (bounded by timeout_seconds).
 MAX_CONNECTIONS = POOL_LIMIT
-#: Idle pooled connections kept per upstream, and how long (aiohttp's keep-alive too).
-#: As many as may be open, as aiohttp's connector and Envoy keep them: with a lower cap,
-#: every burst closed the connections it had opened and the next burst opened them again
-#: (a 500-request burst: 192 connects and closes; its p99 fell from 57-72 to 44-50 ms
-#: when they were kept). An idle connection costs a socket and a few KiB until IDLE_SECONDS
+#: How long an idle pooled connection is kept (aiohttp's keep-alive too). Every idle
+#: connection is kept, up to MAX_CONNECTIONS, as aiohttp's connector and Envoy keep them:
+#: with a cap of 64, every burst closed the connections it had opened and the next burst
+#: opened them again (a 500-request burst: 192 connects and closes; its p99 fell from
+#: 57-72 to 44-50 ms when they were kept). An idle connection costs a socket and a few KiB
 #: (tracemalloc: 7.8 KiB for both ends of a loopback pair together).
-MAX_IDLE = MAX_CONNECTIONS
 IDLE_SECONDS = KEEPALIVE_SECONDS
 #: Connections being warmed at once (ahead of requests waiting for their key).
 MAX_WARMING = 64
@@ -490,27 +489,30 @@ class FastPool:
         self.give_back(conn)
 
     def _prune(self, now: float) -> None:
-        """Close idle connections past IDLE_SECONDS (the oldest are first in the list)."""
+        """Close idle connections past IDLE_SECONDS (the oldest are first in the list).
+
+        Run before idle connections are used or counted, so an expired one is neither
+        handed to a request nor counted as ready for the requests waiting for a key.
+        """
         idle = self._idle
         while idle and now - idle[0].idle_since >= IDLE_SECONDS:
             idle.pop(0).abort()
 
     def _take_idle(self) -> _Connection | None:
-        now = time.monotonic()
-        while self._idle:
-            conn = self._idle.pop()
-            if not conn.closed and now - conn.idle_since < IDLE_SECONDS:
+        """The most recently used idle connection that is still open, if any."""
+        idle = self._idle
+        self._prune(time.monotonic())
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:  # aborted (an unsolicited answer, say), not yet forgotten
                 return conn
-            conn.abort()
         return None
 
     def give_back(self, conn: _Connection) -> None:
-        if self._closed or len(self._idle) >= MAX_IDLE:
+        if self._closed:
             conn.abort()
             return
-        now = time.monotonic()
-        self._prune(now)
-        conn.idle_since = now
+        conn.idle_since = time.monotonic()
         self._idle.append(conn)
         self._wake_one()
 

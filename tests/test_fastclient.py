@@ -257,22 +257,17 @@ async def test_open_connections_are_capped_and_waiters_get_the_freed_ones(monkey
     assert up.connections <= 2 and peak <= 2
 
 
-async def test_closed_connections_are_freed_at_once_not_left_to_the_cycle_collector(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A burst closes hundreds of upstream connections. Each must go with its last
-    reference: left in a reference cycle, they invite full collections, which took
-    ~30 ms with boto3's objects in the heap and stalled every request in flight."""
-    import sidecar.fastclient
-
-    monkeypatch.setattr(sidecar.fastclient, "MAX_IDLE", 1)
+async def test_closed_connections_are_freed_at_once_not_left_to_the_cycle_collector() -> None:
+    """Pools close hundreds of upstream connections (expired, or at a reload). Each must go
+    with its last reference: left in a reference cycle, they invite full collections, which
+    took ~30 ms with boto3's objects in the heap and stalled every request in flight."""
     release = asyncio.Event()
     gc.collect()
     gc.disable()
     gc.set_debug(gc.DEBUG_SAVEALL)
     try:
         async with RawUpstream(keep_alive_after(release)) as up, RawUpstream(answer_ok_once) as once:
-            # Three at once on a pool that keeps one idle: two are closed by the pool.
+            # Three at once, then closed by the pool.
             p = pool(up.port)
             calls = [asyncio.ensure_future(p.request("GET", "/", CIMultiDict(), None)) for _ in range(3)]
             await asyncio.sleep(0.05)
@@ -281,12 +276,13 @@ async def test_closed_connections_are_freed_at_once_not_left_to_the_cycle_collec
             # One closed by the upstream after its answer.
             q = pool(once.port)
             assert await body(await q.request("GET", "/", CIMultiDict(), None)) == b"ok"
+            assert p._open == 3
+            p.close()
             for _ in range(100):  # until every close has reached its pool
-                if p._open == 1 and q._open == 0:
+                if p._open == 0 and q._open == 0:
                     break
                 await asyncio.sleep(0.01)
-            assert (up.connections, p._open, q._open) == (3, 1, 0)
-            p.close()
+            assert (up.connections, p._open, q._open) == (3, 0, 0)
         gc.collect()
         cyclic = [o for o in gc.garbage if isinstance(o, (_Connection, httptools.HttpResponseParser))]
     finally:
@@ -399,6 +395,31 @@ async def test_a_burst_waiting_for_one_key_finds_one_connection_each(monkeypatch
 
         results = await asyncio.gather(*(one() for _ in range(20)))
         assert results == [b"ok"] * 20 and up.connections == 20  # no request connected on its own
+        p.close()
+
+
+async def test_an_idle_connection_past_its_time_is_neither_used_nor_counted_as_ready(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An expired idle connection is closed, not handed to a request (the upstream may be
+    closing it at that moment) and not counted as ready for a request waiting for its key."""
+    import sidecar.fastclient
+
+    monkeypatch.setattr(sidecar.fastclient, "IDLE_SECONDS", 0.05)
+    async with RawUpstream(keep_alive) as up:
+        p = pool(up.port)
+        assert await body(await p.request("GET", "/", CIMultiDict(), None)) == b"ok"
+        await asyncio.sleep(0.1)
+        p.key_wait(1)  # the expired connection does not cover it: one is warmed
+        for _ in range(100):
+            if up.connections == 2 and not p._warming:
+                break
+            await asyncio.sleep(0.01)
+        p.key_wait(-1)
+        assert up.connections == 2 and len(p._idle) == 1
+        await asyncio.sleep(0.1)
+        assert await body(await p.request("GET", "/", CIMultiDict(), None)) == b"ok"
+        assert up.connections == 3 and p._open == 1  # a fresh connection; the expired ones closed
         p.close()
 
 
