@@ -295,7 +295,8 @@ async def test_aws_secret_binary(aws: AwsBackend, sm: Any, name: str) -> None:
 
 
 async def test_aws_secret_binary_that_is_not_utf8(aws: AwsBackend, sm: Any, name: str) -> None:
-    sm.create_secret(Name=name, SecretBinary=b"\xff\xfe\x00binary")
+    key = make_secret("aws-not-utf8")  # the output leak check looks for it too
+    sm.create_secret(Name=name, SecretBinary=b"\xff" + key.encode())
     with pytest.raises(StoreError) as info:
         await aws.fetch(name)
     assert info.value.kind == "invalid"
@@ -310,6 +311,8 @@ async def test_aws_secret_binary_that_is_not_utf8(aws: AwsBackend, sm: Any, name
         exc = exc.__cause__ or exc.__context__
     assert not [e for e in chain if isinstance(e, UnicodeDecodeError)]
     assert [type(e) for e in chain] == [SecretStoreUnavailable, StoreError]
+    leaked = any(key in repr(e) or key in str(e) or key in repr(e.args) for e in chain)
+    assert not leaked
 
 
 async def test_aws_not_found(aws: AwsBackend, name: str) -> None:
