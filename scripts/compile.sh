@@ -19,4 +19,3 @@ PY=${PY:-.venv/bin/python}
 "$PY" -c "import setuptools, mypyc" 2>/dev/null || "$PY" -m pip install --quiet -e '.[dev]'
 SIDECAR_COMPILE=1 "$PY" -W ignore setup.py --quiet build_ext --inplace >/dev/null
 "$PY" -m sidecar.buildinfo --record
-"$PY" -m sidecar.buildinfo

@@ -26,7 +26,7 @@ from aiohttp import web
 from sidecar import metrics
 from sidecar.access_log import AccessLog, configure_logging, flush_access_lines
 from sidecar.admin import bound_address, build_admin_app
-from sidecar.buildinfo import build, changed_since_compiled, compiled_modules
+from sidecar.buildinfo import build, stale_sources
 from sidecar.config import ListenAddress, SecretsSettings, Settings, load_settings, parse_passthrough
 from sidecar.connect import Front
 from sidecar.errors import ConfigError, NoCredential, SecretStoreUnavailable
@@ -429,7 +429,7 @@ def refreeze_heap(_retired: object = None) -> None:
 
 def warn_if_stale_build() -> None:
     """An in-place compiled build (scripts/compile.sh) older than its sources runs the old code: say so."""
-    changed = changed_since_compiled() if compiled_modules() else None
+    changed = stale_sources()
     if changed:
         log.warning(
             "compiled modules are older than their sources: the old code is running",

@@ -7,7 +7,7 @@ removed. compile.sh records a SHA-256 of every source after a build
 the test suite refuses to run, when a source changed since. An installed
 package (the image, a wheel) carries no record and is never called stale.
 
-    python -m sidecar.buildinfo --record   # after compiling in place
+    python -m sidecar.buildinfo --record   # after compiling in place (prints the build too)
     python -m sidecar.buildinfo            # print the build; exit 1 if the in-place build is stale
 """
 
@@ -75,13 +75,22 @@ def changed_since_compiled() -> list[str] | None:
     return sorted(name for name in recorded.keys() | now.keys() if recorded.get(name) != now.get(name))
 
 
+def stale_sources() -> list[str] | None:
+    """What a compiled build running from this package was not compiled from.
+
+    [] when nothing compiled runs or no source changed; the changed sources otherwise;
+    None when compiled modules run but there is no record, as for an installed package
+    (which is never stale) or an in-place build made without compile.sh.
+    """
+    return changed_since_compiled() if compiled_modules() else []
+
+
 def main(argv: list[str]) -> int:
     if argv[1:] == ["--record"]:
-        record()
-        return 0
+        record()  # then say which build that is; nothing can have changed since
     modules = compiled_modules()
     print(f"{build()}: {' '.join(modules)}" if modules else build())
-    changed = changed_since_compiled()
+    changed = stale_sources()
     if changed:
         print("sources changed since compiled: " + ", ".join(changed))
     return 1 if changed else 0

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.buildinfo import build, changed_since_compiled, compiled_modules
+from sidecar.buildinfo import build, compiled_modules, stale_sources
 from tests.support.aws import AWS_ENV
 from tests.support.leaks import OUTPUT_DIR
 from tests.support.process import SidecarProcess
@@ -33,15 +33,17 @@ def pytest_report_header() -> str:
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    if compiled_modules():
-        # A compiled module shadows its .py: a source changed since would leave old code running.
-        changed = changed_since_compiled()
-        if changed is None or changed:
-            what = "no record of what they were compiled from" if changed is None else ", ".join(changed)
-            raise pytest.UsageError(
-                f"compiled modules are present but the sources changed since ({what}). "
-                "Run `bash scripts/compile.sh` again, or `bash scripts/compile.sh --clean` for pure Python."
-            )
+    # A compiled module shadows its .py: a source changed since would leave old code running.
+    # In a checkout, a build without compile.sh's record cannot be trusted either.
+    changed = stale_sources()
+    if changed is None or changed:
+        what = "there is no record of what they were compiled from" if changed is None else (
+            "these sources changed since: " + ", ".join(changed)
+        )
+        raise pytest.UsageError(
+            f"compiled modules are present but {what}. "
+            "Run `bash scripts/compile.sh` again, or `bash scripts/compile.sh --clean` for pure Python."
+        )
     shutil.rmtree(OUTPUT_DIR, ignore_errors=True)
     OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
     # Every log record of in-process tests lands here too, so the leak check sees it.
