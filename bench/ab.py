@@ -55,13 +55,7 @@ def start(children: bench.Children, name: str, tree: Path, tmp: Path, upstream: 
                                   "inject": {"query": "apiKey"}, "allow_private": True}},
     }), encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    where, build = subprocess.run(
-        [sys.executable, "-c", "import sidecar, sidecar.buildinfo as b; print(sidecar.__file__); print(b.build())"],
-        env=env, cwd=tree, capture_output=True, text=True, check=True,
-    ).stdout.split()
-    if not where.startswith(str(tree)):
-        raise RuntimeError(f"{name}: imports sidecar from {where}, not from {tree}")
-    print(f"{name}: {tree} ({build})", flush=True)
+    print(f"{name}: {tree} ({bench.sidecar_build(tree)})", flush=True)
     child = children.start(name, [sys.executable, "-m", "sidecar", "run", "--config", str(config)], env=env)
     bench.wait_until(lambda: bench.port_open(port), child, "listening port", 20)
     status, _ = bench.http_get(port, "/polygon/warm", {"X-Client-Id": "alice"})

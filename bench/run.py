@@ -710,6 +710,19 @@ def phase_stream(b: Bench) -> None:
     b.results["stream"] = out
 
 
+def run_burst(b: Bench, port: int, client: str, path: str) -> dict[str, Any]:
+    """bench/support/burst.py against ``port``: its JSON (latencies, statuses, the warm repeat)."""
+    proc = subprocess.run(
+        [PY, str(HERE / "support" / "burst.py"), "--port", str(port), "--n", str(b.args.burst),
+         "--client", client, "--path", path],
+        capture_output=True, text=True, timeout=120, check=False, preexec_fn=_raise_nofile,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"burst at port {port} failed: {proc.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return result
+
+
 def phase_cold(b: Bench) -> None:
     """N simultaneous first requests for one uncached client; count store calls at the emulator."""
     runs = []
@@ -717,14 +730,7 @@ def phase_cold(b: Bench) -> None:
     for rep in range(b.args.repeat):
         client = f"cold-{rep + 1}-{os.getpid()}"
         fetch_before = store_fetch_seconds(admin)
-        proc = subprocess.run(
-            [PY, str(HERE / "support" / "burst.py"), "--port", str(b.port("sidecar-aws")), "--n",
-             str(b.args.burst), "--client", client, "--path", "/polygon" + QUERY_PATH],
-            capture_output=True, text=True, timeout=120, check=False, preexec_fn=_raise_nofile,
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"burst failed: {proc.stderr[-2000:]}")
-        r = json.loads(proc.stdout)
+        r = run_burst(b, b.port("sidecar-aws"), client, "/polygon" + QUERY_PATH)
         _, body = http_get(b.port("sm"), "/__calls")
         r["store_calls"] = json.loads(body).get(f"bench/{client}", 0)
         fetch_after = store_fetch_seconds(admin)
@@ -734,14 +740,7 @@ def phase_cold(b: Bench) -> None:
         r["sidecar_store_fetch_ms"] = (fetch_after[0] - fetch_before[0]) / calls * 1000
         r["client"] = client
         # The same burst straight at the upstream nginx: the client's and loopback's own floor.
-        direct = subprocess.run(
-            [PY, str(HERE / "support" / "burst.py"), "--port", str(b.port("upstream")), "--n",
-             str(b.args.burst), "--client", client, "--path", QUERY_PATH],
-            capture_output=True, text=True, timeout=120, check=False, preexec_fn=_raise_nofile,
-        )
-        if direct.returncode != 0:
-            raise RuntimeError(f"direct burst failed: {direct.stderr[-2000:]}")
-        floor = json.loads(direct.stdout)
+        floor = run_burst(b, b.port("upstream"), client, QUERY_PATH)
         if floor["statuses"] != {"200": b.args.burst}:
             raise RuntimeError(f"direct burst answered {floor['statuses']}")
         r["direct_p99_ms"] = floor["p99_ms"]
@@ -1113,9 +1112,18 @@ def machine() -> dict[str, str]:
 
 
 def sidecar_build(tree: Path) -> str:
-    """``compiled`` or ``python``: how the sidecar in ``tree`` runs under this interpreter."""
-    code = f"import sys; sys.path.insert(0, {str(tree)!r}); from sidecar.buildinfo import build; print(build())"
-    return subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+    """``compiled`` or ``python``: how the sidecar in ``tree`` runs under this interpreter.
+
+    Fails if Python imports ``sidecar`` from anywhere but ``tree`` (an installed copy, say).
+    """
+    out = subprocess.run(
+        [PY, "-c", "import sidecar, sidecar.buildinfo as b; print(sidecar.__file__); print(b.build())"],
+        env={**os.environ, "PYTHONPATH": str(tree)}, cwd=tree, capture_output=True, text=True, timeout=30, check=True,
+    ).stdout.splitlines()
+    where, build = out[0], out[1]
+    if not Path(where).resolve().is_relative_to(tree.resolve()):
+        raise RuntimeError(f"{tree}: Python imports sidecar from {where}")
+    return build
 
 
 # --------------------------------------------------------------------------- main

@@ -30,6 +30,7 @@ from typing import Any
 
 BATCH = 64
 TIMEOUT = 30.0
+CONTENT_LENGTH = b"\r\ncontent-length:"  # in a lower-cased head
 
 
 class Conn(asyncio.Protocol):
@@ -61,9 +62,9 @@ class Conn(asyncio.Protocol):
             return
         head = bytes(self.buf[:end]).lower()
         length = 0
-        at = head.find(b"\r\ncontent-length:")
+        at = head.find(CONTENT_LENGTH)
         if at >= 0:
-            length = int(head[at + 17:].split(b"\r\n", 1)[0])
+            length = int(head[at + len(CONTENT_LENGTH):].split(b"\r\n", 1)[0])
         elif b"\r\ntransfer-encoding:" in head and self.done is not None and not self.done.done():
             # Only Content-Length framing is read here; a chunked answer would be misread.
             self.done.set_exception(ValueError("chunked answers are not supported by this client"))
