@@ -60,9 +60,9 @@ async def answer_ok_once(reader: asyncio.StreamReader, writer: asyncio.StreamWri
     await writer.drain()
 
 
-def keep_alive_after(gate: asyncio.Event | None = None) -> Handler:
+def keep_alive_after(gate: asyncio.Event | None = None, on_request: Callable[[], None] | None = None) -> Handler:
     """An upstream connection that answers 200 "ok" to every request (each once ``gate``
-    is set) until the client closes."""
+    is set; ``on_request`` is told of each first) until the client closes."""
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         while True:
@@ -70,6 +70,8 @@ def keep_alive_after(gate: asyncio.Event | None = None) -> Handler:
                 await read_head(reader)
             except (asyncio.IncompleteReadError, TimeoutError):
                 return
+            if on_request is not None:
+                on_request()
             if gate is not None:
                 await gate.wait()
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
@@ -87,6 +89,11 @@ async def body(resp: FastResponse) -> bytes:
         out += chunk
     resp.release()
     return out
+
+
+async def get(p: FastPool, path: str = "/") -> bytes:
+    """GET ``path`` through the pool; the whole body."""
+    return await body(await p.request("GET", path, CIMultiDict(), None))
 
 
 async def test_keep_alive_reuses_one_connection_and_sends_one_clean_request() -> None:
@@ -129,7 +136,7 @@ async def test_a_late_answer_on_an_idle_connection_is_never_paired_with_the_next
         first = await p.request("GET", "/a", CIMultiDict(), None)
         assert first.status == 204 and await body(first) == b""
         await asyncio.sleep(0.4)  # the smuggled answer arrives while the connection idles
-        assert await body(await p.request("GET", "/b", CIMultiDict(), None)) == b"real"
+        assert await get(p, "/b") == b"real"
         p.close()
     assert up.connections == 2
 
@@ -147,7 +154,7 @@ async def test_an_answer_smuggled_behind_a_complete_one_poisons_the_connection()
     async with RawUpstream(handler) as up:
         p = pool(up.port)
         assert (await p.request("GET", "/a", CIMultiDict(), None)).status == 204
-        assert await body(await p.request("GET", "/b", CIMultiDict(), None)) == b"real"
+        assert await get(p, "/b") == b"real"
         p.close()
     assert up.connections == 2
 
@@ -156,7 +163,7 @@ async def test_a_pooled_connection_closed_by_the_upstream_is_retried_once() -> N
     # Each connection answers once and closes, as an upstream's idle timeout would.
     async with RawUpstream(answer_ok_once) as up:
         p = pool(up.port)
-        assert await body(await p.request("GET", "/a", CIMultiDict(), None)) == b"ok"
+        assert await get(p, "/a") == b"ok"
         await asyncio.sleep(0.1)
         assert await body(await p.request("POST", "/b", CIMultiDict(), b"payload")) == b"ok"
         p.close()
@@ -248,10 +255,7 @@ async def test_open_connections_are_capped_and_waiters_get_the_freed_ones(monkey
     async with RawUpstream(handler) as up:
         p = pool(up.port)
 
-        async def one() -> bytes:
-            return await body(await p.request("GET", "/", CIMultiDict(), None))
-
-        results = await asyncio.wait_for(asyncio.gather(*(one() for _ in range(8))), 10)
+        results = await asyncio.wait_for(asyncio.gather(*(get(p) for _ in range(8))), 10)
         p.close()
     assert results == [b"ok"] * 8
     assert up.connections <= 2 and peak <= 2
@@ -275,7 +279,7 @@ async def test_closed_connections_are_freed_at_once_not_left_to_the_cycle_collec
             assert [await body(await c) for c in calls] == [b"ok"] * 3
             # One closed by the upstream after its answer.
             q = pool(once.port)
-            assert await body(await q.request("GET", "/", CIMultiDict(), None)) == b"ok"
+            assert await get(q) == b"ok"
             assert p._open == 3
             p.close()
             for _ in range(100):  # until every close has reached its pool
@@ -298,29 +302,18 @@ async def test_a_bursts_connections_serve_the_next_burst_without_new_handshakes(
     arrived = 0
     all_in = asyncio.Event()
 
-    async def hold_until_all_in(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+    def count() -> None:  # answers are held until all 100 of a burst are in
         nonlocal arrived
-        while True:
-            try:
-                await read_head(reader)
-            except (asyncio.IncompleteReadError, TimeoutError):
-                return
-            arrived += 1
-            if arrived % 100 == 0:
-                all_in.set()
-            await all_in.wait()
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            await writer.drain()
+        arrived += 1
+        if arrived % 100 == 0:
+            all_in.set()
 
-    async with RawUpstream(hold_until_all_in) as up:
+    async with RawUpstream(keep_alive_after(all_in, count)) as up:
         p = pool(up.port)
-
-        async def one() -> bytes:
-            return await body(await p.request("GET", "/", CIMultiDict(), None))
 
         for burst in range(2):
             all_in.clear()
-            assert await asyncio.wait_for(asyncio.gather(*(one() for _ in range(100))), 10) == [b"ok"] * 100
+            assert await asyncio.wait_for(asyncio.gather(*(get(p) for _ in range(100))), 10) == [b"ok"] * 100
             assert up.connections == 100, f"burst {burst + 1}"
         p.close()
 
@@ -342,10 +335,7 @@ async def test_the_connection_cap_holds_while_the_name_is_being_resolved(monkeyp
         for _ in range(5):
             p.key_wait(1)
 
-        async def one() -> bytes:
-            return await body(await p.request("GET", "/", CIMultiDict(), None))
-
-        assert await asyncio.gather(*(one() for _ in range(10))) == [b"ok"] * 10
+        assert await asyncio.gather(*(get(p) for _ in range(10))) == [b"ok"] * 10
         assert up.connections <= 3 and p._open <= 3
         p.close()
 
@@ -358,13 +348,13 @@ async def test_a_request_waiting_for_its_key_gets_a_connection_opened_meanwhile(
         p.key_wait(-1)
         # The key came before the warmed connection was ready (a key from memory): the
         # request waits for that connection instead of opening a second one.
-        assert await body(await p.request("GET", "/x", CIMultiDict(), None)) == b"ok"
+        assert await get(p, "/x") == b"ok"
         assert up.connections == 1  # no second handshake
         p.key_wait(1)  # an idle connection is there: nothing more is opened
         await asyncio.sleep(0.05)
         p.key_wait(-1)
         assert up.connections == 1 and not p._warming
-        assert await body(await p.request("GET", "/y", CIMultiDict(), None)) == b"ok"
+        assert await get(p, "/y") == b"ok"
         assert up.connections == 1
         p.close()
 
@@ -390,10 +380,7 @@ async def test_a_burst_waiting_for_one_key_finds_one_connection_each(monkeypatch
         for _ in range(20):
             p.key_wait(-1)  # the key arrived
 
-        async def one() -> bytes:
-            return await body(await p.request("GET", "/", CIMultiDict(), None))
-
-        results = await asyncio.gather(*(one() for _ in range(20)))
+        results = await asyncio.gather(*(get(p) for _ in range(20)))
         assert results == [b"ok"] * 20 and up.connections == 20  # no request connected on its own
         p.close()
 
@@ -408,7 +395,7 @@ async def test_an_idle_connection_past_its_time_is_neither_used_nor_counted_as_r
     monkeypatch.setattr(sidecar.fastclient, "IDLE_SECONDS", 0.05)
     async with RawUpstream(keep_alive) as up:
         p = pool(up.port)
-        assert await body(await p.request("GET", "/", CIMultiDict(), None)) == b"ok"
+        assert await get(p) == b"ok"
         await asyncio.sleep(0.1)
         p.key_wait(1)  # the expired connection does not cover it: one is warmed
         for _ in range(100):
@@ -418,7 +405,7 @@ async def test_an_idle_connection_past_its_time_is_neither_used_nor_counted_as_r
         p.key_wait(-1)
         assert up.connections == 2 and len(p._idle) == 1
         await asyncio.sleep(0.1)
-        assert await body(await p.request("GET", "/", CIMultiDict(), None)) == b"ok"
+        assert await get(p) == b"ok"
         assert up.connections == 3 and p._open == 1  # a fresh connection; the expired ones closed
         p.close()
 
