@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -37,21 +38,23 @@ def write(path: Path, data: object) -> Path:
     return path
 
 
-def good_config(tmp_path: Path) -> Path:
+def good_settings(tmp_path: Path) -> dict[str, Any]:
+    """A valid config (its keys file written beside it) as the dict start_sidecar takes."""
     write(tmp_path / "keys.yaml", {"alice": make_secret("cli")})
-    return write(
-        tmp_path / "sidecar.yaml",
-        {
-            "secrets": {"backend": "file", "file": {"path": "keys.yaml"}},
-            "upstreams": {
-                "polygon": {
-                    "url": "https://api.polygon.io",
-                    "secret": "{client_id}",
-                    "inject": {"query": "apiKey"},
-                }
-            },
+    return {
+        "secrets": {"backend": "file", "file": {"path": "keys.yaml"}},
+        "upstreams": {
+            "polygon": {
+                "url": "https://api.polygon.io",
+                "secret": "{client_id}",
+                "inject": {"query": "apiKey"},
+            }
         },
-    )
+    }
+
+
+def good_config(tmp_path: Path) -> Path:
+    return write(tmp_path / "sidecar.yaml", good_settings(tmp_path))
 
 
 def test_check_prints_summary_and_exits_0(tmp_path: Path) -> None:
@@ -160,7 +163,7 @@ def test_version_and_the_listening_line_name_the_build_that_runs(
     result = cli("--version")
     assert result.returncode == 0
     assert result.stdout.strip() == f"credential-sidecar {sidecar.__version__} ({expected})"
-    proc = start_sidecar(yaml.safe_load(good_config(tmp_path).read_text()), wait_ready=False)
+    proc = start_sidecar(good_settings(tmp_path), wait_ready=False)
     (listening,) = [line for line in proc.lines() if line.get("message") == "listening"]
     assert listening["build"] == expected
 
@@ -192,65 +195,11 @@ def test_a_stale_compiled_build_is_named_at_startup(
         recorded = json.loads(saved)
         recorded["proxy.py"] = "0" * 64
         buildinfo.MANIFEST.write_text(json.dumps(recorded))
-        proc = start_sidecar(yaml.safe_load(good_config(tmp_path).read_text()), wait_ready=False)
+        proc = start_sidecar(good_settings(tmp_path), wait_ready=False)
     finally:
         buildinfo.MANIFEST.write_bytes(saved)
     (warning,) = [line for line in proc.lines() if line.get("message", "").startswith("compiled modules are older")]
     assert warning["level"] == "warning" and warning["changed"] == ["proxy.py"]
-
-
-def test_the_startup_heap_is_frozen_out_of_the_cycle_collectors_walk() -> None:
-    """What is alive once the sidecar has started (modules, settings, boto3's service model)
-    lives as long as the process. A full collection walks every tracked object; with those in
-    the heap it took ~30 ms during a burst. Frozen, a collection walks only what came later."""
-    import gc
-
-    import boto3
-
-    from sidecar.app import freeze_startup_heap
-
-    client = boto3.session.Session(region_name="us-east-1").client(  # the AWS backend's heap
-        "secretsmanager", aws_access_key_id="x", aws_secret_access_key="x"
-    )
-    gc.unfreeze()
-    try:
-        tracked = len(gc.get_objects())
-        freeze_startup_heap()
-        assert gc.get_freeze_count() > 10_000 and len(gc.get_objects()) < tracked // 20
-        later_type = type("Later", (), {})
-        later = [later_type() for _ in range(100)]
-        assert sum(type(o) is later_type for o in gc.get_objects()) == len(later)  # still collectable
-    finally:
-        gc.unfreeze()
-    del client
-
-
-def test_a_reload_thaws_the_heap_so_what_it_retired_can_be_collected() -> None:
-    """Frozen objects in reference cycles are never collected. A reload retires frozen
-    parts (upstream clients, a store client); after they are closed the heap is thawed,
-    collected and frozen again, so they do not leak on every SIGHUP."""
-    import gc
-    import weakref
-
-    from sidecar.app import freeze_startup_heap, refreeze_heap
-
-    class Part:
-        pass
-
-    part = Part()
-    part.cycle = part  # type: ignore[attr-defined]
-    alive = weakref.ref(part)
-    gc.unfreeze()
-    try:
-        freeze_startup_heap()  # the part is frozen with the startup heap
-        del part  # retired: only its own cycle holds it
-        gc.collect()
-        assert alive() is not None  # frozen garbage survives a collection
-        refreeze_heap()
-        assert alive() is None
-        assert gc.get_freeze_count() > 0
-    finally:
-        gc.unfreeze()
 
 
 def test_run_lifts_the_open_files_limit_to_the_hard_limit(
@@ -265,7 +214,7 @@ def test_run_lifts_the_open_files_limit_to_the_hard_limit(
         pytest.skip("the hard limit leaves nothing to lift")
     resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # inherited by the sidecar
     try:
-        proc = start_sidecar(yaml.safe_load(good_config(tmp_path).read_text()))
+        proc = start_sidecar(good_settings(tmp_path))
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert proc.proc is not None
