@@ -14,7 +14,7 @@ import yaml
 from sidecar.proxy import MAX_REASON
 from tests.support.leaks import make_secret
 from tests.support.process import SidecarProcess
-from tests.support.upstream import EchoUpstream, closed_port
+from tests.support.upstream import REASON_ECHO_PREFIX, EchoUpstream, closed_port
 
 Start = Callable[..., SidecarProcess]
 
@@ -232,7 +232,7 @@ def test_key_crossing_the_reason_phrase_limit_leaves_no_piece(
     The echo puts ``inside`` characters of the key before the limit, so a cut before the
     scrub would leave at least one 8-byte piece the window below finds.
     """
-    pad = MAX_REASON - len("Bad key ") - inside
+    pad = MAX_REASON - len(REASON_ECHO_PREFIX) - inside
     out = sidecar.raw(f"GET /polygon/reason-echo?pad={pad} HTTP/1.1\r\nHost: x\r\nX-Client-Id: alice\r\n"
         "Connection: close\r\n\r\n".encode(),
     )

@@ -24,6 +24,9 @@ from typing import Any
 
 from aiohttp import web
 
+#: What /reason-echo puts before the key in its reason phrase.
+REASON_ECHO_PREFIX = "Bad key "
+
 
 def closed_port() -> int:
     """A port on 127.0.0.1 that nothing listens on (bound once, then released)."""
@@ -151,7 +154,7 @@ class EchoUpstream:
             # A careless upstream that puts the key it got into its reason phrase.
             # ?pad=N puts N characters before it (a key that crosses a length limit).
             pad = "x" * int(q.get("pad", "0"))
-            return web.Response(status=401, reason=f"{pad}Bad key {q.get('apiKey', '')}", text="no")
+            return web.Response(status=401, reason=f"{pad}{REASON_ECHO_PREFIX}{q.get('apiKey', '')}", text="no")
         if "/keyed" in tail:
             if self.accepted_key is not None and q.get("apiKey") == self.accepted_key:
                 return web.json_response({"ok": True})
