@@ -396,9 +396,9 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
-def raise_open_files_limit() -> int:
+def raise_open_files_limit() -> None:
     """Lift the soft limit on open files to the hard one, as Go programs and nginx's
-    ``worker_rlimit_nofile`` do; return the limit now in force.
+    ``worker_rlimit_nofile`` do.
 
     Container runtimes now often start processes with a soft limit of 1024 (and a hard
     one far above). Each app connection and each pooled upstream connection (up to 256
@@ -409,10 +409,8 @@ def raise_open_files_limit() -> int:
         target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
         except (ValueError, OSError):
             log.warning("cannot raise the open-files limit", extra={"soft": soft, "hard": hard})
-    return soft
 
 
 def refreeze_heap(_retired: object = None) -> None:
