@@ -26,12 +26,12 @@ def children(pid: int) -> list[int]:
     return [int(p) for p in path.read_text().split()] if path.exists() else []
 
 
-def requests_total(sc: SidecarProcess) -> float:
+def requests_total(sc: SidecarProcess, name: str = "sidecar_requests_total", **labels: str) -> float:
     text = requests.get(sc.admin_url + "/metrics", timeout=5).text
     total = 0.0
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            if s.name == "sidecar_requests_total":
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
                 total += s.value
     return total
 
@@ -65,6 +65,11 @@ def test_two_workers_share_the_port_and_the_metrics(start_sidecar: Start, tmp_pa
     while requests_total(sc) != 200 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert requests_total(sc) == 200
+    # The duration histogram too (each worker adds a batch per bucket touched).
+    assert requests_total(sc, "sidecar_request_duration_seconds_count", upstream="p") == 200
+    assert requests_total(sc, "sidecar_request_duration_seconds_bucket", upstream="p", le="+Inf") == 200
+    assert requests_total(sc, "sidecar_request_duration_seconds_bucket", upstream="p", le="10.0") == 200
+    assert 0 < requests_total(sc, "sidecar_request_duration_seconds_sum", upstream="p") < 200 * 10
     served_by = {line.get("pid") for line in sc.lines() if line.get("message") == "worker listening"}
     assert len(served_by) == 2
 
