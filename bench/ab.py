@@ -43,14 +43,15 @@ def tree_for(ref: str, tmp: Path) -> Path:
     return path
 
 
-def start(children: bench.Children, name: str, tree: Path, tmp: Path, upstream: int) -> tuple[bench.Child, int]:
+def start(children: bench.Children, name: str, tree: Path, tmp: Path, upstream: int,
+          workers: int = 1) -> tuple[bench.Child, int]:
     port, admin = bench.free_port(), bench.free_port()
     keys = tmp / "keys.json"
     keys.write_text(json.dumps({"mcp/polygon/alice": "k-" + "x" * 32}), encoding="utf-8")
     config = tmp / f"{name}.yaml"
     config.write_text(json.dumps({
         "listen": f"127.0.0.1:{port}", "admin_listen": f"127.0.0.1:{admin}", "log": {"level": "warning"},
-        "secrets": {"backend": "file", "file": {"path": str(keys)}},
+        "secrets": {"backend": "file", "file": {"path": str(keys)}}, "workers": workers,
         "upstreams": {"polygon": {"url": f"http://127.0.0.1:{upstream}", "secret": "mcp/polygon/{client_id}",
                                   "inject": {"query": "apiKey"}, "allow_private": True}},
     }), encoding="utf-8")
@@ -71,6 +72,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--duration", type=int, default=3, help="seconds per wrk round")
     p.add_argument("--concurrency", type=int, nargs="+", default=[16])
+    p.add_argument("--workers", type=int, default=1,
+                   help="the sidecar's workers setting; CPU then counts the supervisor and every worker")
     p.add_argument("--body-bytes", type=int, default=0,
                    help="answer with a static file of this size instead of the ~300-byte JSON (0: the JSON)")
     args = p.parse_args()
@@ -96,7 +99,7 @@ def main() -> int:
             tree = tree_for(ref, tmp)
             if tree.is_relative_to(tmp):  # a worktree made here: removed at the end
                 trees.append(tree)
-            sides[name] = start(children, name, tree, tmp, upstream)
+            sides[name] = start(children, name, tree, tmp, upstream, args.workers)
         print(f"A = {args.a}, B = {args.b}; {args.rounds} rounds of {args.duration} s per concurrency")
         for c in args.concurrency:
             got: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
@@ -104,7 +107,7 @@ def main() -> int:
                 line = f"c={c:<3} round {i + 1}:"
                 for name, (child, port) in sides.items():
                     r = bench.run_wrk(f"http://127.0.0.1:{port}{path}", c, args.duration,
-                                      ["X-Client-Id: alice"], [child.pid])
+                                      ["X-Client-Id: alice"], [child.pid, *bench.children_of(child.pid)])
                     got[name].append(r)
                     line += f"  {name} {r['cpu_us_per_req']:6.1f} us/req {r['rps']:8.0f} req/s"
                 print(line, flush=True)
