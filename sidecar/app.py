@@ -33,7 +33,7 @@ from sidecar.errors import ConfigError, NoCredential, SecretStoreUnavailable
 from sidecar.identity import IdentityResolver, build_identity_resolver
 from sidecar.policy import client_allowed
 from sidecar.proxy import DataPlane, Runtime
-from sidecar.secrets.base import SecretBackend, StoreError
+from sidecar.secrets.base import EmptyStore, SecretBackend, StoreError
 from sidecar.secrets.cache import SecretCache
 from sidecar.secrets.file import FileLoadError
 from sidecar.upstream import Upstream
@@ -62,9 +62,10 @@ def build_backend(settings: SecretsSettings) -> SecretBackend:
         from sidecar.secrets.aws import AwsBackend
 
         return AwsBackend(settings.aws)
+    if settings.file.path is None:  # config allows this only with no upstreams
+        return EmptyStore()
     from sidecar.secrets.file import FileBackend
 
-    assert settings.file.path is not None
     return FileBackend(settings.file.path)
 
 

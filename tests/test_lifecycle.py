@@ -242,3 +242,14 @@ def test_rotation_in_secrets_manager_is_picked_up_and_replayed(
     m = scrape(sc)
     assert value(m, "sidecar_secret_rotations_total", upstream="api", result="unchanged") == 3
     assert value(m, "sidecar_secret_fetch_duration_seconds_count", backend="aws") == 3
+
+
+def test_a_sidecar_without_upstreams_needs_no_secrets_file(start_sidecar: Start) -> None:
+    # `check` accepts this (a sidecar that only tunnels passthrough hosts needs no keys);
+    # `run` used to stop on an assertion about the missing path.
+    sc = start_sidecar({"secrets": {"backend": "file"}})
+    assert sc.readyz() == 200
+    answer = get(sc, "/polygon/x")
+    assert answer.status_code == 404
+    assert answer.json()["error"] == "unknown_upstream"
+    assert sc.stop() == 0

@@ -80,6 +80,27 @@ class SecretBackend(Protocol):
     async def close(self) -> None: ...
 
 
+class EmptyStore:
+    """The file backend with no file configured (allowed only with no upstreams): it holds nothing.
+
+    A sidecar that only tunnels ``forward_proxy.passthrough_hosts`` needs no keys.
+    """
+
+    name = "file"
+
+    def __init__(self) -> None:
+        self.on_change: Callable[[], None] | None = None
+
+    async def start(self) -> None:
+        return None
+
+    async def fetch(self, secret_id: str) -> RawSecret:
+        raise SecretNotFound(secret_id)
+
+    async def close(self) -> None:
+        return None
+
+
 def extract(raw: RawSecret, field: str | None) -> Secret:
     """Turn a stored value into the Secret to inject, taking ``field`` from JSON objects."""
     secret = _extract(raw, field)
