@@ -7,6 +7,7 @@ touches the network or a secret store; it imports nothing of ours but errors.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -404,6 +405,9 @@ class _Reader:
         value = _coerce(m[key], float)
         if value is None:
             self.fail(p, f"expected a number, got {_kind(m[key])}")
+            return default
+        if not math.isfinite(value):
+            self.fail(p, "must be a finite number")
             return default
         if positive and value <= 0:
             self.fail(p, "must be greater than 0")
@@ -816,12 +820,12 @@ def parse_passthrough(entry: str) -> tuple[str, int] | None:
         inner, _, tail = entry[1:].partition("]")
         host = inner
         if tail:
-            if not tail.startswith(":") or not tail[1:].isdigit():
+            if not tail.startswith(":") or not _digits(tail[1:]):
                 return None
             port = int(tail[1:])
     elif entry.count(":") == 1:
         host, _, raw_port = entry.partition(":")
-        if not raw_port.isdigit():
+        if not _digits(raw_port):
             return None
         port = int(raw_port)
     if not 0 < port < 65536:
@@ -864,7 +868,7 @@ def check_template(template: str, allowed: frozenset[str], required: str | None 
 def parse_listen(value: str) -> ListenAddress | None:
     """Parse ``host:port`` or ``[v6]:port``."""
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not _digits(port) or not 0 <= int(port) <= 65535:
         return None
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -945,6 +949,11 @@ def parse_upstream_url(url: str) -> tuple[str, str, int, str] | str:
         return f"invalid host {raw_host!r}"
     default_port = 443 if parts.scheme == "https" else 80
     return parts.scheme, host, port or default_port, parts.path.rstrip("/")
+
+
+def _digits(text: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also takes '²' and other digits ``int`` refuses."""
+    return text.isascii() and text.isdigit()
 
 
 def _coerce(value: Any, kind: type[T]) -> T | None:

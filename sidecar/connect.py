@@ -61,7 +61,7 @@ TUNNEL_IDLE_SECONDS = 300.0
 def parse_authority(target: str) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` of a CONNECT, normalised; BadRequest otherwise."""
     host, sep, port = target.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or "@" in host or "/" in host:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536 or "@" in host or "/" in host:
         raise BadRequest("CONNECT needs host:port.", reason="bad_authority")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]

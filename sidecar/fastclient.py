@@ -77,7 +77,7 @@ class FastResponse:
         self.reason = reason
         self.headers = CIMultiDictProxy(headers)
         length = headers.get("Content-Length")
-        self.content_length = int(length) if length is not None and length.isdigit() else None
+        self.content_length = int(length) if length is not None and length.isascii() and length.isdigit() else None
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._done = False

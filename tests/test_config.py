@@ -865,3 +865,19 @@ def test_service_urls_are_checked_like_upstream_urls(tmp_path: Path, url: str, p
 
 def test_summary_prints_service_urls_without_their_query() -> None:
     assert loggable_url("https://u:pw@idp.example:8443/keys?token=abc#x") == "https://idp.example:8443/keys"
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "${T}"])
+def test_numbers_must_be_finite(tmp_path: Path, keys_file: Path, value: Any) -> None:
+    # uvloop's call_later refuses NaN (every upstream request would fail), a NaN TTL never caches.
+    raw = config(keys_file, upstreams={"polygon": upstream(timeout_seconds=value)})
+    assert one_problem(raw, tmp_path, env={"T": "nan"}) == "upstreams.polygon.timeout_seconds: must be a finite number"
+    raw = config(keys_file, secrets={"file": {"path": str(keys_file)}, "cache": {"ttl_seconds": value}})
+    assert one_problem(raw, tmp_path, env={"T": "inf"}) == "secrets.cache.ttl_seconds: must be a finite number"
+
+
+def test_ports_are_ascii_digits(tmp_path: Path, keys_file: Path) -> None:
+    # '²'.isdigit() is True and int('²') raises: that was a traceback, not a config error.
+    assert one_problem(config(keys_file, listen="127.0.0.1:\u00b2"), tmp_path).startswith("listen: ")
+    raw = config(keys_file, forward_proxy={"enabled": True, "passthrough_hosts": ["example.com:\u00b2"]})
+    assert one_problem(raw, tmp_path).startswith("forward_proxy.passthrough_hosts")

@@ -230,6 +230,7 @@ def test_tunnels_close_on_shutdown(
         "localhost:{canary}@evil.example:443",
         "nonsense",
         "[::1]:{canary}",
+        "localhost:\u00b2",  # '²'.isdigit() is True, int('²') raises
     ],
 )
 def test_connect_refused_and_nothing_sent(
