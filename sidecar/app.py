@@ -15,6 +15,7 @@ import logging
 import os
 import resource
 import signal
+import ssl
 import sys
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -187,14 +188,30 @@ class Sidecar:
             identity = build_identity_resolver(settings.identity)
             await identity.start()
         upstreams: dict[str, Upstream] = {}
-        for name, up_settings in settings.upstreams.items():
-            old = previous.upstreams.get(name) if previous is not None else None
-            if old is not None and old.settings == up_settings:
-                upstreams[name] = old
-                continue
-            upstream = Upstream(up_settings)
-            await upstream.start()
-            upstreams[name] = upstream
+        started: list[Upstream] = []
+        try:
+            for name, up_settings in settings.upstreams.items():
+                old = previous.upstreams.get(name) if previous is not None else None
+                if old is not None and old.settings == up_settings:
+                    upstreams[name] = old
+                    continue
+                upstream = Upstream(up_settings)
+                try:
+                    await upstream.start()
+                except (ssl.SSLError, OSError):
+                    # check read the ca_file; it changed since (or cannot be read now).
+                    raise StartupError(f"upstreams.{name}.ca_file: no PEM certificate could be loaded") from None
+                started.append(upstream)
+                upstreams[name] = upstream
+        except BaseException:
+            # A reload that fails here keeps the running parts: close only what was built for it.
+            for upstream in started:
+                await upstream.close()
+            if previous is None or identity is not previous.identity:
+                await identity.close()
+            if previous is None or backend is not previous.backend:
+                await backend.close()
+            raise
         return _Parts(settings, backend, cache, identity, upstreams)
 
     @staticmethod

@@ -11,6 +11,7 @@ import math
 import os
 import re
 import socket
+import ssl
 import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -487,6 +488,17 @@ class _Reader:
             self.fail(_join(path, key), f"file {value} does not exist")
         return resolved
 
+    def ca_file(self, m: dict[str, Any], path: str) -> Path | None:
+        """An upstream's extra trusted CAs: a file that holds at least one PEM certificate."""
+        resolved = self.path_value(m, "ca_file", path, must_exist=True)
+        if resolved is not None and resolved.is_file():
+            try:
+                ssl.create_default_context().load_verify_locations(cafile=str(resolved))
+            except (ssl.SSLError, OSError, ValueError):
+                # Not the library's text: it can quote what it read.
+                self.fail(_join(path, "ca_file"), f"no PEM certificate could be loaded from {m['ca_file']}")
+        return resolved
+
     def listen(self, m: dict[str, Any], key: str, default: str) -> ListenAddress:
         value = self.string(m, key, "", default) or default
         parsed = parse_listen(value)
@@ -745,7 +757,7 @@ class _Reader:
                 m, "timeout_seconds", path, DEFAULT_UPSTREAM_TIMEOUT_SECONDS, positive=True
             ),
             allow_private=allow_private,
-            ca_file=self.path_value(m, "ca_file", path, must_exist=True),
+            ca_file=self.ca_file(m, path),
         )
         if not isinstance(parsed, tuple) or not secret or inject is None:
             return None

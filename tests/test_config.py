@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from sidecar.config import ListenAddress, Settings, load_settings, loggable_url, parse_settings
 from sidecar.errors import ConfigError
@@ -672,7 +673,7 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path, monkey
     conf = tmp_path / "conf"
     (conf / "certs").mkdir(parents=True)
     (conf / "keys.yaml").write_text(f"alice: {make_secret('config-rel')}\n")
-    (conf / "certs" / "ca.pem").write_text("not checked here\n")
+    trustme.CA().cert_pem.write_to_path(str(conf / "certs" / "ca.pem"))
     (conf / "sidecar.yaml").write_text(
         "secrets:\n  file:\n    path: keys.yaml\n"
         "upstreams:\n  internal:\n    url: https://internal.example\n"
@@ -881,3 +882,38 @@ def test_ports_are_ascii_digits(tmp_path: Path, keys_file: Path) -> None:
     assert one_problem(config(keys_file, listen="127.0.0.1:\u00b2"), tmp_path).startswith("listen: ")
     raw = config(keys_file, forward_proxy={"enabled": True, "passthrough_hosts": ["example.com:\u00b2"]})
     assert one_problem(raw, tmp_path).startswith("forward_proxy.passthrough_hosts")
+
+
+def test_ca_file_must_hold_a_certificate(tmp_path: Path, keys_file: Path) -> None:
+    # Before, check passed and run stopped with an ssl.SSLError traceback (a reload raised it).
+    bad = tmp_path / "ca.pem"
+    bad.write_text("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n")
+    raw = config(keys_file, upstreams={"polygon": upstream(ca_file=str(bad))})
+    assert one_problem(raw, tmp_path) == f"upstreams.polygon.ca_file: no PEM certificate could be loaded from {bad}"
+    trustme.CA().cert_pem.write_to_path(str(bad))
+    assert parse(raw, tmp_path).upstreams["polygon"].ca_file == bad
+
+
+async def test_a_ca_file_broken_after_check_fails_the_build_not_the_process(tmp_path: Path, keys_file: Path) -> None:
+    from sidecar.app import Sidecar, StartupError
+
+    ca = tmp_path / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(ca))
+    good = parse(config(keys_file), tmp_path)
+    other_keys = tmp_path / "other-keys.yaml"
+    other_keys.write_text(f"alice: {make_secret('config-other')}\n")
+    raw = config(keys_file, upstreams={"polygon": upstream(ca_file=str(ca))})
+    raw["secrets"]["file"]["path"] = str(other_keys)
+    changed = parse(raw, tmp_path)
+    ca.write_text("changed since check\n")
+    sidecar = Sidecar(good)
+    running = await sidecar._build(good, None)
+    try:
+        with pytest.raises(StartupError, match=r"^upstreams\.polygon\.ca_file: no PEM certificate could be loaded$"):
+            await sidecar._build(changed, running)  # what a SIGHUP does
+        assert (await running.backend.fetch("alice")) == keys_file.read_text().split(": ", 1)[1].split("\n")[0]
+    finally:
+        for up in running.upstreams.values():
+            await up.close()
+        await running.identity.close()
+        await running.backend.close()
