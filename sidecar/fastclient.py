@@ -297,8 +297,8 @@ class _Connection(asyncio.Protocol):
             self._response._finish(UpstreamBodyError("malformed response body"))
         self.abort()
 
-    async def exchange(self, request: bytes) -> FastResponse:
-        """Send one request; wait at most the pool's timeout for the whole head of its answer.
+    async def exchange(self, request: bytes, deadline: float) -> FastResponse:
+        """Send one request; wait for the whole head of its answer until ``deadline`` (loop time).
 
         A plain timer, not ``asyncio.timeout``: that context manager costs several
         microseconds a request (a Timeout object, the current task, uncancel).
@@ -314,7 +314,7 @@ class _Connection(asyncio.Protocol):
         waiter: asyncio.Future[FastResponse] = loop.create_future()
         self._head_waiter = waiter
         transport.write(request)
-        timer = loop.call_later(self.pool.timeout, self._head_timeout)
+        timer = loop.call_at(deadline, self._head_timeout)
         try:
             return await waiter
         finally:
@@ -396,23 +396,26 @@ class FastPool:
         else:
             head.append(b"\r\n")
         data = b"".join(head)
+        # One budget, timeout_seconds, for waiting for a connection, connecting and the
+        # whole head of the answer, as on the aiohttp path: not a full one for each step.
+        deadline = self.loop.time() + self.timeout
         conn = self._take_idle()
         if conn is None and (self._open >= MAX_CONNECTIONS or len(self._waiters) < len(self._warming)):
             # Every connection is busy, or one being warmed is on its way that no earlier
             # request is waiting for: wait for it rather than open another.
-            async with asyncio.timeout(self.timeout):  # a TimeoutError: Upstream.send's timeout
+            async with asyncio.timeout_at(deadline):  # a TimeoutError: Upstream.send's timeout
                 conn = await self._wait_for_slot()
         if conn is not None:
             try:
-                return await conn.exchange(data)
+                return await conn.exchange(data, deadline)
             except _EarlyClose:
                 pass  # the upstream had closed the idle connection: one fresh try
             except BaseException:
                 conn.abort()  # cancelled or failed mid-exchange: the connection is in an unknown state
                 raise
-        conn = await self._connect()
+        conn = await self._connect(deadline)
         try:
-            return await conn.exchange(data)
+            return await conn.exchange(data, deadline)
         except _EarlyClose:
             raise UpstreamUnreachable("The upstream closed the connection.", reason="protocol") from None
         except BaseException:
@@ -482,7 +485,7 @@ class FastPool:
 
     async def _warm_one(self) -> None:
         try:
-            conn = await self._connect()
+            conn = await self._connect(self.loop.time() + self.timeout)
         except (SidecarError, OSError):
             self._warm_credits = 0  # the upstream is failing: no connect storm; the requests report it
             return
@@ -540,10 +543,10 @@ class FastPool:
             self._resolved_at = now
         return self._addresses
 
-    async def _connect(self) -> _Connection:
-        """Resolve and connect (TLS handshake included) within one timeout_seconds budget."""
+    async def _connect(self, deadline: float) -> _Connection:
+        """Resolve and connect (TLS handshake included) before ``deadline`` (loop time)."""
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout_at(deadline):
                 return await self._open_connection()
         except TimeoutError:
             raise UpstreamTimeout(reason="connect_timeout") from None

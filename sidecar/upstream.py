@@ -219,7 +219,7 @@ class Upstream:
                 and method != "HEAD"  # llhttp cannot be told a response has no body
                 and (data is None or isinstance(data, bytes))
             ):
-                # The lean client bounds connecting and the head itself (timeout_seconds each).
+                # The lean client bounds the connection wait, connecting and the head together.
                 return await self.fast.request(method, target, headers, data)
             # sock_read alone would let an upstream trickle its head a byte at a time
             # forever; the head as a whole must arrive within timeout_seconds.

@@ -455,3 +455,29 @@ async def test_a_tls_handshake_that_never_ends_is_a_connect_timeout() -> None:
         assert info.value.reason == "connect_timeout"
         assert asyncio.get_running_loop().time() - started < 2
         p.close()
+
+
+async def test_timeout_seconds_is_one_budget_for_connecting_and_the_head() -> None:
+    """A slow name lookup and a slow head, each within the limit, together exceed it: 504."""
+
+    async def slow_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_head(reader)
+        await asyncio.sleep(0.35)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    async with RawUpstream(slow_head) as up:
+        p = FastPool("127.0.0.1", up.port, None, True, 0.5, f"127.0.0.1:{up.port}")
+        real_resolve = p._resolve
+
+        async def slow_dns() -> list[str]:  # a resolver that takes most of the budget
+            await asyncio.sleep(0.35)
+            return await real_resolve()
+
+        p._resolve = slow_dns  # type: ignore[method-assign]
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(UpstreamTimeout):
+            await p.request("GET", "/x", CIMultiDict(), None)
+        assert loop.time() - started >= 0.45  # the budget ran out; the old code answered 200 at 0.7 s
+        p.close()
