@@ -28,12 +28,14 @@ def is_forbidden_address(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) ->
             return is_forbidden_address(mapped)
         if addr.teredo is not None:
             return True
-        if addr in _NAT64:
+        if addr in _NAT64 or addr in _SIIT:
             return is_forbidden_address(ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF))
     return not addr.is_global or addr.is_multicast or any(addr in net for net in _ALSO_FORBIDDEN)
 
 
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+#: IPv4-translated addresses (RFC 2765 SIIT): not ipv4_mapped, and Python calls them global.
+_SIIT = ipaddress.IPv6Network("::ffff:0:0:0/96")
 _ALSO_FORBIDDEN = (
     ipaddress.IPv4Network("100.64.0.0/10"),  # shared address space (CGNAT)
     ipaddress.IPv4Network("0.0.0.0/8"),

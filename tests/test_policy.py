@@ -67,6 +67,10 @@ FORBIDDEN = [
     # Teredo tunnels are refused outright (the embedded server/client can be anything)
     "2001:0:4136:e378:8000:63bf:3fff:fdd2",
     "2001::1",
+    # IPv4-translated (SIIT, ::ffff:0:0:0/96): Python counts these as global
+    "::ffff:0:a9fe:a9fe",
+    "::ffff:0:a00:1",
+    "::ffff:0:7f00:1",
 ]
 
 ALLOWED = [
@@ -78,6 +82,7 @@ ALLOWED = [
     "2a00:1450:4001:80b::200e",
     "::ffff:8.8.8.8",
     "64:ff9b::808:808",  # NAT64 of a public address
+    "::ffff:0:808:808",  # SIIT of a public address
     "2002:808:808::",  # 6to4 of a public address
 ]
 
