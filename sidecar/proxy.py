@@ -45,7 +45,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sidecar.proxy")
 
-_RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
+#: An upstream's own X-Sidecar-Error would pass for a refusal by the sidecar.
+_RESPONSE_DROP = HOP_BY_HOP | {"content-length", "x-sidecar-error"}
 #: Request bodies up to this size are read whole so a rotated key can replay them.
 REPLAY_BODY_LIMIT = 1024 * 1024
 #: Methods never forwarded: an upstream implementing them reflects the request,
@@ -176,10 +177,12 @@ class ResponseHead:
         if connection:
             drop = drop | {t.strip().lower() for t in connection.split(",")}
         # A value shorter than every spelling of the key cannot hold one (most of them).
+        # A name that holds the key (an upstream echoing parameters as X-Param-<value>)
+        # takes the whole header with it: a name cannot be partly redacted.
         self.headers = [
             (name, scrub(value) if len(value) >= shortest else value)
             for name, value in answer.headers.items()
-            if name.lower() not in drop
+            if name.lower() not in drop and (len(name) < shortest or scrub(name) == name)
         ]
 
 

@@ -150,11 +150,14 @@ async def _unsolicited_101(up: EvilUpstream, target: str, r: asyncio.StreamReade
 
 
 async def _echo_key(up: EvilUpstream, target: str, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
-    """Reflect the target (which carries the injected key) into response headers."""
+    """Reflect the target (which carries the injected key) into response headers, names included."""
     query = target.partition("?")[2]
     t = target.encode("latin-1")
+    value = query.partition("apiKey=")[2].partition("&")[0].encode("latin-1")
     extra = (
         b"X-Echo: " + t + b"\r\n"
+        b"X-Param-" + value + b": 1\r\n"  # parameters echoed as header names
+        b"X-Sidecar-Error: unknown_upstream\r\n"  # posing as a refusal by the sidecar
         b"Location: http://" + LOCAL.encode() + b":1/next?" + query.encode("latin-1") + b"\r\n"
         b"Set-Cookie: last=" + query.encode("latin-1") + b"; Path=/\r\n"
         b"Link: <" + t + b">; rel=next\r\n"

@@ -220,6 +220,8 @@ def test_key_reflected_in_response_headers_is_redacted(sc: SidecarProcess, key: 
     assert r.status == 200 and r.body == b"reflected", ex.text()
     assert_no_secret([ex.raw], key)
     assert r.header("X-Echo") is not None and "[redacted]" in r.header("X-Echo")  # type: ignore[operator]
+    assert not any(name.lower().startswith("x-param-") for name, _ in r.headers), "a header name held the key"
+    assert r.sidecar_error is None, "the upstream's X-Sidecar-Error passed for the sidecar's refusal"
 
 
 # ------------------------------------------------------------------ clients that go away
