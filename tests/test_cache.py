@@ -475,7 +475,7 @@ async def test_unusable_secret_shapes_are_cached_negative(
     assert backend.calls == ["s", "s"]
 
 
-@pytest.mark.parametrize("suffix", ["\r\nX-Evil: 1", "\n", "\r", "\0", "mid\x00dle"])
+@pytest.mark.parametrize("suffix", ["\r\nX-Evil: 1", "\n", "\r", "\0", "mid\x00dle", "\t", "\x7f", "\u00e9", "\u20ac"])
 async def test_secrets_with_control_characters_are_refused(suffix: str, clock: FakeClock) -> None:
     value = make_secret("cache-ctl") + suffix
     backend = FakeBackend({"s": value, "obj": {"k": value}})

@@ -106,8 +106,12 @@ def extract(raw: RawSecret, field: str | None) -> Secret:
     secret = _extract(raw, field)
     value = secret.reveal()
     # A key with CR, LF or NUL would split a header line; an empty one injects nothing.
-    if not value or any(c in value for c in "\r\n\0"):
-        raise NoCredential("The stored secret is empty or holds control characters.", reason="secret_invalid")
+    # Printable ASCII only: the lean client reads an upstream's headers as latin-1, so a
+    # UTF-8 echo of a non-ASCII key would not match any spelling the scrubber knows.
+    if not value or not value.isascii() or not value.isprintable():
+        raise NoCredential(
+            "The stored secret is empty or holds characters other than printable ASCII.", reason="secret_invalid"
+        )
     return secret
 
 
