@@ -203,7 +203,8 @@ def _check_path(path: str) -> None:
     if "." in path or "%" in path:
         decoded = unquote(path)
         for segment in decoded.replace("\\", "/").split("/"):
-            if segment in (".", ".."):
+            # "..;x" too: Tomcat, Jetty and Spring drop ";params" and then walk up a level.
+            if segment.partition(";")[0] in (".", ".."):
                 raise BadRequest("Dot segments are not allowed in the path.", reason="dot_segment")
 
 
