@@ -56,6 +56,11 @@ FIRST_BYTES_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 10.0
 #: A tunnel with no bytes either way for this long is closed.
 TUNNEL_IDLE_SECONDS = 300.0
+#: aiohttp's server (requests the lean server hands over: heads over 16 KiB or not
+#: ASCII; intercepted TLS) closes a connection waiting this long for a request head,
+#: idle or part-way through one. Its own default, 3630 s, let a head that never ends
+#: hold up to 128 header lines of 32 KiB for an hour, before any identity check.
+HTTP_WAIT_SECONDS = 30.0
 
 
 def parse_authority(target: str) -> tuple[str, int]:
@@ -245,8 +250,8 @@ class Front:
         authority: CertificateAuthority | None,
     ) -> None:
         self.plane = plane
-        self.server_kwargs = http_server_kwargs
-        self.http = _Server(self, plane.handle, **http_server_kwargs)
+        self.server_kwargs = {"keepalive_timeout": HTTP_WAIT_SECONDS, **http_server_kwargs}
+        self.http = _Server(self, plane.handle, **self.server_kwargs)
         self.loop = asyncio.get_running_loop()
         self.fast: FastServer | None = None
         if FAST_SERVER:

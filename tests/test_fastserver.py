@@ -342,3 +342,32 @@ def test_expect_100_continue_is_met_here_and_not_forwarded(sidecar: SidecarProce
     assert seen["body_size"] == 5
     assert "expect" not in {k.lower() for k, _ in seen["headers"]}
     conn.close()
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        "GET /polygon/x HTTP/1.1\r\nHost: a\r\nX-Name: caf\u00e9\r\n".encode(),  # not ASCII: aiohttp's
+        b"GET /polygon/x HTTP/1.1\r\nHost: a\r\n" + b"X-Pad: " + b"a" * 20000 + b"\r\n",  # over 16 KiB: aiohttp's
+    ],
+    ids=["non-ascii", "over-16-kib"],
+)
+async def test_a_head_handed_to_aiohttp_that_never_completes_is_closed(
+    monkeypatch: pytest.MonkeyPatch, sent: bytes
+) -> None:
+    """aiohttp's own idle limit (3630 s) held such a head, and its memory, for an hour."""
+    from sidecar import connect
+
+    monkeypatch.setattr(connect, "HTTP_WAIT_SECONDS", 0.3)
+    front = connect.Front(_idle_plane(), {"access_log": None, "max_line_size": 32768, "max_field_size": 32768}, None)
+    _, port = await front.listen("127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(sent)
+        started = asyncio.get_running_loop().time()
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        assert asyncio.get_running_loop().time() - started < 5
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        await front.drain(1.0)
