@@ -93,6 +93,10 @@ class FastResponse:
         """Every byte of the body has arrived cleanly and been read (aiohttp's StreamReader has it too)."""
         return self._done and self._error is None and not self._chunks
 
+    def ready(self) -> bool:
+        """A readany() now would not wait: body bytes are here, or the body has ended."""
+        return bool(self._chunks) or self._done
+
     # ---- fed by the connection
 
     def _feed(self, data: bytes) -> None:

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, cast
 import httptools
 from multidict import CIMultiDict
 
+from sidecar.fastclient import FastResponse
 from sidecar.proxy import REPLAY_BODY_LIMIT, STREAM_BROKEN, error_bytes
 
 if TYPE_CHECKING:
@@ -203,17 +204,22 @@ class FastExchange:
                 conn.write(b"".join(parts))
             else:
                 content = answer.content
-                chunk = await content.readany()
-                if chunked and chunk:
-                    parts.append(b"%x\r\n" % len(chunk))
-                    parts.append(chunk)
-                    parts.append(b"\r\n")
-                elif chunk:
-                    parts.append(chunk)
+                # The head goes out with the first piece of body when that is already here
+                # (one write); otherwise at once: an event stream may stay quiet for a long
+                # time after its head, and the app must not wait for its first event to see it.
+                chunk: bytes | None = None
+                if isinstance(content, FastResponse) and content.ready():
+                    chunk = await content.readany()
+                    if chunked and chunk:
+                        parts.append(b"%x\r\n" % len(chunk))
+                        parts.append(chunk)
+                        parts.append(b"\r\n")
+                    elif chunk:
+                        parts.append(chunk)
                 self.started = True
                 conn.write(b"".join(parts))
                 # Both clients say when the body is complete: no wait for an empty last read.
-                while chunk and not content.at_eof():
+                while (chunk is None or chunk) and not content.at_eof():
                     if conn.paused:
                         await conn.drain()
                     chunk = await content.readany()

@@ -371,3 +371,56 @@ async def test_a_head_handed_to_aiohttp_that_never_completes_is_closed(
         await writer.wait_closed()
     finally:
         await front.drain(1.0)
+
+
+def test_a_quiet_event_stream_gets_its_head_at_once(
+    start_sidecar: Callable[..., SidecarProcess], tmp_path: Path, keys: dict[str, str], server_kind: str
+) -> None:
+    """An upstream that sends its head, then nothing for a while (an SSE stream before its first event)."""
+    import threading
+    import time
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    release = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                buf += conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+            release.wait(10)
+            conn.sendall(b"d\r\ndata: event\n\n\r\n0\r\n\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    keys_file = tmp_path / "keys.json"
+    keys_file.write_text(json.dumps(keys), encoding="utf-8")
+    sc = start_sidecar(
+        {
+            "secrets": {"backend": "file", "file": {"path": str(keys_file)}},
+            "upstreams": {"quiet": {"url": f"http://127.0.0.1:{port}", "secret": "{client_id}",
+                                   "inject": {"query": "apiKey"}, "allow_private": True}},
+        },
+        env={"SIDECAR_SERVER": server_kind},
+    )
+    try:
+        conn = Conn(sc)
+        conn.sock.settimeout(10)
+        conn.send(b"GET /quiet/events HTTP/1.1\r\nHost: x\r\nX-Client-Id: alice\r\n\r\n")
+        started = time.monotonic()
+        while b"\r\n\r\n" not in conn.buf:
+            assert conn._fill()
+        # The upstream holds its first event until the app has seen the head.
+        assert conn.buf.startswith(b"HTTP/1.1 200"), conn.buf
+        assert time.monotonic() - started < 5
+        release.set()
+        status, headers, body = conn.response()
+        assert status == 200 and headers["content-type"] == "text/event-stream" and body == b"data: event\n\n"
+        conn.close()
+    finally:
+        release.set()
+        thread.join(10)
+        listener.close()
