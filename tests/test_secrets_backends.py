@@ -105,7 +105,9 @@ def test_numbers_become_strings(text: str, expected: str, tmp_path: Path) -> Non
     assert load_secret_file(path) == {"alice": expected}
 
 
-@pytest.mark.parametrize("text", ["0123", "0x1F", "1_000", "12.50", "1234567890123456789012.0"])
+@pytest.mark.parametrize(
+    "text", ["0123", "0x1F", "1_000", "12.50", "1234567890123456789012.0", "2024-01-01", "2001-12-14t21:59:43.10-05:00"]
+)
 def test_numeric_looking_keys_keep_their_spelling(text: str, tmp_path: Path) -> None:
     path = tmp_path / "keys.yaml"
     path.write_text(f"alice: {text}\n")

@@ -20,13 +20,16 @@ POLL_SECONDS = 1.0
 
 
 class _KeysLoader(yaml.SafeLoader):
-    """YAML without the implicit int, float and bool types: a key is text exactly as written.
+    """YAML without the implicit int, float, bool and date types: a key is text exactly as written.
 
-    With them, ``alice: 0123`` would load as 83 and ``bob: 1_000`` as 1000.
+    With them, ``alice: 0123`` would load as 83, ``bob: 1_000`` as 1000, and
+    ``carol: 2024-01-01`` as a date (which made the whole file invalid).
     """
 
 
-_TEXT_ONLY = {"tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool"}
+_TEXT_ONLY = {
+    "tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool", "tag:yaml.org,2002:timestamp",
+}
 _KeysLoader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag not in _TEXT_ONLY]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
