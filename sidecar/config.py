@@ -379,10 +379,12 @@ class _Reader:
         if key not in m or m[key] is None:
             return default
         value = m[key]
-        if isinstance(value, bool) or not isinstance(value, str | int | float):
-            self.fail(p, f"expected a string, got {_kind(value)}")
+        if not isinstance(value, str):
+            # A YAML number is not read as text: 'secret_field: 0123' would be '83'.
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            hint = " (quote it to mean the text)" if number else ""
+            self.fail(p, f"expected a string, got {_kind(value)}{hint}")
             return default
-        value = str(value)
         if choices is not None and value not in choices:
             self.fail(p, f"expected one of {', '.join(choices)}")
             return default

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import trustme
+import yaml
 
 from sidecar.config import ListenAddress, Settings, load_settings, loggable_url, parse_settings
 from sidecar.errors import ConfigError
@@ -917,3 +918,23 @@ async def test_a_ca_file_broken_after_check_fails_the_build_not_the_process(tmp_
             await up.close()
         await running.identity.close()
         await running.backend.close()
+
+
+def test_a_yaml_number_is_not_taken_for_text(tmp_path: Path, keys_file: Path) -> None:
+    # 'secret_field: 0123' is the YAML integer 83: read as text it would be a silently wrong field.
+    raw = yaml.safe_load("secret_field: 0123\nversion_stage: 1.10\n")
+    assert raw == {"secret_field": 83, "version_stage": 1.1}
+    up = upstream(secret_field=raw["secret_field"])
+    got = problems(config(keys_file, upstreams={"polygon": up},
+                          secrets={"file": {"path": str(keys_file)}, "aws": {"version_stage": raw["version_stage"]}}),
+                   tmp_path)
+    assert got == [
+        "secrets.aws.version_stage: expected a string, got a number (quote it to mean the text)",
+        "upstreams.polygon.secret_field: expected a string, got a number (quote it to mean the text)",
+    ]
+    # Quoted, or from the environment, it is the text as written.
+    assert parse(config(keys_file, upstreams={"polygon": upstream(secret_field="0123")}), tmp_path).upstreams[
+        "polygon"].secret_field == "0123"
+    env_up = upstream(secret_field="${F}")
+    assert parse(config(keys_file, upstreams={"polygon": env_up}), tmp_path, env={"F": "0123"}).upstreams[
+        "polygon"].secret_field == "0123"
