@@ -524,7 +524,10 @@ class _Reader:
         )
         listen = self.listen(m, "listen", DEFAULT_LISTEN)
         admin = self.listen(m, "admin_listen", DEFAULT_ADMIN_LISTEN)
-        if listen == admin and listen.port != 0:
+        wildcard = ("0.0.0.0", "::")  # every address: the same port on any other host collides with it
+        if listen.port == admin.port != 0 and (
+            listen.host == admin.host or listen.host in wildcard or admin.host in wildcard
+        ):
             self.fail("admin_listen", "must differ from listen")
         grace = self.number(m, "shutdown_grace_seconds", "", DEFAULT_SHUTDOWN_GRACE_SECONDS)
         workers = self.integer(m, "workers", "", DEFAULT_WORKERS, minimum=1, maximum=64)
@@ -810,8 +813,15 @@ class _Reader:
         if (mitm.ca_cert is None) != (mitm.ca_key is None):
             self.fail(f"{path}.mitm", "ca_cert and ca_key go together")
         hosts = self.string_list(m, "passthrough_hosts", path, (), item_check=_check_passthrough)
+        enabled = self.boolean(m, "enabled", path, True)
+        if not enabled:
+            # Both act on CONNECT, which a disabled forward proxy refuses: they could never apply.
+            if mitm.enabled:
+                self.fail(f"{path}.mitm.enabled", "needs forward_proxy.enabled (interception serves CONNECT)")
+            if hosts:
+                self.fail(f"{path}.passthrough_hosts", "needs forward_proxy.enabled (tunnels are CONNECTs)")
         return ForwardProxySettings(
-            enabled=self.boolean(m, "enabled", path, True),
+            enabled=enabled,
             passthrough_hosts=hosts,
             passthrough_allow_private=self.boolean(m, "passthrough_allow_private", path, False),
             mitm=mitm,

@@ -196,6 +196,11 @@ def test_every_problem_is_reported_at_once(tmp_path: Path, keys_file: Path) -> N
         ("workers", "two", "workers: expected an integer, got a string"),
         ("shutdown_grace_seconds", -5, "shutdown_grace_seconds: must be at least 0"),
         ("admin_listen", "127.0.0.1:8080", "admin_listen: must differ from listen"),
+        ("admin_listen", "0.0.0.0:8080", "admin_listen: must differ from listen"),  # every address, 8080 too
+        ("forward_proxy", {"enabled": False, "mitm": {"enabled": True}},
+         "forward_proxy.mitm.enabled: needs forward_proxy.enabled (interception serves CONNECT)"),
+        ("forward_proxy", {"enabled": False, "passthrough_hosts": ["github.com"]},
+         "forward_proxy.passthrough_hosts: needs forward_proxy.enabled (tunnels are CONNECTs)"),
         ("log", {"format": "xml"}, "log.format: expected one of json, text"),
         ("identity", {"header": "X Client"}, "identity.header: is not a valid HTTP header name"),
         ("upstreams", ["polygon"], "upstreams: expected a mapping of name to upstream, got a list"),
