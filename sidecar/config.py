@@ -379,6 +379,8 @@ class _Reader:
         if key not in m or m[key] is None:
             return default
         value = m[key]
+        if isinstance(value, _FromEnv) and value == "":
+            return default  # ${X:-} or an empty X: not set, as for a key left out
         if not isinstance(value, str):
             # A YAML number is not read as text: 'secret_field: 0123' would be '83'.
             number = isinstance(value, int | float) and not isinstance(value, bool)

@@ -943,3 +943,20 @@ def test_a_yaml_number_is_not_taken_for_text(tmp_path: Path, keys_file: Path) ->
     env_up = upstream(secret_field="${F}")
     assert parse(config(keys_file, upstreams={"polygon": env_up}), tmp_path, env={"F": "0123"}).upstreams[
         "polygon"].secret_field == "0123"
+
+
+def test_an_empty_interpolation_leaves_a_text_key_at_its_default(tmp_path: Path, keys_file: Path) -> None:
+    raw = config(
+        keys_file,
+        log={"level": "${E:-}"},
+        identity={"default_client_id": "${E}", "header": "${E:-}"},
+        secrets={"backend": "${E:-}", "file": {"path": str(keys_file)}, "aws": {"endpoint_url": "${E:-}"}},
+    )
+    s = parse(raw, tmp_path, env={"E": ""})
+    assert s.log.level == "info"
+    assert s.identity.default_client_id is None and s.identity.header == "X-Client-Id"
+    assert s.secrets.backend == "file" and s.secrets.aws.endpoint_url is None
+    # An unset variable is still one problem, with no follow-on complaint about the empty value.
+    assert one_problem(config(keys_file, log={"level": "${LVL}"}), tmp_path) == (
+        "log.level: environment variable LVL is not set"
+    )
