@@ -700,7 +700,11 @@ class _Reader:
         seen_origins: dict[tuple[str, int, str], str] = {}
         for name, value in raw.items():
             path = f"upstreams.{name}"
-            if not isinstance(name, str) or not UPSTREAM_NAME_PATTERN.fullmatch(name):
+            if not isinstance(name, str):
+                # YAML read '123:' or 'on:' as a number or a boolean.
+                self.fail(path, f"an upstream name must be text, got {_kind(name)} (quote it)")
+                continue
+            if not UPSTREAM_NAME_PATTERN.fullmatch(name):
                 self.fail(path, "upstream names are letters, digits, '-' and '_' (a path segment)")
                 continue
             up = self.upstream(name, value, path)

@@ -960,3 +960,11 @@ def test_an_empty_interpolation_leaves_a_text_key_at_its_default(tmp_path: Path,
     assert one_problem(config(keys_file, log={"level": "${LVL}"}), tmp_path) == (
         "log.level: environment variable LVL is not set"
     )
+
+
+def test_upstream_names_that_yaml_reads_as_numbers_say_so(tmp_path: Path, keys_file: Path) -> None:
+    raw = config(keys_file, upstreams=yaml.safe_load("123: {url: 'https://a.example', secret: x}\non: {}\n"))
+    assert problems(raw, tmp_path) == [
+        "upstreams.123: an upstream name must be text, got a number (quote it)",
+        "upstreams.True: an upstream name must be text, got a boolean (quote it)",
+    ]
