@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sidecar.buildinfo import build
 from sidecar.config import ListenAddress, Settings
 
 if TYPE_CHECKING:
@@ -240,6 +241,7 @@ class Supervisor:
                 "admin_listen": bound_address(admin),
                 "workers": len(self.workers),
                 "upstreams": sorted(s.upstreams),
+                "build": build(),  # the workers run the same code
             },
         )
         loop = asyncio.get_running_loop()

@@ -72,6 +72,9 @@ def test_two_workers_share_the_port_and_the_metrics(start_sidecar: Start, tmp_pa
     assert 0 < requests_total(sc, "sidecar_request_duration_seconds_sum", upstream="p") < 200 * 10
     served_by = {line.get("pid") for line in sc.lines() if line.get("message") == "worker listening"}
     assert len(served_by) == 2
+    # The supervisor's listening line names the build too, as a single process's does.
+    (listening,) = [line for line in sc.lines() if line.get("message") == "listening"]
+    assert listening["workers"] == 2 and listening["build"] in ("compiled", "python")
 
     # A worker that dies is replaced, and readiness comes back.
     os.kill(workers[0], signal.SIGKILL)
