@@ -139,6 +139,11 @@ class KeySet:
         return frozenset(self._by_kid)
 
 
+def downgrades(trusted: str, url: str) -> bool:
+    """True when ``url`` is plain http although ``trusted`` (where it came from) is https."""
+    return urlsplit(trusted).scheme == "https" and urlsplit(url).scheme != "https"
+
+
 class _FetchError(Exception):
     """A discovery or JWKS fetch failed; the message is ours and safe to log."""
 
@@ -312,6 +317,9 @@ class JwksSource:
         jwks_uri = document.get("jwks_uri")
         if not isinstance(jwks_uri, str) or urlsplit(jwks_uri).scheme not in ("http", "https"):
             raise _FetchError("the discovery document has no http(s) jwks_uri")
+        if downgrades(issuer, jwks_uri):
+            # Keys fetched in the clear could be anyone's: whoever is on the path would mint identities.
+            raise _FetchError("the discovery document names a plain-http jwks_uri for an https issuer")
         self._jwks_url = jwks_uri
         return jwks_uri
 
@@ -320,6 +328,8 @@ class JwksSource:
             # trust_env stays off: HTTP_PROXY in this pod may well point at the sidecar itself.
             self._session = aiohttp.ClientSession(headers={"User-Agent": USER_AGENT, "Accept": "application/json"})
         async with self._session.get(url) as response:
+            if downgrades(url, str(response.url)):
+                raise _FetchError(f"{loggable_url(url)} redirected to plain http")
             if response.status != 200:
                 raise _FetchError(f"{loggable_url(url)} answered HTTP {response.status}")
             body = bytearray()

@@ -22,7 +22,7 @@ from sidecar.config import parse_settings
 from sidecar.errors import BadRequest, ConfigError, InvalidClientId, InvalidToken
 from sidecar.identity import build_identity_resolver
 from sidecar.metrics import REGISTRY, apply_pending
-from sidecar.tokens import JwtIdentity
+from sidecar.tokens import JwtIdentity, downgrades
 from tests.support.idp import IdentityProvider, b64json, hs256_token, make_key, unsigned_token
 
 
@@ -775,3 +775,19 @@ async def test_logs_never_contain_tokens(
         for part in token.split("."):
             assert not part or part not in caplog.text
     assert "alice@example.com" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("trusted", "url", "refused"),
+    [
+        ("https://idp.example/realms/a", "http://idp.example/certs", True),  # discovery naming a plain-http JWKS
+        ("https://idp.example/certs", "http://elsewhere.example/certs", True),  # a redirect to plain http
+        ("https://idp.example/realms/a", "https://keys.idp.example/certs", False),
+        ("http://127.0.0.1:8080/realms/a", "http://127.0.0.1:8080/certs", False),  # a local IdP over http, as set
+        ("http://127.0.0.1:8080/certs", "https://idp.example/certs", False),
+    ],
+)
+def test_keys_are_never_fetched_in_the_clear_for_an_https_issuer(trusted: str, url: str, refused: bool) -> None:
+    # The network path cannot be run here: aiohttp fixes its TLS trust store at import, so a
+    # test IdP over TLS would need a hook in the sidecar. _discover and _get_json call this.
+    assert downgrades(trusted, url) is refused
