@@ -457,27 +457,38 @@ async def test_a_tls_handshake_that_never_ends_is_a_connect_timeout() -> None:
         p.close()
 
 
-async def test_timeout_seconds_is_one_budget_for_connecting_and_the_head() -> None:
-    """A slow name lookup and a slow head, each within the limit, together exceed it: 504."""
+async def test_timeout_seconds_is_one_budget_for_the_connection_wait_and_the_head(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A wait for a free connection and a slow head, each within the limit, together exceed it."""
+    import sidecar.fastclient
 
-    async def slow_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+    monkeypatch.setattr(sidecar.fastclient, "MAX_CONNECTIONS", 1)
+    release = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         await read_head(reader)
-        await asyncio.sleep(0.35)
+        await release.wait()  # the first request holds the only connection
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         await writer.drain()
+        await read_head(reader)
+        await asyncio.sleep(0.35)  # the second one's head comes late
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await reader.read()
 
-    async with RawUpstream(slow_head) as up:
+    async with RawUpstream(handler) as up:
         p = FastPool("127.0.0.1", up.port, None, True, 0.5, f"127.0.0.1:{up.port}")
-        real_resolve = p._resolve
-
-        async def slow_dns() -> list[str]:  # a resolver that takes most of the budget
-            await asyncio.sleep(0.35)
-            return await real_resolve()
-
-        p._resolve = slow_dns  # type: ignore[method-assign]
+        first = asyncio.ensure_future(get(p))
+        while up.connections == 0:
+            await asyncio.sleep(0.01)
         loop = asyncio.get_running_loop()
         started = loop.time()
+        second = asyncio.ensure_future(p.request("GET", "/x", CIMultiDict(), None))
+        await asyncio.sleep(0.35)
+        release.set()
+        assert await first == b"ok"
         with pytest.raises(UpstreamTimeout):
-            await p.request("GET", "/x", CIMultiDict(), None)
-        assert loop.time() - started >= 0.45  # the budget ran out; the old code answered 200 at 0.7 s
+            await second  # the old code gave each step its own 0.5 s and answered 200 at about 0.7 s
+        assert loop.time() - started >= 0.45
         p.close()
