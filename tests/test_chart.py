@@ -246,6 +246,14 @@ def test_impossible_combinations_fail_with_the_value_to_change(chart: helm.Chart
             "app.useForwardProxy",
         ),
         ({"serviceMonitor": {"enabled": True}, "service": {"enabled": False}}, "service.enabled"),
+        (
+            {"sidecar": {"config": {"forward_proxy": {"enabled": False, "mitm": {"enabled": True}}}}},
+            "sidecar.config.forward_proxy.mitm.enabled",
+        ),
+        (  # the sidecar refuses this too (a crash-looping pod otherwise)
+            {"sidecar": {"config": {"forward_proxy": {"enabled": False, "passthrough_hosts": ["github.com"]}}}},
+            "sidecar.config.forward_proxy.passthrough_hosts",
+        ),
     ]
     for values, message in cases:
         with pytest.raises(helm.HelmRenderError, match=re.escape(message)):

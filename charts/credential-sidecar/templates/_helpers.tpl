@@ -122,6 +122,9 @@ with a message that names the values to change.
 {{- if and $mitm.enabled (not $fp.enabled) }}
 {{- fail "sidecar.config.forward_proxy.mitm.enabled needs sidecar.config.forward_proxy.enabled: true" }}
 {{- end }}
+{{- if and $fp.passthrough_hosts (not $fp.enabled) }}
+{{- fail "sidecar.config.forward_proxy.passthrough_hosts needs sidecar.config.forward_proxy.enabled: true" }}
+{{- end }}
 {{- end }}
 
 {{/*
