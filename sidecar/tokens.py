@@ -328,7 +328,8 @@ class JwksSource:
             # trust_env stays off: HTTP_PROXY in this pod may well point at the sidecar itself.
             self._session = aiohttp.ClientSession(headers={"User-Agent": USER_AGENT, "Accept": "application/json"})
         async with self._session.get(url) as response:
-            if downgrades(url, str(response.url)):
+            # Every hop: a plain-http hop that redirects on to https would otherwise pass.
+            if any(downgrades(url, str(hop.url)) for hop in (*response.history, response)):
                 raise _FetchError(f"{loggable_url(url)} redirected to plain http")
             if response.status != 200:
                 raise _FetchError(f"{loggable_url(url)} answered HTTP {response.status}")
