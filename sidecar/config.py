@@ -7,6 +7,7 @@ touches the network or a secret store; it imports nothing of ours but errors.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -463,6 +464,8 @@ class _Reader:
         if key not in m or m[key] is None:
             return default
         value = m[key]
+        if isinstance(value, _FromEnv) and value == "":
+            return default  # ${X:-} or an empty X: not set, as for text keys
         if allow_scalar and isinstance(value, str):
             value = [value]
         if not isinstance(value, list):
@@ -526,10 +529,7 @@ class _Reader:
         )
         listen = self.listen(m, "listen", DEFAULT_LISTEN)
         admin = self.listen(m, "admin_listen", DEFAULT_ADMIN_LISTEN)
-        wildcard = ("0.0.0.0", "::")  # every address: the same port on any other host collides with it
-        if listen.port == admin.port != 0 and (
-            listen.host == admin.host or listen.host in wildcard or admin.host in wildcard
-        ):
+        if listen.port == admin.port != 0 and _same_socket(listen.host, admin.host):
             self.fail("admin_listen", "must differ from listen")
         grace = self.number(m, "shutdown_grace_seconds", "", DEFAULT_SHUTDOWN_GRACE_SECONDS)
         workers = self.integer(m, "workers", "", DEFAULT_WORKERS, minimum=1, maximum=64)
@@ -979,6 +979,24 @@ def parse_upstream_url(url: str) -> tuple[str, str, int, str] | str:
         return f"invalid host {raw_host!r}"
     default_port = 443 if parts.scheme == "https" else 80
     return parts.scheme, host, port or default_port, parts.path.rstrip("/")
+
+
+def _same_socket(a: str, b: str) -> bool:
+    """Whether two listeners on one port would collide: the same host, or a wildcard of the other's family.
+
+    An IPv6 listener is IPv6-only (asyncio and uvloop set IPV6_V6ONLY), so 0.0.0.0 and
+    [::1] on one port can both bind, while 0.0.0.0 and 127.0.0.1 cannot.
+    """
+    if a == b:
+        return True
+    families = []
+    for host in (a, b):
+        try:
+            families.append(ipaddress.ip_address(host).version)
+        except ValueError:
+            return False  # a name: what it resolves to is known only when binding
+    wildcard = {4: "0.0.0.0", 6: "::"}
+    return families[0] == families[1] and wildcard[families[0]] in (a, b)
 
 
 def _digits(text: str) -> bool:

@@ -917,6 +917,11 @@ async def test_a_ca_file_broken_after_check_fails_the_build_not_the_process(tmp_
     try:
         with pytest.raises(StartupError, match=r"^upstreams\.polygon\.ca_file: no PEM certificate could be loaded$"):
             await sidecar._build(changed, running)  # what a SIGHUP does
+        # The failed build closed what it built for itself, and nothing the running config uses.
+        session = running.upstreams["polygon"].session
+        assert session is not None and not session.closed
+        watcher = running.backend._watcher  # type: ignore[attr-defined]  # the file backend's change watcher
+        assert watcher is not None and not watcher.done()
         assert (await running.backend.fetch("alice")) == keys_file.read_text().split(": ", 1)[1].split("\n")[0]
     finally:
         for up in running.upstreams.values():
@@ -968,3 +973,34 @@ def test_upstream_names_that_yaml_reads_as_numbers_say_so(tmp_path: Path, keys_f
         "upstreams.123: an upstream name must be text, got a number (quote it)",
         "upstreams.True: an upstream name must be text, got a boolean (quote it)",
     ]
+
+
+@pytest.mark.parametrize(
+    ("listen", "admin", "collide"),
+    [
+        ("127.0.0.1:9000", "127.0.0.1:9000", True),
+        ("0.0.0.0:9000", "127.0.0.1:9000", True),
+        ("[::]:9000", "[::1]:9000", True),
+        ("0.0.0.0:9000", "[::1]:9000", False),  # IPv6 listeners are IPv6-only: both bind
+        ("[::]:9000", "127.0.0.1:9000", False),
+        ("127.0.0.1:9000", "127.0.0.2:9000", False),
+        ("0.0.0.0:9000", "0.0.0.0:9001", False),
+    ],
+)
+def test_admin_listen_collides_only_where_binding_would(
+    tmp_path: Path, keys_file: Path, listen: str, admin: str, collide: bool
+) -> None:
+    raw = config(keys_file, listen=listen, admin_listen=admin)
+    if collide:
+        assert one_problem(raw, tmp_path) == "admin_listen: must differ from listen"
+    else:
+        parse(raw, tmp_path)
+
+
+def test_an_empty_interpolation_leaves_a_list_key_at_its_default(tmp_path: Path, keys_file: Path) -> None:
+    # 'audience: ${AUD:-}' was the list [""], so every token failed the audience check.
+    up = upstream(clients="${C:-}")
+    jwt = {"issuer": "https://idp.example/realms/a", "jwks_url": "https://idp.example/certs", "audience": "${AUD:-}"}
+    s = parse(config(keys_file, upstreams={"polygon": up}, identity={"jwt": jwt}), tmp_path, env={"AUD": "", "C": ""})
+    assert s.identity.jwt is not None and s.identity.jwt.audience == ()
+    assert s.upstreams["polygon"].clients == ("*",)
