@@ -423,12 +423,25 @@ def raise_open_files_limit() -> None:
     per upstream, kept while idle) holds a descriptor, so 1024 can run out in a burst.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    target = open_files_target(soft, hard)
+    if target is not None:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         except (ValueError, OSError):
             log.warning("cannot raise the open-files limit", extra={"soft": soft, "hard": hard})
+
+
+def open_files_target(soft: int, hard: int) -> int | None:
+    """The soft limit to set, or None when it cannot go higher.
+
+    An unlimited hard limit gives 2**20, Linux's default ceiling (``fs.nr_open``): the
+    kernel refuses an unlimited soft limit for open files. An unlimited soft limit is
+    never touched.
+    """
+    target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return None
+    return target
 
 
 def refreeze_heap(_retired: object = None) -> None:

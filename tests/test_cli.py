@@ -222,3 +222,17 @@ def test_run_lifts_the_open_files_limit_to_the_hard_limit(
     (line,) = [row for row in limits.splitlines() if row.startswith("Max open files")]
     lifted = int(line.split()[3])
     assert lifted > 256 and lifted == (hard if hard != resource.RLIM_INFINITY else 1 << 20)
+
+
+def test_the_open_files_limit_is_only_ever_raised() -> None:
+    import resource
+
+    from sidecar.app import open_files_target
+
+    unlimited = resource.RLIM_INFINITY
+    assert open_files_target(1024, 65536) == 65536
+    assert open_files_target(1024, unlimited) == 1 << 20  # the kernel refuses an unlimited soft limit
+    assert open_files_target(65536, 65536) is None
+    # Both unlimited: the old code set the soft limit to 2**20, lowering it.
+    assert open_files_target(unlimited, unlimited) is None
+    assert open_files_target(1 << 21, unlimited) is None  # already above what it would set
