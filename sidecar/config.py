@@ -500,7 +500,7 @@ class _Reader:
         resolved = self.path_value(m, "ca_file", path, must_exist=True)
         if resolved is not None and resolved.is_file():
             try:
-                ssl.create_default_context().load_verify_locations(cafile=str(resolved))
+                upstream_trust(resolved)
             except (ssl.SSLError, OSError, ValueError):
                 # Not the library's text: it can quote what it read.
                 self.fail(_join(path, "ca_file"), f"no PEM certificate could be loaded from {m['ca_file']}")
@@ -850,12 +850,12 @@ def parse_passthrough(entry: str) -> tuple[str, int] | None:
         inner, _, tail = entry[1:].partition("]")
         host = inner
         if tail:
-            if not tail.startswith(":") or not _digits(tail[1:]):
+            if not tail.startswith(":") or not ascii_digits(tail[1:]):
                 return None
             port = int(tail[1:])
     elif entry.count(":") == 1:
         host, _, raw_port = entry.partition(":")
-        if not _digits(raw_port):
+        if not ascii_digits(raw_port):
             return None
         port = int(raw_port)
     if not 0 < port < 65536:
@@ -898,7 +898,7 @@ def check_template(template: str, allowed: frozenset[str], required: str | None 
 def parse_listen(value: str) -> ListenAddress | None:
     """Parse ``host:port`` or ``[v6]:port``."""
     host, sep, port = value.rpartition(":")
-    if not sep or not _digits(port) or not 0 <= int(port) <= 65535:
+    if not sep or not ascii_digits(port) or not 0 <= int(port) <= 65535:
         return None
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -981,6 +981,18 @@ def parse_upstream_url(url: str) -> tuple[str, str, int, str] | str:
     return parts.scheme, host, port or default_port, parts.path.rstrip("/")
 
 
+def upstream_trust(ca_file: Path | None) -> ssl.SSLContext:
+    """What an https upstream is verified against: the system's CAs, plus ``ca_file``'s if set.
+
+    ``check`` builds it once to refuse a file with no certificate; the upstream builds
+    it again at start. Raises ssl.SSLError or OSError for an unusable file.
+    """
+    context = ssl.create_default_context()
+    if ca_file is not None:
+        context.load_verify_locations(cafile=str(ca_file))
+    return context
+
+
 def _same_socket(a: str, b: str) -> bool:
     """Whether two listeners on one port would collide: the same host, or a wildcard of the other's family.
 
@@ -999,8 +1011,8 @@ def _same_socket(a: str, b: str) -> bool:
     return families[0] == families[1] and wildcard[families[0]] in (a, b)
 
 
-def _digits(text: str) -> bool:
-    """ASCII digits only: ``str.isdigit`` also takes '²' and other digits ``int`` refuses."""
+def ascii_digits(text: str) -> bool:
+    """ASCII digits only (a port, a length): ``str.isdigit`` also takes '²', which ``int`` refuses."""
     return text.isascii() and text.isdigit()
 
 

@@ -30,7 +30,7 @@ from aiohttp.web_request import BaseRequest
 from yarl import URL
 
 from sidecar import metrics
-from sidecar.config import ListenAddress, normalize_host
+from sidecar.config import ListenAddress, ascii_digits, normalize_host
 from sidecar.errors import BadRequest, DestinationNotAllowed, SidecarError, UpstreamTimeout, UpstreamUnreachable
 from sidecar.proxy import UNPARSEABLE_TARGET, error_bytes, error_response
 from sidecar.upstream import resolve_allowed
@@ -66,7 +66,7 @@ HTTP_WAIT_SECONDS = 30.0
 def parse_authority(target: str) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` of a CONNECT, normalised; BadRequest otherwise."""
     host, sep, port = target.rpartition(":")
-    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536 or "@" in host or "/" in host:
+    if not sep or not ascii_digits(port) or not 0 < int(port) < 65536 or "@" in host or "/" in host:
         raise BadRequest("CONNECT needs host:port.", reason="bad_authority")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]

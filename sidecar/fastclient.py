@@ -29,6 +29,7 @@ from collections import deque
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from sidecar.config import ascii_digits
 from sidecar.errors import SidecarError, UpstreamBodyError, UpstreamTimeout, UpstreamUnreachable
 from sidecar.upstream import DNS_TTL_SECONDS, KEEPALIVE_SECONDS, POOL_LIMIT, resolve_allowed
 
@@ -77,7 +78,7 @@ class FastResponse:
         self.reason = reason
         self.headers = CIMultiDictProxy(headers)
         length = headers.get("Content-Length")
-        self.content_length = int(length) if length is not None and length.isascii() and length.isdigit() else None
+        self.content_length = int(length) if length is not None and ascii_digits(length) else None
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._done = False

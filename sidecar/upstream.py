@@ -22,7 +22,7 @@ from aiohttp.resolver import DefaultResolver
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from sidecar.config import UpstreamSettings
+from sidecar.config import UpstreamSettings, upstream_trust
 from sidecar.errors import (
     DestinationNotAllowed,
     SidecarError,
@@ -180,9 +180,7 @@ class Upstream:
         s = self.settings
         ssl_context: ssl.SSLContext | bool = False
         if s.scheme == "https":
-            ssl_context = ssl.create_default_context()
-            if s.ca_file is not None:
-                ssl_context.load_verify_locations(cafile=str(s.ca_file))
+            ssl_context = upstream_trust(s.ca_file)
         if FAST_CLIENT and self._resolver is None:
             from sidecar.fastclient import FastPool
 
