@@ -382,7 +382,7 @@ class FastPool:
         self._closed = False
         self._open = 0  # connections counted against MAX_CONNECTIONS (connecting, busy, idle)
         self._waiters: deque[asyncio.Future[None]] = deque()
-        self._warming: set[asyncio.Task[None]] = set()
+        self._warming: set[asyncio.Task[bool]] = set()
         self._key_waits = 0  # requests for this upstream waiting for their key from the store
         self._warm_credits = 0  # warms still allowed: one per request that started waiting
 
@@ -483,18 +483,23 @@ class FastPool:
         self._warming.add(task)
         task.add_done_callback(self._warmed)
 
-    def _warmed(self, task: asyncio.Task[None]) -> None:
+    def _warmed(self, task: asyncio.Task[bool]) -> None:
         self._warming.discard(task)
-        self._wake_one()  # a request waiting for it: take the connection, or open one if it failed
+        if task.cancelled() or task.exception() is not None or not task.result():
+            # No connection came of it: a request that waited for this one opens its own.
+            # (One that came was handed over by give_back, which woke that request.)
+            self._wake_one()
         self._top_up()  # the next one, while requests still wait for their key
 
-    async def _warm_one(self) -> None:
+    async def _warm_one(self) -> bool:
+        """Open a connection and pool it; False if the connect failed."""
         try:
             conn = await self._connect(self.loop.time() + self.timeout)
         except (SidecarError, OSError):
             self._warm_credits = 0  # the upstream is failing: no connect storm; the requests report it
-            return
+            return False
         self.give_back(conn)
+        return True
 
     def _prune(self, now: float) -> None:
         """Close idle connections past IDLE_SECONDS (the oldest are first in the list).
