@@ -380,8 +380,8 @@ class _Reader:
         if key not in m or m[key] is None:
             return default
         value = m[key]
-        if isinstance(value, _FromEnv) and value == "":
-            return default  # ${X:-} or an empty X: not set, as for a key left out
+        if _empty_interpolation(value):
+            return default
         if not isinstance(value, str):
             # A YAML number is not read as text: 'secret_field: 0123' would be '83'.
             number = isinstance(value, int | float) and not isinstance(value, bool)
@@ -464,8 +464,8 @@ class _Reader:
         if key not in m or m[key] is None:
             return default
         value = m[key]
-        if isinstance(value, _FromEnv) and value == "":
-            return default  # ${X:-} or an empty X: not set, as for text keys
+        if _empty_interpolation(value):
+            return default
         if allow_scalar and isinstance(value, str):
             value = [value]
         if not isinstance(value, list):
@@ -1014,6 +1014,15 @@ def _same_socket(a: str, b: str) -> bool:
 def ascii_digits(text: str) -> bool:
     """ASCII digits only (a port, a length): ``str.isdigit`` also takes '²', which ``int`` refuses."""
     return text.isascii() and text.isdigit()
+
+
+def _empty_interpolation(value: Any) -> bool:
+    """${X:-} or an empty X: a text or list key then takes its default, as if left out.
+
+    (A number or boolean key refuses it instead; docs/configuration.md says to leave
+    such a key out.)
+    """
+    return isinstance(value, _FromEnv) and value == ""
 
 
 def _coerce(value: Any, kind: type[T]) -> T | None:
