@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.leaks import make_secret
-from tests.support.process import SidecarProcess
+from tests.support.process import SidecarProcess, metric
 from tests.support.upstream import EchoUpstream
 
 Start = Callable[..., SidecarProcess]
@@ -24,16 +23,6 @@ Start = Callable[..., SidecarProcess]
 def children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(p) for p in path.read_text().split()] if path.exists() else []
-
-
-def requests_total(sc: SidecarProcess, name: str = "sidecar_requests_total", **labels: str) -> float:
-    text = requests.get(sc.admin_url + "/metrics", timeout=5).text
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
 
 
 def test_two_workers_share_the_port_and_the_metrics(start_sidecar: Start, tmp_path: Path, echo: EchoUpstream) -> None:
@@ -62,14 +51,14 @@ def test_two_workers_share_the_port_and_the_metrics(start_sidecar: Start, tmp_pa
     assert echo.last().query == f"apiKey={key}"
     # Summed over both processes; a worker adds its counts within metrics.APPLY_SECONDS.
     deadline = time.monotonic() + 5
-    while requests_total(sc) != 200 and time.monotonic() < deadline:
+    while metric(sc, "sidecar_requests_total") != 200 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert requests_total(sc) == 200
+    assert metric(sc, "sidecar_requests_total") == 200
     # The duration histogram too (each worker adds a batch per bucket touched).
-    assert requests_total(sc, "sidecar_request_duration_seconds_count", upstream="p") == 200
-    assert requests_total(sc, "sidecar_request_duration_seconds_bucket", upstream="p", le="+Inf") == 200
-    assert requests_total(sc, "sidecar_request_duration_seconds_bucket", upstream="p", le="10.0") == 200
-    assert 0 < requests_total(sc, "sidecar_request_duration_seconds_sum", upstream="p") < 200 * 10
+    assert metric(sc, "sidecar_request_duration_seconds_count", {"upstream": "p"}) == 200
+    assert metric(sc, "sidecar_request_duration_seconds_bucket", {"upstream": "p", "le": "+Inf"}) == 200
+    assert metric(sc, "sidecar_request_duration_seconds_bucket", {"upstream": "p", "le": "10.0"}) == 200
+    assert 0 < metric(sc, "sidecar_request_duration_seconds_sum", {"upstream": "p"}) < 200 * 10
     served_by = {line.get("pid") for line in sc.lines() if line.get("message") == "worker listening"}
     assert len(served_by) == 2
     # The supervisor's listening line names the build too, as a single process's does.

@@ -18,9 +18,8 @@ from typing import Any
 from urllib.parse import quote
 
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.process import SidecarProcess, address
+from tests.support.process import SidecarProcess, address, metric, metrics_text  # noqa: F401  (re-exported)
 
 LOCAL = "127.0.0.1"
 #: Default upper bound on one raw exchange.
@@ -220,20 +219,6 @@ def healthz(sc: SidecarProcess) -> int:
 def assert_alive(sc: SidecarProcess) -> None:
     assert sc.proc is not None and sc.proc.poll() is None, f"the sidecar died:\n{sc.output()[-4000:]}"
     assert healthz(sc) == 200, "the sidecar stopped answering /healthz"
-
-
-def metrics_text(sc: SidecarProcess) -> str:
-    return requests.get(sc.admin_url + "/metrics", timeout=5).text
-
-
-def metric(sc: SidecarProcess, name: str, labels: dict[str, str] | None = None) -> float:
-    """Sum of the samples named ``name`` whose labels include ``labels``."""
-    total = 0.0
-    for family in text_string_to_metric_families(metrics_text(sc)):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
-                total += float(sample.value)
-    return total
 
 
 def leak_forms(secret: str) -> set[str]:

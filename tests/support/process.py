@@ -18,6 +18,7 @@ from typing import Any
 
 import requests
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.leaks import output_file
 
@@ -165,3 +166,17 @@ class SidecarProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+def metrics_text(sc: SidecarProcess) -> str:
+    return requests.get(sc.admin_url + "/metrics", timeout=5).text
+
+
+def metric(sc: SidecarProcess, name: str, labels: dict[str, str] | None = None) -> float:
+    """Sum of the samples named ``name`` whose labels include ``labels``."""
+    total = 0.0
+    for family in text_string_to_metric_families(metrics_text(sc)):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
+                total += float(sample.value)
+    return total
