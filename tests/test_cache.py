@@ -476,7 +476,7 @@ async def test_unusable_secret_shapes_are_cached_negative(
 
 
 @pytest.mark.parametrize("suffix", ["\r\nX-Evil: 1", "\n", "\r", "\0", "mid\x00dle", "\t", "\x7f", "\u00e9", "\u20ac"])
-async def test_secrets_with_control_characters_are_refused(suffix: str, clock: FakeClock) -> None:
+async def test_secrets_that_are_not_printable_ascii_are_refused(suffix: str, clock: FakeClock) -> None:
     value = make_secret("cache-ctl") + suffix
     backend = FakeBackend({"s": value, "obj": {"k": value}})
     cache = make_cache(backend, clock)
