@@ -283,15 +283,15 @@ def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(r[k] for r in runs if k in r) for k in keys}
 
 
-def paired_ratio(results: dict[str, Any], num: str, den: str, c: str, key: str = "rps") -> float | None:
-    """Median over repeats of num/den, each pair from one repeat (measured back to back).
+def paired_ratio(results: dict[str, Any], num: str, den: str, c: str) -> float | None:
+    """Median over repeats of num/den req/s, each pair from one repeat (measured back to back).
 
     A ratio of two medians can pair a fast-hour point with a slow-hour one; on a shared
     VM that moves a 5 s point by several percent. None without runs for both.
     """
     runs = results.get("load_runs", {})
-    pairs = [a[key] / d[key] for a, d in zip(runs.get(num, {}).get(c, []), runs.get(den, {}).get(c, []), strict=False)
-             if d[key]]
+    both = zip(runs.get(num, {}).get(c, []), runs.get(den, {}).get(c, []), strict=False)
+    pairs = [a["rps"] / d["rps"] for a, d in both if d["rps"]]
     return statistics.median(pairs) if pairs else None
 
 

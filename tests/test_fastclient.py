@@ -49,8 +49,8 @@ async def read_head(reader: asyncio.StreamReader) -> bytes:
     return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
 
 
-def pool(port: int, allow_private: bool = True) -> FastPool:
-    return FastPool("127.0.0.1", port, None, allow_private, 2.0, f"127.0.0.1:{port}")
+def pool(port: int, allow_private: bool = True, timeout: float = 2.0) -> FastPool:
+    return FastPool("127.0.0.1", port, None, allow_private, timeout, f"127.0.0.1:{port}")
 
 
 async def answer_ok_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
@@ -478,7 +478,7 @@ async def test_timeout_seconds_is_one_budget_for_the_connection_wait_and_the_hea
         await reader.read()
 
     async with RawUpstream(handler) as up:
-        p = FastPool("127.0.0.1", up.port, None, True, 0.5, f"127.0.0.1:{up.port}")
+        p = pool(up.port, timeout=0.5)
         first = asyncio.ensure_future(get(p))
         while up.connections == 0:
             await asyncio.sleep(0.01)

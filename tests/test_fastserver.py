@@ -409,7 +409,7 @@ def test_a_quiet_event_stream_gets_its_head_at_once(
     try:
         conn = Conn(sc)
         conn.sock.settimeout(10)
-        conn.send(b"GET /quiet/events HTTP/1.1\r\nHost: x\r\nX-Client-Id: alice\r\n\r\n")
+        conn.send(get("/quiet/events"))
         started = time.monotonic()
         while b"\r\n\r\n" not in conn.buf:
             assert conn._fill()
