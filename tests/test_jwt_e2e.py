@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 import requests
+import trustme
 import yaml
 
 from tests.support.idp import IdentityProvider, hs256_token, make_key, unsigned_token
@@ -24,9 +26,9 @@ Start = Callable[..., SidecarProcess]
 class ThreadedIdP:
     """The test identity provider on its own loop, so blocking test code cannot stall it."""
 
-    def __init__(self) -> None:
+    def __init__(self, idp: IdentityProvider | None = None) -> None:
         self.loop = asyncio.new_event_loop()
-        self.idp = IdentityProvider(issuer_path="/realms/corp")
+        self.idp = idp or IdentityProvider(issuer_path="/realms/corp")
         ready = threading.Event()
 
         def run() -> None:
@@ -167,3 +169,60 @@ def test_key_rotation_at_the_identity_provider(sidecar: SidecarProcess, idp: Ide
     time.sleep(1.1)  # past jwks_cooldown_seconds since the fetch at start
     # A token with the new kid makes the sidecar refetch the JWKS once.
     assert call(sidecar, "/polygon/x", idp.mint(key=new, client_id="reporting-agent")).status_code == 200
+
+
+@pytest.mark.parametrize("route", ["https-only", "discovery-names-http", "redirect-through-http"])
+def test_an_https_issuers_keys_are_never_taken_over_plain_http(
+    start_sidecar: Start, tmp_path: Path, echo: EchoUpstream, route: str
+) -> None:
+    """Keys read in the clear could be anyone's: whoever is on that path would mint identities.
+
+    The same keys are served over TLS and, by a second provider, in the clear; only the route
+    to them differs. "https-only" shows the TLS set-up itself works.
+    """
+    ca = trustme.CA()
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_tls)
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    key = make_key("tls-1")
+    secure = ThreadedIdP(IdentityProvider([key], issuer_path="/realms/tls", tls=server_tls))
+    plain = ThreadedIdP(IdentityProvider([key]))
+    sc: SidecarProcess | None = None
+    try:
+        jwt: dict[str, Any] = {"issuer": secure.idp.issuer, "algorithms": [key.alg], "client_id_claims": ["sub"]}
+        if route == "discovery-names-http":
+            secure.idp.discovery_overrides = {"jwks_uri": plain.idp.jwks_url}
+        elif route == "redirect-through-http":
+            # https, then a plain-http hop, then https again: where the chain ends is not enough.
+            secure.idp.redirects["first"] = plain.idp.base_url + "/redirect/second"
+            plain.idp.redirects["second"] = secure.idp.jwks_url
+            jwt["jwks_url"] = secure.idp.base_url + "/redirect/first"
+        keys_file = tmp_path / "keys.yaml"
+        keys_file.write_text(yaml.safe_dump({"alice": make_secret("jwt-tls")}), encoding="utf-8")
+        sc = start_sidecar(
+            {
+                "identity": {"jwt": jwt},
+                "secrets": {"backend": "file", "file": {"path": str(keys_file)}},
+                "upstreams": {"polygon": {"url": echo.url + "/echo", "secret": "{client_id}",
+                                          "inject": {"query": "apiKey"}, "allow_private": True}},
+            },
+            env={"SSL_CERT_FILE": str(bundle)},  # the sidecar trusts the test CA, as for a private IdP
+        )
+        resp = call(sc, "/polygon/v2/x", secure.idp.mint(sub="alice"))
+        if route == "https-only":
+            assert resp.status_code == 200
+            assert plain.idp.hits["jwks"] == 0
+        else:
+            assert resp.status_code == 401 and resp.headers["X-Sidecar-Error"] == "invalid_token", resp.text
+            if route == "discovery-names-http":
+                assert plain.idp.hits["jwks"] == 0  # never even asked
+                assert "names a plain-http jwks_uri for an https issuer" in sc.output()
+            else:
+                assert plain.idp.hits["redirect"] >= 1  # the chain did pass through the plain hop
+                assert "redirected to plain http" in sc.output()
+    finally:
+        if sc is not None:
+            sc.stop()  # first: its keep-alive connections to the providers go with it
+        secure.close()
+        plain.close()

@@ -788,6 +788,6 @@ async def test_logs_never_contain_tokens(
     ],
 )
 def test_keys_are_never_fetched_in_the_clear_for_an_https_issuer(trusted: str, url: str, refused: bool) -> None:
-    # The network path cannot be run here: aiohttp fixes its TLS trust store at import, so a
-    # test IdP over TLS would need a hook in the sidecar. _discover and _get_json call this.
+    # The rule itself; tests/test_jwt_e2e.py runs both paths that use it (discovery, redirects)
+    # against an IdP over TLS.
     assert downgrades(trusted, url) is refused

@@ -19,6 +19,7 @@ import functools
 import hashlib
 import hmac
 import json
+import ssl
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -112,8 +113,14 @@ def unsigned_token(claims: dict[str, Any], header: dict[str, Any] | None = None)
 class IdentityProvider:
     """An in-process OIDC provider on 127.0.0.1; use ``async with IdentityProvider() as idp``."""
 
-    def __init__(self, keys: list[SigningKey] | None = None, *, issuer_path: str = "/realms/test") -> None:
+    def __init__(
+        self, keys: list[SigningKey] | None = None, *, issuer_path: str = "/realms/test",
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.keys: list[SigningKey] = list(keys) if keys is not None else [make_key("key-1")]
+        self.tls = tls  # serve https (the certificate must name 127.0.0.1)
+        #: /redirect/<name> answers 302 to redirects[name]
+        self.redirects: dict[str, str] = {}
         self.attacker_keys: list[SigningKey] = []
         self.issuer_path = issuer_path
         self.hits: Counter[str] = Counter()
@@ -140,9 +147,10 @@ class IdentityProvider:
         app.router.add_get(self.issuer_path + DISCOVERY, self._discovery)
         app.router.add_get(JWKS, self._jwks)
         app.router.add_get(ATTACKER_JWKS, self._attacker_jwks)
+        app.router.add_get("/redirect/{name}", self._redirect)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=self.tls)
         await site.start()
         if self.port == 0:
             self.port = self._runner.addresses[0][1]
@@ -171,7 +179,7 @@ class IdentityProvider:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def issuer(self) -> str:
@@ -241,6 +249,10 @@ class IdentityProvider:
         if self.fail_status is not None:
             return web.json_response({"error": "unavailable"}, status=self.fail_status)
         return web.json_response({"keys": [k.public_jwk for k in self.keys] + self.extra_jwks})
+
+    async def _redirect(self, request: web.Request) -> web.Response:
+        self.hits["redirect"] += 1
+        raise web.HTTPFound(self.redirects[request.match_info["name"]])
 
     async def _attacker_jwks(self, request: web.Request) -> web.Response:
         self.hits["attacker"] += 1
