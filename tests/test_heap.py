@@ -17,11 +17,14 @@ def test_the_startup_heap_is_frozen_out_of_the_cycle_collectors_walk() -> None:
     client = boto3.session.Session(region_name="us-east-1").client(  # the AWS backend's heap
         "secretsmanager", aws_access_key_id="x", aws_secret_access_key="x"
     )
+    model = client.meta.service_model
     gc.unfreeze()
     try:
         tracked = len(gc.get_objects())
+        assert any(o is model for o in gc.get_objects())  # walked by every full collection
         freeze_startup_heap()
         assert gc.get_freeze_count() > 10_000 and len(gc.get_objects()) < tracked // 20
+        assert not any(o is model for o in gc.get_objects())  # botocore's service model: frozen
         later_type = type("Later", (), {})
         later = [later_type() for _ in range(100)]
         assert sum(type(o) is later_type for o in gc.get_objects()) == len(later)  # still collectable
