@@ -16,21 +16,26 @@ the rest (HEAD, streamed request bodies, ``Expect``). Guarantees kept:
   keep-alive exchange; anything odd (parse error, early close, a half-read body)
   closes it, so a malformed answer cannot desync the next request;
 - a request that found its pooled connection closed by the upstream before any
-  byte of the answer is retried once on a fresh connection.
+  byte of the answer is retried once on a fresh connection;
+- a connection serves one client only (the pool is partitioned by client), so even
+  an answer the checks above cannot tell from a real one (extra bytes arriving just
+  after the next request was written) can only reach the client that caused it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 import time
-from collections import deque
+from collections import OrderedDict, deque
 
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.config import ascii_digits
 from sidecar.errors import SidecarError, UpstreamBodyError, UpstreamTimeout, UpstreamUnreachable
+from sidecar.upstream import CLIENT_LIMIT as UPSTREAM_CLIENT_LIMIT
 from sidecar.upstream import DNS_TTL_SECONDS, KEEPALIVE_SECONDS, POOL_LIMIT, resolve_allowed
 
 #: Limits on an answer's head, as aiohttp's client has (one field, the whole head).
@@ -43,6 +48,8 @@ HIGH_WATER = 256 * 1024
 #: Open connections per upstream (busy and idle), the aiohttp connector's limit too; a
 #: request beyond it waits for one to come back (bounded by timeout_seconds).
 MAX_CONNECTIONS = POOL_LIMIT
+#: Open connections per upstream for one client (see upstream.CLIENT_LIMIT).
+CLIENT_LIMIT = UPSTREAM_CLIENT_LIMIT
 #: How long an idle pooled connection is kept (aiohttp's keep-alive too). Every idle
 #: connection is kept, up to MAX_CONNECTIONS, as aiohttp's connector and Envoy keep them:
 #: with a cap of 64, every burst closed the connections it had opened and the next burst
@@ -163,8 +170,9 @@ class FastResponse:
 class _Connection(asyncio.Protocol):
     """One upstream connection: writes a request, parses one answer at a time."""
 
-    def __init__(self, pool: FastPool) -> None:
+    def __init__(self, pool: FastPool, share: _Share) -> None:
         self.pool = pool
+        self.share = share  # the one client this connection serves
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.counted = False  # part of the pool's open-connection count
@@ -356,8 +364,40 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
 
+class _Share:
+    """One client's share of an upstream's pool: its idle connections and its counts.
+
+    A connection belongs to the share it was opened for and never serves another
+    client: an upstream that answers twice, or an app that smuggles a second request
+    through a lenient upstream parser, can then only ever shift answers within one
+    client's own traffic, never hand one client's answer (or the key echoed in it) to
+    another. A share exists while it has connections, warms or requests waiting, so
+    thousands of clients cost nothing once their connections have gone.
+    """
+
+    __slots__ = ("client", "idle", "key_waits", "open", "waiting", "warm_credits", "warming")
+
+    def __init__(self, client: str) -> None:
+        self.client = client
+        self.idle: list[_Connection] = []  # oldest first; the newest is taken first
+        self.open = 0  # connections counted against CLIENT_LIMIT (connecting, busy, idle)
+        self.warming = 0  # warms running for this client
+        self.waiting = 0  # requests waiting in the pool's queue
+        self.key_waits = 0  # requests waiting for this client's key from the store
+        self.warm_credits = 0  # warms still allowed: one per request that started waiting
+
+    def unused(self) -> bool:
+        return not (self.open or self.warming or self.waiting or self.key_waits)
+
+
 class FastPool:
-    """Keep-alive connections to one upstream origin, checked by the address guard."""
+    """Keep-alive connections to one upstream origin, partitioned by client, checked by the address guard.
+
+    At most MAX_CONNECTIONS are open at once for the upstream and at most CLIENT_LIMIT
+    of them for one client, so one client cannot hold every connection while others
+    wait. When the pool is full, a client that has no idle connection of its own
+    closes the longest-idle connection of another client and opens its own.
+    """
 
     def __init__(
         self,
@@ -376,18 +416,40 @@ class FastPool:
         self.host_line = f"Host: {host_header}\r\n".encode("ascii")
         # Kept: asyncio.get_running_loop() costs a getpid() syscall on every call (CPython 3.11).
         self.loop = asyncio.get_running_loop()
-        self._idle: list[_Connection] = []
+        self._shares: dict[str, _Share] = {}
+        #: every idle connection, longest idle first: for expiry and for eviction
+        self._idle: OrderedDict[_Connection, None] = OrderedDict()
         self._addresses: list[str] = []
         self._resolved_at = -float(DNS_TTL_SECONDS)
         self._closed = False
         self._open = 0  # connections counted against MAX_CONNECTIONS (connecting, busy, idle)
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters: deque[tuple[_Share, asyncio.Future[None]]] = deque()
         self._warming: set[asyncio.Task[bool]] = set()
-        self._key_waits = 0  # requests for this upstream waiting for their key from the store
-        self._warm_credits = 0  # warms still allowed: one per request that started waiting
 
-    async def request(self, method: str, target: str, headers: CIMultiDict[str], body: bytes | None) -> FastResponse:
-        """Send ``method target`` with ``headers`` and ``body``; return the answer's head."""
+    # ---- observed by tests and the admin side
+
+    @property
+    def open_connections(self) -> int:
+        return self._open
+
+    @property
+    def idle_connections(self) -> int:
+        return len(self._idle)
+
+    @property
+    def warming(self) -> int:
+        return len(self._warming)
+
+    def client_connections(self, client: str) -> int:
+        share = self._shares.get(client)
+        return 0 if share is None else share.open
+
+    # ---- requests
+
+    async def request(
+        self, method: str, target: str, headers: CIMultiDict[str], body: bytes | None, client: str
+    ) -> FastResponse:
+        """Send ``method target`` with ``headers`` and ``body`` for ``client``; return the answer's head."""
         head = [f"{method} {target} HTTP/1.1\r\n".encode("utf-8", "surrogateescape"), self.host_line]
         for name, value in headers.items():
             if name.lower() in _FRAMING:
@@ -404,12 +466,15 @@ class FastPool:
         # One budget, timeout_seconds, for waiting for a connection, connecting and the
         # whole head of the answer, as on the aiohttp path: not a full one for each step.
         deadline = self.loop.time() + self.timeout
-        conn = self._take_idle()
-        if conn is None and (self._open >= MAX_CONNECTIONS or len(self._waiters) < len(self._warming)):
-            # Every connection is busy, or one being warmed is on its way that no earlier
-            # request is waiting for: wait for it rather than open another.
+        share = self._shares.get(client)
+        if share is None:
+            share = self._shares[client] = _Share(client)
+        conn = self._take_idle(share)
+        if conn is None and (share.waiting < share.warming or not self._room(share)):
+            # A connection being warmed for this client is on its way that no earlier
+            # request is waiting for, or the client's share or the pool is full: wait.
             async with asyncio.timeout_at(deadline):  # a TimeoutError: Upstream.send's timeout
-                conn = await self._wait_for_slot()
+                conn = await self._wait_for_slot(share)
         if conn is not None:
             try:
                 return await conn.exchange(data, deadline)
@@ -418,7 +483,7 @@ class FastPool:
             except BaseException:
                 conn.abort()  # cancelled or failed mid-exchange: the connection is in an unknown state
                 raise
-        conn = await self._connect(deadline)
+        conn = await self._connect(share, deadline)
         try:
             return await conn.exchange(data, deadline)
         except _EarlyClose:
@@ -427,96 +492,138 @@ class FastPool:
             conn.abort()
             raise
 
-    async def _wait_for_slot(self) -> _Connection | None:
-        """Wait for a connection to be given back or warmed (returned), or for room to open one (None)."""
+    def _room(self, share: _Share) -> bool:
+        """May ``share`` open a connection now (closing another client's idle one if the pool is full)?"""
+        return share.open < CLIENT_LIMIT and (self._open < MAX_CONNECTIONS or bool(self._idle))
+
+    def _may_go(self, share: _Share) -> bool:
+        """Would a request of ``share`` waiting in the queue get a connection if woken now?"""
+        if share.idle:
+            return True
+        return share.waiting - 1 >= share.warming and self._room(share)
+
+    async def _wait_for_slot(self, share: _Share) -> _Connection | None:
+        """Wait for a connection of this client to be given back or warmed (returned), or for room (None)."""
         conn = None
-        while conn is None and (self._open >= MAX_CONNECTIONS or len(self._waiters) < len(self._warming)):
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
+        while conn is None and (share.waiting < share.warming or not self._room(share)):
+            waiter = self.loop.create_future()
+            self._waiters.append((share, waiter))
+            share.waiting += 1
             try:
                 await waiter
             except BaseException:
+                share.waiting -= 1
                 if waiter.done() and not waiter.cancelled():
                     self._wake_one()  # woken, then cancelled: pass the turn on
                 else:
                     waiter.cancel()
+                self._drop_if_unused(share)
                 raise
-            conn = self._take_idle()
+            share.waiting -= 1
+            conn = self._take_idle(share)
         return conn
 
-    def key_wait(self, delta: int) -> None:
-        """A request for this upstream starts (+1) or stops (-1) waiting for its key.
+    def _wake_one(self) -> None:
+        """Wake the longest-waiting request that can now go on (its client's share permitting)."""
+        waiters = self._waiters
+        while waiters and waiters[0][1].done():
+            waiters.popleft()  # cancelled while waiting
+        for index, (share, waiter) in enumerate(waiters):
+            if not waiter.done() and self._may_go(share):
+                del waiters[index]
+                waiter.set_result(None)
+                return
+
+    def key_wait(self, client: str, delta: int) -> None:
+        """A request of ``client`` starts (+1) or stops (-1) waiting for its key.
 
         While requests wait, the pool opens connections for them (TCP and TLS), so the
         handshakes overlap the store call instead of following it: a cold call costs
         max(store, connect) rather than their sum, and a burst of 500 requests waiting
-        for one key finds its connections open when the key comes. It warms until idle
-        and warming connections cover the requests waiting, at most MAX_WARMING at once
-        and none beyond MAX_CONNECTIONS. Each request that starts waiting allows one warm,
-        so an upstream that drops connections at once is not reconnected in a loop.
-        Warming stops when the waits end, whether the key came or the lookup failed (a
-        caller with no key never takes a connection), and after a failed warm until the
-        next request starts waiting; the requests themselves meet and report the failure.
+        for one key finds its connections open when it comes. It warms until idle and
+        warming connections of that client cover its requests waiting, at most
+        MAX_WARMING at once and none beyond the pool's or the client's limit. Each
+        request that starts waiting allows one warm, so an upstream that drops
+        connections at once is not reconnected in a loop. Warming stops when the waits
+        end, whether the key came or the lookup failed (a caller with no key never takes
+        a connection), and after a failed warm until the next request starts waiting;
+        the requests themselves meet and report the failure.
         """
-        self._key_waits = max(0, self._key_waits + delta)
+        share = self._shares.get(client)
+        if share is None:
+            if delta <= 0:
+                return
+            share = self._shares[client] = _Share(client)
+        share.key_waits = max(0, share.key_waits + delta)
         if delta > 0:
-            self._warm_credits = min(self._warm_credits + delta, MAX_CONNECTIONS)
-            self._top_up()
-        elif self._key_waits == 0:
-            self._warm_credits = 0
+            share.warm_credits = min(share.warm_credits + delta, CLIENT_LIMIT)
+            self._top_up(share)
+        elif share.key_waits == 0:
+            share.warm_credits = 0
+            self._drop_if_unused(share)
 
-    def _top_up(self) -> None:
-        """Start one more warm if requests waiting for a key outnumber idle and warming connections."""
-        warming = len(self._warming)
+    def _top_up(self, share: _Share) -> None:
+        """Start one more warm if the client's requests waiting for a key outnumber its idle and warming connections."""
         if (
             self._closed
-            or self._warm_credits <= 0
-            or warming >= MAX_WARMING
-            or self._open + warming >= MAX_CONNECTIONS
+            or share.warm_credits <= 0
+            or len(self._warming) >= MAX_WARMING
+            or self._open + len(self._warming) >= MAX_CONNECTIONS
+            or share.open + share.warming >= CLIENT_LIMIT
         ):
             return
         self._prune(time.monotonic())
-        if len(self._idle) + warming >= self._key_waits:
+        if len(share.idle) + share.warming >= share.key_waits:
             return
-        self._warm_credits -= 1
-        task = self.loop.create_task(self._warm_one())
+        share.warm_credits -= 1
+        share.warming += 1
+        task = self.loop.create_task(self._warm_one(share))
         self._warming.add(task)
-        task.add_done_callback(self._warmed)
+        task.add_done_callback(functools.partial(self._warmed, share))
 
-    def _warmed(self, task: asyncio.Task[bool]) -> None:
+    def _warmed(self, share: _Share, task: asyncio.Task[bool]) -> None:
         self._warming.discard(task)
+        share.warming -= 1
         if task.cancelled() or task.exception() is not None or not task.result():
             # No connection came of it: a request that waited for this one opens its own.
             # (One that came was handed over by give_back, which woke that request.)
             self._wake_one()
-        self._top_up()  # the next one, while requests still wait for their key
+        self._top_up(share)  # the next one, while requests still wait for their key
+        self._drop_if_unused(share)
 
-    async def _warm_one(self) -> bool:
-        """Open a connection and pool it; False if the connect failed."""
+    async def _warm_one(self, share: _Share) -> bool:
+        """Open a connection for ``share`` and pool it; False if the connect failed."""
         try:
-            conn = await self._connect(self.loop.time() + self.timeout)
+            conn = await self._connect(share, self.loop.time() + self.timeout)
         except (SidecarError, OSError):
-            self._warm_credits = 0  # the upstream is failing: no connect storm; the requests report it
+            share.warm_credits = 0  # the upstream is failing: no connect storm; the requests report it
             return False
         self.give_back(conn)
         return True
 
     def _prune(self, now: float) -> None:
-        """Close idle connections past IDLE_SECONDS (the oldest are first in the list).
+        """Close idle connections past IDLE_SECONDS (the longest idle are first).
 
         Run before idle connections are used or counted, so an expired one is neither
         handed to a request nor counted as ready for the requests waiting for a key.
         """
         idle = self._idle
-        while idle and now - idle[0].idle_since >= IDLE_SECONDS:
-            idle.pop(0).abort()
+        while idle:
+            conn = next(iter(idle))
+            if now - conn.idle_since < IDLE_SECONDS:
+                return
+            self._release(conn)
+            conn.abort()
 
-    def _take_idle(self) -> _Connection | None:
-        """The most recently used idle connection that is still open, if any."""
-        idle = self._idle
+    def _take_idle(self, share: _Share) -> _Connection | None:
+        """The client's most recently used idle connection that is still open, if any."""
+        idle = share.idle
+        if not idle:
+            return None
         self._prune(time.monotonic())
         while idle:
             conn = idle.pop()
+            self._idle.pop(conn, None)
             if not conn.closed:  # aborted (an unsolicited answer, say), not yet forgotten
                 return conn
         return None
@@ -526,24 +633,33 @@ class FastPool:
             conn.abort()
             return
         conn.idle_since = time.monotonic()
-        self._idle.append(conn)
+        conn.share.idle.append(conn)
+        self._idle[conn] = None
         self._wake_one()
 
-    def forget(self, conn: _Connection) -> None:
-        """A connection closed: it leaves the idle list and the count."""
+    def _release(self, conn: _Connection) -> None:
+        """Take ``conn`` out of the idle lists and the counts (it is closing); wakes nobody."""
+        share = conn.share
         if conn in self._idle:
-            self._idle.remove(conn)
+            del self._idle[conn]
+            share.idle.remove(conn)
         if conn.counted:
             conn.counted = False
             self._open -= 1
-            self._wake_one()
+            share.open -= 1
+            self._drop_if_unused(share)
 
-    def _wake_one(self) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
+    def _drop_if_unused(self, share: _Share) -> None:
+        """Forget a share with nothing left in it, so clients that have gone cost nothing."""
+        if share.unused() and not share.idle and self._shares.get(share.client) is share:
+            del self._shares[share.client]
+
+    def forget(self, conn: _Connection) -> None:
+        """A connection closed: it leaves the idle lists and the counts."""
+        counted = conn.counted
+        self._release(conn)
+        if counted:
+            self._wake_one()
 
     async def _resolve(self) -> list[str]:
         """The guard's allowed addresses for the upstream, reused for DNS_TTL_SECONDS."""
@@ -553,25 +669,35 @@ class FastPool:
             self._resolved_at = now
         return self._addresses
 
-    async def _connect(self, deadline: float) -> _Connection:
-        """Resolve and connect (TLS handshake included) before ``deadline`` (loop time)."""
+    async def _connect(self, share: _Share, deadline: float) -> _Connection:
+        """Resolve and connect (TLS handshake included) for ``share`` before ``deadline`` (loop time)."""
         try:
             async with asyncio.timeout_at(deadline):
-                return await self._open_connection()
+                return await self._open_connection(share)
         except TimeoutError:
             raise UpstreamTimeout(reason="connect_timeout") from None
 
-    async def _open_connection(self) -> _Connection:
+    async def _open_connection(self, share: _Share) -> _Connection:
         loop = self.loop
+        if self._open >= MAX_CONNECTIONS and self._idle:
+            # The pool is full: the connection idle longest (another client's: this one
+            # had none to take) makes room.
+            oldest = next(iter(self._idle))
+            self._release(oldest)
+            oldest.abort()
+        # A request whose share was dropped meanwhile (its last connection closed under
+        # it) brings it back rather than counting into a share nobody else sees.
+        self._shares.setdefault(share.client, share)
         # Counted from the start, name resolution included, so concurrent connects cannot
-        # overshoot MAX_CONNECTIONS; the connection carries the count once it is made.
+        # overshoot the limits; the connection carries the count once it is made.
         self._open += 1
+        share.open += 1
         counted_here = True
         try:
             addresses = await self._resolve()
             last: BaseException | None = None
             for address in addresses:
-                conn = _Connection(self)
+                conn = _Connection(self, share)
                 try:
                     await loop.create_connection(
                         lambda conn=conn: conn,
@@ -595,13 +721,14 @@ class FastPool:
         finally:
             if counted_here:
                 self._open -= 1
+                share.open -= 1
+                self._drop_if_unused(share)
                 self._wake_one()
 
     def close(self) -> None:
         self._closed = True
         for task in list(self._warming):
             task.cancel()
-        for conn in self._idle:
+        for conn in list(self._idle):
+            self._release(conn)
             conn.abort()
-        self._idle.clear()
-

@@ -9,6 +9,7 @@ Every refusal is a SidecarError turned into a response in one place
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -377,7 +378,9 @@ class DataPlane:
         settings = upstream.settings
         secret_id = upstream.secret_id(client_id=identity.client_id)
         try:
-            secret, rec.cache = await rt.cache.get(secret_id, settings.secret_field, upstream.key_wait)
+            secret, rec.cache = await rt.cache.get(
+                secret_id, settings.secret_field, functools.partial(upstream.key_wait, identity.client_id)
+            )
         except (NoCredential, SecretStoreUnavailable) as err:
             rec.cache = err.lookup  # the cache's outcome word, set where it was decided
             raise
@@ -409,7 +412,7 @@ class DataPlane:
         secret = admitted.secret
         field = upstream.settings.secret_field
         target = self._target(upstream, admitted.path, admitted.query, headers, secret)
-        answer = await upstream.send(method, target, headers, data)
+        answer = await upstream.send(method, target, headers, data, admitted.client_id)
         if answer.status in (401, 403):
             fresh = await rt.cache.refresh_rejected(admitted.secret_id, field, secret)
             if fresh is None:
@@ -427,7 +430,7 @@ class DataPlane:
                 rec.reason = "credential_rotated"
                 secret = fresh
                 target = self._target(upstream, admitted.path, admitted.query, headers, secret)
-                answer = await upstream.send(method, target, headers, data)
+                answer = await upstream.send(method, target, headers, data, admitted.client_id)
         return answer, secret
 
     async def _proxy(

@@ -13,6 +13,7 @@ import ipaddress
 import os
 import socket
 import ssl
+from collections import deque
 from importlib.util import find_spec
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -49,6 +50,9 @@ SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 KEEPALIVE_SECONDS = 30.0
 #: Upper bound on open connections per upstream (both clients).
 POOL_LIMIT = 256
+#: Upper bound on one client's share of them: three quarters, so one client (a burst, or
+#: an app that stops reading its answers) always leaves a quarter to the others.
+CLIENT_LIMIT = POOL_LIMIT * 3 // 4
 #: Resolved upstream addresses are reused this long (both clients).
 DNS_TTL_SECONDS = 10
 READ_BUFFER = 64 * 1024
@@ -115,6 +119,108 @@ async def resolve_allowed(host: str, port: int, allow_private: bool) -> list[str
     return allowed
 
 
+class ClientShares:
+    """Per client, the aiohttp-path answers in flight, at most CLIENT_LIMIT (the lean pool has its own).
+
+    A client over its share waits (within the request's timeout) for one of its own
+    answers to end; other clients never wait for it. Clients with nothing in flight
+    cost nothing.
+    """
+
+    def __init__(self) -> None:
+        #: client -> [answers in flight, requests waiting, the waiters' wake-up futures]
+        self._by_client: dict[str, tuple[list[int], deque[asyncio.Future[None]]]] = {}
+
+    def held(self, client: str) -> int:
+        entry = self._by_client.get(client)
+        return 0 if entry is None else entry[0][0]
+
+    async def take(self, client: str) -> None:
+        entry = self._by_client.get(client)
+        if entry is None:
+            entry = self._by_client[client] = ([0], deque())
+        counts, waiters = entry
+        while counts[0] >= CLIENT_LIMIT:
+            waiter = asyncio.get_running_loop().create_future()
+            waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                if waiter in waiters:
+                    waiters.remove(waiter)
+                elif counts[0] < CLIENT_LIMIT:
+                    self._wake(waiters)  # woken, then cancelled: pass the turn on
+                if counts[0] == 0 and not waiters:
+                    self._by_client.pop(client, None)
+                raise
+        counts[0] += 1
+
+    def give(self, client: str) -> None:
+        entry = self._by_client.get(client)
+        if entry is None:
+            return
+        counts, waiters = entry
+        counts[0] -= 1
+        if waiters:
+            self._wake(waiters)
+        elif counts[0] <= 0:
+            del self._by_client[client]
+
+    @staticmethod
+    def _wake(waiters: deque[asyncio.Future[None]]) -> None:
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+
+class _SharedAnswer:
+    """aiohttp's answer, holding one of its client's shares until it is released or closed."""
+
+    __slots__ = ("_answer", "_client", "_shares")
+
+    def __init__(self, answer: aiohttp.ClientResponse, shares: ClientShares, client: str) -> None:
+        self._answer = answer
+        self._shares: ClientShares | None = shares
+        self._client = client
+
+    @property
+    def status(self) -> int:
+        return self._answer.status
+
+    @property
+    def reason(self) -> str | None:
+        return self._answer.reason
+
+    @property
+    def content_length(self) -> int | None:
+        return self._answer.content_length
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        return self._answer.headers
+
+    @property
+    def content(self) -> aiohttp.StreamReader:
+        return self._answer.content
+
+    def _give(self) -> None:
+        shares, self._shares = self._shares, None
+        if shares is not None:
+            shares.give(self._client)
+
+    def close(self) -> None:
+        self._answer.close()
+        self._give()
+
+    def release(self) -> Any:
+        try:
+            return self._answer.release()
+        finally:
+            self._give()
+
+
 class ForbiddenAddressError(OSError):
     """Every address a name resolved to is loopback, private, link-local or reserved."""
 
@@ -169,6 +275,7 @@ class Upstream:
         self.drop_request_headers = frozenset(drop)
         self._resolver = resolver
         self.session: aiohttp.ClientSession | None = None
+        self.shares = ClientShares()
         self.fast: FastPool | None = None
         self._errors = {
             kind: UPSTREAM_ERRORS.labels(self.name, kind)
@@ -191,11 +298,17 @@ class Upstream:
         resolver: AbstractResolver | None = self._resolver
         if not s.allow_private:
             resolver = GuardedResolver(resolver)
+        # aiohttp's pool cannot be partitioned by client, so its connections serve one
+        # request each: a connection that served one client never serves another, and an
+        # answer left behind (an upstream answering a HEAD with a body, say) is never read
+        # as the next request's. It carries only what the lean client cannot (HEAD,
+        # streamed request bodies); SIDECAR_UPSTREAM_CLIENT=aiohttp pays a connect for
+        # every request.
         connector = aiohttp.TCPConnector(
             resolver=resolver,
             ssl=ssl_context,
             limit=POOL_LIMIT,
-            keepalive_timeout=KEEPALIVE_SECONDS,
+            force_close=True,
             ttl_dns_cache=DNS_TTL_SECONDS,
         )
         self.session = aiohttp.ClientSession(
@@ -208,8 +321,10 @@ class Upstream:
             read_bufsize=READ_BUFFER,
         )
 
-    async def send(self, method: str, target: str, headers: CIMultiDict[str], data: Any) -> UpstreamAnswer:
-        """Send one request (``target`` is the raw path and query); failures become our errors."""
+    async def send(
+        self, method: str, target: str, headers: CIMultiDict[str], data: Any, client: str
+    ) -> UpstreamAnswer:
+        """Send one request for ``client`` (``target`` is the raw path and query); failures become our errors."""
         assert self.session is not None
         try:
             if (
@@ -218,14 +333,21 @@ class Upstream:
                 and (data is None or isinstance(data, bytes))
             ):
                 # The lean client bounds the connection wait, connecting and the head together.
-                return await self.fast.request(method, target, headers, data)
+                return await self.fast.request(method, target, headers, data, client)
             # sock_read alone would let an upstream trickle its head a byte at a time
-            # forever; the head as a whole must arrive within timeout_seconds.
+            # forever; the head as a whole must arrive within timeout_seconds (the wait
+            # for the client's share of connections included).
             async with asyncio.timeout(self.settings.timeout_seconds):
-                url = URL(self.origin + target, encoded=True)
-                return await self.session.request(
-                    method, url, headers=headers, data=data, allow_redirects=False, compress=None
-                )
+                await self.shares.take(client)
+                try:
+                    url = URL(self.origin + target, encoded=True)
+                    answer = await self.session.request(
+                        method, url, headers=headers, data=data, allow_redirects=False, compress=None
+                    )
+                except BaseException:
+                    self.shares.give(client)
+                    raise
+                return _SharedAnswer(answer, self.shares, client)
         except SidecarError as err:
             kind = _ERROR_KINDS.get(err.reason)
             if kind is not None:
@@ -234,10 +356,10 @@ class Upstream:
         except Exception as exc:
             raise self.translate(exc) from None
 
-    def key_wait(self, delta: int) -> None:
-        """A request for this upstream starts (+1) or stops (-1) waiting for its key: connect meanwhile."""
+    def key_wait(self, client: str, delta: int) -> None:
+        """A request of ``client`` starts (+1) or stops (-1) waiting for its key: connect meanwhile."""
         if self.fast is not None:
-            self.fast.key_wait(delta)
+            self.fast.key_wait(client, delta)
 
     def translate(self, exc: BaseException) -> SidecarError:
         """Map an aiohttp/OS exception to the contract's error; never copies its text."""

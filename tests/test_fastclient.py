@@ -91,9 +91,9 @@ async def body(resp: FastResponse) -> bytes:
     return out
 
 
-async def get(p: FastPool, path: str = "/") -> bytes:
-    """GET ``path`` through the pool; the whole body."""
-    return await body(await p.request("GET", path, CIMultiDict(), None))
+async def get(p: FastPool, path: str = "/", client: str = "alice") -> bytes:
+    """GET ``path`` through the pool for ``client``; the whole body."""
+    return await body(await p.request("GET", path, CIMultiDict(), None, client))
 
 
 async def test_keep_alive_reuses_one_connection_and_sends_one_clean_request() -> None:
@@ -109,7 +109,7 @@ async def test_keep_alive_reuses_one_connection_and_sends_one_clean_request() ->
         p = pool(up.port)
         headers = CIMultiDict({"X-A": "1", "Content-Length": "99", "Host": "evil"})
         for _ in range(3):
-            assert await body(await p.request("GET", "/x?y=1", headers, None)) == b"ok"
+            assert await body(await p.request("GET", "/x?y=1", headers, None, "alice")) == b"ok"
         p.close()
     assert up.connections == 1
     assert seen[0].startswith(b"GET /x?y=1 HTTP/1.1\r\nHost: 127.0.0.1:")
@@ -133,7 +133,7 @@ async def test_a_late_answer_on_an_idle_connection_is_never_paired_with_the_next
 
     async with RawUpstream(handler) as up:
         p = pool(up.port)
-        first = await p.request("GET", "/a", CIMultiDict(), None)
+        first = await p.request("GET", "/a", CIMultiDict(), None, "alice")
         assert first.status == 204 and await body(first) == b""
         await asyncio.sleep(0.4)  # the smuggled answer arrives while the connection idles
         assert await get(p, "/b") == b"real"
@@ -153,7 +153,7 @@ async def test_an_answer_smuggled_behind_a_complete_one_poisons_the_connection()
 
     async with RawUpstream(handler) as up:
         p = pool(up.port)
-        assert (await p.request("GET", "/a", CIMultiDict(), None)).status == 204
+        assert (await p.request("GET", "/a", CIMultiDict(), None, "alice")).status == 204
         assert await get(p, "/b") == b"real"
         p.close()
     assert up.connections == 2
@@ -165,7 +165,7 @@ async def test_a_pooled_connection_closed_by_the_upstream_is_retried_once() -> N
         p = pool(up.port)
         assert await get(p, "/a") == b"ok"
         await asyncio.sleep(0.1)
-        assert await body(await p.request("POST", "/b", CIMultiDict(), b"payload")) == b"ok"
+        assert await body(await p.request("POST", "/b", CIMultiDict(), b"payload", "alice")) == b"ok"
         p.close()
     assert up.connections == 2
 
@@ -191,7 +191,7 @@ async def test_malformed_answers_become_upstream_unreachable(answer: bytes) -> N
     async with RawUpstream(handler) as up:
         p = pool(up.port)
         with pytest.raises(UpstreamUnreachable):
-            await p.request("GET", "/", CIMultiDict(), None)
+            await p.request("GET", "/", CIMultiDict(), None, "alice")
         p.close()
 
 
@@ -203,7 +203,7 @@ async def test_interim_answers_are_skipped() -> None:
 
     async with RawUpstream(handler) as up:
         p = pool(up.port)
-        resp = await p.request("GET", "/", CIMultiDict(), None)
+        resp = await p.request("GET", "/", CIMultiDict(), None, "alice")
         assert resp.status == 200 and "Link" not in resp.headers
         assert await body(resp) == b"ok"
         p.close()
@@ -217,7 +217,7 @@ async def test_truncated_body_is_an_error_not_a_clean_end() -> None:
 
     async with RawUpstream(handler) as up:
         p = pool(up.port)
-        resp = await p.request("GET", "/", CIMultiDict(), None)
+        resp = await p.request("GET", "/", CIMultiDict(), None, "alice")
         with pytest.raises(ConnectionError):
             await body(resp)
         p.close()
@@ -226,7 +226,7 @@ async def test_truncated_body_is_an_error_not_a_clean_end() -> None:
 async def test_address_guard_refuses_loopback_without_allow_private() -> None:
     p = pool(9, allow_private=False)
     with pytest.raises(DestinationNotAllowed):
-        await p.request("GET", "/", CIMultiDict(), None)
+        await p.request("GET", "/", CIMultiDict(), None, "alice")
 
 
 async def test_open_connections_are_capped_and_waiters_get_the_freed_ones(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -273,20 +273,20 @@ async def test_closed_connections_are_freed_at_once_not_left_to_the_cycle_collec
         async with RawUpstream(keep_alive_after(release)) as up, RawUpstream(answer_ok_once) as once:
             # Three at once, then closed by the pool.
             p = pool(up.port)
-            calls = [asyncio.ensure_future(p.request("GET", "/", CIMultiDict(), None)) for _ in range(3)]
+            calls = [asyncio.ensure_future(p.request("GET", "/", CIMultiDict(), None, "alice")) for _ in range(3)]
             await asyncio.sleep(0.05)
             release.set()
             assert [await body(await c) for c in calls] == [b"ok"] * 3
             # One closed by the upstream after its answer.
             q = pool(once.port)
             assert await get(q) == b"ok"
-            assert p._open == 3
+            assert p.open_connections == 3
             p.close()
             for _ in range(100):  # until every close has reached its pool
-                if p._open == 0 and q._open == 0:
+                if p.open_connections == 0 and q.open_connections == 0:
                     break
                 await asyncio.sleep(0.01)
-            assert (up.connections, p._open, q._open) == (3, 0, 0)
+            assert (up.connections, p.open_connections, q.open_connections) == (3, 0, 0)
         gc.collect()
         cyclic = [o for o in gc.garbage if isinstance(o, (_Connection, httptools.HttpResponseParser))]
     finally:
@@ -333,10 +333,10 @@ async def test_the_connection_cap_holds_while_the_name_is_being_resolved(monkeyp
     async with RawUpstream(keep_alive) as up:
         p = pool(up.port)
         for _ in range(5):
-            p.key_wait(1)
+            p.key_wait("alice", 1)
 
         assert await asyncio.gather(*(get(p) for _ in range(10))) == [b"ok"] * 10
-        assert up.connections <= 3 and p._open <= 3
+        assert up.connections <= 3 and p.open_connections <= 3
         p.close()
 
 
@@ -344,16 +344,16 @@ async def test_a_request_waiting_for_its_key_gets_a_connection_opened_meanwhile(
     """A cold request's upstream connection is opened while its key is fetched."""
     async with RawUpstream(keep_alive) as up:
         p = pool(up.port)
-        p.key_wait(1)
-        p.key_wait(-1)
+        p.key_wait("alice", 1)
+        p.key_wait("alice", -1)
         # The key came before the warmed connection was ready (a key from memory): the
         # request waits for that connection instead of opening a second one.
         assert await get(p, "/x") == b"ok"
         assert up.connections == 1  # no second handshake
-        p.key_wait(1)  # an idle connection is there: nothing more is opened
+        p.key_wait("alice", 1)  # an idle connection is there: nothing more is opened
         await asyncio.sleep(0.05)
-        p.key_wait(-1)
-        assert up.connections == 1 and not p._warming
+        p.key_wait("alice", -1)
+        assert up.connections == 1 and not p.warming
         assert await get(p, "/y") == b"ok"
         assert up.connections == 1
         p.close()
@@ -369,16 +369,16 @@ async def test_a_burst_waiting_for_one_key_finds_one_connection_each(monkeypatch
     async with RawUpstream(keep_alive) as up:
         p = pool(up.port)
         for _ in range(20):
-            p.key_wait(1)
-        assert len(p._warming) <= 4
+            p.key_wait("alice", 1)
+        assert p.warming <= 4
         for _ in range(200):
-            if len(p._idle) == 20:
+            if p.idle_connections == 20:
                 break
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.05)
-        assert (up.connections, len(p._idle), len(p._warming)) == (20, 20, 0)
+        assert (up.connections, p.idle_connections, p.warming) == (20, 20, 0)
         for _ in range(20):
-            p.key_wait(-1)  # the key arrived
+            p.key_wait("alice", -1)  # the key arrived
 
         results = await asyncio.gather(*(get(p) for _ in range(20)))
         assert results == [b"ok"] * 20 and up.connections == 20  # no request connected on its own
@@ -397,16 +397,16 @@ async def test_an_idle_connection_past_its_time_is_neither_used_nor_counted_as_r
         p = pool(up.port)
         assert await get(p) == b"ok"
         await asyncio.sleep(0.1)
-        p.key_wait(1)  # the expired connection does not cover it: one is warmed
+        p.key_wait("alice", 1)  # the expired connection does not cover it: one is warmed
         for _ in range(100):
-            if up.connections == 2 and not p._warming:
+            if up.connections == 2 and not p.warming:
                 break
             await asyncio.sleep(0.01)
-        p.key_wait(-1)
-        assert up.connections == 2 and len(p._idle) == 1
+        p.key_wait("alice", -1)
+        assert up.connections == 2 and p.idle_connections == 1
         await asyncio.sleep(0.1)
         assert await get(p) == b"ok"
-        assert up.connections == 3 and p._open == 1  # a fresh connection; the expired ones closed
+        assert up.connections == 3 and p.open_connections == 1  # a fresh connection; the expired ones closed
         p.close()
 
 
@@ -420,24 +420,24 @@ async def test_callers_without_a_key_do_not_keep_the_pool_connecting() -> None:
     async with RawUpstream(drop) as up:
         p = pool(up.port)
         for _ in range(10):
-            p.key_wait(1)
+            p.key_wait("alice", 1)
             await asyncio.sleep(0.02)
-            p.key_wait(-1)  # the lookup failed: 403 no_credential, no upstream call
+            p.key_wait("alice", -1)  # the lookup failed: 403 no_credential, no upstream call
         await asyncio.sleep(0.1)
-        assert 1 <= up.connections <= 10 and not p._warming
+        assert 1 <= up.connections <= 10 and not p.warming
         p.close()
 
 
 async def test_warm_to_an_unreachable_upstream_is_silent_and_bounded() -> None:
     p = pool(closed_port())
     for _ in range(200):
-        p.key_wait(1)
-    assert len(p._warming) <= MAX_WARMING
+        p.key_wait("alice", 1)
+    assert p.warming <= MAX_WARMING
     await asyncio.sleep(0.2)
-    assert not p._warming  # every attempt ended, none raised, and none started after the failures
-    assert p._warm_credits == 0
+    assert not p.warming  # every attempt ended, none raised, and none started after the failures
+    assert p._shares["alice"].warm_credits == 0
     with pytest.raises(UpstreamUnreachable):
-        await p.request("GET", "/x", CIMultiDict(), None)  # the request itself reports the failure
+        await p.request("GET", "/x", CIMultiDict(), None, "alice")  # the request itself reports the failure
     p.close()
 
 
@@ -451,7 +451,7 @@ async def test_a_tls_handshake_that_never_ends_is_a_connect_timeout() -> None:
         p = FastPool("127.0.0.1", up.port, ssl.create_default_context(), True, 0.3, f"127.0.0.1:{up.port}")
         started = asyncio.get_running_loop().time()
         with pytest.raises(UpstreamTimeout) as info:
-            await p.request("GET", "/x", CIMultiDict(), None)
+            await p.request("GET", "/x", CIMultiDict(), None, "alice")
         assert info.value.reason == "connect_timeout"
         assert asyncio.get_running_loop().time() - started < 2
         p.close()
@@ -484,11 +484,113 @@ async def test_timeout_seconds_is_one_budget_for_the_connection_wait_and_the_hea
             await asyncio.sleep(0.01)
         loop = asyncio.get_running_loop()
         started = loop.time()
-        second = asyncio.ensure_future(p.request("GET", "/x", CIMultiDict(), None))
+        second = asyncio.ensure_future(p.request("GET", "/x", CIMultiDict(), None, "alice"))
         await asyncio.sleep(0.35)
         release.set()
         assert await first == b"ok"
         with pytest.raises(UpstreamTimeout):
             await second  # the old code gave each step its own 0.5 s and answered 200 at about 0.7 s
         assert loop.time() - started >= 0.45
+        p.close()
+
+
+# ---------------------------------------------------------------- the pool is partitioned by client
+
+
+async def test_a_connection_serves_one_client_only() -> None:
+    """A connection alice used is never handed to bob, even idle and healthy: an answer
+    left on it (which no check can tell from bob's own) could only ever reach alice."""
+    async with RawUpstream(keep_alive) as up:
+        p = pool(up.port)
+        assert await get(p, "/a1", "alice") == b"ok"
+        assert await get(p, "/b1", "bob") == b"ok"
+        assert up.connections == 2  # bob did not take alice's idle connection
+        assert await get(p, "/a2", "alice") == b"ok"
+        assert await get(p, "/b2", "bob") == b"ok"
+        assert up.connections == 2  # each reused their own
+        assert (p.client_connections("alice"), p.client_connections("bob")) == (1, 1)
+        p.close()
+
+
+async def test_one_client_cannot_take_every_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """alice's requests beyond her share wait for her own connections; bob's go at once."""
+    import sidecar.fastclient
+
+    monkeypatch.setattr(sidecar.fastclient, "MAX_CONNECTIONS", 4)
+    monkeypatch.setattr(sidecar.fastclient, "CLIENT_LIMIT", 3)
+    gate = asyncio.Event()
+    held = 0
+
+    def arrived() -> None:
+        nonlocal held
+        held += 1
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while True:
+            try:
+                head = await read_head(reader)
+            except (asyncio.IncompleteReadError, TimeoutError):
+                return
+            if head.startswith(b"GET /hold"):
+                arrived()
+                await gate.wait()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    async with RawUpstream(handler) as up:
+        p = pool(up.port, timeout=5)
+        alice = [asyncio.ensure_future(get(p, "/hold", "alice")) for _ in range(5)]
+        for _ in range(200):
+            if held == 3:
+                break
+            await asyncio.sleep(0.01)
+        assert held == 3 and p.client_connections("alice") == 3
+        assert await asyncio.wait_for(get(p, "/free", "bob"), 2) == b"ok"  # the quarter left to others
+        assert held == 3 and not any(a.done() for a in alice)
+        gate.set()
+        assert await asyncio.wait_for(asyncio.gather(*alice), 5) == [b"ok"] * 5
+        assert up.connections == 4 and p.client_connections("alice") <= 3
+        p.close()
+
+
+async def test_a_full_pool_closes_another_clients_idle_connection_to_make_room(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sidecar.fastclient
+
+    monkeypatch.setattr(sidecar.fastclient, "MAX_CONNECTIONS", 2)
+    monkeypatch.setattr(sidecar.fastclient, "CLIENT_LIMIT", 2)
+    gate = asyncio.Event()
+    async with RawUpstream(keep_alive_after(gate)) as up:
+        p = pool(up.port)
+        both = asyncio.gather(get(p, "/1", "alice"), get(p, "/2", "alice"))
+        for _ in range(200):
+            if up.connections == 2:
+                break
+            await asyncio.sleep(0.01)
+        gate.set()
+        assert await both == [b"ok", b"ok"]
+        assert (p.open_connections, p.idle_connections) == (2, 2)
+        assert await asyncio.wait_for(get(p, "/3", "bob"), 2) == b"ok"
+        assert up.connections == 3  # bob opened his own ...
+        assert p.open_connections == 2  # ... in place of alice's longest-idle one
+        assert (p.client_connections("alice"), p.client_connections("bob")) == (1, 1)
+        p.close()
+
+
+async def test_thousands_of_clients_stay_within_the_pool() -> None:
+    """Each client gets its own connection; the pool stays at MAX_CONNECTIONS and forgets
+    the clients whose connections it closed."""
+    from sidecar.fastclient import MAX_CONNECTIONS
+
+    clients = MAX_CONNECTIONS + 44
+    async with RawUpstream(keep_alive) as up:
+        p = pool(up.port)
+        for i in range(clients):
+            assert await get(p, "/", f"client-{i}") == b"ok"
+        assert up.connections == clients
+        assert p.open_connections == MAX_CONNECTIONS
+        assert len(p._shares) == MAX_CONNECTIONS  # one per client still holding a connection
+        assert p.client_connections("client-0") == 0  # the longest idle went first
+        assert p.client_connections(f"client-{clients - 1}") == 1
         p.close()

@@ -387,7 +387,7 @@ async def test_rebinding_name_is_refused_by_the_connection_itself() -> None:
         await upstream.start()
         try:
             with pytest.raises(DestinationNotAllowed):
-                await upstream.send("GET", "/", CIMultiDict(), None)
+                await upstream.send("GET", "/", CIMultiDict(), None, "alice")
         finally:
             await upstream.close()
         assert canary.connections == 0
