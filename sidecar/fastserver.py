@@ -98,6 +98,12 @@ def _copy(buf: bytearray, start: int, end: int) -> bytes:
         return bytes(view[start:end])
 
 
+def _stalled(waiter: asyncio.Future[None]) -> None:
+    """The app read nothing of its answer for the write timeout: the waiting drain() raises."""
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
 class _Handover(Exception):
     """This request is not one for the fast path: aiohttp takes the connection."""
 
@@ -221,7 +227,7 @@ class FastExchange:
                 # Both clients say when the body is complete: no wait for an empty last read.
                 while (chunk is None or chunk) and not content.at_eof():
                     if conn.paused:
-                        await conn.drain()
+                        await conn.drain(head.write_timeout)
                     chunk = await content.readany()
                     if not chunk:
                         break
@@ -407,10 +413,19 @@ class FastConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.write(data)
 
-    async def drain(self) -> None:
+    async def drain(self, patience: float) -> None:
+        """Wait until the app reads again; TimeoutError if it reads nothing for ``patience`` seconds.
+
+        A plain timer, not asyncio.timeout (several µs), as for the lean client's waits.
+        """
+        loop = self.server.loop
         while self.paused and self.transport is not None:
-            self._drain = self.server.loop.create_future()
-            await self._drain
+            waiter = self._drain = loop.create_future()
+            timer = loop.call_later(patience, _stalled, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
 
     def _wake_drain(self) -> None:
         waiter, self._drain = self._drain, None

@@ -153,9 +153,12 @@ class Admitted:
 class ResponseHead:
     """What goes back to the app from an upstream answer: scrubbed reason and headers, framing."""
 
-    __slots__ = ("framed", "headers", "length", "reason", "status")
+    __slots__ = ("framed", "headers", "length", "reason", "status", "write_timeout")
 
     def __init__(self, answer: UpstreamAnswer, upstream: Upstream, secret: Secret) -> None:
+        #: An app that reads none of the answer for this long loses it, and the upstream
+        #: connection it holds goes: a stalled reader cannot keep one for longer.
+        self.write_timeout = upstream.settings.timeout_seconds
         if answer.status < 200:
             # A 101 the app never asked for (Upgrade is stripped) or another interim
             # status as the final answer: not something to relay.
@@ -481,7 +484,9 @@ class DataPlane:
                     chunk = await content.readany()
                     if not chunk:
                         break
-                    await response.write(chunk)
+                    # write() waits while the app is not reading: bounded, as in the fast server.
+                    async with asyncio.timeout(head.write_timeout):
+                        await response.write(chunk)
         except STREAM_BROKEN:
             # Either side broke mid-body. The app must see a cut response, never a clean
             # end, and the upstream connection must not go back to the pool half-read.
