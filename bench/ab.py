@@ -43,11 +43,29 @@ def tree_for(ref: str, tmp: Path) -> Path:
     return path
 
 
+#: wrk script for --clients: each request names the next of N clients, in turn.
+ROTATE_CLIENTS = """
+local n = 0
+request = function()
+  n = n + 1
+  return wrk.format(nil, nil, {["X-Client-Id"] = "client-" .. (n %% %d)})
+end
+"""
+
+
+def upstream_connections(pids: list[int], port: int) -> int:
+    """Established connections from ``pids`` to 127.0.0.1:``port`` (ss -tnp)."""
+    out = subprocess.run(["ss", "-Htnp", "state", "established", f"( dport = :{port} )"],
+                         capture_output=True, text=True, timeout=10, check=False).stdout
+    return sum(1 for line in out.splitlines() if any(f"pid={pid}," in line for pid in pids))
+
+
 def start(children: bench.Children, name: str, tree: Path, tmp: Path, upstream: int,
-          workers: int = 1) -> tuple[bench.Child, int]:
+          workers: int = 1, clients: int = 0) -> tuple[bench.Child, int]:
     port, admin = bench.free_port(), bench.free_port()
     keys = tmp / "keys.json"
-    keys.write_text(json.dumps({"mcp/polygon/alice": "k-" + "x" * 32}), encoding="utf-8")
+    names = ["alice", *(f"client-{i}" for i in range(clients))]
+    keys.write_text(json.dumps({f"mcp/polygon/{n}": "k-" + "x" * 32 for n in names}), encoding="utf-8")
     config = tmp / f"{name}.yaml"
     config.write_text(json.dumps({
         "listen": f"127.0.0.1:{port}", "admin_listen": f"127.0.0.1:{admin}", "log": {"level": "warning"},
@@ -76,6 +94,9 @@ def main() -> int:
                    help="the sidecar's workers setting; CPU then counts the supervisor and every worker")
     p.add_argument("--body-bytes", type=int, default=0,
                    help="answer with a static file of this size instead of the ~300-byte JSON (0: the JSON)")
+    p.add_argument("--clients", type=int, default=0,
+                   help="requests name N clients in turn instead of one (the pool keeps connections per "
+                        "client); prints the upstream connections each side holds after each round")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="sidecar-ab-"))
     os.chmod(tmp, 0o755)  # nginx's worker reads the files below
@@ -99,17 +120,27 @@ def main() -> int:
             tree = tree_for(ref, tmp)
             if tree.is_relative_to(tmp):  # a worktree made here: removed at the end
                 trees.append(tree)
-            sides[name] = start(children, name, tree, tmp, upstream, args.workers)
-        print(f"A = {args.a}, B = {args.b}; {args.rounds} rounds of {args.duration} s per concurrency")
+            sides[name] = start(children, name, tree, tmp, upstream, args.workers, args.clients)
+        script = None
+        headers = ["X-Client-Id: alice"]
+        if args.clients:
+            script = tmp / "clients.lua"
+            script.write_text(ROTATE_CLIENTS % args.clients, encoding="utf-8")
+            headers = []
+        print(f"A = {args.a}, B = {args.b}; {args.rounds} rounds of {args.duration} s per concurrency"
+              + (f"; {args.clients} clients in turn" if args.clients else ""))
         for c in args.concurrency:
             got: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
             for i in range(args.rounds):
                 line = f"c={c:<3} round {i + 1}:"
                 for name, (child, port) in sides.items():
-                    r = bench.run_wrk(f"http://127.0.0.1:{port}{path}", c, args.duration,
-                                      ["X-Client-Id: alice"], [child.pid, *bench.children_of(child.pid)])
+                    pids = [child.pid, *bench.children_of(child.pid)]
+                    r = bench.run_wrk(f"http://127.0.0.1:{port}{path}", c, args.duration, headers, pids,
+                                      script=script)
                     got[name].append(r)
                     line += f"  {name} {r['cpu_us_per_req']:6.1f} us/req {r['rps']:8.0f} req/s"
+                    if args.clients:
+                        line += f" {upstream_connections(pids, upstream):4d} conns"
                 print(line, flush=True)
             med = {n: (statistics.median(r["cpu_us_per_req"] for r in rs), statistics.median(r["rps"] for r in rs))
                    for n, rs in got.items()}

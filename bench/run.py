@@ -254,10 +254,12 @@ def parse_wrk(out: str) -> dict[str, float]:
 
 def run_wrk(
     url: str, connections: int, duration: int, headers: list[str], measured: list[int],
-    extra_measured: list[int] | None = None,
+    extra_measured: list[int] | None = None, script: Path | None = None,
 ) -> dict[str, float]:
     """One wrk run; CPU per request of the ``measured`` processes from /proc (utime+stime)."""
     cmd = ["wrk", f"-t{min(connections, 2)}", f"-c{connections}", f"-d{duration}s", "--latency", "--timeout", "10s"]
+    if script is not None:
+        cmd += ["-s", str(script)]
     for h in headers:
         cmd += ["-H", h]
     cmd.append(url)
