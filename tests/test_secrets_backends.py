@@ -87,6 +87,46 @@ async def test_yaml_file_with_templated_ids_and_nested_mappings(tmp_path: Path, 
     assert extract(nested, "port").reveal() == "8443"
 
 
+@pytest.mark.parametrize(
+    ("text", "kind"),
+    [
+        ("null: {secret}\n", "null"),
+        ("~: {secret}\n", "null"),
+        ("? \n: {secret}\n", "null"),
+        ("!!int 0123: {secret}\n", "int"),
+        ("!!bool yes: {secret}\n", "bool"),
+        ("!!float 1: {secret}\n", "float"),
+        ("!!timestamp 2024-01-01: {secret}\n", "date"),
+        ("!!binary aGk=: {secret}\n", "bytes"),
+        ("mcp/crm/alice:\n  null: {secret}\n", "null"),
+    ],
+)
+def test_file_keys_that_yaml_does_not_read_as_text_are_refused(text: str, kind: str, tmp_path: Path) -> None:
+    """``null:`` would answer to the id "None", ``!!int 0123:`` to "83": lookups are by exact text."""
+    key = make_secret("file-key-type")
+    path = tmp_path / "keys.yaml"
+    path.write_text(text.format(secret=key))
+    with pytest.raises(FileLoadError) as info:
+        load_secret_file(path)
+    assert f"read by YAML as {kind}" in str(info.value) and "quotes" in str(info.value)
+    leaked = key in str(info.value) or key in repr(info.value)
+    assert not leaked
+
+
+async def test_file_lookups_are_exact(tmp_path: Path, started: list[FileBackend]) -> None:
+    """No case folding, trimming or type conversion between the id asked and the key written."""
+    key, quoted = make_secret("file-exact"), make_secret("file-quoted-null")
+    path = tmp_path / "keys.yaml"
+    path.write_text(f"mcp/polygon/alice: {key}\n'null': {quoted}\n'0123': {quoted}\n")
+    backend = await start_file_backend(path, started)
+    assert await backend.fetch("mcp/polygon/alice") == key
+    assert await backend.fetch("null") == quoted and await backend.fetch("0123") == quoted
+    for other in ("mcp/polygon/Alice", "MCP/polygon/alice", "mcp/polygon/alice ", " mcp/polygon/alice",
+                  "mcp/polygon/alice.", "mcp/polygon/alice-AbCdEf", "mcp/polygon/ali", "None", "83", "123"):
+        with pytest.raises(SecretNotFound):
+            await backend.fetch(other)
+
+
 async def test_json_file(tmp_path: Path, started: list[FileBackend]) -> None:
     alice, obj = make_secret("file-json-a"), make_secret("file-json-obj")
     path = tmp_path / "keys.json"
