@@ -87,6 +87,46 @@ async def test_yaml_file_with_templated_ids_and_nested_mappings(tmp_path: Path, 
     assert extract(nested, "port").reveal() == "8443"
 
 
+@pytest.mark.parametrize(
+    ("text", "kind"),
+    [
+        ("null: {secret}\n", "null"),
+        ("~: {secret}\n", "null"),
+        ("? \n: {secret}\n", "null"),
+        ("!!int 0123: {secret}\n", "int"),
+        ("!!bool yes: {secret}\n", "bool"),
+        ("!!float 1: {secret}\n", "float"),
+        ("!!timestamp 2024-01-01: {secret}\n", "date"),
+        ("!!binary aGk=: {secret}\n", "bytes"),
+        ("mcp/crm/alice:\n  null: {secret}\n", "null"),
+    ],
+)
+def test_file_keys_that_yaml_does_not_read_as_text_are_refused(text: str, kind: str, tmp_path: Path) -> None:
+    """``null:`` would answer to the id "None", ``!!int 0123:`` to "83": lookups are by exact text."""
+    key = make_secret("file-key-type")
+    path = tmp_path / "keys.yaml"
+    path.write_text(text.format(secret=key))
+    with pytest.raises(FileLoadError) as info:
+        load_secret_file(path)
+    assert f"read by YAML as {kind}" in str(info.value) and "quotes" in str(info.value)
+    leaked = key in str(info.value) or key in repr(info.value)
+    assert not leaked
+
+
+async def test_file_lookups_are_exact(tmp_path: Path, started: list[FileBackend]) -> None:
+    """No case folding, trimming or type conversion between the id asked and the key written."""
+    key, quoted = make_secret("file-exact"), make_secret("file-quoted-null")
+    path = tmp_path / "keys.yaml"
+    path.write_text(f"mcp/polygon/alice: {key}\n'null': {quoted}\n'0123': {quoted}\n")
+    backend = await start_file_backend(path, started)
+    assert await backend.fetch("mcp/polygon/alice") == key
+    assert await backend.fetch("null") == quoted and await backend.fetch("0123") == quoted
+    for other in ("mcp/polygon/Alice", "MCP/polygon/alice", "mcp/polygon/alice ", " mcp/polygon/alice",
+                  "mcp/polygon/alice.", "mcp/polygon/alice-AbCdEf", "mcp/polygon/ali", "None", "83", "123"):
+        with pytest.raises(SecretNotFound):
+            await backend.fetch(other)
+
+
 async def test_json_file(tmp_path: Path, started: list[FileBackend]) -> None:
     alice, obj = make_secret("file-json-a"), make_secret("file-json-obj")
     path = tmp_path / "keys.json"
@@ -339,10 +379,14 @@ async def test_aws_version_stage(moto_endpoint: str, aws_env: dict[str, str], sm
             await backend.close()
 
 
-async def test_aws_full_arn_is_accepted(aws: AwsBackend, sm: Any, name: str) -> None:
+async def test_aws_partial_arn_is_accepted_and_a_complete_one_refused(aws: AwsBackend, sm: Any, name: str) -> None:
     key = make_secret("aws-arn")
     arn = sm.create_secret(Name=name, SecretString=key)["ARN"]
-    assert await aws.fetch(arn) == key
+    assert await aws.fetch(arn[: -len("-AbCdEf")]) == key
+    # moto, like AWS, reads the suffix as a complete ARN; the sidecar cannot tell whether
+    # the template or a client ID wrote it, so it never takes that reading.
+    with pytest.raises(SecretNotFound):
+        await aws.fetch(arn)
 
 
 async def test_aws_backend_not_started(name: str) -> None:
@@ -405,10 +449,24 @@ async def test_aws_unresponsive_endpoint_times_out(aws_env: dict[str, str], name
 
 # ---------------------------------------------------------------------- stub client
 #
-# moto resolves names, full ARNs and "partial ARNs" (an ARN without the random
-# suffix), but not a bare name that AWS reads as a partial ARN ("name-" + six
-# characters matching another secret). The name check in AwsBackend._get is
-# therefore tested with a stub client standing in for boto3's.
+# moto answers honestly (its answers always name the secret they hold), and never
+# reads a bare name as a partial ARN. What a store that answers with another secret
+# looks like is tested with a stub client standing in for botocore's; through the
+# real CLI, tests/adversarial/test_store_aliasing.py does the same against moto and
+# a hostile fake Secrets Manager.
+
+ACCOUNT = "123456789012"
+PARTIAL = f"arn:aws:secretsmanager:us-east-1:{ACCOUNT}:secret:"
+
+
+def answer(name: str, value: str, **changes: Any) -> dict[str, Any]:
+    """What GetSecretValue returns for the secret ``name``; ``changes`` replace keys (None drops one)."""
+    out: dict[str, Any] = {
+        "ARN": f"{PARTIAL}{name}-AbCdEf", "Name": name, "VersionId": "v1", "SecretString": value,
+        "VersionStages": ["AWSCURRENT"],
+    }
+    out.update(changes)
+    return {k: v for k, v in out.items() if v is not None}
 
 
 class StubClient:
@@ -441,7 +499,7 @@ async def stubbed() -> AsyncIterator[tuple[AwsBackend, StubClient]]:
 async def test_aws_name_resolving_to_another_secret_is_refused(stubbed: tuple[AwsBackend, StubClient]) -> None:
     backend, stub = stubbed
     key = make_secret("aws-partial")
-    stub.answer = {"Name": "mcp/polygon/alice", "SecretString": key}
+    stub.answer = answer("mcp/polygon/alice", key)
     # A client ID "alice-abcdef" would build this name; AWS could match it to alice's secret.
     with pytest.raises(SecretNotFound):
         await backend.fetch("mcp/polygon/alice-abcdef")
@@ -449,18 +507,110 @@ async def test_aws_name_resolving_to_another_secret_is_refused(stubbed: tuple[Aw
     assert stub.requests[-1] == {"SecretId": "mcp/polygon/alice", "VersionStage": "AWSCURRENT"}
 
 
-async def test_aws_arn_and_nameless_answers_are_accepted(stubbed: tuple[AwsBackend, StubClient]) -> None:
+ALICE = "mcp/polygon/alice"
+
+# (case, id asked, the answer's changes from alice's honest one, the mismatch logged)
+ALIASES: list[tuple[str, str, dict[str, Any], str]] = [
+    ("arn-with-alices-suffix", f"{PARTIAL}{ALICE}-AbCdEf", {}, "suffix"),
+    ("arn-naming-another-secret", f"{PARTIAL}mcp/polygon/mallory", {}, "name"),
+    ("arn-case", f"{PARTIAL}mcp/polygon/Alice", {}, "name"),
+    ("arn-trailing-dot", f"{PARTIAL}{ALICE}.", {}, "name"),
+    ("arn-no-name", f"{PARTIAL}{ALICE}", {"Name": None}, "unnamed"),
+    ("arn-no-arn", f"{PARTIAL}{ALICE}", {"ARN": None}, "unnamed"),
+    ("arn-empty-name", f"{PARTIAL}{ALICE}", {"Name": ""}, "unnamed"),
+    ("arn-name-not-text", f"{PARTIAL}{ALICE}", {"Name": ["mcp/polygon/alice"]}, "unnamed"),
+    ("arn-other-account", f"{PARTIAL}{ALICE}", {"ARN": f"arn:aws:secretsmanager:us-east-1:210987654321:secret:{ALICE}-AbCdEf"}, "arn"),
+    ("arn-other-region", f"{PARTIAL}{ALICE}", {"ARN": f"arn:aws:secretsmanager:eu-west-1:{ACCOUNT}:secret:{ALICE}-AbCdEf"}, "arn"),
+    ("arn-other-partition", f"{PARTIAL}{ALICE}", {"ARN": f"arn:aws-cn:secretsmanager:us-east-1:{ACCOUNT}:secret:{ALICE}-AbCdEf"}, "arn"),
+    ("arn-answer-arn-of-another-name", f"{PARTIAL}{ALICE}", {"ARN": f"{PARTIAL}mcp/polygon/bob-AbCdEf"}, "arn"),
+    ("arn-answer-arn-without-suffix", f"{PARTIAL}{ALICE}", {"ARN": f"{PARTIAL}{ALICE}"}, "arn"),
+    ("arn-answer-arn-longer-suffix", f"{PARTIAL}{ALICE}", {"ARN": f"{PARTIAL}{ALICE}-AbCdEfG"}, "arn"),
+    ("arn-answer-not-an-arn", f"{PARTIAL}{ALICE}", {"ARN": "mcp/polygon/alice"}, "arn"),
+    ("asked-arn-of-another-service", f"arn:aws:ssm:us-east-1:{ACCOUNT}:parameter/{ALICE}", {}, "arn"),
+    ("arn-stage", f"{PARTIAL}{ALICE}", {"VersionStages": ["AWSPREVIOUS"]}, "version_stage"),
+    ("name-echoed-with-alices-arn", "mcp/polygon/mallory", {"Name": "mcp/polygon/mallory"}, "arn"),
+    ("name-case", "mcp/polygon/Alice", {}, "name"),
+    ("name-trailing-space", f"{ALICE} ", {}, "name"),
+    ("name-no-name", "mcp/polygon/mallory", {"Name": None}, "unnamed"),
+    ("name-no-arn", ALICE, {"ARN": None}, "unnamed"),
+    ("name-other-region", ALICE, {"ARN": f"arn:aws:secretsmanager:eu-west-1:{ACCOUNT}:secret:{ALICE}-AbCdEf"}, "arn"),
+    ("name-stage", ALICE, {"VersionStages": ["AWSPENDING"]}, "version_stage"),
+    ("name-stages-not-a-list", ALICE, {"VersionStages": "AWSCURRENT-not"}, "version_stage"),
+]
+
+
+@pytest.mark.parametrize(("asked", "changes", "why"), [pytest.param(*c[1:], id=c[0]) for c in ALIASES])
+async def test_aws_an_answer_that_is_not_the_secret_asked_for_is_no_secret(
+    stubbed: tuple[AwsBackend, StubClient], caplog: pytest.LogCaptureFixture,
+    asked: str, changes: dict[str, Any], why: str,
+) -> None:
     backend, stub = stubbed
-    key = make_secret("aws-arn-stub")
-    stub.answer = {"Name": "mcp/polygon/alice", "SecretString": key}
-    assert await backend.fetch("arn:aws:secretsmanager:us-east-1:123456789012:secret:mcp/polygon/alice-AbCdEf") == key
-    stub.answer = {"SecretString": key}
-    assert await backend.fetch("mcp/polygon/alice") == key
+    key = make_secret("aws-alias")
+    stub.answer = answer(ALICE, key, **changes)
+    with caplog.at_level(logging.WARNING, logger="sidecar.secrets.aws"), pytest.raises(SecretNotFound) as info:
+        await backend.fetch(asked)
+    said = [
+        (r.levelname, getattr(r, "mismatch", None), getattr(r, "secret_id", None))
+        for r in caplog.records if r.name == "sidecar.secrets.aws"
+    ]
+    assert said == [("WARNING", why, asked)]
+    leaked = key in caplog.text or key in repr(info.value) or key in str(info.value)
+    assert not leaked
+
+
+@pytest.mark.parametrize(
+    ("asked", "changes"),
+    [
+        pytest.param(ALICE, {}, id="name"),
+        pytest.param(f"{PARTIAL}{ALICE}", {}, id="partial-arn"),
+        pytest.param(ALICE, {"VersionStages": None}, id="no-stages-listed"),
+        pytest.param(ALICE, {"VersionStages": ["AWSPREVIOUS", "AWSCURRENT"]}, id="several-stages"),
+        pytest.param(ALICE, {"ARN": f"arn:aws:secretsmanager:us-east-1:{ACCOUNT}:secret:{ALICE}-a1B2c3"}, id="suffix"),
+    ],
+)
+async def test_aws_the_secret_asked_for_is_accepted(
+    stubbed: tuple[AwsBackend, StubClient], asked: str, changes: dict[str, Any]
+) -> None:
+    """The control for the refusals above: alice's own honest answer passes."""
+    backend, stub = stubbed
+    key = make_secret("aws-own")
+    stub.answer = answer(ALICE, key, **changes)
+    assert await backend.fetch(asked) == key
+
+
+async def test_aws_the_region_named_ids_resolve_in_is_the_clients(aws_env: dict[str, str]) -> None:
+    """With no region in the settings, the one the client was made with is checked."""
+    backend = AwsBackend(AwsBackendSettings(region=None))
+    await backend.start()  # AWS_DEFAULT_REGION=us-east-1
+    made, backend._client = backend._client, StubClient(answer(ALICE, make_secret("aws-region")))  # type: ignore[assignment]
+    try:
+        backend._client.answer["ARN"] = backend._client.answer["ARN"].replace("us-east-1", "us-west-2")  # type: ignore[union-attr]
+        with pytest.raises(SecretNotFound):
+            await backend.fetch(ALICE)
+    finally:
+        await backend.close()
+        assert made is not None
+        made.close()
+
+
+async def test_aws_a_mismatch_is_negatively_cached_as_no_credential(stubbed: tuple[AwsBackend, StubClient]) -> None:
+    backend, stub = stubbed
+    stub.answer = answer(ALICE, make_secret("aws-cached-alias"))
+    cache = SecretCache(backend, CacheSettings())
+    asked = f"{PARTIAL}{ALICE}-AbCdEf"
+    for lookup in ("miss", "negative"):
+        with pytest.raises(NoCredential) as info:
+            await cache.get(asked)
+        assert (info.value.reason, info.value.lookup) == ("secret_mismatch", lookup)
+    assert len(stub.requests) == 1
+    # alice's own id is another cache entry, untouched by the refusal.
+    secret, result = await cache.get(f"{PARTIAL}{ALICE}")
+    assert result == "miss" and secret.reveal() == stub.answer["SecretString"]
 
 
 async def test_aws_answer_without_a_value(stubbed: tuple[AwsBackend, StubClient]) -> None:
     backend, stub = stubbed
-    stub.answer = {"Name": "x", "SecretString": None}
+    stub.answer = answer("x", "", SecretString=None)
     with pytest.raises(StoreError) as info:
         await backend.fetch("x")
     assert info.value.kind == "invalid"

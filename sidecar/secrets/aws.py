@@ -11,10 +11,10 @@ import logging
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sidecar.config import AwsBackendSettings
-from sidecar.secrets.base import RawSecret, SecretNotFound, StoreError
+from sidecar.secrets.base import RawSecret, SecretMismatch, SecretNotFound, StoreError
 
 if TYPE_CHECKING:
     from mypy_boto3_secretsmanager import SecretsManagerClient
@@ -33,6 +33,89 @@ _AUTH = frozenset(
 )
 _THROTTLED = frozenset({"ThrottlingException", "TooManyRequestsException", "RequestLimitExceeded"})
 
+#: Secrets Manager ends every secret's ARN in "-" and this many random characters.
+SUFFIX_LENGTH = 6
+
+#: Why an answer is not the secret asked for (the log's ``mismatch`` word), for the operator.
+MISMATCHES = {
+    "unnamed": "the answer does not say which secret it is (no Name or no ARN)",
+    "name": "the answer names another secret",
+    "suffix": (
+        "the id ends in '-' and six characters, which Secrets Manager read as the random suffix of "
+        "another secret's ARN; a secret template must be a name or an ARN without that suffix"
+    ),
+    "arn": "the answer's ARN is not the secret asked for (another name, partition, region or account)",
+    "version_stage": "the answer is not at the configured version_stage",
+}
+
+
+class SecretArn(NamedTuple):
+    """``arn:PARTITION:secretsmanager:REGION:ACCOUNT:secret:RESOURCE``, split."""
+
+    partition: str
+    region: str
+    account: str
+    resource: str
+
+
+def parse_secret_arn(value: str) -> SecretArn | None:
+    """The parts of a Secrets Manager secret ARN, or None when ``value`` is not one."""
+    parts = value.split(":", 6)
+    if len(parts) != 7 or parts[0] != "arn" or parts[2] != "secretsmanager" or parts[5] != "secret":
+        return None
+    arn = SecretArn(parts[1], parts[3], parts[4], parts[6])
+    return arn if all(arn) else None
+
+
+def _where(arn: SecretArn) -> tuple[str, str, str]:
+    return (arn.partition, arn.region, arn.account)
+
+
+def _suffixed(resource: str, name: str) -> bool:
+    """Whether ``resource`` is ``name`` plus "-" and the six-character random suffix."""
+    tail = resource[len(name):]
+    return (
+        resource.startswith(name)
+        and len(tail) == SUFFIX_LENGTH + 1
+        and tail[0] == "-"
+        and "/" not in tail
+        and ":" not in tail
+    )
+
+
+def answer_mismatch(secret_id: str, answer: Any, version_stage: str, region: str | None) -> str | None:
+    """Why ``answer`` is not the secret ``secret_id`` asks for (a MISMATCHES word), or None.
+
+    The answer must say which secret it is. For a name, ``Name`` is that name exactly
+    and the ARN is that name plus the random suffix, in our region. For an ARN, it is
+    read as a partial ARN (without the suffix): ``Name`` is its resource part exactly
+    and the answer's ARN is the id plus the suffix, so partition, region and account
+    are the ones asked for. An ARN that carries a suffix already is therefore refused:
+    whether the template or a client ID wrote those seven characters cannot be told
+    from the id, and a client ID ``alice-AbCdEf`` must not reach alice's secret.
+    """
+    name, arn = answer.get("Name"), answer.get("ARN")
+    if not isinstance(name, str) or not isinstance(arn, str) or not name or not arn:
+        return "unnamed"
+    got = parse_secret_arn(arn)
+    if secret_id.startswith("arn:"):
+        asked = parse_secret_arn(secret_id)
+        if asked is None:
+            return "arn"
+        if name != asked.resource:
+            return "suffix" if _suffixed(asked.resource, name) else "name"
+        if got is None or not _suffixed(got.resource, name) or _where(got) != _where(asked):
+            return "arn"
+    else:
+        if name != secret_id:
+            return "name"
+        if got is None or not _suffixed(got.resource, name) or (region is not None and got.region != region):
+            return "arn"
+    stages = answer.get("VersionStages")
+    if stages is not None and (not isinstance(stages, list) or version_stage not in stages):
+        return "version_stage"
+    return None
+
 
 class AwsBackend:
     """One botocore client, created at start, called from a small thread pool."""
@@ -43,6 +126,8 @@ class AwsBackend:
         self.settings = settings
         self.on_change: Callable[[], None] | None = None  # Secrets Manager has no push; TTL covers changes
         self._client: SecretsManagerClient | None = None
+        #: the region names resolve in (settled at start: settings, profile or AWS_REGION)
+        self._region: str | None = settings.region
         self._executor = ThreadPoolExecutor(max_workers=MAX_THREADS, thread_name_prefix="secretsmanager")
 
     async def start(self) -> None:
@@ -69,6 +154,7 @@ class AwsBackend:
         region = s.region or session.get_config_variable("region") or os.environ.get("AWS_REGION")
         if not region:
             raise StoreError("config", "no region: set secrets.aws.region or AWS_REGION")
+        self._region = region
         client: SecretsManagerClient = session.create_client(  # type: ignore[assignment]
             "secretsmanager", region_name=region, endpoint_url=s.endpoint_url, config=config
         )
@@ -113,14 +199,22 @@ class AwsBackend:
             raise StoreError("auth", "no AWS credentials found") from None
         except BotoCoreError as exc:
             raise StoreError("unavailable", type(exc).__name__) from None
-        # A name ending in "-" and six characters can be read as a partial ARN and
-        # match another secret; only an exact name match counts.
-        if not secret_id.startswith("arn:") and answer.get("Name") not in (None, secret_id):
-            log.warning("secret name matched a different secret; refused", extra={"secret_id": secret_id})
-            raise SecretNotFound(secret_id)
-        if "SecretString" in answer and answer["SecretString"] is not None:
-            return str(answer["SecretString"])
-        binary = answer.get("SecretBinary")
+        string, binary = answer.get("SecretString"), answer.get("SecretBinary")
+        if string is None and binary is None:
+            # A body botocore could not parse comes back as an empty answer: a failing
+            # store (503, retried), not an answer about some secret.
+            raise StoreError("invalid", "secret has no value")
+        # Checked before the value is touched: another secret's value is never even decoded.
+        mismatch = answer_mismatch(secret_id, answer, self.settings.version_stage, self._region)
+        if mismatch is not None:
+            log.warning(
+                "secret store answered with another secret than asked for; refused as no secret: %s",
+                MISMATCHES[mismatch],
+                extra={"secret_id": secret_id, "mismatch": mismatch},
+            )
+            raise SecretMismatch(secret_id)
+        if string is not None:
+            return str(string)
         if isinstance(binary, bytes | bytearray):
             try:
                 return bytes(binary).decode("utf-8")

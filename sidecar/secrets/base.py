@@ -54,6 +54,22 @@ class Secret:
 class SecretNotFound(Exception):
     """The store has no secret under this id (negative-cacheable)."""
 
+    #: the access log's ``reason`` for the refusal this becomes
+    reason = "not_found"
+
+
+class SecretMismatch(SecretNotFound):
+    """The store answered with another secret than the one asked for (an alias): no secret.
+
+    Secrets Manager reads an ARN ending in ``-`` and six characters as a complete ARN,
+    so ``...:secret:mcp/polygon/{client_id}`` with client ``alice-AbCdEf`` can select
+    alice's secret. Refused like a missing secret, and negatively cached like one: the
+    store answers that id the same way every time, and the app must not be able to
+    tell "another tenant's secret exists" from "nothing here".
+    """
+
+    reason = "secret_mismatch"
+
 
 class StoreError(Exception):
     """The store failed; ``kind`` is a bounded word for metrics and logs."""

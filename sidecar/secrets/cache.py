@@ -1,10 +1,11 @@
 """The secret cache: TTL, negative caching, stale-if-error, bounded size, single flight.
 
-States of one entry (key: secret id and field)::
+States of one entry (key: secret id and field, compared exactly: ids that differ
+in case or in one trailing character are two entries and two store calls)::
 
     fresh ──ttl──▶ expired ──fetch ok──▶ fresh
                       │
-                      ├─ not found ─▶ negative (for negative_ttl)
+                      ├─ not found, or another secret ─▶ negative (for negative_ttl)
                       └─ store error ─▶ stale: served, retried every STALE_RETRY_SECONDS,
                                          until stale_if_error_seconds past expiry
 
@@ -175,9 +176,11 @@ class SecretCache:
         self.store_calls += 1
         try:
             raw = await self.backend.fetch(secret_id)
-        except SecretNotFound:
+        except SecretNotFound as missing:
+            # Also a SecretMismatch (the store answered with another secret): negatively
+            # cached like a missing one, since the store reads that id the same way again.
             now = self._clock()
-            entry = _Entry(None, now + s.negative_ttl_seconds, now + s.negative_ttl_seconds)
+            entry = _Entry(None, now + s.negative_ttl_seconds, now + s.negative_ttl_seconds, reason=missing.reason)
             self._store(key, entry)
             return entry
         except StoreError as exc:

@@ -41,7 +41,7 @@ class FileLoadError(Exception):
 
 
 def load_secret_file(path: Path) -> dict[str, RawSecret]:
-    """Read the mapping ``secret id -> string or mapping``; numbers become strings."""
+    """Read the mapping ``secret id -> string or mapping``; number values become strings, keys stay text."""
     # Each failure is raised after its except block: raised inside one, our error would
     # carry the library's (which quotes bytes or a line of the file: a key) as __context__.
     problem = None
@@ -66,13 +66,35 @@ def load_secret_file(path: Path) -> dict[str, RawSecret]:
         raise FileLoadError(f"{path} must hold a mapping of secret id to value")
     out: dict[str, RawSecret] = {}
     for key, value in data.items():
+        problem = _not_text(key, "a secret id")
+        if problem is not None:
+            raise FileLoadError(f"{path}: {problem}")
         if isinstance(value, Mapping):
-            out[str(key)] = {str(k): v for k, v in value.items()}
+            for field in value:
+                problem = _not_text(field, f"a field name of {key!r}")
+                if problem is not None:
+                    raise FileLoadError(f"{path}: {problem}")
+            out[key] = dict(value)
         elif isinstance(value, str | int | float) and not isinstance(value, bool):
-            out[str(key)] = str(value)
+            out[key] = str(value)
         else:
-            raise FileLoadError(f"{path}: the value of {str(key)!r} must be a string or a mapping")
+            raise FileLoadError(f"{path}: the value of {key!r} must be a string or a mapping")
     return out
+
+
+def _not_text(key: object, what: str) -> str | None:
+    """Why ``key`` cannot be looked up by its text, or None when it is text.
+
+    Lookups are exact (no case folding, no trimming), so a key must be the very text
+    asked for. A key YAML turns into something else would answer to another id:
+    ``null:`` (or ``~:``) would become "None", ``!!int 0123:`` "83", ``!!bool yes:``
+    "True", and two keys could land on one id. The file is refused instead.
+    """
+    if isinstance(key, str):
+        return None
+    kind = "null" if key is None else type(key).__name__
+    shown = "null, ~ or an empty key" if key is None else repr(key)
+    return f"{what} is read by YAML as {kind} ({shown}), not as text; write it in quotes"
 
 
 def _identity(path: Path) -> tuple[int, int, int] | None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import boto3
 import pytest
 
 from tests.adversarial.support_http import (
@@ -20,6 +19,7 @@ from tests.adversarial.support_http import (
     metric,
     running_sidecar,
 )
+from tests.adversarial.support_store import put_secret, secrets_manager
 from tests.support.aws import AWS_ENV
 from tests.support.leaks import make_secret
 from tests.support.process import SidecarProcess
@@ -33,17 +33,10 @@ ARNS: dict[str, str] = {}
 
 @pytest.fixture(scope="module")
 def seeded(moto_endpoint: str) -> dict[str, str]:
-    client = boto3.client(
-        "secretsmanager", region_name="us-east-1", endpoint_url=moto_endpoint,
-        aws_access_key_id="testing", aws_secret_access_key="testing",
-    )
+    client = secrets_manager(moto_endpoint)
     for who in ("alice", "bob"):
         KEYS[who] = make_secret(f"ids-{who}")
-        try:
-            ARNS[who] = client.create_secret(Name=PREFIX + who, SecretString=KEYS[who])["ARN"]
-        except client.exceptions.ResourceExistsException:
-            client.put_secret_value(SecretId=PREFIX + who, SecretString=KEYS[who])
-            ARNS[who] = client.describe_secret(SecretId=PREFIX + who)["ARN"]
+        ARNS[who] = put_secret(client, PREFIX + who, SecretString=KEYS[who])
     return KEYS
 
 

@@ -13,7 +13,6 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import boto3
 import pytest
 
 from tests.adversarial.support_http import (
@@ -25,7 +24,7 @@ from tests.adversarial.support_http import (
     metric,
     running_sidecar,
 )
-from tests.adversarial.support_store import FakeSecretsManager, FaultProxy
+from tests.adversarial.support_store import FakeSecretsManager, FaultProxy, put_secret, secrets_manager
 from tests.support.aws import AWS_ENV
 from tests.support.leaks import make_secret
 from tests.support.process import SidecarProcess
@@ -71,20 +70,6 @@ def _call(sc: SidecarProcess, path: str, client: str, timeout: float = STORE_BOU
     return ex
 
 
-def _sm(endpoint: str) -> Any:
-    return boto3.client(
-        "secretsmanager", region_name="us-east-1", endpoint_url=endpoint,
-        aws_access_key_id="testing", aws_secret_access_key="testing",
-    )
-
-
-def _put(client: Any, name: str, **value: Any) -> None:
-    try:
-        client.create_secret(Name=name, **value)
-    except client.exceptions.ResourceExistsException:
-        client.put_secret_value(SecretId=name, **value)
-
-
 # ================================================================== moto behind a fault proxy
 
 
@@ -108,7 +93,7 @@ def moto_sc(
 @pytest.fixture
 def sm(moto_endpoint: str, proxy: FaultProxy) -> Any:
     proxy.mode = "pass"
-    return _sm(moto_endpoint)
+    return secrets_manager(moto_endpoint)
 
 
 def test_not_found_is_403_and_negative_cached(moto_sc: SidecarProcess, sm: Any) -> None:
@@ -120,7 +105,7 @@ def test_not_found_is_403_and_negative_cached(moto_sc: SidecarProcess, sm: Any) 
 
 
 def test_secret_pending_deletion_is_no_credential(moto_sc: SidecarProcess, sm: Any) -> None:
-    _put(sm, "adv-store/doomed", SecretString=_secret("doomed"))
+    put_secret(sm, "adv-store/doomed", SecretString=_secret("doomed"))
     sm.delete_secret(SecretId="adv-store/doomed", RecoveryWindowInDays=7)
     r = _call(moto_sc, "/polygon", "doomed").first
     assert r.status == 403 and r.sidecar_error == "no_credential", r.text()
@@ -146,7 +131,7 @@ def test_unusable_secrets_are_never_injected(
     s = _secret(f"bad-{client}")
     stored = {k: (v.replace("{s}", s) if isinstance(v, str) else v.replace(b"{s}", s.encode())) for k, v in value.items()}
     name = ("adv-store-json/" if upstream == "internal" else "adv-store/") + client
-    _put(sm, name, **stored)
+    put_secret(sm, name, **stored)
     _echo_server.reset()
     r = _call(moto_sc, f"/{upstream}", client).first
     assert r.status in (403, 503), r.text()
@@ -156,8 +141,8 @@ def test_unusable_secrets_are_never_injected(
 
 def test_store_down_serves_stale_then_503(moto_sc: SidecarProcess, sm: Any, proxy: FaultProxy, _echo_server: EchoUpstream) -> None:
     key = _secret("stale-alice")
-    _put(sm, "adv-store/stale-alice", SecretString=key)
-    _put(sm, "adv-store/cold-bob", SecretString=_secret("cold-bob"))
+    put_secret(sm, "adv-store/stale-alice", SecretString=key)
+    put_secret(sm, "adv-store/cold-bob", SecretString=_secret("cold-bob"))
     assert _call(moto_sc, "/polygon", "stale-alice").first.status == 200
     proxy.mode = "refuse"
     time.sleep(1.2)  # past the 1 s TTL
@@ -177,7 +162,7 @@ def test_store_down_serves_stale_then_503(moto_sc: SidecarProcess, sm: Any, prox
 @pytest.mark.parametrize("mode", ["blackhole", "delay"])
 def test_hanging_or_slow_store_is_a_bounded_503(moto_sc: SidecarProcess, sm: Any, proxy: FaultProxy, mode: str) -> None:
     client = f"never-{mode}"
-    _put(sm, f"adv-store/{client}", SecretString=_secret(client))
+    put_secret(sm, f"adv-store/{client}", SecretString=_secret(client))
     proxy.mode = mode
     proxy.delay = 3.0
     ex = _call(moto_sc, "/polygon", client)
@@ -188,7 +173,7 @@ def test_hanging_or_slow_store_is_a_bounded_503(moto_sc: SidecarProcess, sm: Any
 
 def test_rotation_pending_then_current(moto_sc: SidecarProcess, sm: Any, _echo_server: EchoUpstream) -> None:
     v1, v2 = _secret("rot-v1"), _secret("rot-v2")
-    _put(sm, "adv-store/rot", SecretString=v1)
+    put_secret(sm, "adv-store/rot", SecretString=v1)
     _echo_server.accepted_key = v1
     assert _call(moto_sc, "/keyed", "rot").first.status == 200
     pending = sm.put_secret_value(SecretId="adv-store/rot", SecretString=v2, VersionStages=["AWSPENDING"])
