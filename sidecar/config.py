@@ -62,6 +62,8 @@ UPSTREAM_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 HEADER_NAME_PATTERN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _ENV_PATTERN = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _SECRET_PLACEHOLDERS = frozenset({"client_id", "upstream"})
+#: A Secrets Manager ARN ending in its random suffix (sidecar/secrets/aws.py reads ARNs as partial only).
+_COMPLETE_ARN = re.compile(r"-[A-Za-z0-9]{6}$")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
 BACKENDS = ("file", "aws")
@@ -540,6 +542,15 @@ class _Reader:
         forward_proxy = self.forward_proxy(m.get("forward_proxy"), upstreams)
         if upstreams and secrets.backend == "file" and secrets.file.path is None:
             self.fail("secrets.file.path", "is required with backend file")
+        if secrets.backend == "aws":
+            for up in upstreams.values():
+                if up.secret.startswith("arn:") and _COMPLETE_ARN.search(up.secret):
+                    self.fail(
+                        f"upstreams.{up.name}.secret",
+                        "is a complete secret ARN (it ends in - and six characters), which the sidecar "
+                        "refuses for every client: it cannot tell that suffix from one a client ID wrote; "
+                        "write the secret's name or its ARN without the suffix",
+                    )
         return Settings(
             listen=listen,
             admin_listen=admin,

@@ -732,6 +732,30 @@ def test_aws_backend_does_not_need_a_keys_file(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("template", "refused"),
+    [
+        ("arn:aws:secretsmanager:eu-west-1:123456789012:secret:team/polygon-AbCdEf", True),
+        ("arn:aws:secretsmanager:eu-west-1:123456789012:secret:mcp/{upstream}/shared-a1B2c3", True),
+        ("arn:aws:secretsmanager:eu-west-1:123456789012:secret:mcp/polygon/{client_id}", False),
+        ("arn:aws:secretsmanager:eu-west-1:123456789012:secret:team/polygon", False),
+        ("mcp/polygon/shared-AbCdEf", False),  # a name: AWS answers it only if that is its name
+    ],
+)
+def test_aws_complete_arn_template_is_refused_at_load(tmp_path: Path, template: str, refused: bool) -> None:
+    """secrets/aws.py reads every ARN as a partial one (a client ID ending in "-" and six
+    characters must not select another secret), so a complete ARN would refuse every
+    client at run time: say so when the config loads."""
+    raw = {
+        "secrets": {"backend": "aws", "aws": {"region": "eu-west-1"}},
+        "upstreams": {"polygon": upstream(secret=template)},
+    }
+    if refused:
+        assert one_problem(raw, tmp_path).startswith("upstreams.polygon.secret: is a complete secret ARN")
+    else:
+        assert parse(raw, tmp_path).upstreams["polygon"].secret == template
+
+
 def test_unknown_backend_is_refused(tmp_path: Path, keys_file: Path) -> None:
     raw = config(keys_file)
     raw["secrets"]["backend"] = "vault"

@@ -100,7 +100,7 @@ class DesyncUpstream(StreamServerMixin):
                     name, _, value = line.partition(":")
                     if name.strip().lower() == "content-length":
                         length = int(value)
-                kind = (target.split("?")[0].split("/") + ["", "", ""])[2]  # /<upstream>/<kind>/...
+                kind = [*target.split("?")[0].split("/"), "", "", ""][2]  # /<upstream>/<kind>/...
                 if kind == "lenient":
                     # The body is read as the next request on this connection.
                     smuggled = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
