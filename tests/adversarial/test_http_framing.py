@@ -335,6 +335,15 @@ def test_upgrade_is_never_tunnelled(sc: SidecarProcess, echo: EchoUpstream, upgr
     _follow_up(sc, echo)
 
 
+def test_two_identity_headers_are_refused_even_when_equal(sc: SidecarProcess, echo: EchoUpstream) -> None:
+    """Two X-Client-Id lines are ambiguous whatever they say: which one did each hop read?"""
+    ex = exchange(sc.url, H(f"GET /plain/a HTTP/1.1\r\n{A}\r\nX-Client-Id: alice"), timeout=3)
+    assert ex.first.status == 400 and ex.first.sidecar_error == "bad_request", ex.text()
+    assert echo.received == []
+    _no_key_from_sidecar(ex)
+    _follow_up(sc, echo)
+
+
 # Finding (fixed in e6c2a01): proxy.py forwards TRACE (TRACK is refused); an upstream that implements TRACE
 # reflects the request, injected key included, in its body to the app. The data plane should refuse these methods
 # (405 bad_request)
