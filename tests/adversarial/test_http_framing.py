@@ -42,6 +42,9 @@ PARSERS = {"c-parser": {}, "py-parser": {"AIOHTTP_NO_EXTENSIONS": "1"}}
 #: The lean server hands aiohttp what it does not serve itself; SIDECAR_SERVER=aiohttp gives aiohttp all.
 SERVERS = {"fast": {}, "aiohttp": {"SIDECAR_SERVER": "aiohttp"}}
 STACKS = {f"{server}-{parser}": {**SERVERS[server], **PARSERS[parser]} for server in SERVERS for parser in PARSERS}
+#: Headers that carry credentials for services on the app's own host (Vault agent, the AWS
+#: Parameters and Secrets extension): never forwarded, whatever the upstream.
+LOCAL_CREDENTIAL_HEADERS = ("X-Vault-Token", "X-Aws-Parameters-Secrets-Token")
 KEYS: dict[str, str] = {}
 
 
@@ -68,6 +71,14 @@ def sc(
                 "url": _echo_server.url + "/echo",
                 "secret": "{client_id}",
                 "inject": {"header": "X-API-Key"},
+                "allow_private": True,
+                "timeout_seconds": 5,
+            },
+            # An upstream whose own credential header is one the app's local services use too.
+            "vault": {
+                "url": _echo_server.url + "/echo/vault",
+                "secret": "{client_id}",
+                "inject": {"header": "X-Vault-Token"},
                 "allow_private": True,
                 "timeout_seconds": 5,
             },
@@ -201,8 +212,9 @@ def _check_upstream(echo: EchoUpstream) -> None:
     """Every request the upstream saw went through the sidecar's checks."""
     for rec in echo.received:
         assert "smuggled" not in rec.raw_path.lower(), f"a smuggled request reached the upstream: {rec.raw_path}"
-        keys = [v for k, v in rec.headers if k.lower() == "x-api-key"]
-        assert len(keys) == 1 and keys[0] in KEYS.values(), f"upstream got X-API-Key {len(keys)} times"
+        key_header = "x-vault-token" if rec.raw_path.startswith("/echo/vault/") else "x-api-key"
+        keys = [v for k, v in rec.headers if k.lower() == key_header]
+        assert len(keys) == 1 and keys[0] in KEYS.values(), f"upstream got {key_header} {len(keys)} times"
         names = rec.header_names()
         assert "x-client-id" not in names and "upgrade" not in names, names
 
@@ -341,6 +353,40 @@ def test_two_identity_headers_are_refused_even_when_equal(sc: SidecarProcess, ec
     assert ex.first.status == 400 and ex.first.sidecar_error == "bad_request", ex.text()
     assert echo.received == []
     _no_key_from_sidecar(ex)
+    _follow_up(sc, echo)
+
+
+def _local_credentials() -> str:
+    return "".join(f"\r\n{name}: app-local-{i}" for i, name in enumerate(LOCAL_CREDENTIAL_HEADERS))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        H(f"GET /plain/a HTTP/1.1\r\n{A}{_local_credentials()}"),
+        H(f"POST /plain/upload HTTP/1.1\r\n{A}{_local_credentials()}\r\nTransfer-Encoding: chunked", b"5\r\nhello\r\n0\r\n\r\n"),
+    ],
+    ids=["get", "chunked-post"],
+)
+def test_local_credential_headers_never_reach_the_upstream(sc: SidecarProcess, echo: EchoUpstream, data: bytes) -> None:
+    ex = exchange(sc.url, data, timeout=3)
+    assert ex.first.status == 200, ex.text()
+    names = echo.last().header_names()
+    assert not {n.lower() for n in LOCAL_CREDENTIAL_HEADERS} & names, names
+    _check_upstream(echo)
+    _follow_up(sc, echo)
+
+
+def test_an_upstream_that_injects_a_local_credential_header_gets_its_key_there(
+    sc: SidecarProcess, echo: EchoUpstream
+) -> None:
+    ex = exchange(sc.url, H(f"GET /vault/a HTTP/1.1\r\n{A}{_local_credentials()}"), timeout=3)
+    assert ex.first.status == 200, ex.text()
+    rec = echo.last()
+    assert rec.raw_path == "/echo/vault/a"
+    assert [v for k, v in rec.headers if k.lower() == "x-vault-token"] == [KEYS["alice"]]
+    assert "x-aws-parameters-secrets-token" not in rec.header_names()
+    _check_upstream(echo)
     _follow_up(sc, echo)
 
 
