@@ -63,6 +63,8 @@ BAD_TRANSFER_ENCODING = MARK + "bad-transfer-encoding"
 RETRY_AFTER_SECONDS = "5"
 #: Longest reason phrase relayed to the app.
 MAX_REASON = 256
+#: Answers that never have a body (RFC 9110 15.3.5, 15.4.5).
+_NO_BODY_STATUS = frozenset({204, 304})
 #: Either side breaking off mid-body, as the clients and transports report it.
 STREAM_BROKEN = (TimeoutError, ConnectionError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
 
@@ -167,10 +169,16 @@ class ResponseHead:
             answer.close()
             raise UpstreamUnreachable("The upstream answered with an unexpected interim status.", reason="protocol")
         self.status = answer.status
-        self.length = answer.content_length
-        self.framed = (
-            self.length is not None and "chunked" not in answer.headers.get("Transfer-Encoding", "").lower()
-        )
+        if self.status in _NO_BODY_STATUS:
+            # Never a body, whatever the upstream's Content-Length says (a 304 may repeat the
+            # length of the 200 it stands for): the app must not wait for one.
+            self.length = None
+            self.framed = False
+        else:
+            self.length = answer.content_length
+            self.framed = (
+                self.length is not None and "chunked" not in answer.headers.get("Transfer-Encoding", "").lower()
+            )
         scrub = upstream.injection.scrub_set(secret)
         shortest = scrub.shortest
         # The reason phrase is the upstream's text too: an echo of the key there would
