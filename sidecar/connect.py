@@ -15,15 +15,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import ssl
 import time
 from collections.abc import Callable, Coroutine
 from importlib.util import find_spec
 from typing import TYPE_CHECKING, Any, cast
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
-from aiohttp.http_parser import RawRequestMessage
+from aiohttp.http import HttpVersion10, HttpVersion11
+from aiohttp.http_exceptions import BadHttpMethod, BadStatusLine
+from aiohttp.http_parser import HttpRequestParserPy, RawRequestMessage
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
@@ -31,8 +34,21 @@ from yarl import URL
 
 from sidecar import metrics
 from sidecar.config import ListenAddress, ascii_digits, normalize_host
-from sidecar.errors import BadRequest, DestinationNotAllowed, SidecarError, UpstreamTimeout, UpstreamUnreachable
-from sidecar.proxy import UNPARSEABLE_TARGET, error_bytes, error_response
+from sidecar.errors import (
+    BadRequest,
+    DestinationNotAllowed,
+    SidecarError,
+    UnsupportedHttpVersion,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from sidecar.proxy import (
+    BAD_TRANSFER_ENCODING,
+    UNPARSEABLE_TARGET,
+    UNSUPPORTED_VERSION,
+    error_bytes,
+    error_response,
+)
 from sidecar.upstream import resolve_allowed
 
 #: The lean server (sidecar/fastserver.py) takes plain HTTP connections and hands
@@ -61,6 +77,11 @@ TUNNEL_IDLE_SECONDS = 300.0
 #: idle or part-way through one. Its own default, 3630 s, let a head that never ends
 #: hold up to 128 header lines of 32 KiB for an hour, before any identity check.
 HTTP_WAIT_SECONDS = 30.0
+#: llhttp's reason for a well-formed ``HTTP/d.d`` it does not know (1.2, 3.0): a 505, where
+#: its other version errors ("Invalid major version", "Expected dot") are garbage, a 400.
+LLHTTP_UNKNOWN_VERSION = "Invalid HTTP version"
+_ROOT = URL.build(path="/", encoded=True)
+_HTTP_VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
 
 
 def parse_authority(target: str) -> tuple[str, int]:
@@ -74,6 +95,63 @@ def parse_authority(target: str) -> tuple[str, int]:
     if normal is None:
         raise BadRequest("CONNECT names an invalid host.", reason="bad_authority")
     return normal, int(port)
+
+
+def check_connect_head(head: bytes) -> None:
+    """The HTTP/1.1 rules for a CONNECT head, which no parser but this reads; raises.
+
+    A request line of three parts ending in ``HTTP/d.d``, 1.0 or 1.1 (else 505), and Host:
+    one in HTTP/1.1, at most one in HTTP/1.0.
+    """
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or _HTTP_VERSION.fullmatch(parts[2]) is None:
+        raise BadRequest("Malformed CONNECT request line.", reason="bad_connect")
+    if parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
+        raise UnsupportedHttpVersion(reason="http_version")
+    hosts = sum(1 for line in lines[1:] if line.partition(b":")[0].lower() == b"host")
+    if hosts > 1 or (hosts == 0 and parts[2] == b"HTTP/1.1"):
+        raise BadRequest("An HTTP/1.1 request carries exactly one Host header.", reason="host")
+
+
+def head_refusal(message: RawRequestMessage) -> str | None:
+    """The router's mark (proxy.py) for a head aiohttp's parsers accepted but the contract refuses.
+
+    Both parsers take ``HTTP/2.0`` and ``HTTP/0.9`` in a request line (the pure-Python one
+    any digit pair), and a Transfer-Encoding of ``gzip, chunked``, or one in HTTP/1.0; the
+    pure-Python one ``chunked, chunked`` too. Host (none or several) they refuse themselves.
+    """
+    version = message.version
+    if version != HttpVersion11 and version != HttpVersion10:
+        return UNSUPPORTED_VERSION
+    # Looked for before getall: aiohttp makes the request for a parse error from a message
+    # whose headers are a plain (empty) dict.
+    if hdrs.TRANSFER_ENCODING not in message.headers:
+        return None
+    codings = message.headers.getall(hdrs.TRANSFER_ENCODING)
+    if (
+        # RFC 9112 6.1: a Transfer-Encoding in HTTP/1.0 is faulty framing. "chunked" is
+        # case-insensitive; .lower() folds some non-ASCII letters into ASCII ones, so ASCII first.
+        version != HttpVersion11 or len(codings) != 1 or not codings[0].isascii()
+        or codings[0].strip(" \t").lower() != "chunked"
+    ):
+        return BAD_TRANSFER_ENCODING
+    return None
+
+
+class _CaseSensitiveParser(HttpRequestParserPy):
+    """aiohttp's pure-Python request parser, refusing a method that is not upper case.
+
+    It upper-cases the method it read, so ``get`` would go upstream as ``GET`` with a key in
+    it (llhttp, the lean server's and aiohttp's C parser, refuses ``get`` outright). Methods
+    are case-sensitive (RFC 9110 9.1); every registered one is upper case.
+    """
+
+    def parse_message(self, lines: list[bytes]) -> RawRequestMessage:
+        method = lines[0].partition(b" ")[0]
+        if method != method.upper():
+            raise BadHttpMethod(method.decode("latin-1"))
+        return super().parse_message(lines)
 
 
 class _RequestHandler(RequestHandler):
@@ -93,11 +171,16 @@ class _RequestHandler(RequestHandler):
         err: SidecarError = (
             BadRequest(reason="malformed") if 400 <= status < 500 else SidecarError(reason="internal_error")
         )
+        reason = type(exc).__name__ if exc is not None else err.reason
+        if isinstance(exc, BadStatusLine) and LLHTTP_UNKNOWN_VERSION in str(exc):
+            # The pure-Python parser reads HTTP/1.2 as a version, and the router refuses it: the same 505.
+            err = UnsupportedHttpVersion(reason="http_version")
+            reason = err.reason
         metrics.count_refusal(err.code)
         metrics.count_request("-", err.status)
         self.front.plane.access_log.line(
             method="-", path="-", mode="route", upstream="-", status=err.status, elapsed=0.0,
-            error=err.code, reason=type(exc).__name__ if exc is not None else err.reason,
+            error=err.code, reason=reason,
         )
         response = error_response(err)
         response.force_close()
@@ -116,6 +199,10 @@ class _Server(web.Server):
     def __call__(self) -> RequestHandler:
         handler = _RequestHandler(self, loop=self.front.loop, **self.handler_kwargs)
         handler.front = self.front
+        if type(handler._parser) is HttpRequestParserPy:
+            # AIOHTTP_NO_EXTENSIONS (or no C extension): the parser aiohttp built, as it built
+            # it, with the method check added (a subclass with no state of its own).
+            handler._parser.__class__ = _CaseSensitiveParser
         return handler
 
     def _make_request(
@@ -126,6 +213,12 @@ class _Server(web.Server):
         writer: AbstractStreamWriter,
         task: asyncio.Task[None],
     ) -> BaseRequest:
+        mark = head_refusal(message)
+        if mark is not None:
+            # Refused by the router, in HTTP/1.1 whatever the request line said, and the
+            # connection closed after it: what follows a head like this is not to be read
+            # as a next request.
+            message = message._replace(path=mark, url=_ROOT, version=HttpVersion11, should_close=True)
         try:
             return super()._make_request(message, payload, protocol, writer, task)
         except (UnicodeError, ValueError):
@@ -307,10 +400,8 @@ class Front:
         mode = "tunnel"
         metrics.bump(metrics.INFLIGHT)
         try:
-            line = head.split(b"\r\n", 1)[0].decode("latin-1")
-            parts = line.split(" ")
-            if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-                raise BadRequest("Malformed CONNECT request line.", reason="bad_connect")
+            check_connect_head(head)
+            parts = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
             host, port = parse_authority(parts[1])
             # Logged only once parsed: a raw authority could carry user:password@.
             target = str(ListenAddress(host, port))

@@ -4,6 +4,7 @@ The hierarchy::
 
     SidecarError                      status  code
     ├── BadRequest                    400     bad_request
+    │   └── UnsupportedHttpVersion    505     bad_request
     ├── InvalidClientId               400     invalid_client_id
     ├── MissingIdentity               401     missing_identity
     ├── InvalidToken                  401     invalid_token
@@ -52,6 +53,13 @@ class BadRequest(SidecarError):
     status = 400
     code = "bad_request"
     default_message = "The request is malformed and will not be forwarded."
+
+
+class UnsupportedHttpVersion(BadRequest):
+    """A well-formed request line naming an HTTP version other than 1.0 and 1.1 (garbage is a 400)."""
+
+    status = 505
+    default_message = "Only HTTP/1.0 and HTTP/1.1 are served here."
 
 
 class InvalidClientId(SidecarError):

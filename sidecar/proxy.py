@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 from urllib.parse import unquote, urlsplit
 
 import aiohttp
@@ -31,6 +31,7 @@ from sidecar.errors import (
     SecretStoreUnavailable,
     SidecarError,
     UnknownUpstream,
+    UnsupportedHttpVersion,
     UpstreamUnreachable,
 )
 from sidecar.identity import IdentityResolver
@@ -53,11 +54,18 @@ REPLAY_BODY_LIMIT = 1024 * 1024
 #: Methods never forwarded: an upstream implementing them reflects the request,
 #: injected key included, back to the app.
 REFUSED_METHODS = frozenset({"TRACE", "TRACK"})
-#: Marks a request whose target aiohttp could not even turn into a URL (see connect.py).
-UNPARSEABLE_TARGET = "\x00unparseable-target"
+#: Targets connect.py puts in place of a request's own when the head aiohttp parsed cannot be
+#: served: a target aiohttp could not even turn into a URL, a version other than 1.0 and 1.1,
+#: a Transfer-Encoding other than one final chunked. The router refuses them (``_refuse_marked``).
+MARK: Final = "\x00"
+UNPARSEABLE_TARGET = MARK + "unparseable-target"
+UNSUPPORTED_VERSION = MARK + "unsupported-version"
+BAD_TRANSFER_ENCODING = MARK + "bad-transfer-encoding"
 RETRY_AFTER_SECONDS = "5"
 #: Longest reason phrase relayed to the app.
 MAX_REASON = 256
+#: Answers that never have a body (RFC 9110 15.3.5, 15.4.5).
+_NO_BODY_STATUS = frozenset({204, 304})
 #: Either side breaking off mid-body, as the clients and transports report it.
 STREAM_BROKEN = (TimeoutError, ConnectionError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
 
@@ -165,10 +173,16 @@ class ResponseHead:
             answer.close()
             raise UpstreamUnreachable("The upstream answered with an unexpected interim status.", reason="protocol")
         self.status = answer.status
-        self.length = answer.content_length
-        self.framed = (
-            self.length is not None and "chunked" not in answer.headers.get("Transfer-Encoding", "").lower()
-        )
+        if self.status in _NO_BODY_STATUS:
+            # Never a body, whatever the upstream's Content-Length says (a 304 may repeat the
+            # length of the 200 it stands for): the app must not wait for one.
+            self.length = None
+            self.framed = False
+        else:
+            self.length = answer.content_length
+            self.framed = (
+                self.length is not None and "chunked" not in answer.headers.get("Transfer-Encoding", "").lower()
+            )
         scrub = upstream.injection.scrub_set(secret)
         shortest = scrub.shortest
         # The reason phrase is the upstream's text too: an echo of the key there would
@@ -210,6 +224,17 @@ def _check_path(path: str) -> None:
             # "..;x" too: Tomcat, Jetty and Spring drop ";params" and then walk up a level.
             if segment.partition(";")[0] in (".", ".."):
                 raise BadRequest("Dot segments are not allowed in the path.", reason="dot_segment")
+
+
+def _refuse_marked(raw: str) -> SidecarError:
+    """The refusal for a request connect.py marked (see MARK)."""
+    if raw == UNSUPPORTED_VERSION:
+        return UnsupportedHttpVersion(reason="http_version")
+    if raw == BAD_TRANSFER_ENCODING:
+        return BadRequest(
+            "Transfer-Encoding must be exactly chunked, once, in HTTP/1.1.", reason="transfer_encoding"
+        )
+    return BadRequest("The request target is not a valid URL.", reason="bad_target")
 
 
 class DataPlane:
@@ -294,8 +319,8 @@ class DataPlane:
     ) -> tuple[Upstream, str, str]:
         """Pick the upstream; return it with the path and raw query to send."""
         raw = request.raw_path
-        if raw == UNPARSEABLE_TARGET:
-            raise BadRequest("The request target is not a valid URL.", reason="bad_target")
+        if raw.startswith(MARK):
+            raise _refuse_marked(raw)
         if request.method in REFUSED_METHODS:
             raise BadRequest(f"{request.method} is not forwarded: it would echo the injected key.", reason="method")
         if origin is not None:

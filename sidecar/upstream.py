@@ -44,6 +44,10 @@ HOP_BY_HOP = frozenset(
         "te", "trailer", "transfer-encoding", "upgrade",
     }
 )
+#: Credentials for services on the app's own host (a Vault agent; the AWS Parameters and
+#: Secrets extension): an app's HTTP client may attach them to every request, and no
+#: upstream is meant to see them. An upstream whose ``inject`` names one gets its own key there.
+LOCAL_CREDENTIAL_HEADERS = frozenset({"x-vault-token", "x-aws-parameters-secrets-token"})
 #: Headers aiohttp would add on its own; the sidecar forwards what the app sent, no more.
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 #: Idle keep-alive connections to an upstream live this long.
@@ -269,7 +273,7 @@ class Upstream:
         )
         # Expect: this hop meets it (the proxy answers 100 Continue and reads the body),
         # so the upstream must not wait for a body that is already here.
-        drop = set(HOP_BY_HOP) | {"host", "expect"}
+        drop = set(HOP_BY_HOP) | LOCAL_CREDENTIAL_HEADERS | {"host", "expect"}
         if self.injection.header is not None:
             drop.add(self.injection.header.lower())
         self.drop_request_headers = frozenset(drop)

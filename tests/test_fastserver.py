@@ -294,7 +294,7 @@ async def _lean_server(monkeypatch: pytest.MonkeyPatch) -> tuple[asyncio.Server,
 
 @pytest.mark.parametrize(
     "sent",
-    [b"", b"GET /polygon/x HTTP/1.1\r\nHost: a\r\n", b"POST /p/x HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc"],
+    [b"", b"GET /polygon/x HTTP/1.1\r\nHost: a\r\n", b"POST /p/x HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc"],
     ids=["nothing", "half-a-head", "half-a-body"],
 )
 async def test_a_request_that_never_completes_is_closed(monkeypatch: pytest.MonkeyPatch, sent: bytes) -> None:

@@ -409,16 +409,17 @@ async def test_bearer_scheme_is_case_insensitive(idp: IdentityProvider, make_res
         assert (await resolver.resolve(headers)).client_id == "a"
 
 
-async def test_duplicate_differing_tokens_are_a_bad_request(
+async def test_two_tokens_are_a_bad_request_even_when_equal(
     idp: IdentityProvider, make_resolver: MakeResolver
 ) -> None:
     resolver = make_resolver()
     one, two = idp.mint(client_id="a"), idp.mint(client_id="b")
-    headers: CIMultiDict[str] = CIMultiDict([("Authorization", f"Bearer {one}"), ("Authorization", f"Bearer {two}")])
-    with pytest.raises(BadRequest):
-        await resolver.resolve(headers)
-    same: CIMultiDict[str] = CIMultiDict([("Authorization", f"Bearer {one}"), ("Authorization", f"Bearer {one}")])
-    assert (await resolver.resolve(same)).client_id == "a"
+    for second in (two, one):
+        headers: CIMultiDict[str] = CIMultiDict(
+            [("Authorization", f"Bearer {one}"), ("Authorization", f"Bearer {second}")]
+        )
+        with pytest.raises(BadRequest):
+            await resolver.resolve(headers)
 
 
 async def test_custom_header_carries_the_raw_token(idp: IdentityProvider, make_resolver: MakeResolver) -> None:

@@ -196,6 +196,11 @@ BEHAVIOURS: dict[str, Behaviour] = {
     "body-after-204": _fixed(
         b"HTTP/1.1 204 No Content\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nsmuggled", True
     ),
+    # legal for a 304 (the length of the 200 it stands for), never for a 204; neither has a body
+    "no-content-with-length": _fixed(b"HTTP/1.1 204 No Content\r\nContent-Length: 7\r\n\r\n", True),
+    "not-modified-with-length": _fixed(
+        b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\nContent-Length: 1234\r\n\r\n", True
+    ),
     "bad-status": _fixed(b"HTTP/1.1 2OO OK\r\nContent-Length: 2\r\n\r\nok", True),
     "garbage-status": _fixed(b"HELLO THERE\r\n\r\n", False),
     "http09": _fixed(b"just some bytes, no status line at all", False),

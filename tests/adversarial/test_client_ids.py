@@ -134,9 +134,10 @@ def test_hostile_client_id_refused_before_any_store_call(
     assert_no_secret([ex.raw], *KEYS.values())
 
 
-def test_duplicate_identity_headers_refused_before_store(sc: SidecarProcess) -> None:
+@pytest.mark.parametrize("second", [b"bob", b"alice"], ids=["different", "equal"])
+def test_duplicate_identity_headers_refused_before_store(sc: SidecarProcess, second: bytes) -> None:
     before = metric(sc, FETCHES, {"backend": "aws"})
-    ex = request_as(sc, b"alice", extra=b"X-Client-Id: bob\r\n")
+    ex = request_as(sc, b"alice", extra=b"X-Client-Id: " + second + b"\r\n")
     assert ex.first.status == 400 and ex.first.sidecar_error == "bad_request", ex.text()
     assert metric(sc, FETCHES, {"backend": "aws"}) == before
 

@@ -1,17 +1,24 @@
-"""Request framing attacks on the data plane, through the real CLI, with both aiohttp parsers.
+"""Request framing attacks on the data plane, through the real CLI, with every parser that reads them.
 
-Each case is raw bytes on one connection. Whatever the parser makes of them, these hold:
+Four stacks: the lean server (llhttp) in front of aiohttp's C parser (llhttp too) or its
+pure-Python one (AIOHTTP_NO_EXTENSIONS=1), and aiohttp's server alone with each
+(SIDECAR_SERVER=aiohttp). Each case is raw bytes on one connection. Whatever the parser
+makes of them, these hold:
 
 - nothing reaches the upstream that the sidecar did not check: every request the echo
   upstream records carries alice's (or bob's) key exactly once, never an identity header,
   never a "smuggled" path;
 - a case marked ``reject`` ends in a 4xx/5xx or a closed connection, and nothing is forwarded;
+- a case marked with a status (``400``, ``505``) breaks a rule of the contract's HTTP/1.1
+  strictness: every stack answers exactly that status with ``X-Sidecar-Error: bad_request``,
+  forwards nothing and closes the connection (a request pipelined behind it is never read);
 - no key appears in anything sent back, and the next normal request still works.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -32,6 +39,12 @@ from tests.support.process import SidecarProcess
 from tests.support.upstream import EchoUpstream
 
 PARSERS = {"c-parser": {}, "py-parser": {"AIOHTTP_NO_EXTENSIONS": "1"}}
+#: The lean server hands aiohttp what it does not serve itself; SIDECAR_SERVER=aiohttp gives aiohttp all.
+SERVERS = {"fast": {}, "aiohttp": {"SIDECAR_SERVER": "aiohttp"}}
+STACKS = {f"{server}-{parser}": {**SERVERS[server], **PARSERS[parser]} for server in SERVERS for parser in PARSERS}
+#: Headers that carry credentials for services on the app's own host (Vault agent, the AWS
+#: Parameters and Secrets extension): never forwarded, whatever the upstream.
+LOCAL_CREDENTIAL_HEADERS = ("X-Vault-Token", "X-Aws-Parameters-Secrets-Token")
 KEYS: dict[str, str] = {}
 
 
@@ -41,7 +54,7 @@ def keys() -> dict[str, str]:
     return KEYS
 
 
-@pytest.fixture(scope="module", params=list(PARSERS))
+@pytest.fixture(scope="module", params=list(STACKS))
 def sc(
     request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,
@@ -61,9 +74,17 @@ def sc(
                 "allow_private": True,
                 "timeout_seconds": 5,
             },
+            # An upstream whose own credential header is one the app's local services use too.
+            "vault": {
+                "url": _echo_server.url + "/echo/vault",
+                "secret": "{client_id}",
+                "inject": {"header": "X-Vault-Token"},
+                "allow_private": True,
+                "timeout_seconds": 5,
+            },
         },
     }
-    with running_sidecar(config, workdir, env=PARSERS[request.param], name=f"framing-{request.param}") as proc:
+    with running_sidecar(config, workdir, env=STACKS[request.param], name=f"framing-{request.param}") as proc:
         yield proc
 
 
@@ -79,7 +100,9 @@ TINY_CHUNKS = 10_000
 # (id, bytes, expectation). ok: a 200 from the upstream; reject: refused, nothing forwarded;
 # reject-body: the head was fine and the body is streamed, so the upstream may have seen the head,
 # but the app gets an error and the upstream never a complete body; safe: either, as long as the
-# invariants in the module docstring hold.
+# invariants in the module docstring hold; "400", "505": exactly that refusal (bad_request), nothing
+# forwarded, the connection closed (test_framing sends it again with a request pipelined behind it,
+# which must never run).
 CASES: list[tuple[str, bytes, str]] = [
     # ---- smuggling: CL.TE, TE.CL and Content-Length games
     ("cl-te", H(f"POST /plain/a HTTP/1.1\r\n{A}\r\nContent-Length: 4\r\nTransfer-Encoding: chunked", b"0\r\n\r\n" + SMUGGLED.encode()), "reject"),
@@ -95,11 +118,17 @@ CASES: list[tuple[str, bytes, str]] = [
     # ---- odd Transfer-Encoding
     ("te-chunked-identity", H(f"POST /plain/a HTTP/1.1\r\n{A}\r\nTransfer-Encoding: chunked, identity", b"5\r\nhello\r\n0\r\n\r\n"), "reject"),
     ("te-xchunked", H(f"POST /plain/a HTTP/1.1\r\n{A}\r\nTransfer-Encoding: xchunked", b"5\r\nhello\r\n0\r\n\r\n"), "reject"),
-    ("te-twice", H(f"POST /plain/a HTTP/1.1\r\n{A}\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked", b"5\r\nhello\r\n0\r\n\r\n"), "safe"),
-    ("te-upper", H(f"POST /plain/a HTTP/1.1\r\n{A}\r\nTransfer-Encoding: CHUNKED", b"5\r\nhello\r\n0\r\n\r\n"), "safe"),
+    ("te-twice", H(f"POST /plain/a HTTP/1.1\r\n{A}\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked", b"5\r\nhello\r\n0\r\n\r\n"), "400"),
+    ("te-chunked-chunked", H(f"POST /plain/a HTTP/1.1\r\n{A}\r\nTransfer-Encoding: chunked, chunked", b"5\r\nhello\r\n0\r\n\r\n"), "400"),
+    ("te-gzip-chunked", H(f"POST /plain/a HTTP/1.1\r\n{A}\r\nTransfer-Encoding: gzip, chunked", b"5\r\nhello\r\n0\r\n\r\n"), "400"),
+    ("te-gzip-then-chunked", H(f"POST /plain/a HTTP/1.1\r\n{A}\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked", b"5\r\nhello\r\n0\r\n\r\n"), "400"),
+    ("te-empty-element", H(f"POST /plain/a HTTP/1.1\r\n{A}\r\nTransfer-Encoding: , chunked", b"5\r\nhello\r\n0\r\n\r\n"), "400"),
+    ("te-identity", H(f"POST /plain/a HTTP/1.1\r\n{A}\r\nTransfer-Encoding: identity", b"hello"), "400"),
+    ("te-empty", H(f"POST /plain/a HTTP/1.1\r\n{A}\r\nTransfer-Encoding: ", b"hello"), "400"),
+    ("te-upper", H(f"POST /plain/a HTTP/1.1\r\n{A}\r\nTransfer-Encoding: CHUNKED", b"5\r\nhello\r\n0\r\n\r\n"), "ok"),
     ("te-vtab", H(f"POST /plain/a HTTP/1.1\r\n{A}\r\nTransfer-Encoding:\x0bchunked", b"5\r\nhello\r\n0\r\n\r\n"), "reject"),
     ("te-space-before-colon", H(f"POST /plain/a HTTP/1.1\r\n{A}\r\nTransfer-Encoding : chunked", b"5\r\nhello\r\n0\r\n\r\n"), "reject"),
-    ("te-http10", H(f"POST /plain/a HTTP/1.0\r\n{A}\r\nTransfer-Encoding: chunked", b"5\r\nhello\r\n0\r\n\r\n"), "safe"),
+    ("te-http10", H(f"POST /plain/a HTTP/1.0\r\n{A}\r\nTransfer-Encoding: chunked", b"5\r\nhello\r\n0\r\n\r\n"), "400"),
     ("chunk-size-overflow", H(f"POST /plain/a HTTP/1.1\r\n{A}\r\nTransfer-Encoding: chunked", b"ffffffffffffffffffff\r\nhello\r\n0\r\n\r\n"), "reject-body"),
     ("chunk-size-garbage", H(f"POST /plain/a HTTP/1.1\r\n{A}\r\nTransfer-Encoding: chunked", b"5x\r\nhello\r\n0\r\n\r\n"), "reject-body"),
     ("chunk-missing-crlf", H(f"POST /plain/a HTTP/1.1\r\n{A}\r\nTransfer-Encoding: chunked", b"5\r\nhelloXX0\r\n\r\n"), "reject-body"),
@@ -114,7 +143,14 @@ CASES: list[tuple[str, bytes, str]] = [
     ("nul-in-name", H("GET /plain/a HTTP/1.1\r\nHost: x\r\nX-Cli\x00ent-Id: alice"), "reject"),
     ("no-colon", H("GET /plain/a HTTP/1.1\r\nHost: x\r\nX-Client-Id alice"), "reject"),
     ("space-in-name", H("GET /plain/a HTTP/1.1\r\nHost: x\r\nX-Client-Id : bob\r\nX-Client-Id: alice"), "reject"),
-    ("dup-host", H("GET /plain/a HTTP/1.1\r\nHost: x\r\nHost: y\r\nX-Client-Id: alice"), "safe"),
+    # ---- Host: exactly one in HTTP/1.1, at most one in HTTP/1.0
+    ("dup-host", H("GET /plain/a HTTP/1.1\r\nHost: x\r\nHost: y\r\nX-Client-Id: alice"), "400"),
+    ("dup-host-equal", H("GET /plain/a HTTP/1.1\r\nHost: x\r\nHost: x\r\nX-Client-Id: alice"), "400"),
+    ("no-host", H("GET /plain/a HTTP/1.1\r\nX-Client-Id: alice"), "400"),
+    ("no-host-post", H("POST /plain/a HTTP/1.1\r\nX-Client-Id: alice\r\nContent-Length: 5", b"hello"), "400"),
+    ("no-host-absolute", H("GET http://127.0.0.1:1/echo/a HTTP/1.1\r\nX-Client-Id: alice"), "400"),
+    ("dup-host-http10", H("GET /plain/a HTTP/1.0\r\nHost: x\r\nHost: y\r\nX-Client-Id: alice"), "400"),
+    ("no-host-http10", H("GET /plain/a HTTP/1.0\r\nX-Client-Id: alice"), "ok"),
     # ---- Connection naming identity or credential headers; client-supplied keys
     ("connection-names-identity", H(f"GET /plain/a HTTP/1.1\r\n{A}\r\nConnection: X-Client-Id"), "ok"),
     ("connection-names-key-header", H(f"GET /plain/a HTTP/1.1\r\n{A}\r\nConnection: X-API-Key, keep-alive\r\nX-API-Key: attacker"), "ok"),
@@ -123,18 +159,42 @@ CASES: list[tuple[str, bytes, str]] = [
     ("client-key-twice", H(f"GET /plain/a HTTP/1.1\r\n{A}\r\nX-API-Key: evil-1\r\nX-API-Key: evil-2"), "ok"),
     # ---- versions
     ("http-1.0", H(f"GET /plain/a HTTP/1.0\r\n{A}"), "ok"),
-    ("http-2.0-text", H(f"GET /plain/a HTTP/2.0\r\n{A}"), "safe"),
+    ("http-2.0-text", H(f"GET /plain/a HTTP/2.0\r\n{A}"), "505"),
+    ("http-1.2", H(f"GET /plain/a HTTP/1.2\r\n{A}"), "505"),
+    ("http-3.0", H(f"GET /plain/a HTTP/3.0\r\n{A}"), "505"),
+    ("http-0.9-versioned", H(f"GET /plain/a HTTP/0.9\r\n{A}"), "505"),
+    ("http-2.0-post", H(f"POST /plain/a HTTP/2.0\r\n{A}\r\nContent-Length: 5", b"hello"), "505"),
     ("http-0.9", b"GET /plain/a\r\n\r\n", "reject"),
-    ("http-1.10", H(f"GET /plain/a HTTP/1.10\r\n{A}"), "reject"),
-    ("http-garbage", H(f"GET /plain/a HTTP/x.y\r\n{A}"), "reject"),
+    ("http-1.10", H(f"GET /plain/a HTTP/1.10\r\n{A}"), "400"),
+    ("http-garbage", H(f"GET /plain/a HTTP/x.y\r\n{A}"), "400"),
+    ("http-no-minor", H(f"GET /plain/a HTTP/2\r\n{A}"), "400"),
+    ("http-lowercase", H(f"GET /plain/a http/1.1\r\n{A}"), "400"),
     ("h2-preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "reject"),
     # ---- methods and targets
-    ("method-lowercase", H(f"get /plain/a HTTP/1.1\r\n{A}"), "safe"),
+    # Methods are case-sensitive: a parser that upper-cases them would forward "get" as GET, key and all.
+    ("method-lowercase", H(f"get /plain/a HTTP/1.1\r\n{A}"), "400"),
+    ("method-mixed-case", H(f"Get /plain/a HTTP/1.1\r\n{A}"), "400"),
+    ("method-lowercase-post", H(f"post /plain/a HTTP/1.1\r\n{A}\r\nContent-Length: 5", b"hello"), "400"),
+    ("method-lowercase-put", H(f"put /plain/a HTTP/1.1\r\n{A}\r\nContent-Length: 5", b"hello"), "400"),
+    ("method-lowercase-patch", H(f"patch /plain/a HTTP/1.1\r\n{A}\r\nContent-Length: 5", b"hello"), "400"),
+    ("method-lowercase-delete", H(f"delete /plain/a HTTP/1.1\r\n{A}"), "400"),
+    ("method-lowercase-options", H(f"options /plain/a HTTP/1.1\r\n{A}"), "400"),
+    ("method-lowercase-head", H(f"head /plain/a HTTP/1.1\r\n{A}"), "400"),
+    ("method-lowercase-propfind", H(f"propfind /plain/a HTTP/1.1\r\n{A}"), "400"),
+    ("method-lowercase-absolute", H(f"get http://127.0.0.1:1/echo/a HTTP/1.1\r\n{A}"), "400"),
     ("method-control-char", H(f"G\x01T /plain/a HTTP/1.1\r\n{A}"), "reject"),
     ("method-long", H("X" * 4000 + f" /plain/a HTTP/1.1\r\n{A}"), "safe"),
     ("method-propfind", H(f"PROPFIND /plain/a HTTP/1.1\r\n{A}"), "ok"),
     ("method-track", H(f"TRACK /plain/a HTTP/1.1\r\n{A}"), "reject"),
     ("connect-origin-form", H(f"CONNECT /plain/a HTTP/1.1\r\n{A}"), "reject"),
+    # A CONNECT head is read by the sidecar's own code, under the same rules.
+    ("connect-no-host", H("CONNECT 127.0.0.1:1 HTTP/1.1\r\nX-Client-Id: alice"), "400"),
+    ("connect-dup-host", H("CONNECT 127.0.0.1:1 HTTP/1.1\r\nHost: 127.0.0.1:1\r\nHost: x"), "400"),
+    ("connect-http-2.0", H("CONNECT 127.0.0.1:1 HTTP/2.0\r\nHost: 127.0.0.1:1"), "505"),
+    ("connect-http-1.5", H("CONNECT 127.0.0.1:1 HTTP/1.5\r\nHost: 127.0.0.1:1"), "505"),
+    ("connect-http-garbage", H("CONNECT 127.0.0.1:1 HTTP/1.x\r\nHost: 127.0.0.1:1"), "400"),
+    ("connect-lowercase", H("connect 127.0.0.1:1 HTTP/1.1\r\nHost: 127.0.0.1:1"), "400"),
+    ("connect-http10-no-host", H("CONNECT 127.0.0.1:1 HTTP/1.0"), "reject"),  # 403: not a passthrough host
     ("options-asterisk", H(f"OPTIONS * HTTP/1.1\r\n{A}"), "reject"),
     ("double-space", H(f"GET  /plain/a HTTP/1.1\r\n{A}"), "safe"),
     ("nul-in-target", H(f"GET /plain/a\x00b HTTP/1.1\r\n{A}"), "reject"),
@@ -152,8 +212,9 @@ def _check_upstream(echo: EchoUpstream) -> None:
     """Every request the upstream saw went through the sidecar's checks."""
     for rec in echo.received:
         assert "smuggled" not in rec.raw_path.lower(), f"a smuggled request reached the upstream: {rec.raw_path}"
-        keys = [v for k, v in rec.headers if k.lower() == "x-api-key"]
-        assert len(keys) == 1 and keys[0] in KEYS.values(), f"upstream got X-API-Key {len(keys)} times"
+        key_header = "x-vault-token" if rec.raw_path.startswith("/echo/vault/") else "x-api-key"
+        keys = [v for k, v in rec.headers if k.lower() == key_header]
+        assert len(keys) == 1 and keys[0] in KEYS.values(), f"upstream got {key_header} {len(keys)} times"
         names = rec.header_names()
         assert "x-client-id" not in names and "upgrade" not in names, names
 
@@ -185,7 +246,13 @@ def _no_key_from_sidecar(ex: Exchange) -> None:
 def _judge(sc: SidecarProcess, echo: EchoUpstream, ex: Exchange, expect: str) -> None:
     _no_key_from_sidecar(ex)
     _check_upstream(echo)
-    if expect == "reject":
+    if expect.isdigit():
+        assert echo.received == [], f"forwarded although it should be refused: {[r.raw_path for r in echo.received]}"
+        r = ex.first
+        assert r.status == int(expect) and r.sidecar_error == "bad_request", ex.text()
+        assert json.loads(r.body)["error"] == "bad_request", ex.text()
+        assert len(ex.responses) == 1 and ex.closed, f"the connection went on after the refusal:\n{ex.text()}"
+    elif expect == "reject":
         assert echo.received == [], f"forwarded although it should be refused: {[r.raw_path for r in echo.received]}"
         if ex.responses:
             assert 400 <= ex.first.status < 600, ex.text()
@@ -206,8 +273,15 @@ def _judge(sc: SidecarProcess, echo: EchoUpstream, ex: Exchange, expect: str) ->
 
 @pytest.mark.parametrize(("data", "expect"), [pytest.param(d, e, id=i) for i, d, e in CASES])
 def test_framing(sc: SidecarProcess, echo: EchoUpstream, data: bytes, expect: str) -> None:
-    ex = exchange(sc.url, data, timeout=3)
+    # For a refusal, wait for the close (or a second answer, which must not come).
+    ex = exchange(sc.url, data, responses=2 if expect.isdigit() else 1, timeout=3)
     _judge(sc, echo, ex, expect)
+    if expect.isdigit():
+        # Again with a whole request pipelined behind it: were that read, it would reach the upstream.
+        piped = exchange(sc.url, data + SMUGGLED.encode(), responses=2, timeout=3)
+        assert echo.received == [], f"forwarded after a refusal: {[r.raw_path for r in echo.received]}"
+        assert len(piped.responses) <= 1 and (piped.closed or not piped.responses), piped.text()
+        _no_key_from_sidecar(piped)
     _follow_up(sc, echo)
 
 
@@ -270,6 +344,49 @@ def test_upgrade_is_never_tunnelled(sc: SidecarProcess, echo: EchoUpstream, upgr
         assert rec.body_size == 0 or b"smuggled" not in rec.raw_path.encode(), rec
     assert not any("smuggled" in r.raw_path for r in echo.received)
     _no_key_from_sidecar(ex)
+    _follow_up(sc, echo)
+
+
+def test_two_identity_headers_are_refused_even_when_equal(sc: SidecarProcess, echo: EchoUpstream) -> None:
+    """Two X-Client-Id lines are ambiguous whatever they say: which one did each hop read?"""
+    ex = exchange(sc.url, H(f"GET /plain/a HTTP/1.1\r\n{A}\r\nX-Client-Id: alice"), timeout=3)
+    assert ex.first.status == 400 and ex.first.sidecar_error == "bad_request", ex.text()
+    assert echo.received == []
+    _no_key_from_sidecar(ex)
+    _follow_up(sc, echo)
+
+
+def _local_credentials() -> str:
+    return "".join(f"\r\n{name}: app-local-{i}" for i, name in enumerate(LOCAL_CREDENTIAL_HEADERS))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        H(f"GET /plain/a HTTP/1.1\r\n{A}{_local_credentials()}"),
+        H(f"POST /plain/upload HTTP/1.1\r\n{A}{_local_credentials()}\r\nTransfer-Encoding: chunked", b"5\r\nhello\r\n0\r\n\r\n"),
+    ],
+    ids=["get", "chunked-post"],
+)
+def test_local_credential_headers_never_reach_the_upstream(sc: SidecarProcess, echo: EchoUpstream, data: bytes) -> None:
+    ex = exchange(sc.url, data, timeout=3)
+    assert ex.first.status == 200, ex.text()
+    names = echo.last().header_names()
+    assert not {n.lower() for n in LOCAL_CREDENTIAL_HEADERS} & names, names
+    _check_upstream(echo)
+    _follow_up(sc, echo)
+
+
+def test_an_upstream_that_injects_a_local_credential_header_gets_its_key_there(
+    sc: SidecarProcess, echo: EchoUpstream
+) -> None:
+    ex = exchange(sc.url, H(f"GET /vault/a HTTP/1.1\r\n{A}{_local_credentials()}"), timeout=3)
+    assert ex.first.status == 200, ex.text()
+    rec = echo.last()
+    assert rec.raw_path == "/echo/vault/a"
+    assert [v for k, v in rec.headers if k.lower() == "x-vault-token"] == [KEYS["alice"]]
+    assert "x-aws-parameters-secrets-token" not in rec.header_names()
+    _check_upstream(echo)
     _follow_up(sc, echo)
 
 

@@ -221,11 +221,16 @@ def test_missing_or_non_bearer_authorization(sc: SidecarProcess, authorization: 
     assert r.status == 401 and r.sidecar_error == "invalid_token", r.text()
 
 
-def test_duplicate_authorization_headers_are_refused(sc: SidecarProcess, idp: IdentityProvider, _echo_server: EchoUpstream) -> None:
+@pytest.mark.parametrize("second", ["bob", "alice"], ids=["different", "equal"])
+def test_duplicate_authorization_headers_are_refused(
+    sc: SidecarProcess, idp: IdentityProvider, _echo_server: EchoUpstream, second: str
+) -> None:
+    """Two Authorization lines are ambiguous even when equal: 400, before any verification."""
     _echo_server.reset()
-    alice, bob = mint(idp), mint(idp, client_id="bob")
-    r = call(sc, "Bearer " + alice, "Bearer " + bob).first
-    assert r.status in (400, 401), r.text()
+    alice = mint(idp)
+    other = alice if second == "alice" else mint(idp, client_id=second)
+    r = call(sc, "Bearer " + alice, "Bearer " + other).first
+    assert r.status == 400 and r.sidecar_error == "bad_request", r.text()
     assert _echo_server.received == []
 
 

@@ -34,6 +34,13 @@ from tests.support.upstream import closed_port
 #: The upstream timeout the module configures; "hangs" are judged against it.
 TIMEOUT = 1.0
 PARSERS = {"c-parser": {}, "py-parser": {"AIOHTTP_NO_EXTENSIONS": "1"}}
+#: The lean server and client (default) and aiohttp's in their place, each alone and both.
+STACKS = {
+    "fast": {},
+    "aiohttp-client": {"SIDECAR_UPSTREAM_CLIENT": "aiohttp"},
+    "aiohttp-server": {"SIDECAR_SERVER": "aiohttp"},
+    "aiohttp-both": {"SIDECAR_SERVER": "aiohttp", "SIDECAR_UPSTREAM_CLIENT": "aiohttp"},
+}
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +85,25 @@ def sc(
         },
     }
     with running_sidecar(config, workdir, env=PARSERS[request.param], name=f"upfault-{request.param}") as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module", params=list(STACKS))
+def stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, evil: EvilUpstream, key: str
+) -> Iterator[SidecarProcess]:
+    """The sidecar with the evil upstream only, on each server and upstream client."""
+    workdir = tmp_path_factory.mktemp("upstack")
+    keys = workdir / "keys.yaml"
+    keys.write_text(yaml.safe_dump({"alice": key}), encoding="utf-8")
+    config = {
+        "secrets": {"backend": "file", "file": {"path": str(keys)}},
+        "upstreams": {
+            "evil": {"url": evil.url, "timeout_seconds": TIMEOUT, "secret": "{client_id}",
+                     "inject": {"query": "apiKey"}, "allow_private": True},
+        },
+    }
+    with running_sidecar(config, workdir, env=STACKS[request.param], name=f"upstack-{request.param}") as proc:
         yield proc
 
 
@@ -150,6 +176,20 @@ def test_framing_lies_do_not_desync_the_pool(sc: SidecarProcess, key: str, case:
         assert r.body == b"hello", ex.text()  # exactly what the framing announced
     assert_no_secret([ex.raw], key)
     follow_up(sc, key)
+
+
+@pytest.mark.parametrize(("case", "status"), [("no-content-with-length", 204), ("not-modified-with-length", 304)])
+def test_bodiless_answers_reach_the_app_without_a_length(stack: SidecarProcess, key: str, case: str, status: int) -> None:
+    """A 204 or 304 never has a body: a Content-Length on it would keep the app waiting for one."""
+    marker = uuid.uuid4().hex
+    ex = exchange(stack.url, get(f"/evil/{case}") + get(f"/evil/ok/{marker}"), responses=2)
+    first, second = ex.responses[:2]
+    assert first.status == status, ex.text()
+    assert first.header("Content-Length") is None and first.header("Transfer-Encoding") is None, ex.text()
+    # Right behind its head comes the answer to the next request: no body bytes in between.
+    assert second.status == 200 and second.body == f"/ok/{marker}".encode(), ex.text()
+    assert_no_secret([ex.raw], key)
+    follow_up(stack, key)
 
 
 @pytest.mark.parametrize("case", ["bad-status", "garbage-status", "http09", "huge-header", "many-headers", "close", "reset"])
