@@ -191,9 +191,9 @@ class ResponseHead:
         # of it that no longer matches any spelling.
         self.reason = scrub(answer.reason)[:MAX_REASON] if answer.reason else answer.reason
         drop = _RESPONSE_DROP
-        connection = answer.headers.get("Connection")
-        if connection:
-            drop = drop | {t.strip().lower() for t in connection.split(",")}
+        connection = answer.headers.getall("Connection", None)
+        if connection:  # every Connection line counts, not only the first
+            drop = drop | {t.strip().lower() for line in connection for t in line.split(",")}
         # A value shorter than every spelling of the key cannot hold one (most of them).
         # A name that holds the key (an upstream echoing parameters as X-Param-<value>)
         # takes the whole header with it: a name cannot be partly redacted.
@@ -417,13 +417,15 @@ class DataPlane:
     @staticmethod
     def _drop_hop_headers(rt: Runtime, upstream: Upstream, headers: CIMultiDict[str]) -> None:
         """Remove identity, hop-by-hop and app-supplied key headers from the outgoing copy."""
-        connection = headers.get("Connection")
+        connection = headers.getall("Connection", None)
         for name in rt.drop_headers[upstream.name]:
             headers.popall(name, None)
         if connection:
-            # RFC 9110 7.6.1: fields named in Connection are for this hop only.
-            for token in connection.split(","):
-                headers.popall(token.strip(), None)
+            # RFC 9110 7.6.1: fields named in Connection are for this hop only, on every
+            # Connection line (a second line is as valid as a list in one).
+            for line in connection:
+                for token in line.split(","):
+                    headers.popall(token.strip(), None)
 
     async def _exchange(
         self,

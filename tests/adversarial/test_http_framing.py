@@ -377,6 +377,23 @@ def test_local_credential_headers_never_reach_the_upstream(sc: SidecarProcess, e
     _follow_up(sc, echo)
 
 
+@pytest.mark.parametrize(
+    "data",
+    [
+        H(f"GET /plain/a HTTP/1.1\r\n{A}\r\nConnection: keep-alive\r\nConnection: X-Hop-Only\r\nX-Hop-Only: 1"),
+        H(f"POST /plain/upload HTTP/1.1\r\n{A}\r\nConnection: keep-alive\r\nConnection: X-Hop-Only\r\n"
+          "X-Hop-Only: 1\r\nTransfer-Encoding: chunked", b"5\r\nhello\r\n0\r\n\r\n"),
+    ],
+    ids=["get", "chunked-post"],
+)
+def test_every_connection_line_names_hop_only_headers(sc: SidecarProcess, echo: EchoUpstream, data: bytes) -> None:
+    """RFC 9110 7.6.1: a header named on a second Connection line is for this hop too."""
+    ex = exchange(sc.url, data, timeout=3)
+    assert ex.first.status == 200, ex.text()
+    assert "x-hop-only" not in echo.last().header_names()
+    _check_upstream(echo)
+
+
 def test_an_upstream_that_injects_a_local_credential_header_gets_its_key_there(
     sc: SidecarProcess, echo: EchoUpstream
 ) -> None:
