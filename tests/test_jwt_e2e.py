@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import ssl
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,37 +13,12 @@ import requests
 import trustme
 import yaml
 
-from tests.support.idp import IdentityProvider, hs256_token, make_key, unsigned_token
+from tests.support.idp import IdentityProvider, ThreadedIdP, hs256_token, make_key, unsigned_token
 from tests.support.leaks import make_secret
 from tests.support.process import SidecarProcess
 from tests.support.upstream import EchoUpstream
 
 Start = Callable[..., SidecarProcess]
-
-
-class ThreadedIdP:
-    """The test identity provider on its own loop, so blocking test code cannot stall it."""
-
-    def __init__(self, idp: IdentityProvider | None = None) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.idp = idp or IdentityProvider(issuer_path="/realms/corp")
-        ready = threading.Event()
-
-        def run() -> None:
-            asyncio.set_event_loop(self.loop)
-            self.loop.run_until_complete(self.idp.start())
-            ready.set()
-            self.loop.run_forever()
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-        assert ready.wait(10)
-
-    def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.idp.stop(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
 
 @pytest.fixture
