@@ -115,7 +115,8 @@ def error_headers(err: SidecarError) -> dict[str, str]:
     """The headers of a refusal besides its framing; the one place refusals take shape."""
     headers = {"X-Sidecar-Error": err.code, "Cache-Control": "no-store"}
     if err.status == 503:
-        # The store is failing; the cache retries it this often, so sooner is pointless.
+        # The store or the identity provider is failing. The cache retries the store this
+        # often and the provider's keys are retried in the background: sooner is pointless.
         headers["Retry-After"] = RETRY_AFTER_SECONDS
     return headers
 

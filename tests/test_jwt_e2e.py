@@ -181,13 +181,19 @@ def test_an_https_issuers_keys_are_never_taken_over_plain_http(
                                           "inject": {"query": "apiKey"}, "allow_private": True}},
             },
             env={"SSL_CERT_FILE": str(bundle)},  # the sidecar trusts the test CA, as for a private IdP
+            wait_ready=route == "https-only",
         )
+        if route != "https-only":
+            # The refused keys are never loaded: not ready, and no token can be checked.
+            sc.wait_for_line(lambda line: "signing keys" in str(line.get("message")))
+            assert sc.readyz() == 503
         resp = call(sc, "/polygon/v2/x", secure.idp.mint(sub="alice"))
         if route == "https-only":
             assert resp.status_code == 200
             assert plain.idp.hits["jwks"] == 0
         else:
-            assert resp.status_code == 401 and resp.headers["X-Sidecar-Error"] == "invalid_token", resp.text
+            assert resp.status_code == 503, resp.text
+            assert resp.headers["X-Sidecar-Error"] == "identity_provider_unavailable"
             if route == "discovery-names-http":
                 assert plain.idp.hits["jwks"] == 0  # never even asked
                 assert "names a plain-http jwks_uri for an https issuer" in sc.output()
