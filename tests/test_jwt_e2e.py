@@ -132,6 +132,7 @@ def test_bad_tokens_are_401(sidecar: SidecarProcess, idp: IdentityProvider, echo
     resp = call(sidecar, "/polygon/x", make(idp))
     assert resp.status_code == 401
     assert resp.headers["X-Sidecar-Error"] == "invalid_token"
+    assert resp.headers["WWW-Authenticate"] == 'Bearer error="invalid_token"'
     assert echo.received == []
 
 

@@ -206,6 +206,7 @@ def test_hostile_token_refused(
         assert r.status == 400 and r.sidecar_error == "invalid_client_id", ex.text()
     else:
         assert r.status == 401 and r.sidecar_error == "invalid_token", ex.text()
+        assert r.header("WWW-Authenticate") == 'Bearer error="invalid_token"', ex.text()
     assert _echo_server.received == [], "a refused token reached the upstream"
     assert metric(sc, FETCHES) == before, "a refused token caused a secret store call"
     assert idp.hits["attacker"] == attacker_hits, "the sidecar fetched a key from a URL the token named"
