@@ -2,9 +2,14 @@
 
 Lifecycle::
 
-    start ─▶ backend + identity + upstreams ─▶ listeners bound ─▶ prefetch ─▶ ready
+    start ─▶ backend + identity + upstreams ─▶ listeners bound ─▶ prefetch ─┬─▶ ready
+                      └─ JWT mode: signing keys loading in the background ─┘
     SIGHUP ─▶ load + validate ─▶ new Runtime swapped in (in-flight requests keep theirs)
     SIGTERM ─▶ not ready ─▶ listener closed ─▶ in-flight finish (≤ grace) ─▶ exit 0
+
+Ready means: listening, prefetch done, the current runtime's identity resolver ready
+(JWT mode: signing keys loaded, which a reload to another provider can undo until its
+keys load), and not draining.
 """
 
 from __future__ import annotations
@@ -87,8 +92,10 @@ class Sidecar:
     def __init__(self, settings: Settings, worker: WorkerRole | None = None) -> None:
         self.settings = settings
         self.worker = worker
-        self.ready = False
         self.draining = False
+        self._prefetched = False
+        self._published: bool | None = None  # the readiness last reported
+        self._identity_watch: asyncio.Task[None] | None = None
         self._parts: _Parts | None = None
         self._plane: DataPlane | None = None
         self._front: Front | None = None
@@ -96,6 +103,40 @@ class Sidecar:
         self._admin_runner: web.AppRunner | None = None
         self._prefetch_task: asyncio.Task[None] | None = None
         self._retire_tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def ready(self) -> bool:
+        """What /readyz says: prefetch done, the identity resolver ready, not draining."""
+        parts = self._parts
+        return self._prefetched and not self.draining and parts is not None and parts.identity.ready
+
+    def _publish(self) -> None:
+        """Report readiness where it is read (sidecar_ready, or the supervisor) and the key-load gauge."""
+        parts = self._parts
+        if parts is not None:
+            metrics.set_jwks_keys_loaded(parts.identity.ready if parts.settings.identity.jwt is not None else None)
+        ready = self.ready
+        if ready == self._published:
+            return
+        self._published = ready
+        if self.worker is None:
+            metrics.READY.set(1 if ready else 0)
+        else:
+            self.worker.report("ready" if ready else "unready")
+
+    def _watch_identity(self, identity: IdentityResolver) -> None:
+        """Publish readiness once ``identity`` (the current runtime's) is ready."""
+        if self._identity_watch is not None:
+            self._identity_watch.cancel()
+            self._identity_watch = None
+        if identity.ready:
+            return
+
+        async def watch() -> None:
+            await identity.wait_ready()
+            self._publish()
+
+        self._identity_watch = asyncio.get_running_loop().create_task(watch())
 
     # ------------------------------------------------------------------ start
 
@@ -136,9 +177,7 @@ class Sidecar:
         )
         try:
             if self.worker is None:
-                self._admin_runner = web.AppRunner(
-                    build_admin_app(lambda: self.ready and not self.draining), access_log=None
-                )
+                self._admin_runner = web.AppRunner(build_admin_app(lambda: self.ready), access_log=None)
                 await self._admin_runner.setup()
                 await web.TCPSite(self._admin_runner, s.admin_listen.host, s.admin_listen.port).start()
                 host, port = await self._front.listen(s.listen.host, s.listen.port)
@@ -163,6 +202,10 @@ class Sidecar:
                 **({"worker": self.worker.index} if self.worker is not None else {}),
             },
         )
+        if self.worker is not None:
+            self.worker.report("listening")
+        self._publish()
+        self._watch_identity(parts.identity)
         self._prefetch_task = asyncio.get_running_loop().create_task(self._prefetch_then_ready(parts))
 
     async def _build(self, settings: Settings, previous: _Parts | None) -> _Parts:
@@ -186,7 +229,9 @@ class Sidecar:
             identity = previous.identity
         else:
             identity = build_identity_resolver(settings.identity)
-            await identity.start()
+            # At start the listeners must not wait for the provider (/readyz says 503 meanwhile);
+            # a reload waits for one attempt, so a reachable provider means no unready moment.
+            await identity.start(wait=previous is not None)
         upstreams: dict[str, Upstream] = {}
         started: list[Upstream] = []
         try:
@@ -271,11 +316,8 @@ class Sidecar:
                 delay = min(delay * 2, PREFETCH_MAX_BACKOFF)
         if parts.settings.secrets.prefetch:
             log.info("prefetch done", extra={"clients": len(parts.settings.secrets.prefetch)})
-        self.ready = True
-        if self.worker is None:
-            metrics.READY.set(1)
-        else:
-            self.worker.report_ready()
+        self._prefetched = True
+        self._publish()
 
     # ------------------------------------------------------------------ reload
 
@@ -304,6 +346,9 @@ class Sidecar:
             return False
         self._parts = parts
         self._plane.runtime = self._runtime(parts)
+        if parts.identity is not old.identity:
+            self._watch_identity(parts.identity)
+        self._publish()
         if settings.log != old.settings.log:
             configure_logging(settings.log.level, settings.log.format)
             self._plane.access_log = AccessLog(settings.log.format, shared=self.worker is not None)
@@ -318,6 +363,8 @@ class Sidecar:
         upstreams = [u for n, u in old.upstreams.items() if new.upstreams.get(n) is not u]
         identity = old.identity if old.identity is not new.identity else None
         backend = old.backend if old.backend is not new.backend else None
+        if identity is not None:
+            identity.retire()  # no more key fetches for it; requests in flight keep its keys
 
         async def later() -> None:
             await asyncio.sleep(self.settings.shutdown_grace_seconds)
@@ -338,11 +385,12 @@ class Sidecar:
     async def drain(self) -> None:
         """Stop accepting, let in-flight requests finish within the grace, close everything."""
         self.draining = True
-        if self.worker is None:
-            metrics.READY.set(0)
+        self._publish()
         log.info("draining", extra={"grace_seconds": self.settings.shutdown_grace_seconds})
         if self._prefetch_task is not None:
             self._prefetch_task.cancel()
+        if self._identity_watch is not None:
+            self._identity_watch.cancel()
         if self._front is not None:
             await self._front.drain(self.settings.shutdown_grace_seconds)
         for task in list(self._retire_tasks):

@@ -14,6 +14,7 @@ The hierarchy::
     ├── UnknownUpstream               404     unknown_upstream
     ├── UpstreamUnreachable           502     upstream_unreachable
     ├── SecretStoreUnavailable        503     secret_store_unavailable
+    ├── IdentityProviderUnavailable   503     identity_provider_unavailable
     └── UpstreamTimeout               504     upstream_timeout
 
     ConfigError (not an HTTP error: a list of "field.path: problem" lines)
@@ -116,6 +117,17 @@ class SecretStoreUnavailable(SidecarError):
     status = 503
     code = "secret_store_unavailable"
     default_message = "The secret store is unavailable and no cached credential can be used."
+
+
+class IdentityProviderUnavailable(SidecarError):
+    """JWT mode: no signing keys have been loaded yet, so no token can be checked.
+
+    Not an authentication failure (the token may well be good): a retryable outage.
+    """
+
+    status = 503
+    code = "identity_provider_unavailable"
+    default_message = "The identity provider's signing keys could not be loaded; the token cannot be checked yet."
 
 
 class UpstreamTimeout(SidecarError):

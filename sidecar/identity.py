@@ -36,10 +36,21 @@ class IdentityResolver(Protocol):
     #: lower-case header names that carried identity; they never reach the upstream
     strip_headers: frozenset[str]
 
-    async def start(self) -> None:
-        """Warm up (JWT mode loads the keys); failures are logged, not raised."""
+    @property
+    def ready(self) -> bool:
+        """True once identities can be checked (JWT mode: the signing keys are loaded)."""
+
+    async def wait_ready(self) -> None:
+        """Return once ``ready`` is true."""
+
+    async def start(self, *, wait: bool = True) -> None:
+        """Warm up: JWT mode starts loading the keys, retried in the background until they
+        load. With ``wait``, return once the first attempt is over. Never raises."""
 
     async def resolve(self, headers: HeaderReader) -> Identity: ...
+
+    def retire(self) -> None:
+        """A newer runtime replaced this one: stop background work (``close`` follows later)."""
 
     async def close(self) -> None: ...
 
@@ -81,7 +92,17 @@ class HeaderIdentity:
             return Identity(self.default, "default")
         return Identity(validate_client_id(value), "header")
 
-    async def start(self) -> None:
+    @property
+    def ready(self) -> bool:
+        return True
+
+    async def wait_ready(self) -> None:
+        return None
+
+    async def start(self, *, wait: bool = True) -> None:
+        return None
+
+    def retire(self) -> None:
         return None
 
     async def close(self) -> None:

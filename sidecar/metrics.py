@@ -94,6 +94,30 @@ CONFIG_RELOADS = Counter("sidecar_config_reloads", "SIGHUP config reloads.", ["r
 # 1 while /readyz answers 200.
 # With workers only the supervisor sets it (to 1 when every worker is ready).
 READY = Gauge("sidecar_ready", "1 when ready to serve.", registry=REGISTRY, multiprocess_mode="livemax")
+#: sidecar_jwks_keys_loaded, made by the first set_jwks_keys_loaded in JWT mode: header mode
+#: and the supervisor of workers (which verifies nothing) have no such series, so an alert
+#: on 0 means what it says. With workers the lowest worker's value is shown (livemin).
+_KEYS_LOADED: list[Gauge] = []
+
+
+def set_jwks_keys_loaded(loaded: bool | None) -> None:
+    """JWT mode: 1 once the identity provider's signing keys are loaded, 0 while none are.
+
+    ``None`` (header mode): nothing is missing, so an existing series (JWT mode was turned
+    off by a reload) goes to 1; none is made.
+    """
+    if not _KEYS_LOADED:
+        if loaded is None:
+            return
+        _KEYS_LOADED.append(
+            Gauge(
+                "sidecar_jwks_keys_loaded",
+                "JWT mode: 1 when the identity provider's signing keys are loaded, 0 while none are.",
+                registry=REGISTRY,
+                multiprocess_mode="livemin",
+            )
+        )
+    _KEYS_LOADED[0].set(0 if loaded is False else 1)
 
 
 # ---- per-request counts, applied in batches

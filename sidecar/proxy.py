@@ -122,8 +122,12 @@ class _Record:
 def error_headers(err: SidecarError) -> dict[str, str]:
     """The headers of a refusal besides its framing; the one place refusals take shape."""
     headers = {"X-Sidecar-Error": err.code, "Cache-Control": "no-store"}
+    if err.code == "invalid_token":
+        # RFC 6750 section 3: a refused bearer token is named as such, for OAuth clients.
+        headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
     if err.status == 503:
-        # The store is failing; the cache retries it this often, so sooner is pointless.
+        # The store or the identity provider is failing. The cache retries the store this
+        # often and the provider's keys are retried in the background: sooner is pointless.
         headers["Retry-After"] = RETRY_AFTER_SECONDS
     return headers
 

@@ -20,6 +20,9 @@ Security choices, each for a known attack on JWT verifiers:
 - A ``kid`` the cache does not know triggers at most one JWKS fetch per
   ``jwks_cooldown_seconds``, and concurrent refreshes share one fetch, so a flood
   of made-up ``kid`` values cannot hammer the identity provider.
+- Until keys are loaded, no token can be checked: that is an outage (503
+  ``identity_provider_unavailable``), not a bad token, and the keys are fetched
+  again in the background with backoff, not by requests.
 - Tokens are never logged or put in an error message; the verified-token cache is
   keyed by a SHA-256 digest of the token.
 
@@ -35,6 +38,7 @@ import hashlib
 import json
 import logging
 import math
+import random
 import re
 import time
 from collections import OrderedDict
@@ -49,7 +53,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from jwt.algorithms import AllowedPublicKeys
 
 from sidecar.config import ASYMMETRIC_ALGORITHMS, IdentitySettings, JwtSettings, loggable_url
-from sidecar.errors import InvalidToken
+from sidecar.errors import IdentityProviderUnavailable, InvalidToken
 from sidecar.identity import HeaderReader, Identity, claim_strings, single_header, validate_client_id
 from sidecar.metrics import JWKS_REFRESHES, TOKEN_CACHE, bump
 
@@ -71,6 +75,13 @@ _TOKEN_HIT = TOKEN_CACHE.labels(result="hit")
 _TOKEN_MISS = TOKEN_CACHE.labels(result="miss")
 SCOPE_CLAIMS: Final = ("scope", "scp", "cognito:groups", "groups", "roles", "realm_access.roles")
 DISCOVERY_PATH: Final = "/.well-known/openid-configuration"
+#: While no signing keys are loaded they are fetched again in the background: the wait
+#: after the first failure is up to 1 s, each next one doubles up to 15 s, and each wait
+#: is drawn from the upper half of its step (jitter: sidecars restarted together do not
+#: ask the provider in step). From the provider's return to loaded keys it is therefore
+#: at most one wait at the cap plus an attempt that was still timing out.
+JWKS_RETRY_FIRST_SECONDS: Final = 1.0
+JWKS_RETRY_MAX_SECONDS: Final = 15.0
 USER_AGENT: Final = "mcp-credential-sidecar"
 
 # Compact JWS: three base64url parts. The signature may be empty so that an
@@ -207,15 +218,28 @@ def _key_for_algorithm(raw: dict[str, Any], alg: str) -> AllowedPublicKeys | Non
     return key
 
 
+def retry_delay(failures: int, draw: Callable[[], float] = random.random) -> float:
+    """The wait after ``failures`` (1 or more) failed loads in a row: 1 s doubling to 15 s, jittered."""
+    step = min(JWKS_RETRY_FIRST_SECONDS * 2.0 ** min(max(failures, 1) - 1, 16), JWKS_RETRY_MAX_SECONDS)
+    return step / 2 + draw() * step / 2
+
+
 class JwksSource:
     """The provider's signing keys: fetched with aiohttp, cached, refreshed with a cooldown.
 
+    - Until keys are loaded once, one background task fetches them, retrying with
+      ``retry_delay`` whether or not requests arrive. A request meanwhile waits for a
+      fetch in flight (at most ``jwks_timeout_seconds``) and is otherwise refused at once
+      with IdentityProviderUnavailable; requests never start these fetches.
     - Keys are reused for ``jwks_cache_seconds``; after that the next request starts a
       refresh in the background and is verified with the keys at hand meanwhile.
     - A kid the cache does not know triggers a refresh, but fetches start at most once
-      per ``jwks_cooldown_seconds`` and concurrent callers share one in-flight fetch.
+      per ``jwks_cooldown_seconds`` and concurrent callers share one in-flight fetch;
+      only the request with that kid waits for it.
     - When a refresh fails, the last good keys stay in use (the provider may be briefly down).
     - Discovery and JWKS fetch together are bounded by ``jwks_timeout_seconds``.
+    - Logging: one warning when fetching starts to fail (not one per attempt or request),
+      one info line when keys load.
     """
 
     def __init__(
@@ -228,12 +252,50 @@ class JwksSource:
         self._fetched_at = 0.0
         self._last_attempt: float | None = None
         self._refresh_task: asyncio.Task[None] | None = None
+        self._loader: asyncio.Task[None] | None = None
+        self._loaded = asyncio.Event()
+        self._failures = 0  # fetches failed in a row
         self._session: aiohttp.ClientSession | None = None
-        self._closed = False
+        self._retired = False  # no fetch starts any more
+
+    @property
+    def loaded(self) -> bool:
+        """True once signing keys have been loaded (they stay loaded: a failed refresh keeps them)."""
+        return self._keys is not None
+
+    async def wait_loaded(self) -> None:
+        await self._loaded.wait()
+
+    def start(self) -> asyncio.Task[None] | None:
+        """Load the keys in the background, retrying until they load; returns the fetch in flight."""
+        if self._keys is not None:
+            return None
+        if self._loader is None and not self._retired:
+            first = self._refresh_task or self._begin_fetch()
+            self._loader = asyncio.create_task(self._load(first), name="sidecar-jwks-load")
+        return self._refresh_task
+
+    async def _load(self, task: asyncio.Task[None]) -> None:
+        failures = 0
+        while True:
+            await asyncio.wait((task,))
+            if self._keys is not None:
+                return
+            failures += 1
+            await asyncio.sleep(retry_delay(failures))
+            if self._keys is not None:
+                return
+            task = self._refresh_task or self._begin_fetch()
 
     async def key_for(self, kid: str | None, alg: str) -> AllowedPublicKeys:
-        """The key that verifies a token with this ``kid`` and ``alg``; raises InvalidToken."""
-        entry = self._keys.find(kid, alg) if self._keys is not None else None
+        """The key that verifies a token with this ``kid`` and ``alg``.
+
+        Raises InvalidToken, or IdentityProviderUnavailable while no keys are loaded.
+        """
+        keys = self._keys
+        if keys is None:
+            keys = await self._first_keys()
+        entry = keys.find(kid, alg)
         if entry is None:
             await self.refresh()
             entry = self._keys.find(kid, alg) if self._keys is not None else None
@@ -242,30 +304,43 @@ class JwksSource:
             # provider delays no request; a key the provider dropped goes with that refresh.
             await self.refresh(wait=False)
         if entry is None:
-            raise _refuse("jwks_unavailable" if self._keys is None else "unknown_kid")
+            raise _refuse("unknown_kid")
         key = entry.keys.get(alg)
         if key is None:
             raise _refuse("key_mismatch")
         return key
 
+    async def _first_keys(self) -> KeySet:
+        """No keys yet: wait for the fetch in flight, if any (bounded by its timeout), else refuse now."""
+        task = self.start()
+        if task is not None:
+            await asyncio.wait((task,))
+        if self._keys is None:
+            raise IdentityProviderUnavailable(_MESSAGES["jwks_unavailable"], reason="jwks_unavailable")
+        return self._keys
+
     async def refresh(self, *, wait: bool = True) -> None:
         """Fetch the keys unless a fetch ran within the cooldown; join a fetch in flight."""
         task = self._refresh_task
         if task is None:
-            if self._closed:
+            if self._retired:
                 return
             now = self._monotonic()
             if self._last_attempt is not None and now - self._last_attempt < self._settings.jwks_cooldown_seconds:
                 JWKS_REFRESHES.labels(result="cooldown").inc()
                 return
-            self._last_attempt = now
-            task = asyncio.create_task(self._fetch_keys(), name="sidecar-jwks-refresh")
-            self._refresh_task = task
-            task.add_done_callback(self._refresh_finished)
+            task = self._begin_fetch()
         if wait:
             # asyncio.wait, unlike awaiting the task, leaves the shared fetch running when
             # this one caller is cancelled.
             await asyncio.wait((task,))
+
+    def _begin_fetch(self) -> asyncio.Task[None]:
+        self._last_attempt = self._monotonic()
+        task = asyncio.create_task(self._fetch_keys(), name="sidecar-jwks-refresh")
+        self._refresh_task = task
+        task.add_done_callback(self._refresh_finished)
+        return task
 
     def _refresh_finished(self, task: asyncio.Task[None]) -> None:
         if self._refresh_task is task:
@@ -294,14 +369,28 @@ class JwksSource:
             return
         JWKS_REFRESHES.labels(result="ok").inc()
         previous = self._keys.kids if self._keys is not None else None
+        failures, self._failures = self._failures, 0
         self._keys = keys
         self._fetched_at = self._monotonic()
-        if previous != keys.kids:
-            log.info("loaded %d signing keys from %s", len(keys.entries), loggable_url(url))
+        self._loaded.set()
+        if previous != keys.kids or failures:
+            after = f" after {failures} failed {'fetch' if failures == 1 else 'fetches'}" if failures else ""
+            log.info("loaded %d signing keys from %s%s", len(keys.entries), loggable_url(url), after)
 
     def _failed(self, problem: str) -> None:
         JWKS_REFRESHES.labels(result="error").inc()
-        kept = "keeping the previously loaded keys" if self._keys is not None else "no keys are loaded"
+        self._failures += 1
+        if self._failures > 1:
+            # Warned at the first failure; the retries say no more until keys load.
+            log.debug("signing keys still not loaded (%d failed fetches in a row): %s", self._failures, problem)
+            return
+        if self._keys is not None:
+            kept = "keeping the previously loaded keys"
+        else:
+            kept = (
+                "no keys are loaded, so tokens get 503 identity_provider_unavailable and /readyz is 503;"
+                " retrying in the background"
+            )
         log.warning("could not load the identity provider's signing keys: %s; %s", problem, kept)
 
     async def _discover(self) -> str:
@@ -343,13 +432,19 @@ class JwksSource:
         except (ValueError, RecursionError):
             raise _FetchError(f"{loggable_url(url)} did not return JSON") from None
 
+    def retire(self) -> None:
+        """Start no fetch any more (a newer runtime took over); a fetch in flight may finish."""
+        self._retired = True
+        if self._loader is not None:
+            self._loader.cancel()
+
     async def close(self) -> None:
-        """Stop a fetch in flight and close the HTTP session; no fetch starts afterwards."""
-        self._closed = True
-        task = self._refresh_task
-        if task is not None:
-            task.cancel()
-            await asyncio.wait((task,))
+        """Stop the background retries and a fetch in flight, close the HTTP session; no fetch starts afterwards."""
+        self.retire()
+        for task in (self._loader, self._refresh_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.wait((task,))
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -430,18 +525,34 @@ class JwtIdentity:
         if jwt_settings.issuer is None:
             raise ValueError("identity.jwt.issuer is required")
 
-    async def start(self) -> None:
-        """Load the signing keys once; a failure is logged and retried on demand."""
-        try:
-            await self._keys.refresh()
-        except Exception:  # start() must never keep the sidecar from serving
-            log.warning("loading the identity provider's signing keys failed unexpectedly", exc_info=True)
+    @property
+    def ready(self) -> bool:
+        """True once the identity provider's signing keys are loaded."""
+        return self._keys.loaded
+
+    async def wait_ready(self) -> None:
+        await self._keys.wait_loaded()
+
+    async def start(self, *, wait: bool = True) -> None:
+        """Load the signing keys in the background, retried until they load; never raises.
+
+        With ``wait``, return once the first attempt is over (at most ``jwks_timeout_seconds``).
+        """
+        task = self._keys.start()
+        if wait and task is not None:
+            await asyncio.wait((task,))
+
+    def retire(self) -> None:
+        self._keys.retire()
 
     async def close(self) -> None:
         await self._keys.close()
 
     async def resolve(self, headers: HeaderReader) -> Identity:
-        """The verified caller, from the cache or a full verification; raises InvalidToken."""
+        """The verified caller, from the cache or a full verification.
+
+        Raises InvalidToken, or IdentityProviderUnavailable while no signing keys are loaded.
+        """
         token = self._read_token(headers)
         digest = hashlib.sha256(token.encode()).digest()
         cached = self._cache.get(digest, self._clock())

@@ -10,6 +10,11 @@ multiprocess mode. Signals go to the supervisor, which passes them on:
     SIGTERM ─▶ not ready ─▶ SIGTERM to workers ─▶ they drain ─▶ exit 0
     SIGHUP  ─▶ config validated here (errors logged) ─▶ SIGHUP to workers
     a worker dies ─▶ restarted after a back-off (not while draining)
+
+Each worker reports over a pipe, one line each: ``listening`` once its listener is
+bound, then ``ready`` or ``unready`` whenever its readiness changes (prefetch done;
+in JWT mode signing keys loaded, which a reload to another provider can undo). The
+supervisor is ready while every worker last said ``ready``.
 """
 
 from __future__ import annotations
@@ -63,13 +68,12 @@ class WorkerRole:
         ca = (Path(os.environ[ENV_CA_CERT]), Path(os.environ[ENV_CA_KEY])) if ENV_CA_CERT in os.environ else None
         return cls(int(os.environ[ENV_INDEX]), int(os.environ[ENV_PORT]), int(os.environ[ENV_READY_FD]), ca)
 
-    def report_ready(self) -> None:
-        """Tell the supervisor this worker is ready (prefetch done)."""
+    def report(self, state: str) -> None:
+        """Tell the supervisor ``listening`` (once), ``ready`` or ``unready``."""
         try:
-            os.write(self.ready_fd, b"ready\n")
-            os.close(self.ready_fd)
+            os.write(self.ready_fd, state.encode("ascii") + b"\n")
         except OSError:
-            pass
+            pass  # the supervisor is gone; it will not ask again
 
 
 def prepare_multiprocess_metrics() -> Path:
@@ -85,7 +89,7 @@ class _Worker:
         self.proc: asyncio.subprocess.Process | None = None
         self.ready = False
         self.restarts = 0
-        self.started_once = False
+        self.started_once = False  # listening at least once: a later exit is not a start-up problem
 
 
 class Supervisor:
@@ -139,7 +143,7 @@ class Supervisor:
             start_new_session=True,
         )
         os.close(write_fd)
-        self._track(self._await_ready(worker, read_fd))
+        self._track(self._follow(worker, worker.proc, read_fd))
         self._track(self._watch(worker, worker.proc))
 
     def _track(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -147,18 +151,31 @@ class Supervisor:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _await_ready(self, worker: _Worker, read_fd: int) -> None:
+    async def _follow(self, worker: _Worker, proc: asyncio.subprocess.Process, read_fd: int) -> None:
+        """Apply the worker's reports until it exits (the pipe's end)."""
         loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        pipe = os.fdopen(read_fd, "rb", buffering=0)
         try:
-            data = await loop.run_in_executor(None, os.read, read_fd, 64)
+            transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+        except BaseException:
+            pipe.close()
+            raise
+        try:
+            while line := await reader.readline():
+                state = line.strip()
+                if state == b"listening":
+                    worker.started_once = True  # a fact even if it has exited since
+                elif worker.proc is not proc or proc.returncode is not None:
+                    return  # readiness from a worker that has exited since
+                elif state in (b"ready", b"unready"):
+                    was_ready = self.ready()
+                    worker.ready = state == b"ready"
+                    self._publish_ready()
+                    if self.ready() and not was_ready:
+                        log.info("all workers ready", extra={"workers": len(self.workers)})
         finally:
-            os.close(read_fd)
-        if data.startswith(b"ready"):
-            worker.ready = True
-            worker.started_once = True
-            self._publish_ready()
-            if self.ready():
-                log.info("all workers ready", extra={"workers": len(self.workers)})
+            transport.close()
 
     def _publish_ready(self) -> None:
         from sidecar import metrics

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import ssl
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,37 +13,12 @@ import requests
 import trustme
 import yaml
 
-from tests.support.idp import IdentityProvider, hs256_token, make_key, unsigned_token
+from tests.support.idp import IdentityProvider, ThreadedIdP, hs256_token, make_key, unsigned_token
 from tests.support.leaks import make_secret
 from tests.support.process import SidecarProcess
 from tests.support.upstream import EchoUpstream
 
 Start = Callable[..., SidecarProcess]
-
-
-class ThreadedIdP:
-    """The test identity provider on its own loop, so blocking test code cannot stall it."""
-
-    def __init__(self, idp: IdentityProvider | None = None) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.idp = idp or IdentityProvider(issuer_path="/realms/corp")
-        ready = threading.Event()
-
-        def run() -> None:
-            asyncio.set_event_loop(self.loop)
-            self.loop.run_until_complete(self.idp.start())
-            ready.set()
-            self.loop.run_forever()
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-        assert ready.wait(10)
-
-    def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.idp.stop(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
 
 @pytest.fixture
@@ -159,6 +132,7 @@ def test_bad_tokens_are_401(sidecar: SidecarProcess, idp: IdentityProvider, echo
     resp = call(sidecar, "/polygon/x", make(idp))
     assert resp.status_code == 401
     assert resp.headers["X-Sidecar-Error"] == "invalid_token"
+    assert resp.headers["WWW-Authenticate"] == 'Bearer error="invalid_token"'
     assert echo.received == []
 
 
@@ -208,13 +182,19 @@ def test_an_https_issuers_keys_are_never_taken_over_plain_http(
                                           "inject": {"query": "apiKey"}, "allow_private": True}},
             },
             env={"SSL_CERT_FILE": str(bundle)},  # the sidecar trusts the test CA, as for a private IdP
+            wait_ready=route == "https-only",
         )
+        if route != "https-only":
+            # The refused keys are never loaded: not ready, and no token can be checked.
+            sc.wait_for_line(lambda line: "signing keys" in str(line.get("message")))
+            assert sc.readyz() == 503
         resp = call(sc, "/polygon/v2/x", secure.idp.mint(sub="alice"))
         if route == "https-only":
             assert resp.status_code == 200
             assert plain.idp.hits["jwks"] == 0
         else:
-            assert resp.status_code == 401 and resp.headers["X-Sidecar-Error"] == "invalid_token", resp.text
+            assert resp.status_code == 503, resp.text
+            assert resp.headers["X-Sidecar-Error"] == "identity_provider_unavailable"
             if route == "discovery-names-http":
                 assert plain.idp.hits["jwks"] == 0  # never even asked
                 assert "names a plain-http jwks_uri for an https issuer" in sc.output()

@@ -19,10 +19,10 @@ from jwt.warnings import InsecureKeyLengthWarning
 from multidict import CIMultiDict
 
 from sidecar.config import parse_settings
-from sidecar.errors import BadRequest, ConfigError, InvalidClientId, InvalidToken
+from sidecar.errors import BadRequest, ConfigError, IdentityProviderUnavailable, InvalidClientId, InvalidToken
 from sidecar.identity import build_identity_resolver
 from sidecar.metrics import REGISTRY, apply_pending
-from sidecar.tokens import JwtIdentity, downgrades
+from sidecar.tokens import JWKS_RETRY_FIRST_SECONDS, JWKS_RETRY_MAX_SECONDS, JwtIdentity, downgrades, retry_delay
 from tests.support.idp import IdentityProvider, b64json, hs256_token, make_key, unsigned_token
 
 
@@ -104,6 +104,15 @@ async def refused(resolver: JwtIdentity, headers: CIMultiDict[str], reason: str)
     token = headers.get("Authorization", "").removeprefix("Bearer ")
     if token:
         assert token not in info.value.message
+    return info.value
+
+
+async def unavailable(resolver: JwtIdentity, headers: CIMultiDict[str]) -> IdentityProviderUnavailable:
+    """No signing keys loaded: a retryable 503, not a verdict on the token."""
+    with pytest.raises(IdentityProviderUnavailable) as info:
+        await resolver.resolve(headers)
+    assert info.value.status == 503 and info.value.code == "identity_provider_unavailable"
+    assert info.value.reason == "jwks_unavailable"
     return info.value
 
 
@@ -456,7 +465,8 @@ async def test_discovery_for_another_issuer_is_not_trusted(
         await resolver.start()
     assert "different issuer" in caplog.text
     assert idp.hits["jwks"] == 0
-    await refused(resolver, bearer(idp.mint(client_id="a")), "jwks_unavailable")
+    await unavailable(resolver, bearer(idp.mint(client_id="a")))
+    assert not resolver.ready
 
 
 async def test_unknown_kid_then_rotation(idp: IdentityProvider, make_resolver: MakeResolver) -> None:
@@ -577,17 +587,72 @@ async def test_expired_jwks_cache_refreshes_in_the_background(
     await refused(resolver, bearer(idp.mint(make_key("key-1"), client_id="b")), "unknown_kid")
 
 
-async def test_provider_down_at_start(idp: IdentityProvider, make_resolver: MakeResolver) -> None:
-    mono = FakeClock(1000.0)
-    resolver = make_resolver(monotonic=mono, jwks_cooldown_seconds=5)
+async def test_provider_down_at_start(
+    idp: IdentityProvider, make_resolver: MakeResolver, caplog: pytest.LogCaptureFixture
+) -> None:
+    resolver = make_resolver(jwks_cooldown_seconds=3600)  # the cooldown is for unknown kids, not this
     await idp.go_down()
-    await resolver.start()  # logs, never raises
-    token = idp.mint(client_id="a")
-    await refused(resolver, bearer(token), "jwks_unavailable")
-    await idp.come_back()
-    await refused(resolver, bearer(token), "jwks_unavailable")  # still in the cooldown
-    mono.now += 6
+    with caplog.at_level(logging.DEBUG, "sidecar.tokens"):
+        await resolver.start()  # logs, never raises
+        assert not resolver.ready
+        token = idp.mint(client_id="a")
+        # Between background attempts a request is refused at once and starts no fetch.
+        errors = jwks_metric("error")
+        started = time.monotonic()
+        await unavailable(resolver, bearer(token))
+        assert time.monotonic() - started < 0.5
+        assert jwks_metric("error") == errors
+        # Retried in the background; one warning however many attempts fail.
+        async with asyncio.timeout(10):
+            while jwks_metric("error") < errors + 2:
+                await asyncio.sleep(0.05)
+        await idp.come_back()
+        # No request needed: the keys load on their own.
+        async with asyncio.timeout(JWKS_RETRY_MAX_SECONDS + 5):
+            await resolver.wait_ready()
+    assert resolver.ready
+    warnings_ = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings_) == 1 and "retrying in the background" in warnings_[0].getMessage()
+    loaded = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert len(loaded) == 1 and "failed fetches" in loaded[0]
     assert (await resolver.resolve(bearer(token))).client_id == "a"
+
+
+def test_background_retry_doubles_to_its_cap_with_jitter() -> None:
+    assert [retry_delay(n, lambda: 1.0) for n in range(1, 8)] == [1, 2, 4, 8, 15, 15, 15]
+    assert [retry_delay(n, lambda: 0.0) for n in range(1, 8)] == [0.5, 1, 2, 4, 7.5, 7.5, 7.5]
+    assert retry_delay(10_000) <= JWKS_RETRY_MAX_SECONDS
+    assert JWKS_RETRY_FIRST_SECONDS == 1 and JWKS_RETRY_MAX_SECONDS == 15  # what the docs promise
+
+
+async def test_a_request_waits_for_the_first_fetch_in_flight(idp: IdentityProvider, make_resolver: MakeResolver) -> None:
+    idp.delay = 0.3
+    resolver = make_resolver()
+    await resolver.start(wait=False)
+    assert not resolver.ready
+    assert (await resolver.resolve(bearer(idp.mint(client_id="a")))).client_id == "a"
+    assert resolver.ready and idp.hits["jwks"] == 1
+
+
+async def test_keys_load_lazily_without_start(idp: IdentityProvider, make_resolver: MakeResolver) -> None:
+    resolver = make_resolver()
+    assert (await resolver.resolve(bearer(idp.mint(client_id="a")))).client_id == "a"
+    assert idp.hits["jwks"] == 1
+
+
+async def test_a_retired_resolver_stops_retrying(idp: IdentityProvider, make_resolver: MakeResolver) -> None:
+    await idp.go_down()
+    resolver = make_resolver()
+    await resolver.start()
+    errors = jwks_metric("error")
+    async with asyncio.timeout(10):
+        while jwks_metric("error") < errors + 1:  # a background retry happened
+            await asyncio.sleep(0.05)
+    resolver.retire()
+    await idp.come_back()
+    await asyncio.sleep(2.5)  # longer than the next wait (the second: at most 2 s)
+    assert idp.hits["jwks"] == 0 and not resolver.ready
+    await unavailable(resolver, bearer(idp.mint(client_id="a")))
 
 
 @pytest.mark.parametrize("status", [404, 500, 503])
@@ -597,7 +662,7 @@ async def test_jwks_http_errors(idp: IdentityProvider, make_resolver: MakeResolv
     before = jwks_metric("error")
     await resolver.start()
     assert jwks_metric("error") == before + 1
-    await refused(resolver, bearer(idp.mint(client_id="a")), "jwks_unavailable")
+    await unavailable(resolver, bearer(idp.mint(client_id="a")))
 
 
 async def test_hanging_jwks_is_bounded_by_the_timeout(
@@ -611,7 +676,7 @@ async def test_hanging_jwks_is_bounded_by_the_timeout(
     assert time.monotonic() - started < 2
     assert "no answer within 0.3s" in caplog.text
     started = time.monotonic()
-    await refused(resolver, bearer(idp.mint(client_id="a")), "jwks_unavailable")
+    await unavailable(resolver, bearer(idp.mint(client_id="a")))
     assert time.monotonic() - started < 2
 
 
@@ -622,12 +687,12 @@ async def test_close_stops_a_hanging_fetch(idp: IdentityProvider, make_resolver:
     await asyncio.sleep(0.1)
     started = time.monotonic()
     await resolver.close()
-    with pytest.raises(InvalidToken):
+    with pytest.raises(IdentityProviderUnavailable):
         await pending
     assert time.monotonic() - started < 2
     # A closed resolver opens no new session and makes no new fetch.
     idp.hang = False
-    await refused(resolver, bearer(idp.mint(client_id="a")), "jwks_unavailable")
+    await unavailable(resolver, bearer(idp.mint(client_id="a")))
     assert idp.hits["jwks"] == 1
     await resolver.close()  # twice is fine
 

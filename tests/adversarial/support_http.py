@@ -195,12 +195,13 @@ def get(path: str, client: str | None = "alice", *, version: str = "HTTP/1.1", e
 
 @contextlib.contextmanager
 def running_sidecar(
-    config: dict[str, Any], workdir: Path, *, env: dict[str, str] | None = None, name: str = "adversarial"
+    config: dict[str, Any], workdir: Path, *, env: dict[str, str] | None = None, name: str = "adversarial",
+    wait_ready: bool = True,
 ) -> Iterator[SidecarProcess]:
     """A real CLI process for a whole module (the root ``start_sidecar`` is per test)."""
     proc = SidecarProcess(config, workdir, env=env, name=name)
     try:
-        proc.start()
+        proc.start(wait_ready=wait_ready)
         yield proc
     finally:
         try:

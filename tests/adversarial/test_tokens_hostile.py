@@ -2,7 +2,8 @@
 
 The provider runs in its own event loop thread (the sidecar is a subprocess and the
 tests are synchronous). Every refused token must get 401 invalid_token (or 400 for
-malformed transport), never reach the upstream, and never be fetched from a URL the
+malformed transport; 503 identity_provider_unavailable while the provider's keys
+cannot be loaded), never reach the upstream, and never be fetched from a URL the
 token names. Tokens are credentials too: none may appear in the sidecar's log.
 """
 
@@ -205,6 +206,7 @@ def test_hostile_token_refused(
         assert r.status == 400 and r.sidecar_error == "invalid_client_id", ex.text()
     else:
         assert r.status == 401 and r.sidecar_error == "invalid_token", ex.text()
+        assert r.header("WWW-Authenticate") == 'Bearer error="invalid_token"', ex.text()
     assert _echo_server.received == [], "a refused token reached the upstream"
     assert metric(sc, FETCHES) == before, "a refused token caused a secret store call"
     assert idp.hits["attacker"] == attacker_hits, "the sidecar fetched a key from a URL the token named"
@@ -281,7 +283,7 @@ def test_flood_of_random_kids_fetches_jwks_at_most_once(sc: SidecarProcess, idp:
 def test_hanging_jwks_is_bounded(
     tmp_path_factory: pytest.TempPathFactory, idp: IdentityProvider, _echo_server: EchoUpstream
 ) -> None:
-    """A provider that never answers: requests get 401 within the JWKS timeout, the process lives."""
+    """A provider that never answers: requests get 503 within the JWKS timeout, the process lives."""
     thread: LoopThread = idp.loop_thread  # type: ignore[attr-defined]
     hanging = IdentityProvider(keys=[make_key("key-1")])
     hanging.hang = True
@@ -291,12 +293,14 @@ def test_hanging_jwks_is_bounded(
         keys = workdir / "keys.yaml"
         keys.write_text(yaml.safe_dump(KEYS), encoding="utf-8")
         config = _config(hanging, _echo_server, str(keys), jwks_timeout_seconds=1, jwks_cooldown_seconds=0)
-        with running_sidecar(config, workdir, name="tokens-hang") as proc:
+        with running_sidecar(config, workdir, name="tokens-hang", wait_ready=False) as proc:
+            assert proc.readyz() == 503  # no signing keys, no readiness
             token = hanging.mint(client_id="alice")
             TOKENS.append(token)
             for _ in range(3):
                 ex = call(proc, "Bearer " + token, timeout=6)
-                assert ex.first.status == 401 and ex.first.sidecar_error == "invalid_token", ex.text()
+                assert ex.first.status == 503, ex.text()
+                assert ex.first.sidecar_error == "identity_provider_unavailable", ex.text()
                 assert ex.elapsed < 3, f"a hanging JWKS held a request {ex.elapsed:.1f}s"
             assert_alive(proc)
             assert_no_secret([proc.output()], *KEYS.values(), *TOKENS)

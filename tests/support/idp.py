@@ -9,6 +9,10 @@ It listens on 127.0.0.1 (random port) with aiohttp and serves
 
 Tests rotate keys (``rotate``), count requests per path (``hits``), make the JWKS
 hang (``hang``) or fail (``fail_status``), and stop the listener (``go_down``).
+
+For tests that drive the real CLI (synchronous code), ``ThreadedIdP`` runs the provider
+on its own event loop thread, and ``BlackHole`` is a provider that is down the hard
+way: it accepts connections and never answers.
 """
 
 from __future__ import annotations
@@ -19,11 +23,14 @@ import functools
 import hashlib
 import hmac
 import json
+import socket
 import ssl
+import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import jwt
 from aiohttp import web
@@ -34,6 +41,8 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 DISCOVERY = "/.well-known/openid-configuration"
 JWKS = "/jwks.json"
 ATTACKER_JWKS = "/attacker/jwks.json"
+
+T = TypeVar("T")
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 
@@ -257,3 +266,95 @@ class IdentityProvider:
     async def _attacker_jwks(self, request: web.Request) -> web.Response:
         self.hits["attacker"] += 1
         return web.json_response({"keys": [k.public_jwk for k in self.attacker_keys]})
+
+
+class ThreadedIdP:
+    """The test identity provider on its own loop, so blocking test code cannot stall it.
+
+    ``start=False`` leaves it down (its port may be set first, to take over from a
+    ``BlackHole``); ``come_back()`` starts it.
+    """
+
+    def __init__(self, idp: IdentityProvider | None = None, *, start: bool = True) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.idp = idp or IdentityProvider(issuer_path="/realms/corp")
+        self.thread = threading.Thread(target=self.loop.run_forever, name="idp", daemon=True)
+        self.thread.start()
+        if start:
+            self.run(self.idp.start())
+
+    def run(self, coro: Any, timeout: float = 10.0) -> Any:
+        """Run a coroutine on the provider's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Call ``fn`` on the provider's loop (asyncio objects are not thread-safe)."""
+
+        async def call() -> T:
+            return fn()
+
+        result: T = self.run(call())
+        return result
+
+    def go_down(self) -> None:
+        """Stop listening: connections are refused until ``come_back``."""
+        self.run(self.idp.go_down())
+
+    def come_back(self) -> None:
+        self.run(self.idp.come_back())
+
+    def close(self) -> None:
+        self.run(self.idp.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+class BlackHole:
+    """A listener on 127.0.0.1 that accepts every connection and never answers.
+
+    What a provider behind a broken load balancer or a dropped route looks like: TCP
+    connects, the request goes out, nothing comes back. ``close()`` stops listening
+    (the port can then be taken over) but keeps holding what it accepted, as a real
+    black hole would, until ``release()``.
+    """
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._held: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._accept, name="black-hole", daemon=True)
+        self._thread.start()
+
+    @property
+    def accepted(self) -> int:
+        """Connections accepted so far."""
+        with self._lock:
+            return len(self._held)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            with self._lock:
+                self._held.append(conn)
+
+    def close(self) -> None:
+        """Stop accepting; the port is free for another listener."""
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        except OSError:
+            pass
+        self._listener.close()
+        self._thread.join(5)
+
+    def release(self) -> None:
+        """Close the listener and every connection it is holding."""
+        self.close()
+        with self._lock:
+            held, self._held = self._held, []
+        for conn in held:
+            conn.close()
