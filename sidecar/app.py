@@ -62,7 +62,7 @@ def build_backend(settings: SecretsSettings) -> SecretBackend:
     if settings.backend == "aws":
         from sidecar.secrets.aws import AwsBackend
 
-        return AwsBackend(settings.aws)
+        return AwsBackend(settings.aws, settings.lookup_timeout_seconds)
     if settings.file.path is None:  # config allows this only with no upstreams
         return EmptyStore()
     from sidecar.secrets.file import FileBackend
