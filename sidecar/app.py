@@ -180,7 +180,7 @@ class Sidecar:
             except Exception as exc:
                 # A library's text may quote what it read (a key); its type is enough.
                 raise StartupError(f"secrets.{settings.secrets.backend}: {type(exc).__name__}") from None
-            cache = SecretCache(backend, settings.secrets.cache)
+            cache = SecretCache(backend, settings.secrets.cache, lookup_timeout=settings.secrets.lookup_timeout_seconds)
             backend.on_change = cache.clear
         if previous is not None and previous.settings.identity == settings.identity:
             identity = previous.identity
@@ -318,6 +318,7 @@ class Sidecar:
         upstreams = [u for n, u in old.upstreams.items() if new.upstreams.get(n) is not u]
         identity = old.identity if old.identity is not new.identity else None
         backend = old.backend if old.backend is not new.backend else None
+        cache = old.cache if old.cache is not new.cache else None
 
         async def later() -> None:
             await asyncio.sleep(self.settings.shutdown_grace_seconds)
@@ -325,6 +326,8 @@ class Sidecar:
                 await up.close()
             if identity is not None:
                 await identity.close()
+            if cache is not None:
+                cache.close()
             if backend is not None:
                 await backend.close()
 
@@ -360,6 +363,7 @@ class Sidecar:
         for up in parts.upstreams.values():
             await up.close()
         await parts.identity.close()
+        parts.cache.close()
         await parts.backend.close()
 
 
