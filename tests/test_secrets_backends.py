@@ -738,9 +738,12 @@ async def test_aws_transient_failures_are_retried_up_to_max_attempts(
     assert len(stub.requests) == calls
 
 
-async def test_aws_no_retry_starts_past_the_deadline(stubbed: tuple[AwsBackend, StubClient]) -> None:
+async def test_aws_no_retry_starts_past_the_deadline(
+    stubbed: tuple[AwsBackend, StubClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
     backend, stub = stubbed
-    backend.backoff_seconds = 10.0  # every pause would end past the deadline
+    monkeypatch.setattr("sidecar.secrets.aws.random.random", lambda: 0.5)  # the jitter, fixed
+    backend.backoff_seconds = 2 * backend.lookup_timeout + 2  # so the first pause ends past the deadline
     stub.error = client_error("ThrottlingException", "slow down")
     with pytest.raises(StoreError):
         await backend.fetch("mcp/polygon/alice")
