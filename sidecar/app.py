@@ -67,7 +67,7 @@ def build_backend(settings: SecretsSettings) -> SecretBackend:
     if settings.backend == "aws":
         from sidecar.secrets.aws import AwsBackend
 
-        return AwsBackend(settings.aws)
+        return AwsBackend(settings.aws, settings.lookup_timeout_seconds)
     if settings.file.path is None:  # config allows this only with no upstreams
         return EmptyStore()
     from sidecar.secrets.file import FileBackend
@@ -223,7 +223,7 @@ class Sidecar:
             except Exception as exc:
                 # A library's text may quote what it read (a key); its type is enough.
                 raise StartupError(f"secrets.{settings.secrets.backend}: {type(exc).__name__}") from None
-            cache = SecretCache(backend, settings.secrets.cache)
+            cache = SecretCache(backend, settings.secrets.cache, lookup_timeout=settings.secrets.lookup_timeout_seconds)
             backend.on_change = cache.clear
         if previous is not None and previous.settings.identity == settings.identity:
             identity = previous.identity
@@ -363,6 +363,7 @@ class Sidecar:
         upstreams = [u for n, u in old.upstreams.items() if new.upstreams.get(n) is not u]
         identity = old.identity if old.identity is not new.identity else None
         backend = old.backend if old.backend is not new.backend else None
+        cache = old.cache if old.cache is not new.cache else None
         if identity is not None:
             identity.retire()  # no more key fetches for it; requests in flight keep its keys
 
@@ -372,6 +373,8 @@ class Sidecar:
                 await up.close()
             if identity is not None:
                 await identity.close()
+            if cache is not None:
+                cache.close()
             if backend is not None:
                 await backend.close()
 
@@ -408,6 +411,7 @@ class Sidecar:
         for up in parts.upstreams.values():
             await up.close()
         await parts.identity.close()
+        parts.cache.close()
         await parts.backend.close()
 
 

@@ -43,7 +43,7 @@ DEFAULT_JWKS_TIMEOUT_SECONDS = 5.0
 DEFAULT_TOKEN_CACHE_ENTRIES = 10000
 DEFAULT_SECRETS_BACKEND = "file"
 DEFAULT_AWS_VERSION_STAGE = "AWSCURRENT"
-DEFAULT_AWS_TIMEOUT_SECONDS = 5.0
+DEFAULT_LOOKUP_TIMEOUT_SECONDS = 5.0
 DEFAULT_CACHE_TTL_SECONDS = 300.0
 DEFAULT_NEGATIVE_TTL_SECONDS = 30.0
 DEFAULT_STALE_IF_ERROR_SECONDS = 3600.0
@@ -117,7 +117,8 @@ class AwsBackendSettings:
     region: str | None = None
     endpoint_url: str | None = None
     version_stage: str = DEFAULT_AWS_VERSION_STAGE
-    timeout_seconds: float = DEFAULT_AWS_TIMEOUT_SECONDS
+    #: connect and read timeout of one attempt; None: secrets.lookup_timeout_seconds (one attempt may use it all)
+    timeout_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,8 @@ class CacheSettings:
 @dataclass(frozen=True)
 class SecretsSettings:
     backend: str = DEFAULT_SECRETS_BACKEND
+    #: one lookup, every attempt and retry of every backend included, ends within this
+    lookup_timeout_seconds: float = DEFAULT_LOOKUP_TIMEOUT_SECONDS
     file: FileBackendSettings = field(default_factory=FileBackendSettings)
     aws: AwsBackendSettings = field(default_factory=AwsBackendSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
@@ -221,7 +224,7 @@ class Settings:
             + (f" endpoint={loggable_url(s.aws.endpoint_url)}" if s.aws.endpoint_url else "")
             + f" stage={s.aws.version_stage}"
         )
-        lines.append(f"secrets:       {s.backend}: {where}")
+        lines.append(f"secrets:       {s.backend}: {where} lookup_timeout={s.lookup_timeout_seconds:g}s")
         lines.append(
             f"cache:         ttl={s.cache.ttl_seconds:g}s negative={s.cache.negative_ttl_seconds:g}s "
             f"stale_if_error={s.cache.stale_if_error_seconds:g}s max={s.cache.max_entries}"
@@ -653,10 +656,15 @@ class _Reader:
 
     def secrets(self, raw: Any) -> SecretsSettings:
         path = "secrets"
-        m = self.mapping(raw, path, frozenset({"backend", "file", "aws", "cache", "prefetch"}))
+        m = self.mapping(
+            raw, path, frozenset({"backend", "lookup_timeout_seconds", "file", "aws", "cache", "prefetch"})
+        )
         backend = (
             self.string(m, "backend", path, DEFAULT_SECRETS_BACKEND, choices=BACKENDS)
             or DEFAULT_SECRETS_BACKEND
+        )
+        lookup_timeout = self.number(
+            m, "lookup_timeout_seconds", path, DEFAULT_LOOKUP_TIMEOUT_SECONDS, positive=True
         )
         fm = self.mapping(m.get("file"), f"{path}.file", frozenset({"path"}))
         file_settings = FileBackendSettings(
@@ -674,10 +682,19 @@ class _Reader:
             endpoint_url=endpoint or None,
             version_stage=self.string(am, "version_stage", f"{path}.aws", DEFAULT_AWS_VERSION_STAGE)
             or DEFAULT_AWS_VERSION_STAGE,
-            timeout_seconds=self.number(
-                am, "timeout_seconds", f"{path}.aws", DEFAULT_AWS_TIMEOUT_SECONDS, positive=True
+            timeout_seconds=(
+                self.number(am, "timeout_seconds", f"{path}.aws", lookup_timeout, positive=True)
+                if am.get("timeout_seconds") is not None
+                else None
             ),
         )
+        if backend == "aws" and aws.timeout_seconds is not None and aws.timeout_seconds > lookup_timeout:
+            # One attempt may not outlast the whole lookup: the lookup would end first, every time.
+            self.fail(
+                f"{path}.aws.timeout_seconds",
+                f"{aws.timeout_seconds:g} is longer than secrets.lookup_timeout_seconds ({lookup_timeout:g}), "
+                "which bounds the whole lookup with every retry; lower it or raise lookup_timeout_seconds",
+            )
         cm = self.mapping(
             m.get("cache"),
             f"{path}.cache",
@@ -698,7 +715,8 @@ class _Reader:
         )
         prefetch = self.string_list(m, "prefetch", path, (), item_check=_check_client_id)
         return SecretsSettings(
-            backend=backend, file=file_settings, aws=aws, cache=cache, prefetch=prefetch
+            backend=backend, lookup_timeout_seconds=lookup_timeout, file=file_settings, aws=aws, cache=cache,
+            prefetch=prefetch,
         )
 
     def upstreams(self, raw: Any) -> dict[str, UpstreamSettings]:

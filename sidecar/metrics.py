@@ -60,6 +60,20 @@ SECRET_FETCH_DURATION = Histogram(
     buckets=_LATENCY_BUCKETS,
     registry=REGISTRY,
 )
+# Background refreshes of values served past their TTL, by result: ok, error (the store failed;
+# the old value is still served while stale_if_error_seconds lasts), missing (the store has no
+# usable secret any more: not found, scheduled for deletion or unusable).
+SECRET_REFRESHES = Counter(
+    "sidecar_secret_refreshes", "Background refreshes of expired secrets by result.", ["result"], registry=REGISTRY
+)
+# Time each background refresh took, at most secrets.lookup_timeout_seconds.
+SECRET_REFRESH_DURATION = Histogram(
+    "sidecar_secret_refresh_duration_seconds",
+    "Background refresh duration.",
+    ["backend"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
 # Store failures by kind: access_denied, auth, throttled, timeout, unreachable, unavailable, invalid, config.
 SECRET_STORE_ERRORS = Counter(
     "sidecar_secret_store_errors", "Secret store failures by kind.", ["backend", "kind"], registry=REGISTRY

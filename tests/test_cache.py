@@ -1,7 +1,9 @@
-"""The secret cache: TTL, negative caching, stale-if-error, bounded size and single flight.
+"""The secret cache: TTL, stale-while-revalidate, negative caching, stale-if-error, the lookup
+bound, bounded size and single flight.
 
-Time is a fake clock the tests move by hand; the backend is an in-test class whose
-fetch can be held open with an ``asyncio.Event`` so concurrency is deterministic.
+Time is a fake clock the tests move by hand (the lookup bound alone is real time, kept
+short); the backend is an in-test class whose fetch can be held open with an
+``asyncio.Event`` so concurrency is deterministic.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import pytest
 from sidecar.config import CacheSettings
 from sidecar.errors import NoCredential, SecretStoreUnavailable
 from sidecar.metrics import REGISTRY, apply_pending
-from sidecar.secrets.base import RawSecret, Secret, SecretBackend, SecretNotFound, StoreError
-from sidecar.secrets.cache import STALE_RETRY_SECONDS, SecretCache
+from sidecar.secrets.base import RawSecret, Secret, SecretBackend, SecretNotFound, SecretPendingDeletion, StoreError
+from sidecar.secrets.cache import MAX_BACKGROUND_REFRESHES, STALE_RETRY_SECONDS, SecretCache
 from tests.support.leaks import make_secret
 
 TTL = 60.0
@@ -43,7 +45,7 @@ class FakeBackend:
 
     def __init__(self, values: Mapping[str, RawSecret] | None = None) -> None:
         self.values: dict[str, RawSecret] = dict(values or {})
-        self.error: StoreError | None = None
+        self.error: Exception | None = None
         self.gate: asyncio.Event | None = None
         self.calls: list[str] = []
         self.waiting = 0
@@ -79,6 +81,7 @@ def make_cache(
     negative_ttl: float = NEGATIVE_TTL,
     stale_if_error: float = STALE_IF_ERROR,
     max_entries: int = 100,
+    lookup_timeout: float = 5.0,
 ) -> SecretCache:
     settings = CacheSettings(
         ttl_seconds=ttl,
@@ -87,7 +90,7 @@ def make_cache(
         max_entries=max_entries,
     )
     store: SecretBackend = backend  # the in-test class satisfies the protocol (checked by mypy)
-    return SecretCache(store, settings, clock=clock)
+    return SecretCache(store, settings, clock=clock, lookup_timeout=lookup_timeout)
 
 
 def lookups(result: str) -> float:
@@ -95,8 +98,22 @@ def lookups(result: str) -> float:
     return REGISTRY.get_sample_value("sidecar_secret_lookups_total", {"result": result}) or 0.0
 
 
+def refreshes(result: str) -> float:
+    return REGISTRY.get_sample_value("sidecar_secret_refreshes_total", {"result": result}) or 0.0
+
+
 def store_errors(kind: str) -> float:
     return REGISTRY.get_sample_value("sidecar_secret_store_errors_total", {"backend": "fake", "kind": kind}) or 0.0
+
+
+async def bounded(awaitable: Any, seconds: float = 5.0) -> Any:
+    """``awaitable``'s result; a wait for a store the test holds shut fails instead of hanging."""
+    return await asyncio.wait_for(awaitable, seconds)
+
+
+async def settled(cache: SecretCache) -> None:
+    """Let background refreshes (and every other store call) finish."""
+    await until(lambda: cache.in_flight == 0)
 
 
 async def until(condition: Callable[[], bool]) -> None:
@@ -151,7 +168,11 @@ async def test_key_wait_brackets_the_store_call_and_never_runs_on_a_hit(backend:
     await cache.get("mcp/polygon/alice", key_wait=key_wait)  # a hit: no wait
     assert events == ["+1 with 0 store calls made", "-1 with 1 store calls made"]
     clock.advance(TTL + 1)
-    await cache.get("mcp/polygon/alice", key_wait=key_wait)
+    assert (await cache.get("mcp/polygon/alice", key_wait=key_wait))[1] == "stale"
+    assert len(events) == 2  # served at once, refreshed behind the request: no wait
+    await settled(cache)
+    clock.advance(TTL + STALE_IF_ERROR)
+    await cache.get("mcp/polygon/alice", key_wait=key_wait)  # past the stale window: waits
     assert len(events) == 4
 
     events.clear()
@@ -179,7 +200,11 @@ async def test_ttl_expiry_refetches_the_new_value(backend: FakeBackend, clock: F
     assert (await cache.get("mcp/polygon/alice"))[1] == "hit"
     clock.advance(0.001)
     secret, result = await cache.get("mcp/polygon/alice")
-    assert (secret.reveal(), result) == (rotated, "miss")
+    assert result == "stale"  # the old value at once, the new one asked for behind it
+    assert secret.reveal() != rotated
+    await settled(cache)
+    secret, result = await cache.get("mcp/polygon/alice")
+    assert (secret.reveal(), result) == (rotated, "hit")
     assert len(backend.calls) == 2
 
 
@@ -311,7 +336,10 @@ async def test_stale_if_error_serves_the_expired_value(backend: FakeBackend, clo
     before = lookups("stale")
     secret, result = await cache.get("mcp/polygon/alice")
     assert (secret.reveal(), result) == (alice, "stale")
-    assert lookups("stale") == before + 1
+    await settled(cache)
+    secret, result = await cache.get("mcp/polygon/alice")  # the refresh failed: still served
+    assert (secret.reveal(), result) == (alice, "stale")
+    assert lookups("stale") == before + 2
     assert len(backend.calls) == 2
 
 
@@ -321,6 +349,7 @@ async def test_stale_retry_interval_spares_the_failing_store(backend: FakeBacken
     backend.error = StoreError("timeout")
     clock.advance(TTL + 1)
     assert (await cache.get("mcp/polygon/alice"))[1] == "stale"
+    await settled(cache)
     calls = len(backend.calls)
     for _ in range(20):
         clock.advance((STALE_RETRY_SECONDS - 0.01) / 20)
@@ -328,22 +357,26 @@ async def test_stale_retry_interval_spares_the_failing_store(backend: FakeBacken
     assert len(backend.calls) == calls  # not one store call per request
     clock.advance(0.02)
     assert (await cache.get("mcp/polygon/alice"))[1] == "stale"
+    await settled(cache)
     assert len(backend.calls) == calls + 1  # tried again after the retry interval
 
 
-async def test_store_recovery_replaces_the_stale_value(backend: FakeBackend, clock: FakeClock) -> None:
+async def test_store_recovery_replaces_the_stale_value(backend: FakeBackend, clock: FakeClock, alice: str) -> None:
     cache = make_cache(backend, clock)
     await cache.get("mcp/polygon/alice")
     backend.error = StoreError("timeout")
     clock.advance(TTL + 1)
     assert (await cache.get("mcp/polygon/alice"))[1] == "stale"
+    await settled(cache)
     rotated = make_secret("cache-recovered")
     backend.values["mcp/polygon/alice"] = rotated
     backend.error = None
     clock.advance(STALE_RETRY_SECONDS)
     secret, result = await cache.get("mcp/polygon/alice")
-    assert (secret.reveal(), result) == (rotated, "miss")
-    assert (await cache.get("mcp/polygon/alice"))[1] == "hit"
+    assert (secret.reveal(), result) == (alice, "stale")  # this one starts the refresh
+    await settled(cache)
+    secret, result = await cache.get("mcp/polygon/alice")
+    assert (secret.reveal(), result) == (rotated, "hit")
 
 
 async def test_stale_ends_after_stale_if_error_seconds(backend: FakeBackend, clock: FakeClock) -> None:
@@ -394,6 +427,252 @@ async def test_zero_stale_if_error_disables_stale(backend: FakeBackend, clock: F
     clock.advance(TTL)
     with pytest.raises(SecretStoreUnavailable):
         await cache.get("mcp/polygon/alice")
+
+
+# ------------------------------------------------------------------ stale-while-revalidate
+
+
+async def test_expired_value_is_served_while_one_background_refresh_runs(
+    backend: FakeBackend, clock: FakeClock, alice: str
+) -> None:
+    cache = make_cache(backend, clock)
+    await cache.get("mcp/polygon/alice")
+    backend.gate = asyncio.Event()  # the store now hangs until the test lets it answer
+    rotated = make_secret("cache-swr-new")
+    backend.values["mcp/polygon/alice"] = rotated
+    clock.advance(TTL + 1)
+    waits: list[int] = []
+    for _ in range(50):  # none of these awaits the store, and they make one call between them
+        secret, result = await bounded(cache.get("mcp/polygon/alice", key_wait=waits.append))
+        assert (secret.reveal(), result) == (alice, "stale")
+    assert waits == []
+    await until(lambda: backend.waiting == 1)
+    assert len(backend.calls) == 2
+    backend.gate.set()
+    await settled(cache)
+    secret, result = await cache.get("mcp/polygon/alice")
+    assert (secret.reveal(), result) == (rotated, "hit")
+
+
+async def test_the_background_refresh_outlives_the_request_that_started_it(
+    backend: FakeBackend, clock: FakeClock
+) -> None:
+    cache = make_cache(backend, clock)
+    await cache.get("mcp/polygon/alice")
+    backend.gate = asyncio.Event()
+    clock.advance(TTL + 1)
+    assert (await bounded(cache.get("mcp/polygon/alice")))[1] == "stale"  # answered, and gone
+    await until(lambda: backend.waiting == 1)
+    rotated = make_secret("cache-swr-outlived")
+    backend.values["mcp/polygon/alice"] = rotated
+    backend.gate.set()
+    await settled(cache)
+    assert (await cache.get("mcp/polygon/alice"))[0].reveal() == rotated
+
+
+async def test_a_request_inside_the_stale_window_is_served_even_if_the_window_closes_meanwhile(
+    backend: FakeBackend, clock: FakeClock, alice: str
+) -> None:
+    """Issue 17: a request that arrived inside the window waited for the store, the window
+    closed during the wait, and it got 503. Now it is served on arrival; only a request that
+    arrives after the window waits (for the refresh under way) and gets its outcome."""
+    cache = make_cache(backend, clock)
+    await cache.get("mcp/polygon/alice")
+    end_of_window = clock.now + TTL + STALE_IF_ERROR
+    backend.error = StoreError("timeout")
+    backend.gate = asyncio.Event()
+    clock.now = end_of_window - 0.01
+    secret, result = await bounded(cache.get("mcp/polygon/alice"))
+    assert (secret.reveal(), result) == (alice, "stale")
+    await until(lambda: backend.waiting == 1)
+    clock.now = end_of_window + 1  # the refresh outlives the window
+    late = asyncio.create_task(cache.get("mcp/polygon/alice"))
+    await asyncio.sleep(0)
+    assert not late.done()  # it waits for the refresh in flight: no second store call
+    backend.gate.set()
+    with pytest.raises(SecretStoreUnavailable):
+        await late
+    assert len(backend.calls) == 2
+
+
+async def test_a_request_after_the_window_gets_the_value_if_the_refresh_under_way_succeeds(
+    backend: FakeBackend, clock: FakeClock
+) -> None:
+    cache = make_cache(backend, clock)
+    await cache.get("mcp/polygon/alice")
+    end_of_window = clock.now + TTL + STALE_IF_ERROR
+    backend.gate = asyncio.Event()
+    clock.now = end_of_window - 0.01
+    await bounded(cache.get("mcp/polygon/alice"))  # starts the refresh
+    clock.now = end_of_window + 1
+    rotated = make_secret("cache-swr-late")
+    backend.values["mcp/polygon/alice"] = rotated
+    late = asyncio.create_task(cache.get("mcp/polygon/alice"))
+    await until(lambda: backend.waiting == 1)
+    backend.gate.set()
+    secret, result = await late
+    assert (secret.reveal(), result) == (rotated, "miss")
+    assert len(backend.calls) == 2
+
+
+async def test_background_refreshes_in_flight_are_bounded(clock: FakeClock) -> None:
+    """A hung store holds each refresh for lookup_timeout_seconds: only a few may hang at
+    once, so a client with nothing cached still gets a store call of its own."""
+    values = {f"k{i}": make_secret(f"cache-bg-{i}") for i in range(MAX_BACKGROUND_REFRESHES + 3)}
+    backend = FakeBackend(values)
+    cache = make_cache(backend, clock)
+    for key in values:
+        await cache.get(key)
+    backend.gate = asyncio.Event()
+    clock.advance(TTL + 1)
+    for key in values:
+        assert (await bounded(cache.get(key)))[1] == "stale"
+    await until(lambda: backend.waiting == MAX_BACKGROUND_REFRESHES)
+    backend.values["cold"] = make_secret("cache-bg-cold")
+    cold = asyncio.create_task(cache.get("cold"))
+    await until(lambda: backend.waiting == MAX_BACKGROUND_REFRESHES + 1)
+    backend.gate.set()
+    assert (await cold)[1] == "miss"
+    await settled(cache)
+    # The ones left out start with their next request.
+    for key in values:
+        await cache.get(key)
+    await settled(cache)
+    assert len(backend.calls) == 2 * len(values) + 1
+
+
+async def test_zero_ttl_serves_the_last_value_and_refreshes_every_time(backend: FakeBackend, clock: FakeClock) -> None:
+    cache = make_cache(backend, clock, ttl=0)
+    assert (await cache.get("mcp/polygon/alice"))[1] == "miss"
+    for n in range(3):
+        assert (await cache.get("mcp/polygon/alice"))[1] == "stale"
+        await settled(cache)
+        assert len(backend.calls) == n + 2
+
+
+async def test_refresh_metrics(backend: FakeBackend, clock: FakeClock) -> None:
+    cache = make_cache(backend, clock)
+    await cache.get("mcp/polygon/alice")
+    before = {r: refreshes(r) for r in ("ok", "error", "missing")}
+    durations = REGISTRY.get_sample_value("sidecar_secret_refresh_duration_seconds_count", {"backend": "fake"}) or 0.0
+    clock.advance(TTL + 1)
+    await cache.get("mcp/polygon/alice")
+    await settled(cache)  # ok
+    backend.error = StoreError("timeout")
+    clock.advance(TTL + 1)
+    await cache.get("mcp/polygon/alice")
+    await settled(cache)  # error
+    backend.error = None
+    del backend.values["mcp/polygon/alice"]
+    clock.advance(STALE_RETRY_SECONDS)
+    await cache.get("mcp/polygon/alice")
+    await settled(cache)  # missing
+    assert {r: refreshes(r) - before[r] for r in before} == {"ok": 1, "error": 1, "missing": 1}
+    after = REGISTRY.get_sample_value("sidecar_secret_refresh_duration_seconds_count", {"backend": "fake"})
+    assert after == durations + 3
+    with pytest.raises(NoCredential):  # the missing answer replaced the old value
+        await cache.get("mcp/polygon/alice")
+
+
+# ------------------------------------------------------------------ the lookup bound
+
+
+class HangingBackend(FakeBackend):
+    """While ``hanging``, a store that never answers; with ``stubborn`` it even ignores cancellation."""
+
+    def __init__(self, values: Mapping[str, RawSecret] | None = None, stubborn: bool = False) -> None:
+        super().__init__(values)
+        self.hanging = True
+        self.stubborn = stubborn
+        self.release = asyncio.Event()
+
+    async def fetch(self, secret_id: str) -> RawSecret:
+        if not self.hanging:
+            return await super().fetch(secret_id)
+        self.calls.append(secret_id)
+        while not self.release.is_set():
+            try:
+                await self.release.wait()
+            except asyncio.CancelledError:
+                if not self.stubborn:
+                    raise
+        raise StoreError("unreachable")
+
+
+@pytest.mark.parametrize("stubborn", [False, True])
+async def test_a_lookup_ends_within_lookup_timeout_whatever_the_backend_does(clock: FakeClock, stubborn: bool) -> None:
+    backend = HangingBackend(stubborn=stubborn)
+    cache = make_cache(backend, clock, lookup_timeout=0.2)
+    before = store_errors("timeout")
+    try:
+        with pytest.raises(SecretStoreUnavailable) as info:
+            await bounded(cache.get("mcp/polygon/alice"), 0.2 + 2)  # generous: a busy machine
+        assert info.value.reason == "timeout"
+        assert store_errors("timeout") == before + 1
+        assert cache.in_flight == 0
+    finally:
+        backend.release.set()  # the abandoned call ends later; nobody hears of it
+        await asyncio.sleep(0.01)
+
+
+async def test_refresh_after_rejection_obeys_the_lookup_timeout(clock: FakeClock) -> None:
+    alice = make_secret("cache-rej-bound")
+    backend = HangingBackend({"a": alice})
+    backend.hanging = False
+    cache = make_cache(backend, clock, lookup_timeout=0.2)
+    old, _ = await cache.get("a")
+    backend.hanging = True
+    try:
+        assert await bounded(cache.refresh_rejected("a", None, old), 0.2 + 2) is None
+        assert (await cache.get("a"))[0].reveal() == alice  # still served: the store failed, it did not say no
+    finally:
+        backend.release.set()
+
+
+# ------------------------------------------------------------------ pending deletion
+
+
+class DoomedBackend(FakeBackend):
+    """Answers "scheduled for deletion" for the ids in ``doomed``."""
+
+    def __init__(self, values: Mapping[str, RawSecret]) -> None:
+        super().__init__(values)
+        self.doomed: set[str] = set()
+
+    async def fetch(self, secret_id: str) -> RawSecret:
+        if secret_id in self.doomed:
+            self.calls.append(secret_id)
+            raise SecretPendingDeletion(secret_id)
+        return await super().fetch(secret_id)
+
+
+async def test_pending_deletion_is_refused_but_not_remembered(clock: FakeClock) -> None:
+    alice = make_secret("cache-doomed")
+    backend = DoomedBackend({"a": alice})
+    backend.doomed.add("a")
+    cache = make_cache(backend, clock)
+    for _ in range(2):
+        with pytest.raises(NoCredential) as info:
+            await cache.get("a")
+        assert (info.value.reason, info.value.lookup) == ("pending_deletion", "miss")
+    assert len(backend.calls) == 2  # asked each time: not negatively cached
+    backend.doomed.clear()  # restored
+    secret, result = await cache.get("a")
+    assert (secret.reveal(), result) == (alice, "miss")
+
+
+async def test_a_cached_value_scheduled_for_deletion_stops_being_served(clock: FakeClock) -> None:
+    alice = make_secret("cache-doomed-cached")
+    backend = DoomedBackend({"a": alice})
+    cache = make_cache(backend, clock)
+    await cache.get("a")
+    backend.doomed.add("a")
+    clock.advance(TTL + 1)
+    assert (await cache.get("a"))[1] == "stale"  # served once more while the refresh asks
+    await settled(cache)
+    with pytest.raises(NoCredential) as info:
+        await cache.get("a")
+    assert info.value.reason == "pending_deletion"
 
 
 # ------------------------------------------------------------------ bounded size

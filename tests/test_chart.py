@@ -438,6 +438,7 @@ def test_configmap_renders_structured_values(chart: helm.Chart) -> None:
     assert "file" not in aws["secrets"]
     assert aws["secrets"]["prefetch"] == ["agent-reporting"]
     assert aws["secrets"]["cache"]["ttl_seconds"] == 300
+    assert aws["secrets"]["lookup_timeout_seconds"] == 5
     assert set(aws["upstreams"]) == {"polygon", "internal"}
     assert aws["upstreams"]["internal"]["inject"] == {"header": "Authorization", "format": "Bearer {secret}"}
 

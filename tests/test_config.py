@@ -76,6 +76,8 @@ def test_defaults_equal_the_contract(tmp_path: Path, keys_file: Path) -> None:
     assert s.secrets.backend == "file"
     assert s.secrets.aws.endpoint_url is None
     assert s.secrets.aws.version_stage == "AWSCURRENT"
+    assert s.secrets.lookup_timeout_seconds == 5
+    assert s.secrets.aws.timeout_seconds is None  # one attempt may take the whole lookup_timeout_seconds
     c = s.secrets.cache
     assert (c.ttl_seconds, c.negative_ttl_seconds, c.stale_if_error_seconds, c.max_entries) == (300, 30, 3600, 10000)
     assert s.secrets.prefetch == ()
@@ -754,6 +756,28 @@ def test_aws_complete_arn_template_is_refused_at_load(tmp_path: Path, template: 
         assert one_problem(raw, tmp_path).startswith("upstreams.polygon.secret: is a complete secret ARN")
     else:
         assert parse(raw, tmp_path).upstreams["polygon"].secret == template
+
+
+def test_lookup_timeout_and_the_aws_attempt_timeout_that_fits_it(tmp_path: Path) -> None:
+    raw: dict[str, Any] = {
+        "secrets": {"backend": "aws", "lookup_timeout_seconds": 8, "aws": {"region": "eu-west-1", "timeout_seconds": 2}},
+        "upstreams": {"polygon": upstream()},
+    }
+    s = parse(raw, tmp_path)
+    assert (s.secrets.lookup_timeout_seconds, s.secrets.aws.timeout_seconds) == (8, 2)
+    assert "lookup_timeout=8s" in s.summary()
+    raw["secrets"]["aws"]["timeout_seconds"] = 8
+    assert parse(raw, tmp_path).secrets.aws.timeout_seconds == 8  # one attempt, all of the lookup
+    raw["secrets"]["aws"]["timeout_seconds"] = 10
+    assert one_problem(raw, tmp_path) == (
+        "secrets.aws.timeout_seconds: 10 is longer than secrets.lookup_timeout_seconds (8), which bounds the "
+        "whole lookup with every retry; lower it or raise lookup_timeout_seconds"
+    )
+    del raw["secrets"]["lookup_timeout_seconds"]  # the default, 5
+    assert one_problem(raw, tmp_path).startswith("secrets.aws.timeout_seconds: 10 is longer than")
+    raw["secrets"]["lookup_timeout_seconds"] = 0
+    raw["secrets"]["aws"]["timeout_seconds"] = 1
+    assert one_problem(raw, tmp_path) == "secrets.lookup_timeout_seconds: must be greater than 0"
 
 
 def test_unknown_backend_is_refused(tmp_path: Path, keys_file: Path) -> None:

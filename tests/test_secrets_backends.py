@@ -26,8 +26,8 @@ from botocore.exceptions import (
 import sidecar.secrets.file as file_module
 from sidecar.config import AwsBackendSettings, CacheSettings
 from sidecar.errors import NoCredential, SecretStoreUnavailable
-from sidecar.secrets.aws import AwsBackend
-from sidecar.secrets.base import SecretNotFound, StoreError, extract
+from sidecar.secrets.aws import MAX_ATTEMPTS, AwsBackend
+from sidecar.secrets.base import SecretNotFound, SecretPendingDeletion, StoreError, extract
 from sidecar.secrets.cache import SecretCache
 from sidecar.secrets.file import FileBackend, FileLoadError, load_secret_file
 from tests.support.leaks import make_secret
@@ -299,8 +299,8 @@ def name() -> str:
     return f"mcp/polygon/unit-{uuid.uuid4().hex[:12]}"
 
 
-async def aws_backend(endpoint: str, **settings: Any) -> AwsBackend:
-    backend = AwsBackend(AwsBackendSettings(region="us-east-1", endpoint_url=endpoint, **settings))
+async def aws_backend(endpoint: str, lookup_timeout: float = 5.0, **settings: Any) -> AwsBackend:
+    backend = AwsBackend(AwsBackendSettings(region="us-east-1", endpoint_url=endpoint, **settings), lookup_timeout)
     await backend.start()
     return backend
 
@@ -447,6 +447,44 @@ async def test_aws_unresponsive_endpoint_times_out(aws_env: dict[str, str], name
     assert elapsed < 10, f"took {elapsed:.1f}s"
 
 
+async def test_aws_retries_against_a_silent_store_end_within_the_lookup_timeout(aws_env: dict[str, str], name: str) -> None:
+    """Every attempt times out (0.9 s); no retry starts after lookup_timeout (1 s), so the
+    call ends by then plus at most the attempt under way: 1.9 s, where botocore's own
+    retries made four attempts, 3.6 s and their backoff."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        backend = await aws_backend(f"http://127.0.0.1:{server.getsockname()[1]}", lookup_timeout=1.0,
+                                    timeout_seconds=0.9)
+        try:
+            started = time.monotonic()
+            with pytest.raises(StoreError) as info:
+                await backend.fetch(name)
+            elapsed = time.monotonic() - started
+        finally:
+            await backend.close()
+    assert info.value.kind == "timeout"
+    assert elapsed < 1.0 + 0.9 + 0.8, f"took {elapsed:.1f}s"  # + slack for a busy machine
+
+
+async def test_aws_timeout_seconds_defaults_to_the_lookup_timeout() -> None:
+    assert AwsBackend(AwsBackendSettings(), lookup_timeout=3).attempt_timeout == 3
+    assert AwsBackend(AwsBackendSettings(timeout_seconds=1), lookup_timeout=3).attempt_timeout == 1
+    assert AwsBackend(AwsBackendSettings(timeout_seconds=9), lookup_timeout=3).attempt_timeout == 3  # never longer
+
+
+async def test_aws_secret_pending_deletion_then_restored(aws: AwsBackend, sm: Any, name: str) -> None:
+    key = make_secret("aws-doomed")
+    sm.create_secret(Name=name, SecretString=key)
+    sm.delete_secret(SecretId=name, RecoveryWindowInDays=7)
+    with pytest.raises(SecretPendingDeletion) as info:
+        await aws.fetch(name)
+    assert info.value.reason == "pending_deletion"
+    assert not info.value.negative_cacheable
+    sm.restore_secret(SecretId=name)
+    assert await aws.fetch(name) == key
+
+
 # ---------------------------------------------------------------------- stub client
 #
 # moto answers honestly (its answers always name the secret they hold), and never
@@ -489,6 +527,7 @@ class StubClient:
 @pytest.fixture
 async def stubbed() -> AsyncIterator[tuple[AwsBackend, StubClient]]:
     backend = AwsBackend(AwsBackendSettings(region="us-east-1"))
+    backend.backoff_seconds = 0.0  # retries at once: the tests count them, not their pauses
     stub = StubClient()
     backend._client = stub  # type: ignore[assignment]
     yield backend, stub
@@ -653,8 +692,68 @@ async def test_aws_client_errors_map_to_store_errors(
 async def test_aws_not_found_codes(code: str, stubbed: tuple[AwsBackend, StubClient]) -> None:
     backend, stub = stubbed
     stub.error = client_error(code, "no")
-    with pytest.raises(SecretNotFound):
+    with pytest.raises(SecretNotFound) as info:
         await backend.fetch("mcp/polygon/alice")
+    assert info.value.negative_cacheable and info.value.reason == "not_found"
+    assert len(stub.requests) == 1
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "You can't perform this operation on the secret because it was marked for deletion.",  # AWS
+        "You tried to perform the operation on a secret that's currently marked deleted.",  # moto
+    ],
+)
+async def test_aws_pending_deletion_is_its_own_refusal(message: str, stubbed: tuple[AwsBackend, StubClient]) -> None:
+    backend, stub = stubbed
+    stub.error = client_error("InvalidRequestException", message)
+    with pytest.raises(SecretPendingDeletion) as info:
+        await backend.fetch("mcp/polygon/alice")
+    assert (info.value.reason, info.value.negative_cacheable) == ("pending_deletion", False)
+    assert len(stub.requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("error", "calls"),
+    [
+        (client_error("ThrottlingException", "slow down"), MAX_ATTEMPTS),
+        (client_error("InternalServiceError", "try again"), MAX_ATTEMPTS),
+        (ClientError({"Error": {"Code": "Whatever"}, "ResponseMetadata": {"HTTPStatusCode": 503}}, "GetSecretValue"),
+         MAX_ATTEMPTS),
+        (ReadTimeoutError(endpoint_url="https://secretsmanager.example"), MAX_ATTEMPTS),
+        (EndpointConnectionError(endpoint_url="https://secretsmanager.example"), MAX_ATTEMPTS),
+        (client_error("AccessDeniedException", "no"), 1),
+        (client_error("DecryptionFailure", "kms"), 1),
+        (NoCredentialsError(), 1),
+    ],
+)
+async def test_aws_transient_failures_are_retried_up_to_max_attempts(
+    error: Exception, calls: int, stubbed: tuple[AwsBackend, StubClient]
+) -> None:
+    backend, stub = stubbed
+    stub.error = error
+    with pytest.raises(StoreError):
+        await backend.fetch("mcp/polygon/alice")
+    assert len(stub.requests) == calls
+
+
+async def test_aws_no_retry_starts_past_the_deadline(
+    stubbed: tuple[AwsBackend, StubClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend, stub = stubbed
+    monkeypatch.setattr("sidecar.secrets.aws.random.random", lambda: 0.5)  # the jitter, fixed
+    backend.backoff_seconds = 2 * backend.lookup_timeout + 2  # so the first pause ends past the deadline
+    stub.error = client_error("ThrottlingException", "slow down")
+    with pytest.raises(StoreError):
+        await backend.fetch("mcp/polygon/alice")
+    assert len(stub.requests) == 1
+    # A call that waited in the pool's queue until the lookup was over is not made at all.
+    stub.error = None
+    with pytest.raises(StoreError) as info:
+        backend._get("mcp/polygon/alice", time.monotonic() - 0.001)
+    assert info.value.kind == "timeout"
+    assert len(stub.requests) == 1
 
 
 @pytest.mark.parametrize(

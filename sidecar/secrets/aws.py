@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from sidecar.config import AwsBackendSettings
-from sidecar.secrets.base import RawSecret, SecretMismatch, SecretNotFound, StoreError
+from sidecar.config import DEFAULT_LOOKUP_TIMEOUT_SECONDS, AwsBackendSettings
+from sidecar.secrets.base import RawSecret, SecretMismatch, SecretNotFound, SecretPendingDeletion, StoreError
 
 if TYPE_CHECKING:
     from mypy_boto3_secretsmanager import SecretsManagerClient
@@ -22,16 +24,34 @@ if TYPE_CHECKING:
 log = logging.getLogger("sidecar.secrets.aws")
 
 #: Threads for blocking botocore calls. Single flight in the cache means one call
-#: per secret at a time, so this bounds concurrent distinct cold lookups.
+#: per secret at a time, so this bounds concurrent distinct lookups, and also how many
+#: threads a store that never answers can hold: a thread is busy until the attempt it
+#: runs times out, at most ``timeout_seconds`` (connect, then read) after the lookup's
+#: deadline. A lookup that finds every thread busy waits in the pool's queue; when its
+#: deadline passes first, the cache stops waiting and the queued call is dropped unmade.
 MAX_THREADS = 8
+#: Calls to Secrets Manager per lookup at most: the first and two retries (botocore's own
+#: retries are off; these are ours, so that none starts after the lookup's deadline).
+MAX_ATTEMPTS = 3
+#: Before retry n (1, 2), a pause of random() * BACKOFF_SECONDS * 2**(n-1), as botocore's
+#: standard mode does; a retry whose pause would end past the deadline is not made.
+BACKOFF_SECONDS = 1.0
 
 # Error codes Secrets Manager returns, sorted into what the cache must do.
 _NOT_FOUND = frozenset({"ResourceNotFoundException", "InvalidRequestException", "InvalidParameterException"})
+#: InvalidRequestException says this (AWS: "...because it was marked for deletion"; moto:
+#: "...currently marked deleted") when the secret is scheduled for deletion.
+_DELETION_WORD = "delet"
 _DENIED = frozenset({"AccessDeniedException", "AccessDenied"})
 _AUTH = frozenset(
     {"UnrecognizedClientException", "InvalidSignatureException", "ExpiredTokenException", "IncompleteSignature"}
 )
 _THROTTLED = frozenset({"ThrottlingException", "TooManyRequestsException", "RequestLimitExceeded"})
+#: Worth a retry at once besides throttling (any 5xx answer too), as botocore's standard mode sees it.
+_TRANSIENT = frozenset(
+    {"InternalServiceError", "InternalFailure", "ServiceUnavailable", "RequestTimeout", "RequestTimeoutException",
+     "PriorRequestNotComplete"}
+)
 
 #: Secrets Manager ends every secret's ARN in "-" and this many random characters.
 SUFFIX_LENGTH = 6
@@ -118,12 +138,23 @@ def answer_mismatch(secret_id: str, answer: Any, version_stage: str, region: str
 
 
 class AwsBackend:
-    """One botocore client, created at start, called from a small thread pool."""
+    """One botocore client, created at start, called from a small thread pool.
+
+    A lookup makes at most MAX_ATTEMPTS calls, each with ``timeout_seconds`` as connect
+    and read timeout, and starts none after ``lookup_timeout`` from its start. The
+    cache bounds the wait for a lookup by the same time whatever the backend does;
+    this keeps the thread's own work inside that bound too, give or take the attempt
+    that is running when it ends.
+    """
 
     name = "aws"
 
-    def __init__(self, settings: AwsBackendSettings) -> None:
+    def __init__(self, settings: AwsBackendSettings, lookup_timeout: float = DEFAULT_LOOKUP_TIMEOUT_SECONDS) -> None:
         self.settings = settings
+        self.lookup_timeout = lookup_timeout
+        #: connect and read timeout of one attempt (config refuses one longer than the lookup)
+        self.attempt_timeout = min(settings.timeout_seconds or lookup_timeout, lookup_timeout)
+        self.backoff_seconds = BACKOFF_SECONDS
         self.on_change: Callable[[], None] | None = None  # Secrets Manager has no push; TTL covers changes
         self._client: SecretsManagerClient | None = None
         #: the region names resolve in (settled at start: settings, profile or AWS_REGION)
@@ -143,9 +174,10 @@ class AwsBackend:
 
         s = self.settings
         config = Config(
-            connect_timeout=s.timeout_seconds,
-            read_timeout=s.timeout_seconds,
-            retries={"mode": "standard", "max_attempts": 3},
+            connect_timeout=self.attempt_timeout,
+            read_timeout=self.attempt_timeout,
+            # No retries inside botocore: _get makes them, and only while the lookup's deadline is ahead.
+            retries={"mode": "standard", "total_max_attempts": 1},
             max_pool_connections=MAX_THREADS,
             user_agent_extra="mcp-credential-sidecar",
         )
@@ -162,14 +194,32 @@ class AwsBackend:
 
     async def fetch(self, secret_id: str) -> RawSecret:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._get, secret_id)
+        deadline = time.monotonic() + self.lookup_timeout
+        return await loop.run_in_executor(self._executor, self._get, secret_id, deadline)
 
-    def _get(self, secret_id: str) -> RawSecret:
+    def _get(self, secret_id: str, deadline: float) -> RawSecret:
+        """Up to MAX_ATTEMPTS calls, retrying transient failures, none started past ``deadline``."""
+        attempt = 1
+        while True:
+            if time.monotonic() >= deadline:
+                # Queued behind busy threads until the lookup was over: no call is made for nobody.
+                raise StoreError("timeout", "no store thread was free within lookup_timeout_seconds")
+            try:
+                return self._attempt(secret_id)
+            except StoreError as failure:
+                pause = random.random() * self.backoff_seconds * 2 ** (attempt - 1)  # noqa: S311 - jitter
+                if not failure.transient or attempt >= MAX_ATTEMPTS or time.monotonic() + pause >= deadline:
+                    raise
+            time.sleep(pause)
+            attempt += 1
+
+    def _attempt(self, secret_id: str) -> RawSecret:
         from botocore.exceptions import (
             BotoCoreError,
             ClientError,
             ConnectTimeoutError,
             EndpointConnectionError,
+            HTTPClientError,
             NoCredentialsError,
             ReadTimeoutError,
         )
@@ -181,7 +231,11 @@ class AwsBackend:
                 SecretId=secret_id, VersionStage=self.settings.version_stage
             )
         except ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", ""))
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code == "InvalidRequestException" and _DELETION_WORD in str(error.get("Message", "")).lower():
+                raise SecretPendingDeletion(secret_id) from None
             if code in _NOT_FOUND:
                 raise SecretNotFound(secret_id) from None
             if code in _DENIED:
@@ -189,14 +243,17 @@ class AwsBackend:
             if code in _AUTH:
                 raise StoreError("auth", code) from None
             if code in _THROTTLED:
-                raise StoreError("throttled", code) from None
-            raise StoreError("unavailable", code or "client error") from None
+                raise StoreError("throttled", code, transient=True) from None
+            transient = code in _TRANSIENT or (isinstance(status, int) and status >= 500)
+            raise StoreError("unavailable", code or "client error", transient=transient) from None
         except (ConnectTimeoutError, ReadTimeoutError):
-            raise StoreError("timeout") from None
+            raise StoreError("timeout", transient=True) from None
         except EndpointConnectionError:
-            raise StoreError("unreachable") from None
+            raise StoreError("unreachable", transient=True) from None
         except NoCredentialsError:
             raise StoreError("auth", "no AWS credentials found") from None
+        except HTTPClientError as exc:  # the connection broke mid-call (closed, reset)
+            raise StoreError("unavailable", type(exc).__name__, transient=True) from None
         except BotoCoreError as exc:
             raise StoreError("unavailable", type(exc).__name__) from None
         string, binary = answer.get("SecretString"), answer.get("SecretBinary")

@@ -56,6 +56,8 @@ class SecretNotFound(Exception):
 
     #: the access log's ``reason`` for the refusal this becomes
     reason = "not_found"
+    #: whether the cache remembers the answer for ``negative_ttl_seconds``
+    negative_cacheable = True
 
 
 class SecretMismatch(SecretNotFound):
@@ -71,12 +73,28 @@ class SecretMismatch(SecretNotFound):
     reason = "secret_mismatch"
 
 
-class StoreError(Exception):
-    """The store failed; ``kind`` is a bounded word for metrics and logs."""
+class SecretPendingDeletion(SecretNotFound):
+    """The secret exists but is scheduled for deletion: refused like a missing one, never remembered.
 
-    def __init__(self, kind: str, detail: str = "") -> None:
+    Its deletion can still be cancelled (Secrets Manager's RestoreSecret): the next
+    lookup must see the restored secret at once, not after ``negative_ttl_seconds``.
+    """
+
+    reason = "pending_deletion"
+    negative_cacheable = False
+
+
+class StoreError(Exception):
+    """The store failed; ``kind`` is a bounded word for metrics and logs.
+
+    ``transient``: the same call may well succeed if made again at once (a timeout, a
+    dropped connection, throttling, a 5xx), so a backend may retry it within the lookup.
+    """
+
+    def __init__(self, kind: str, detail: str = "", *, transient: bool = False) -> None:
         self.kind = kind
         self.detail = detail
+        self.transient = transient
         super().__init__(f"secret store error: {kind}" + (f" ({detail})" if detail else ""))
 
 

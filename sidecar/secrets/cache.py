@@ -1,16 +1,20 @@
-"""The secret cache: TTL, negative caching, stale-if-error, bounded size, single flight.
+"""The secret cache: TTL, stale-while-revalidate, negative caching, stale-if-error, bounded size, single flight.
 
 States of one entry (key: secret id and field, compared exactly: ids that differ
 in case or in one trailing character are two entries and two store calls)::
 
-    fresh ──ttl──▶ expired ──fetch ok──▶ fresh
+    fresh ──ttl──▶ expired: served at once ("stale"), one refresh in the background
                       │
+                      ├─ refresh ok ─▶ fresh (the new value)
                       ├─ not found, or another secret ─▶ negative (for negative_ttl)
-                      └─ store error ─▶ stale: served, retried every STALE_RETRY_SECONDS,
+                      ├─ scheduled for deletion ─▶ dropped (refused, not remembered)
+                      └─ store error ─▶ still served, refresh retried every STALE_RETRY_SECONDS,
                                          until stale_if_error_seconds past expiry
 
-A warm lookup is a dict get and a clock read; only a miss awaits the store, and
-concurrent misses for one key share one store call.
+A warm lookup is a dict get and a clock read. Only a lookup with nothing usable in
+memory (no entry, an expired "not found", a value past its stale window) awaits the
+store, concurrent ones for one key share one store call, and that wait ends within
+``secrets.lookup_timeout_seconds`` whatever the backend does.
 """
 
 from __future__ import annotations
@@ -23,14 +27,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sidecar import metrics
-from sidecar.config import CacheSettings
+from sidecar.config import DEFAULT_LOOKUP_TIMEOUT_SECONDS, CacheSettings
 from sidecar.errors import NoCredential, SecretStoreUnavailable
-from sidecar.secrets.base import Secret, SecretBackend, SecretNotFound, StoreError, extract
+from sidecar.secrets.base import RawSecret, Secret, SecretBackend, SecretNotFound, StoreError, extract
 
 log = logging.getLogger("sidecar.secrets.cache")
 
-#: While serving stale values, how long until the store is tried again. Without
-#: it every request in an outage would wait for a failing store call.
+#: After a background refresh failed, how long until the next one may start. Without
+#: it a failing store would get one call per key back to back for the whole outage.
 STALE_RETRY_SECONDS = 5.0
 #: At most one "serving stale" warning per this many seconds.
 STALE_WARNING_INTERVAL = 30.0
@@ -38,6 +42,11 @@ STALE_WARNING_INTERVAL = 30.0
 #: further refusals of it do not go to the store for this long (a revoked key
 #: must not turn every request into a store call).
 REJECTED_BACKOFF_SECONDS = 30.0
+#: Background refreshes in flight at once, over all keys. A store that hangs holds
+#: each one for lookup_timeout_seconds; past this many, expired values are served
+#: without starting another (a later request starts it), so refreshes never take
+#: every store connection or thread from lookups that have nothing to serve.
+MAX_BACKGROUND_REFRESHES = 4
 
 CacheKey = tuple[str, str | None]
 
@@ -55,10 +64,17 @@ def _no_credential(reason: str, lookup: str) -> NoCredential:
 class _Entry:
     secret: Secret | None  # None: the store said there is no such secret
     fresh_until: float
-    stale_until: float
-    stale: bool = False
+    stale_until: float  # a value is served until then, past fresh_until only while refreshed
+    refresh_after: float  # no background refresh starts before this
+    failing: bool = False  # the last refresh of this value failed
     reason: str = "not_found"
     rejected_until: float = 0.0
+
+
+def _drop_outcome(task: asyncio.Task[RawSecret]) -> None:
+    """A backend call nobody awaits any more: its outcome is dropped (retrieved, so never logged)."""
+    if not task.cancelled():
+        task.exception()
 
 
 class SecretCache:
@@ -69,32 +85,51 @@ class SecretCache:
         backend: SecretBackend,
         settings: CacheSettings,
         clock: Callable[[], float] = time.monotonic,
+        lookup_timeout: float = DEFAULT_LOOKUP_TIMEOUT_SECONDS,
     ) -> None:
         self.backend = backend
         self.settings = settings
+        self.lookup_timeout = lookup_timeout
         self._clock = clock
         self._entries: OrderedDict[CacheKey, _Entry] = OrderedDict()
         self._inflight: dict[CacheKey, asyncio.Task[_Entry]] = {}
+        self._refreshing = 0  # background refreshes in flight
         self._fetch_duration = metrics.SECRET_FETCH_DURATION.labels(backend.name)
+        self._refresh_duration = metrics.SECRET_REFRESH_DURATION.labels(backend.name)
         self._last_stale_warning = -STALE_WARNING_INTERVAL
         self.store_calls = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
+    @property
+    def in_flight(self) -> int:
+        """Store calls under way (lookups and background refreshes)."""
+        return len(self._inflight)
+
     async def get(
         self, secret_id: str, field: str | None = None, key_wait: Callable[[int], None] | None = None
     ) -> tuple[Secret, str]:
         """The secret for ``secret_id`` (and ``field``), and hit/miss/stale/negative.
 
-        ``key_wait(1)`` is called before waiting for the store and ``key_wait(-1)`` when
-        the wait ends, however it ends (the proxy's upstream opens connections meanwhile).
+        A value past its TTL is returned at once ("stale") while one background refresh
+        runs; only a lookup with nothing usable cached waits for the store, at most
+        ``lookup_timeout`` seconds. ``key_wait(1)`` is called before that wait and
+        ``key_wait(-1)`` when it ends, however it ends (the proxy's upstream opens
+        connections meanwhile); never when nothing is awaited.
         """
         key = (secret_id, field)
         entry = self._entries.get(key)
-        if entry is not None and self._clock() < entry.fresh_until:
+        now = self._clock()
+        if entry is not None and now < entry.fresh_until:
             self._entries.move_to_end(key)
             result = "hit" if entry.secret is not None else "negative"
+        elif entry is not None and entry.secret is not None and now < entry.stale_until:
+            # Past its TTL: served as it is; the store is asked behind this request.
+            self._entries.move_to_end(key)
+            if now >= entry.refresh_after:
+                self._refresh(key)
+            result = "stale"
         else:
             if key_wait is not None:
                 key_wait(1)
@@ -107,9 +142,7 @@ class SecretCache:
             finally:
                 if key_wait is not None:
                     key_wait(-1)
-            result = "miss"
-        if entry.stale:
-            result = "stale"
+            result = "stale" if entry.failing else "miss"
         metrics.bump(_LOOKUPS[result])
         if entry.secret is None:
             raise _no_credential(entry.reason, result)
@@ -124,8 +157,8 @@ class SecretCache:
         """An upstream refused ``rejected``: return a different current value, or None.
 
         The first refusal always asks the store again (a rotation is picked up at
-        once); a value the store confirms unchanged is not asked about again for
-        REJECTED_BACKOFF_SECONDS.
+        once), waiting at most ``lookup_timeout``; a value the store confirms unchanged
+        is not asked about again for REJECTED_BACKOFF_SECONDS.
         """
         key = (secret_id, field)
         entry = self._entries.get(key)
@@ -138,7 +171,7 @@ class SecretCache:
             fresh = await self._load(key)  # keeps the old entry for stale-if-error
         except SecretStoreUnavailable:
             return None
-        if fresh.secret is None or fresh.stale:
+        if fresh.secret is None or fresh.failing:
             return None
         if fresh.secret == rejected:
             fresh.rejected_until = now + REJECTED_BACKOFF_SECONDS
@@ -150,6 +183,26 @@ class SecretCache:
         self._entries.clear()
         metrics.SECRET_CACHE_ENTRIES.set(0)
 
+    def close(self) -> None:
+        """Cancel the store calls in flight (the sidecar stops, or a reload replaced this cache)."""
+        for task in list(self._inflight.values()):
+            task.cancel()
+
+    def _refresh(self, key: CacheKey) -> None:
+        """Start one background refresh of ``key`` unless one runs or too many do.
+
+        It belongs to no request: a request that goes away does not cancel it, and the
+        requests that arrive meanwhile are served the old value without waiting.
+        """
+        if key in self._inflight or self._refreshing >= MAX_BACKGROUND_REFRESHES:
+            return
+        self._refreshing += 1
+        task = self._start(key, background=True)
+        task.add_done_callback(self._refresh_done)
+
+    def _refresh_done(self, task: asyncio.Task[_Entry]) -> None:
+        self._refreshing -= 1
+
     async def _load(self, key: CacheKey) -> _Entry:
         """One store call per key at a time; every caller awaits the same task.
 
@@ -158,10 +211,14 @@ class SecretCache:
         """
         task = self._inflight.get(key)
         if task is None:
-            task = asyncio.get_running_loop().create_task(self._fetch(key))
-            self._inflight[key] = task
-            task.add_done_callback(lambda done: self._fetch_done(key, done))
+            task = self._start(key, background=False)
         return await asyncio.shield(task)
+
+    def _start(self, key: CacheKey, background: bool) -> asyncio.Task[_Entry]:
+        task = asyncio.get_running_loop().create_task(self._fetch(key, background))
+        self._inflight[key] = task
+        task.add_done_callback(lambda done: self._fetch_done(key, done))
+        return task
 
     def _fetch_done(self, key: CacheKey, task: asyncio.Task[_Entry]) -> None:
         if self._inflight.get(key) is task:
@@ -169,19 +226,58 @@ class SecretCache:
         if not task.cancelled():
             task.exception()  # retrieved: every waiter may have gone away
 
-    async def _fetch(self, key: CacheKey) -> _Entry:
-        secret_id, field = key
-        s = self.settings
+    async def _call_store(self, secret_id: str) -> RawSecret:
+        """The backend's answer, or StoreError("timeout") once ``lookup_timeout`` has passed.
+
+        The bound holds for every backend, whatever its own timeouts and retries: the
+        call runs in a task that is abandoned (cancelled, its outcome dropped) when
+        time is up, so even a backend that ignored cancellation could not hold the
+        lookup longer.
+        """
+        call = asyncio.get_running_loop().create_task(self.backend.fetch(secret_id))
+        try:
+            done, _ = await asyncio.wait((call,), timeout=self.lookup_timeout)
+        finally:
+            if not call.done():
+                call.cancel()
+                call.add_done_callback(_drop_outcome)
+        if not done:
+            raise StoreError("timeout", f"no answer within lookup_timeout_seconds ({self.lookup_timeout:g} s)")
+        return call.result()
+
+    async def _fetch(self, key: CacheKey, background: bool) -> _Entry:
         started = time.perf_counter()
         self.store_calls += 1
+        outcome = "error"
         try:
-            raw = await self.backend.fetch(secret_id)
+            entry = await self._fetch_entry(key)
+            # failing: the store failed and the old value is kept (stale-if-error)
+            outcome = "error" if entry.failing else "ok" if entry.secret is not None else "missing"
+            return entry
+        finally:
+            elapsed = time.perf_counter() - started
+            self._fetch_duration.observe(elapsed)
+            if background:
+                self._refresh_duration.observe(elapsed)
+                metrics.SECRET_REFRESHES.labels(outcome).inc()
+
+    async def _fetch_entry(self, key: CacheKey) -> _Entry:
+        secret_id, field = key
+        s = self.settings
+        try:
+            raw = await self._call_store(secret_id)
         except SecretNotFound as missing:
             # Also a SecretMismatch (the store answered with another secret): negatively
             # cached like a missing one, since the store reads that id the same way again.
+            # A secret scheduled for deletion is refused too, but not remembered: it can
+            # be restored any moment. Either way an old value for it is not served again.
             now = self._clock()
-            entry = _Entry(None, now + s.negative_ttl_seconds, now + s.negative_ttl_seconds, reason=missing.reason)
-            self._store(key, entry)
+            until = now + s.negative_ttl_seconds if missing.negative_cacheable else now
+            entry = _Entry(None, until, until, until, reason=missing.reason)
+            if missing.negative_cacheable:
+                self._store(key, entry)
+            else:
+                self.invalidate(secret_id, field)
             return entry
         except StoreError as exc:
             # Every backend's failure passes here. Whatever library error it was raised
@@ -190,8 +286,6 @@ class SecretCache:
             exc.__context__ = None
             metrics.SECRET_STORE_ERRORS.labels(self.backend.name, exc.kind).inc()
             return self._on_store_error(key, exc)
-        finally:
-            self._fetch_duration.observe(time.perf_counter() - started)
         now = self._clock()
         try:
             secret = extract(raw, field)
@@ -200,32 +294,39 @@ class SecretCache:
                 "stored secret cannot be used",
                 extra={"secret_id": secret_id, "reason": unusable.reason},
             )
-            entry = _Entry(None, now + s.negative_ttl_seconds, now + s.negative_ttl_seconds, reason=unusable.reason)
+            until = now + s.negative_ttl_seconds
+            entry = _Entry(None, until, until, until, reason=unusable.reason)
             self._store(key, entry)
             return entry
         fresh_until = now + s.ttl_seconds
-        entry = _Entry(secret, fresh_until, fresh_until + s.stale_if_error_seconds)
+        entry = _Entry(secret, fresh_until, fresh_until + s.stale_if_error_seconds, fresh_until)
         self._store(key, entry)
         return entry
 
     def _on_store_error(self, key: CacheKey, exc: StoreError) -> _Entry:
+        """The entry to keep serving, or SecretStoreUnavailable when nothing usable is left.
+
+        Judged when the store call ended: a request that arrived inside the stale window
+        was served at once and never waits here; one that arrived after it waits for
+        this call, and gets the old value only if the window is still open.
+        """
         now = self._clock()
         entry = self._entries.get(key)
         if entry is not None and entry.secret is not None and now < entry.stale_until:
-            entry.stale = True
-            entry.fresh_until = min(now + STALE_RETRY_SECONDS, entry.stale_until)
+            entry.failing = True
+            entry.refresh_after = now + STALE_RETRY_SECONDS
             if now - self._last_stale_warning >= STALE_WARNING_INTERVAL:
                 self._last_stale_warning = now
                 log.warning(
                     "secret store failing; serving cached values past their TTL",
-                    extra={"kind": exc.kind, "stale_entries": self._count_stale()},
+                    extra={"kind": exc.kind, "stale_entries": self._count_failing()},
                 )
             return entry
         log.error("secret store failed and nothing usable is cached", extra={"kind": exc.kind})
         raise SecretStoreUnavailable(reason=exc.kind) from None
 
-    def _count_stale(self) -> int:
-        return sum(1 for e in self._entries.values() if e.stale)
+    def _count_failing(self) -> int:
+        return sum(1 for e in self._entries.values() if e.failing)
 
     def _store(self, key: CacheKey, entry: _Entry) -> None:
         self._entries[key] = entry

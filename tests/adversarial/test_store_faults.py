@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from sidecar.config import DEFAULT_LOOKUP_TIMEOUT_SECONDS
+from sidecar.secrets.aws import MAX_ATTEMPTS
 from tests.adversarial.support_http import (
     address,
     assert_alive,
@@ -31,10 +33,10 @@ from tests.support.process import SidecarProcess
 from tests.support.upstream import EchoUpstream
 
 STORE_TIMEOUT = 1.0
-#: aws.py asks botocore for ``max_attempts: 3``, which botocore counts as retries: 4 calls in all,
-#: each bounded by STORE_TIMEOUT, plus jittered exponential backoff (at most 1 + 2 + 4 s).
-STORE_CALLS = 4
-STORE_BOUND = STORE_CALLS * STORE_TIMEOUT + 8
+#: aws.py makes at most MAX_ATTEMPTS (3) calls per lookup, each bounded by STORE_TIMEOUT, and the
+#: cache ends every lookup within secrets.lookup_timeout_seconds (default 5 s).
+STORE_CALLS = MAX_ATTEMPTS
+STORE_BOUND = DEFAULT_LOOKUP_TIMEOUT_SECONDS + 2  # + slack for a busy machine
 FETCHES = "sidecar_secret_fetch_duration_seconds_count"
 SECRETS: list[str] = []
 

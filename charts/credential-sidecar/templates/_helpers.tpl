@@ -158,6 +158,9 @@ file uses exactly the sidecar's own key names, and null values are left out
 {{- /* secrets: only the chosen backend's block; the keys file path is the Secret mount */}}
 {{- $s := $c.secrets }}
 {{- $secrets := dict "backend" $s.backend }}
+{{- if not (kindIs "invalid" $s.lookup_timeout_seconds) }}
+{{- $_ := set $secrets "lookup_timeout_seconds" $s.lookup_timeout_seconds }}
+{{- end }}
 {{- if and (eq $s.backend "file") .Values.sidecar.secretsFile.existingSecret }}
 {{- $_ := set $secrets "file" (dict "path" (printf "%s/%s" (include "credential-sidecar.keysDir" .) .Values.sidecar.secretsFile.key)) }}
 {{- end }}
