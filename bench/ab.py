@@ -6,8 +6,8 @@
 On a shared VM the machine's speed drifts by 10-20% within an hour, more than most
 single changes are worth, so two full benchmark runs cannot be compared. This
 starts both versions side by side (route mode, file backend, one nginx upstream on
-127.0.0.1) and interleaves short wrk rounds, A then B, so both see the same
-machine. It prints CPU microseconds per request (utime + stime from /proc) and
+127.0.0.1) and interleaves short wrk rounds, A then B, then B then A, so both see
+the same machine. It prints CPU microseconds per request (utime + stime from /proc) and
 req/s per round and the medians. An A/A run (the same ref twice) differs by about
 2%. Every run is bounded (--rounds x --duration per concurrency); every process is
 stopped at the end. Needs Debian's nginx and wrk, like bench/run.py.
@@ -133,7 +133,11 @@ def main() -> int:
             got: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
             for i in range(args.rounds):
                 line = f"c={c:<3} round {i + 1}:"
-                for name, (child, port) in sides.items():
+                # A then B, then B then A: whatever the VM does between the two runs of a
+                # round (a side that runs second tends to find the caches warmer, or colder)
+                # falls on each side equally.
+                order = list(sides.items()) if i % 2 == 0 else list(reversed(sides.items()))
+                for name, (child, port) in order:
                     pids = [child.pid, *bench.children_of(child.pid)]
                     r = bench.run_wrk(f"http://127.0.0.1:{port}{path}", c, args.duration, headers, pids,
                                       script=script)
@@ -147,6 +151,12 @@ def main() -> int:
             print(f"c={c:<3} median:   A {med['A'][0]:6.1f} us/req {med['A'][1]:8.0f} req/s"
                   f"   B {med['B'][0]:6.1f} us/req {med['B'][1]:8.0f} req/s"
                   f"   B/A CPU {med['B'][0] / med['A'][0]:.3f}, req/s {med['B'][1] / med['A'][1]:.3f}")
+            # Each round's A and B ran back to back: their ratio does not pair a fast minute
+            # of the VM with a slow one, as a ratio of two medians can.
+            cpu_pairs = [b["cpu_us_per_req"] / a["cpu_us_per_req"] for a, b in zip(got["A"], got["B"], strict=True)]
+            rps_pairs = [b["rps"] / a["rps"] for a, b in zip(got["A"], got["B"], strict=True) if a["rps"]]
+            print(f"c={c:<3} paired:   median of the per-round B/A ratios: CPU {statistics.median(cpu_pairs):.3f},"
+                  f" req/s {statistics.median(rps_pairs):.3f}")
     finally:
         children.stop_all()
         for tree in trees:
