@@ -193,6 +193,12 @@ BEHAVIOURS: dict[str, Behaviour] = {
     ),
     "dup-cl": _fixed(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 30\r\n\r\nhello" + b"y" * 25, True),
     "bad-cl": _fixed(b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\nhello", True),
+    # a header named hop-only on a second Connection line (RFC 9110 7.6.1)
+    "connection-lines": _fixed(
+        b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nConnection: X-Upstream-Hop\r\nX-Upstream-Hop: 1\r\n"
+        b"Content-Length: 2\r\n\r\nok",
+        True,
+    ),
     "body-after-204": _fixed(
         b"HTTP/1.1 204 No Content\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nsmuggled", True
     ),

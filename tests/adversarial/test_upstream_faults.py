@@ -264,6 +264,13 @@ def test_key_reflected_in_response_headers_is_redacted(sc: SidecarProcess, key: 
     assert r.sidecar_error is None, "the upstream's X-Sidecar-Error passed for the sidecar's refusal"
 
 
+def test_a_header_named_on_any_connection_line_stays_at_the_sidecar(sc: SidecarProcess, key: str) -> None:
+    ex = exchange(sc.url, get("/evil/connection-lines"))
+    assert ex.first.status == 200 and ex.first.body == b"ok", ex.text()
+    assert ex.first.header("X-Upstream-Hop") is None, "a hop-only header of the upstream reached the app"
+    follow_up(sc, key)
+
+
 # ------------------------------------------------------------------ clients that go away
 
 # Finding (fixed in e6c2a01): connect.py builds web.Server without handler_cancellation=True, so a client that
