@@ -13,7 +13,6 @@ import ipaddress
 import os
 import socket
 import ssl
-from collections import deque
 from importlib.util import find_spec
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -123,60 +122,48 @@ async def resolve_allowed(host: str, port: int, allow_private: bool) -> list[str
     return allowed
 
 
+class _ClientSlots:
+    """One client's share: a semaphore of CLIENT_LIMIT, and how many hold or wait for it."""
+
+    __slots__ = ("semaphore", "users")
+
+    def __init__(self) -> None:
+        self.semaphore = asyncio.Semaphore(CLIENT_LIMIT)
+        self.users = 0
+
+
 class ClientShares:
     """Per client, the aiohttp-path answers in flight, at most CLIENT_LIMIT (the lean pool has its own).
 
     A client over its share waits (within the request's timeout) for one of its own
     answers to end; other clients never wait for it. Clients with nothing in flight
-    cost nothing.
+    cost nothing: their entry goes when its last user does.
     """
 
     def __init__(self) -> None:
-        #: client -> [answers in flight, requests waiting, the waiters' wake-up futures]
-        self._by_client: dict[str, tuple[list[int], deque[asyncio.Future[None]]]] = {}
-
-    def held(self, client: str) -> int:
-        entry = self._by_client.get(client)
-        return 0 if entry is None else entry[0][0]
+        self._by_client: dict[str, _ClientSlots] = {}
 
     async def take(self, client: str) -> None:
-        entry = self._by_client.get(client)
-        if entry is None:
-            entry = self._by_client[client] = ([0], deque())
-        counts, waiters = entry
-        while counts[0] >= CLIENT_LIMIT:
-            waiter = asyncio.get_running_loop().create_future()
-            waiters.append(waiter)
-            try:
-                await waiter
-            except BaseException:
-                if waiter in waiters:
-                    waiters.remove(waiter)
-                elif counts[0] < CLIENT_LIMIT:
-                    self._wake(waiters)  # woken, then cancelled: pass the turn on
-                if counts[0] == 0 and not waiters:
-                    self._by_client.pop(client, None)
-                raise
-        counts[0] += 1
+        slots = self._by_client.get(client)
+        if slots is None:
+            slots = self._by_client[client] = _ClientSlots()
+        slots.users += 1
+        try:
+            await slots.semaphore.acquire()
+        except BaseException:
+            self._leave(client, slots)
+            raise
 
     def give(self, client: str) -> None:
-        entry = self._by_client.get(client)
-        if entry is None:
-            return
-        counts, waiters = entry
-        counts[0] -= 1
-        if waiters:
-            self._wake(waiters)
-        elif counts[0] <= 0:
-            del self._by_client[client]
+        slots = self._by_client.get(client)
+        if slots is not None:
+            slots.semaphore.release()
+            self._leave(client, slots)
 
-    @staticmethod
-    def _wake(waiters: deque[asyncio.Future[None]]) -> None:
-        while waiters:
-            waiter = waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
+    def _leave(self, client: str, slots: _ClientSlots) -> None:
+        slots.users -= 1
+        if slots.users == 0:
+            del self._by_client[client]
 
 
 class _SharedAnswer:
