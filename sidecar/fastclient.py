@@ -65,8 +65,9 @@ class _EarlyClose(Exception):
     """The pooled connection was closed before any byte of the answer: safe to retry."""
 
 
-def _time_out(waiter: asyncio.Future[None]) -> None:
-    """No byte of the body for the read timeout: the waiting readany() raises TimeoutError."""
+def time_out(waiter: asyncio.Future[None]) -> None:
+    """A plain timer's end: the wait on ``waiter`` raises TimeoutError (no byte of a body for the
+    read timeout here; the app reading nothing for the write timeout in the lean server)."""
     if not waiter.done():
         waiter.set_exception(TimeoutError())
 
@@ -138,7 +139,7 @@ class FastResponse:
             # syscall) would cost several µs for every wait on a body that comes in pieces.
             loop = self._conn.pool.loop if self._conn is not None else asyncio.get_running_loop()
             waiter = self._waiter = loop.create_future()
-            timer = loop.call_later(self._read_timeout, _time_out, waiter)
+            timer = loop.call_later(self._read_timeout, time_out, waiter)
             try:
                 await waiter
             finally:
@@ -387,6 +388,7 @@ class _Share:
         self.warm_credits = 0  # warms still allowed: one per request that started waiting
 
     def unused(self) -> bool:
+        """Nothing left in it (an idle connection is counted in ``open`` too)."""
         return not (self.open or self.warming or self.waiting or self.key_waits)
 
 
@@ -470,9 +472,7 @@ class FastPool:
         if share is None:
             share = self._shares[client] = _Share(client)
         conn = self._take_idle(share)
-        if conn is None and (share.waiting < share.warming or not self._room(share)):
-            # A connection being warmed for this client is on its way that no earlier
-            # request is waiting for, or the client's share or the pool is full: wait.
+        if conn is None and self._must_wait(share, share.waiting):
             async with asyncio.timeout_at(deadline):  # a TimeoutError: Upstream.send's timeout
                 conn = await self._wait_for_slot(share)
         if conn is not None:
@@ -496,16 +496,21 @@ class FastPool:
         """May ``share`` open a connection now (closing another client's idle one if the pool is full)?"""
         return share.open < CLIENT_LIMIT and (self._open < MAX_CONNECTIONS or bool(self._idle))
 
+    def _must_wait(self, share: _Share, ahead: int) -> bool:
+        """Must a request of ``share`` with no idle connection of its own, ``ahead`` of its
+        requests queued before it, wait? Yes when a connection being warmed for the client
+        is on its way that none of those is waiting for, or when the client's share or the
+        pool is full."""
+        return ahead < share.warming or not self._room(share)
+
     def _may_go(self, share: _Share) -> bool:
         """Would a request of ``share`` waiting in the queue get a connection if woken now?"""
-        if share.idle:
-            return True
-        return share.waiting - 1 >= share.warming and self._room(share)
+        return bool(share.idle) or not self._must_wait(share, share.waiting - 1)
 
     async def _wait_for_slot(self, share: _Share) -> _Connection | None:
         """Wait for a connection of this client to be given back or warmed (returned), or for room (None)."""
         conn = None
-        while conn is None and (share.waiting < share.warming or not self._room(share)):
+        while conn is None and self._must_wait(share, share.waiting):
             waiter = self.loop.create_future()
             self._waiters.append((share, waiter))
             share.waiting += 1
@@ -651,7 +656,7 @@ class FastPool:
 
     def _drop_if_unused(self, share: _Share) -> None:
         """Forget a share with nothing left in it, so clients that have gone cost nothing."""
-        if share.unused() and not share.idle and self._shares.get(share.client) is share:
+        if share.unused() and self._shares.get(share.client) is share:
             del self._shares[share.client]
 
     def forget(self, conn: _Connection) -> None:

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, cast
 import httptools
 from multidict import CIMultiDict
 
-from sidecar.fastclient import FastResponse
+from sidecar.fastclient import FastResponse, time_out
 from sidecar.proxy import REPLAY_BODY_LIMIT, STREAM_BROKEN, error_bytes
 
 if TYPE_CHECKING:
@@ -96,12 +96,6 @@ def _copy(buf: bytearray, start: int, end: int) -> bytes:
     """
     with memoryview(buf) as view:
         return bytes(view[start:end])
-
-
-def _stalled(waiter: asyncio.Future[None]) -> None:
-    """The app read nothing of its answer for the write timeout: the waiting drain() raises."""
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())
 
 
 class _Handover(Exception):
@@ -426,7 +420,7 @@ class FastConnection(asyncio.Protocol):
         loop = self.server.loop
         while self.paused and self.transport is not None:
             waiter = self._drain = loop.create_future()
-            timer = loop.call_later(patience, _stalled, waiter)
+            timer = loop.call_later(patience, time_out, waiter)
             try:
                 await waiter
             finally:
