@@ -9,7 +9,6 @@ Every refusal is a SidecarError turned into a response in one place
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -411,7 +410,7 @@ class DataPlane:
         secret_id = upstream.secret_id(client_id=identity.client_id)
         try:
             secret, rec.cache = await rt.cache.get(
-                secret_id, settings.secret_field, functools.partial(upstream.key_wait, identity.client_id)
+                secret_id, settings.secret_field, upstream.key_wait, identity.client_id
             )
         except (NoCredential, SecretStoreUnavailable) as err:
             rec.cache = err.lookup  # the cache's outcome word, set where it was decided

@@ -161,27 +161,27 @@ async def test_key_wait_brackets_the_store_call_and_never_runs_on_a_hit(backend:
     events: list[str] = []
     cache = make_cache(backend, clock)
 
-    def key_wait(delta: int) -> None:
-        events.append(f"{delta:+d} with {len(backend.calls)} store calls made")
+    def key_wait(caller: str, delta: int) -> None:
+        events.append(f"{caller} {delta:+d} with {len(backend.calls)} store calls made")
 
-    await cache.get("mcp/polygon/alice", key_wait=key_wait)
-    await cache.get("mcp/polygon/alice", key_wait=key_wait)  # a hit: no wait
-    assert events == ["+1 with 0 store calls made", "-1 with 1 store calls made"]
+    await cache.get("mcp/polygon/alice", key_wait=key_wait, caller="alice")
+    await cache.get("mcp/polygon/alice", key_wait=key_wait, caller="alice")  # a hit: no wait
+    assert events == ["alice +1 with 0 store calls made", "alice -1 with 1 store calls made"]
     clock.advance(TTL + 1)
-    assert (await cache.get("mcp/polygon/alice", key_wait=key_wait))[1] == "stale"
+    assert (await cache.get("mcp/polygon/alice", key_wait=key_wait, caller="alice"))[1] == "stale"
     assert len(events) == 2  # served at once, refreshed behind the request: no wait
     await settled(cache)
     clock.advance(TTL + STALE_IF_ERROR)
-    await cache.get("mcp/polygon/alice", key_wait=key_wait)  # past the stale window: waits
+    await cache.get("mcp/polygon/alice", key_wait=key_wait, caller="alice")  # past the stale window: waits
     assert len(events) == 4
 
     events.clear()
     with pytest.raises(NoCredential):
-        await cache.get("mcp/polygon/nobody", key_wait=key_wait)  # not in the store
+        await cache.get("mcp/polygon/nobody", key_wait=key_wait, caller="alice")  # not in the store
     backend.error = StoreError("throttled")
     with pytest.raises(SecretStoreUnavailable):
-        await cache.get("mcp/polygon/bob", key_wait=key_wait)  # the store fails, nothing cached
-    assert [e[:2] for e in events] == ["+1", "-1", "+1", "-1"]
+        await cache.get("mcp/polygon/bob", key_wait=key_wait, caller="alice")  # the store fails, nothing cached
+    assert [e.split()[1] for e in events] == ["+1", "-1", "+1", "-1"]
 
 
 async def test_secret_does_not_print_itself(backend: FakeBackend, clock: FakeClock, alice: str) -> None:
@@ -443,7 +443,9 @@ async def test_expired_value_is_served_while_one_background_refresh_runs(
     clock.advance(TTL + 1)
     waits: list[int] = []
     for _ in range(50):  # none of these awaits the store, and they make one call between them
-        secret, result = await bounded(cache.get("mcp/polygon/alice", key_wait=waits.append))
+        secret, result = await bounded(
+            cache.get("mcp/polygon/alice", key_wait=lambda _caller, delta: waits.append(delta))
+        )
         assert (secret.reveal(), result) == (alice, "stale")
     assert waits == []
     await until(lambda: backend.waiting == 1)

@@ -108,15 +108,20 @@ class SecretCache:
         return len(self._inflight)
 
     async def get(
-        self, secret_id: str, field: str | None = None, key_wait: Callable[[int], None] | None = None
+        self,
+        secret_id: str,
+        field: str | None = None,
+        key_wait: Callable[[str, int], None] | None = None,
+        caller: str = "",
     ) -> tuple[Secret, str]:
         """The secret for ``secret_id`` (and ``field``), and hit/miss/stale/negative.
 
         A value past its TTL is returned at once ("stale") while one background refresh
         runs; only a lookup with nothing usable cached waits for the store, at most
-        ``lookup_timeout`` seconds. ``key_wait(1)`` is called before that wait and
-        ``key_wait(-1)`` when it ends, however it ends (the proxy's upstream opens
-        connections meanwhile); never when nothing is awaited.
+        ``lookup_timeout`` seconds. ``key_wait(caller, 1)`` is called before that wait and
+        ``key_wait(caller, -1)`` when it ends, however it ends (the proxy's upstream opens
+        connections for that caller meanwhile); never when nothing is awaited. ``caller``
+        is passed through as it is, so a warm lookup builds nothing for it.
         """
         key = (secret_id, field)
         entry = self._entries.get(key)
@@ -132,7 +137,7 @@ class SecretCache:
             result = "stale"
         else:
             if key_wait is not None:
-                key_wait(1)
+                key_wait(caller, 1)
             try:
                 entry = await self._load(key)
             except SecretStoreUnavailable as err:
@@ -141,7 +146,7 @@ class SecretCache:
                 raise
             finally:
                 if key_wait is not None:
-                    key_wait(-1)
+                    key_wait(caller, -1)
             result = "stale" if entry.failing else "miss"
         metrics.bump(_LOOKUPS[result])
         if entry.secret is None:
