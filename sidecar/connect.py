@@ -97,8 +97,9 @@ def parse_authority(target: str) -> tuple[str, int]:
     return normal, int(port)
 
 
-def check_connect_head(head: bytes) -> None:
-    """The HTTP/1.1 rules for a CONNECT head, which no parser but this reads; raises.
+def connect_target(head: bytes) -> str:
+    """The authority a CONNECT head names, once the HTTP/1.1 rules hold for it (no parser but
+    this reads it); raises.
 
     A request line of three parts ending in ``HTTP/d.d``, 1.0 or 1.1 (else 505), and Host:
     one in HTTP/1.1, at most one in HTTP/1.0.
@@ -112,6 +113,7 @@ def check_connect_head(head: bytes) -> None:
     hosts = sum(1 for line in lines[1:] if line.partition(b":")[0].lower() == b"host")
     if hosts > 1 or (hosts == 0 and parts[2] == b"HTTP/1.1"):
         raise BadRequest("An HTTP/1.1 request carries exactly one Host header.", reason="host")
+    return parts[1].decode("latin-1")
 
 
 def head_refusal(message: RawRequestMessage) -> str | None:
@@ -400,9 +402,7 @@ class Front:
         mode = "tunnel"
         metrics.bump(metrics.INFLIGHT)
         try:
-            check_connect_head(head)
-            parts = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
-            host, port = parse_authority(parts[1])
+            host, port = parse_authority(connect_target(head))
             # Logged only once parsed: a raw authority could carry user:password@.
             target = str(ListenAddress(host, port))
             rt = self.plane.runtime
