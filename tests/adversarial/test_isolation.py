@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
+from sidecar.upstream import CLIENT_LIMIT, POOL_LIMIT
 from tests.adversarial.support_http import (
     LoopThread,
     StreamServerMixin,
@@ -46,7 +47,7 @@ STALL_TIMEOUT = 2.0
 POOL_TIMEOUT = 20.0
 BIG_BODY = 64 * 1024 * 1024
 #: One more than the pool holds per upstream: an app that could take every connection does.
-STALLED_STREAMS = 257
+STALLED_STREAMS = POOL_LIMIT + 1
 #: Client sides (name, environment): the lean client and aiohttp's client with both its parsers.
 MODES = {
     "lean-client": {},
@@ -212,10 +213,15 @@ def test_an_extra_answer_never_reaches_another_client(
         assert ex.first.status in (200, 502), ex.text()
         if ex.first.status == 200:
             assert ex.first.body.decode().startswith(f"/desync/ok/{marker}-bob{attempt}?"), ex.text()
+    _assert_bob_had_his_own_connections(upstream, marker)
+    assert_alive(sc)
+
+
+def _assert_bob_had_his_own_connections(upstream: DesyncUpstream, marker: str) -> None:
     alice_connections = {n for n, t in upstream.seen if marker in t and "bob" not in t}
     bob_connections = {n for n, t in upstream.seen if f"{marker}-bob" in t}
-    assert bob_connections and not bob_connections & alice_connections, "bob was sent on alice's connection"
-    assert_alive(sc)
+    assert alice_connections and bob_connections, upstream.seen
+    assert not bob_connections & alice_connections, "bob was sent on alice's connection"
 
 
 def test_a_head_answered_with_a_body_never_reaches_another_client(
@@ -230,6 +236,7 @@ def test_a_head_answered_with_a_body_never_reaches_another_client(
         ex = _ask(sc, "bob", f"/desync/ok/{marker}-bob{attempt}", "HEAD")
         assert_no_secret([ex.raw], keys["alice"])
         assert ex.first.status in (200, 502), ex.text()
+    _assert_bob_had_his_own_connections(upstream, marker)
     assert_alive(sc)
 
 
@@ -297,7 +304,7 @@ def test_one_client_that_stops_reading_cannot_take_the_pool_from_the_others(
         for i in range(STALLED_STREAMS):
             socks.append(_stalled_reader(sc, f"/pool/big/{i}"))
         # Every connection alice may have is taken and stalled.
-        _wait_for(lambda: upstream.big_open >= 192, 30, "alice's stalled answers started")
+        _wait_for(lambda: upstream.big_open >= CLIENT_LIMIT, 30, "alice's stalled answers started")
         started = time.monotonic()
         ex = exchange(sc.url, get("/pool/ok/bob", "bob"), timeout=POOL_TIMEOUT + 5)
         took = time.monotonic() - started
