@@ -24,6 +24,7 @@ import statistics
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -153,11 +154,10 @@ def test_black_hole_store_never_stalls_a_cached_client_and_its_return_is_seen(
                     problems.append(ex.text()[:300])
             time.sleep(0.02)
 
-    threads = [threading.Thread(target=caller, daemon=True) for _ in range(CALLERS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(OUTAGE_SECONDS + 120)
+    with ThreadPoolExecutor(CALLERS) as pool:
+        # .result(): a caller that raised (a leak found in _call, a socket error) fails the test.
+        for done in [pool.submit(caller) for _ in range(CALLERS)]:
+            done.result(timeout=OUTAGE_SECONDS + 120)
     p50, p99, worst = statistics.median(latencies), _percentile(latencies, 0.99), max(latencies)
     summary = f"{len(latencies)} requests in a {OUTAGE_SECONDS:g} s outage: p50 {p50:.3f} s, p99 {p99:.3f} s, max {worst:.3f} s"
     print(summary)
@@ -207,17 +207,11 @@ def test_cold_clients_get_a_503_with_retry_after_within_the_lookup_timeout(
     for client in clients:
         put_secret(sm, f"adv-outage/{client}", SecretString=_secret(client))
     proxy.mode = "blackhole"
-    results: dict[str, Any] = {}
-
-    def ask(client: str) -> None:
-        results[client] = _call(sc, client)
-
-    threads = [threading.Thread(target=ask, args=(c,), daemon=True) for c in clients]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    with ThreadPoolExecutor(len(clients)) as pool:
+        asked = {client: pool.submit(_call, sc, client) for client in clients}
+        results: dict[str, Any] = {client: done.result(timeout=60) for client, done in asked.items()}
     results["cold-after"] = _call(sc, "cold-after")
+    assert set(results) == {*clients, "cold-after"}
     for client, ex in results.items():
         r = ex.first
         assert r.status == 503 and r.sidecar_error == "secret_store_unavailable", f"{client}: {ex.text()}"
