@@ -153,10 +153,12 @@ def main() -> int:
                   f"   B/A CPU {med['B'][0] / med['A'][0]:.3f}, req/s {med['B'][1] / med['A'][1]:.3f}")
             # Each round's A and B ran back to back: their ratio does not pair a fast minute
             # of the VM with a slow one, as a ratio of two medians can.
-            cpu_pairs = [b["cpu_us_per_req"] / a["cpu_us_per_req"] for a, b in zip(got["A"], got["B"], strict=True)]
-            rps_pairs = [b["rps"] / a["rps"] for a, b in zip(got["A"], got["B"], strict=True) if a["rps"]]
-            print(f"c={c:<3} paired:   median of the per-round B/A ratios: CPU {statistics.median(cpu_pairs):.3f},"
-                  f" req/s {statistics.median(rps_pairs):.3f}")
+            pairs = list(zip(got["A"], got["B"], strict=True))
+            cpu = [b["cpu_us_per_req"] / a["cpu_us_per_req"] for a, b in pairs if a["cpu_us_per_req"]]
+            rps = [b["rps"] / a["rps"] for a, b in pairs if a["rps"]]
+            if cpu and rps:
+                print(f"c={c:<3} paired:   median of the per-round B/A ratios: CPU {statistics.median(cpu):.3f},"
+                      f" req/s {statistics.median(rps):.3f}")
     finally:
         children.stop_all()
         for tree in trees:

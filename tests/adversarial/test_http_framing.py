@@ -392,6 +392,7 @@ def test_every_connection_line_names_hop_only_headers(sc: SidecarProcess, echo: 
     assert ex.first.status == 200, ex.text()
     assert "x-hop-only" not in echo.last().header_names()
     _check_upstream(echo)
+    _follow_up(sc, echo)
 
 
 def test_an_upstream_that_injects_a_local_credential_header_gets_its_key_there(
