@@ -262,7 +262,13 @@ class Sidecar:
     @staticmethod
     def _runtime(parts: _Parts) -> Runtime:
         by_origin: dict[tuple[str, int], list[Upstream]] = {}
-        ordered = sorted(parts.upstreams.values(), key=lambda u: len(u.settings.base_path), reverse=True)
+        # Forward-proxy host matching (absolute-form and CONNECT) sees only upstreams that
+        # take part in it; forward_proxy: false ones are reached by route mode alone.
+        ordered = sorted(
+            (u for u in parts.upstreams.values() if u.settings.forward_proxy),
+            key=lambda u: len(u.settings.base_path),
+            reverse=True,
+        )
         for up in ordered:
             s = up.settings
             by_origin.setdefault((s.host, s.port), []).append(up)

@@ -163,6 +163,8 @@ class UpstreamSettings:
     timeout_seconds: float = DEFAULT_UPSTREAM_TIMEOUT_SECONDS
     allow_private: bool = False
     ca_file: Path | None = None
+    #: take part in forward-proxy host matching (absolute-form and CONNECT); False: route mode only
+    forward_proxy: bool = True
 
 
 @dataclass(frozen=True)
@@ -250,6 +252,7 @@ class Settings:
                 + f"  inject={where_key}  clients={','.join(up.clients)}"
                 + (f"  scopes={','.join(up.scopes)}" if up.scopes else "")
                 + (" allow_private" if up.allow_private else "")
+                + (" route_only" if not up.forward_proxy else "")
             )
         return "\n".join(lines)
 
@@ -726,7 +729,6 @@ class _Reader:
             self.fail("upstreams", f"expected a mapping of name to upstream, got {_kind(raw)}")
             return {}
         out: dict[str, UpstreamSettings] = {}
-        seen_origins: dict[tuple[str, int, str], str] = {}
         for name, value in raw.items():
             path = f"upstreams.{name}"
             if not isinstance(name, str):
@@ -739,12 +741,6 @@ class _Reader:
             up = self.upstream(name, value, path)
             if up is None:
                 continue
-            origin = (up.host, up.port, up.base_path)
-            if origin in seen_origins:
-                # Forward-proxy mode matches by host, port and longest base path: two
-                # upstreams with all three equal would make that match ambiguous.
-                self.fail(f"{path}.url", f"same host, port and path as upstreams.{seen_origins[origin]}")
-            seen_origins[origin] = name
             out[name] = up
         return out
 
@@ -755,7 +751,7 @@ class _Reader:
             frozenset(
                 {
                     "url", "secret", "secret_field", "inject", "clients", "scopes",
-                    "timeout_seconds", "allow_private", "ca_file",
+                    "timeout_seconds", "allow_private", "ca_file", "forward_proxy",
                 }
             ),
         )
@@ -798,6 +794,7 @@ class _Reader:
             ),
             allow_private=allow_private,
             ca_file=self.ca_file(m, path),
+            forward_proxy=self.boolean(m, "forward_proxy", path, True),
         )
         if not isinstance(parsed, tuple) or not secret or inject is None:
             return None
@@ -855,12 +852,36 @@ class _Reader:
                 self.fail(f"{path}.mitm.enabled", "needs forward_proxy.enabled (interception serves CONNECT)")
             if hosts:
                 self.fail(f"{path}.passthrough_hosts", "needs forward_proxy.enabled (tunnels are CONNECTs)")
+        if enabled:
+            self.check_forward_proxy_origins(upstreams)
         return ForwardProxySettings(
             enabled=enabled,
             passthrough_hosts=hosts,
             passthrough_allow_private=self.boolean(m, "passthrough_allow_private", path, False),
             mitm=mitm,
         )
+
+    def check_forward_proxy_origins(self, upstreams: Mapping[str, UpstreamSettings]) -> None:
+        """At most one upstream per host, port and path takes part in forward-proxy matching.
+
+        Route mode names the upstream in the path, so any number may share an origin
+        (two key sets for one API). Forward-proxy mode matches by host, port and longest
+        base path: two upstreams with all three equal would make that match ambiguous.
+        """
+        seen: dict[tuple[str, int, str], str] = {}
+        for up in upstreams.values():
+            if not up.forward_proxy:
+                continue
+            origin = (up.host, up.port, up.base_path)
+            other = seen.get(origin)
+            if other is not None:
+                self.fail(
+                    f"upstreams.{up.name}.url",
+                    f"same host, port and path as upstreams.{other}, and both take part in forward-proxy "
+                    f"matching, which could not tell them apart; set forward_proxy: false on upstreams.{up.name} "
+                    f"or upstreams.{other} (route mode reaches both either way)",
+                )
+            seen[origin] = up.name
 
 
 # Headers the sidecar sets or strips itself; a key injected there would be lost or unsafe.

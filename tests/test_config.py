@@ -501,23 +501,60 @@ def test_short_and_numeric_ipv4_forms_are_refused_too(url: str, tmp_path: Path, 
     problems(config(keys_file, upstreams={"polygon": upstream(url=url)}), tmp_path)
 
 
-def test_two_upstreams_on_one_origin_and_base_path_are_refused(tmp_path: Path, keys_file: Path) -> None:
+SAME_ORIGIN = {
+    "a": upstream(url="https://api.polygon.io/v1"),
+    "b": upstream(url="https://API.polygon.io./v1/"),
+    "c": upstream(url="http://api.polygon.io:443/v1"),
+    "d": upstream(url="https://api.polygon.io:8443/v1"),
+    "e": upstream(url="https://api.polygon.io/v2"),
+    "f": upstream(url="http://api.polygon.io/v1"),
+}
+
+
+def same_origin_refusal(name: str, other: str) -> str:
+    return (
+        f"upstreams.{name}.url: same host, port and path as upstreams.{other}, and both take part in "
+        "forward-proxy matching, which could not tell them apart; set forward_proxy: false on "
+        f"upstreams.{name} or upstreams.{other} (route mode reaches both either way)"
+    )
+
+
+def test_two_forward_proxy_upstreams_on_one_origin_and_base_path_are_refused(
+    tmp_path: Path, keys_file: Path
+) -> None:
     # Forward-proxy mode picks the upstream by host, port and base path: equal ones are ambiguous.
+    assert problems(config(keys_file, upstreams=SAME_ORIGIN), tmp_path) == [
+        same_origin_refusal("b", "a"),
+        same_origin_refusal("c", "b"),
+    ]
+
+
+def test_upstreams_on_one_origin_are_fine_in_route_mode(tmp_path: Path, keys_file: Path) -> None:
+    # Two key sets for one API (per-user keys and a shared team key): route mode names the upstream.
+    raw = config(keys_file, upstreams=SAME_ORIGIN, forward_proxy={"enabled": False})
+    assert set(parse(raw, tmp_path).upstreams) == set(SAME_ORIGIN)
+
+
+def test_one_upstream_per_origin_may_take_part_in_forward_proxy_matching(tmp_path: Path, keys_file: Path) -> None:
     raw = config(
         keys_file,
         upstreams={
-            "a": upstream(url="https://api.polygon.io/v1"),
-            "b": upstream(url="https://API.polygon.io./v1/"),
-            "c": upstream(url="http://api.polygon.io:443/v1"),
-            "d": upstream(url="https://api.polygon.io:8443/v1"),
-            "e": upstream(url="https://api.polygon.io/v2"),
-            "f": upstream(url="http://api.polygon.io/v1"),
+            "personal": upstream(),
+            "team": upstream(secret="mcp/polygon/team", forward_proxy=False),
+            "other_style": upstream(inject={"header": "Authorization"}, forward_proxy="${FP}"),
         },
     )
-    assert problems(raw, tmp_path) == [
-        "upstreams.b.url: same host, port and path as upstreams.a",
-        "upstreams.c.url: same host, port and path as upstreams.b",
-    ]
+    s = parse(raw, tmp_path, env={"FP": "false"})
+    assert [u.forward_proxy for u in s.upstreams.values()] == [True, False, False]
+    assert "  team" in s.summary() and s.summary().count(" route_only") == 2
+    # Every one of them opted out: fine too (none is matched by host then).
+    raw["upstreams"]["personal"]["forward_proxy"] = False
+    assert parse(raw, tmp_path, env={"FP": "false"}).upstreams["personal"].forward_proxy is False
+
+
+def test_forward_proxy_of_an_upstream_is_a_boolean(tmp_path: Path, keys_file: Path) -> None:
+    raw = config(keys_file, upstreams={"polygon": upstream(forward_proxy="no")})
+    assert one_problem(raw, tmp_path) == "upstreams.polygon.forward_proxy: expected true or false, got a string"
 
 
 def test_upstreams_on_different_ports_or_paths_of_one_host_are_fine(tmp_path: Path, keys_file: Path) -> None:
