@@ -69,13 +69,18 @@ LOG_FORMATS = ("json", "text")
 BACKENDS = ("file", "aws")
 
 
+def host_port(host: str, port: int) -> str:
+    """``host:port``, an IPv6 host in brackets (``[::1]:443``)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @dataclass(frozen=True)
 class ListenAddress:
     host: str
     port: int
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
 
 @dataclass(frozen=True)
@@ -163,6 +168,8 @@ class UpstreamSettings:
     timeout_seconds: float = DEFAULT_UPSTREAM_TIMEOUT_SECONDS
     allow_private: bool = False
     ca_file: Path | None = None
+    #: (host, port) dialled instead of url's; TLS server name, certificate check and Host stay url's
+    connect_to: tuple[str, int] | None = None
     #: take part in forward-proxy host matching (absolute-form and CONNECT); False: route mode only
     forward_proxy: bool = True
 
@@ -247,7 +254,9 @@ class Settings:
                 else f"header {up.inject.name}"
             )
             lines.append(
-                f"  {up.name:<12} {up.url}  secret={up.secret}"
+                f"  {up.name:<12} {up.url}"
+                + (f"  connect_to={host_port(*up.connect_to)}" if up.connect_to else "")
+                + f"  secret={up.secret}"
                 + (f"[{up.secret_field}]" if up.secret_field else "")
                 + f"  inject={where_key}  clients={','.join(up.clients)}"
                 + (f"  scopes={','.join(up.scopes)}" if up.scopes else "")
@@ -751,7 +760,7 @@ class _Reader:
             frozenset(
                 {
                     "url", "secret", "secret_field", "inject", "clients", "scopes",
-                    "timeout_seconds", "allow_private", "ca_file", "forward_proxy",
+                    "timeout_seconds", "allow_private", "ca_file", "connect_to", "forward_proxy",
                 }
             ),
         )
@@ -769,12 +778,15 @@ class _Reader:
         inject = self.inject(m.get("inject"), f"{path}.inject")
         clients = self.string_list(m, "clients", path, ("*",))
         allow_private = self.boolean(m, "allow_private", path, False)
-        if isinstance(parsed, tuple) and not allow_private:
-            literal = ip_literal(parsed[1])
+        connect_to = self.connect_to(m, path)
+        # The guard looks at the address dialled: connect_to's when set, else url's host.
+        dialled = connect_to[0] if connect_to else parsed[1] if isinstance(parsed, tuple) else None
+        if dialled is not None and not allow_private:
+            literal = ip_literal(dialled)
             if literal is not None and is_forbidden_address(literal):
                 self.fail(
-                    f"{path}.url",
-                    f"{parsed[1]} is a loopback, private or reserved address; "
+                    f"{path}.connect_to" if connect_to else f"{path}.url",
+                    f"{dialled} is a loopback, private or reserved address; "
                     "set allow_private: true for an internal API",
                 )
         up = UpstreamSettings(
@@ -794,11 +806,23 @@ class _Reader:
             ),
             allow_private=allow_private,
             ca_file=self.ca_file(m, path),
+            connect_to=connect_to,
             forward_proxy=self.boolean(m, "forward_proxy", path, True),
         )
         if not isinstance(parsed, tuple) or not secret or inject is None:
             return None
         return up
+
+    def connect_to(self, m: dict[str, Any], path: str) -> tuple[str, int] | None:
+        """``connect_to: host:port`` (IPv6 as ``[::1]:443``), normalised; None when absent or invalid."""
+        value = self.string(m, "connect_to", path, None)
+        if not value:
+            return None
+        parsed = parse_host_port(value)
+        if isinstance(parsed, str):
+            self.fail(_join(path, "connect_to"), parsed)
+            return None
+        return parsed
 
     def inject(self, raw: Any, path: str) -> InjectSettings | None:
         if raw is None:
@@ -912,6 +936,29 @@ def parse_passthrough(entry: str) -> tuple[str, int] | None:
         return None
     normal = normalize_host(host)
     return None if normal is None else (normal, port)
+
+
+def parse_host_port(value: str) -> tuple[str, int] | str:
+    """``host:port`` or ``[v6]:port`` with a port from 1 to 65535, normalised; or the problem."""
+    expected = f"expected host:port (IPv6 as [::1]:443), got {value!r}"
+    if value.startswith("["):
+        inner, bracket, tail = value[1:].partition("]")
+        if not bracket or not tail.startswith(":") or ip_literal(inner) is None or ":" not in inner:
+            return expected
+        host, raw_port = inner, tail[1:]
+    else:
+        host, sep, raw_port = value.rpartition(":")
+        if not sep or not host or ":" in host:
+            return expected
+    if not ascii_digits(raw_port):
+        return expected
+    port = int(raw_port)
+    if not 0 < port < 65536:
+        return f"port {port} is out of range (1-65535)"
+    normal = normalize_host(host)
+    if normal is None:
+        return f"invalid host {host!r}"
+    return normal, port
 
 
 def _check_passthrough(value: str) -> str | None:

@@ -409,9 +409,13 @@ class FastPool:
         allow_private: bool,
         timeout: float,
         host_header: str,
+        dial: tuple[str, int] | None = None,
     ) -> None:
-        self.host = host
+        self.host = host  # the TLS server name and the name certificates are checked against
         self.port = port
+        #: what is resolved (by the address guard) and connected to: ``dial`` (an upstream's
+        #: connect_to) when set, else host and port
+        self.dial_host, self.dial_port = dial or (host, port)
         self.ssl_context = ssl_context
         self.allow_private = allow_private
         self.timeout = timeout
@@ -667,10 +671,10 @@ class FastPool:
             self._wake_one()
 
     async def _resolve(self) -> list[str]:
-        """The guard's allowed addresses for the upstream, reused for DNS_TTL_SECONDS."""
+        """The guard's allowed addresses for the dial host, reused for DNS_TTL_SECONDS."""
         now = time.monotonic()
         if not self._addresses or now - self._resolved_at >= DNS_TTL_SECONDS:
-            self._addresses = await resolve_allowed(self.host, self.port, self.allow_private)
+            self._addresses = await resolve_allowed(self.dial_host, self.dial_port, self.allow_private)
             self._resolved_at = now
         return self._addresses
 
@@ -707,7 +711,7 @@ class FastPool:
                     await loop.create_connection(
                         lambda conn=conn: conn,
                         address,
-                        self.port,
+                        self.dial_port,
                         ssl=self.ssl_context,
                         server_hostname=self.host if self.ssl_context is not None else None,
                     )

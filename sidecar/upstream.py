@@ -250,6 +250,15 @@ class Upstream:
         #: host[:port] as in a Host header and a URL (the port only when not the default)
         self.authority = _url_host(settings.host) + ("" if settings.port == default_port else f":{settings.port}")
         self.origin = f"{settings.scheme}://{self.authority}"
+        #: where the aiohttp path sends its requests: the origin, or connect_to's address, in
+        #: which case Host and the TLS server name are set to url's host on each request
+        self._request_origin = self.origin
+        self._server_hostname: str | None = None
+        if settings.connect_to is not None:
+            dial_host, dial_port = settings.connect_to
+            self._request_origin = f"{settings.scheme}://{_url_host(dial_host)}:{dial_port}"
+            if settings.scheme == "https":
+                self._server_hostname = settings.host
         #: the secret's name for a client: the template with the upstream already filled in
         self.secret_id = functools.partial(settings.secret.format, upstream=settings.name)
         self.injection: CompiledInjection = compile_injector(settings.inject)
@@ -282,9 +291,11 @@ class Upstream:
         if FAST_CLIENT and self._resolver is None:
             from sidecar.fastclient import FastPool
 
+            # One pool per upstream: its connections all go to this upstream's dial
+            # address, so two upstreams of one origin (or one with connect_to) never share one.
             self.fast = FastPool(
                 s.host, s.port, ssl_context if isinstance(ssl_context, ssl.SSLContext) else None,
-                s.allow_private, s.timeout_seconds, self.authority,
+                s.allow_private, s.timeout_seconds, self.authority, dial=s.connect_to,
             )
         resolver: AbstractResolver | None = self._resolver
         if not s.allow_private:
@@ -331,9 +342,14 @@ class Upstream:
             async with asyncio.timeout(self.settings.timeout_seconds):
                 await self.shares.take(client)
                 try:
-                    url = URL(self.origin + target, encoded=True)
+                    url = URL(self._request_origin + target, encoded=True)
+                    if self._request_origin is not self.origin:
+                        # connect_to: the URL names the address dialled, so Host is set here
+                        # (aiohttp would take it from the URL) and the TLS server name below.
+                        headers["Host"] = self.authority
                     answer = await self.session.request(
-                        method, url, headers=headers, data=data, allow_redirects=False, compress=None
+                        method, url, headers=headers, data=data, allow_redirects=False, compress=None,
+                        server_hostname=self._server_hostname,
                     )
                 except BaseException:
                     self.shares.give(client)

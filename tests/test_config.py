@@ -557,6 +557,80 @@ def test_forward_proxy_of_an_upstream_is_a_boolean(tmp_path: Path, keys_file: Pa
     assert one_problem(raw, tmp_path) == "upstreams.polygon.forward_proxy: expected true or false, got a string"
 
 
+# ------------------------------------------------------------------ connect_to
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("10.0.4.7:443", ("10.0.4.7", 443)),
+        ("vpce-0abc.execute-api.us-east-1.vpce.amazonaws.com:443",
+         ("vpce-0abc.execute-api.us-east-1.vpce.amazonaws.com", 443)),
+        ("Staging.Example.COM.:8443", ("staging.example.com", 8443)),
+        ("[fd00::5]:1", ("fd00::5", 1)),
+        ("[FD00:0::5]:65535", ("fd00::5", 65535)),
+    ],
+)
+def test_connect_to_is_host_and_port(
+    value: str, expected: tuple[str, int], tmp_path: Path, keys_file: Path
+) -> None:
+    raw = config(keys_file, upstreams={"polygon": upstream(connect_to=value, allow_private=True)})
+    up = parse(raw, tmp_path).upstreams["polygon"]
+    assert up.connect_to == expected
+    # url's host stays what TLS and Host name.
+    assert (up.host, up.port) == ("api.polygon.io", 443)
+    shown = f"[{expected[0]}]:{expected[1]}" if ":" in expected[0] else f"{expected[0]}:{expected[1]}"
+    assert f"https://api.polygon.io  connect_to={shown}  secret=" in parse(raw, tmp_path).summary()
+
+
+def test_connect_to_defaults_to_none(tmp_path: Path, keys_file: Path) -> None:
+    up = parse(config(keys_file), tmp_path).upstreams["polygon"]
+    assert (up.connect_to, up.forward_proxy) == (None, True)
+    assert "connect_to=" not in parse(config(keys_file), tmp_path).summary()
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("api.internal", "expected host:port (IPv6 as [::1]:443), got 'api.internal'"),
+        ("::1:443", "expected host:port (IPv6 as [::1]:443), got '::1:443'"),
+        ("[::1]", "expected host:port (IPv6 as [::1]:443), got '[::1]'"),
+        ("[10.0.0.1]:443", "expected host:port (IPv6 as [::1]:443), got '[10.0.0.1]:443'"),
+        (":443", "expected host:port (IPv6 as [::1]:443), got ':443'"),
+        ("api.internal:https", "expected host:port (IPv6 as [::1]:443), got 'api.internal:https'"),
+        ("api.internal:\u00b2", "expected host:port (IPv6 as [::1]:443), got 'api.internal:\u00b2'"),
+        ("api.internal:0", "port 0 is out of range (1-65535)"),
+        ("api.internal:65536", "port 65536 is out of range (1-65535)"),
+        ("bad host:443", "invalid host 'bad host'"),
+        ("127.1:443", "invalid host '127.1'"),
+    ],
+)
+def test_connect_to_problems_are_named(value: str, problem: str, tmp_path: Path, keys_file: Path) -> None:
+    raw = config(keys_file, upstreams={"polygon": upstream(connect_to=value, allow_private=True)})
+    assert one_problem(raw, tmp_path) == f"upstreams.polygon.connect_to: {problem}"
+
+
+def test_connect_to_must_be_text(tmp_path: Path, keys_file: Path) -> None:
+    raw = config(keys_file, upstreams={"polygon": upstream(connect_to=8443)})
+    assert one_problem(raw, tmp_path).startswith("upstreams.polygon.connect_to: expected a string, got a number")
+
+
+@pytest.mark.parametrize("value", ["127.0.0.1:8443", "[::1]:443", "10.0.0.5:443", "169.254.169.254:80"])
+def test_connect_to_a_private_literal_needs_allow_private(value: str, tmp_path: Path, keys_file: Path) -> None:
+    # The guard looks at the address dialled, not at url's host.
+    problem = one_problem(config(keys_file, upstreams={"polygon": upstream(connect_to=value)}), tmp_path)
+    assert problem.startswith("upstreams.polygon.connect_to: ")
+    assert problem.endswith("is a loopback, private or reserved address; set allow_private: true for an internal API")
+    raw = config(keys_file, upstreams={"polygon": upstream(connect_to=value, allow_private=True)})
+    assert parse(raw, tmp_path).upstreams["polygon"].connect_to is not None
+
+
+def test_connect_to_a_public_address_frees_a_private_url_literal(tmp_path: Path, keys_file: Path) -> None:
+    # url's host is only the name TLS and Host carry then; nothing connects to it.
+    raw = config(keys_file, upstreams={"polygon": upstream(url="https://10.0.0.5", connect_to="93.184.216.34:443")})
+    assert parse(raw, tmp_path).upstreams["polygon"].connect_to == ("93.184.216.34", 443)
+
+
 def test_upstreams_on_different_ports_or_paths_of_one_host_are_fine(tmp_path: Path, keys_file: Path) -> None:
     raw = config(
         keys_file,
