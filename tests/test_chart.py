@@ -67,7 +67,10 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                         "inject": {"header": "Authorization", "format": "Bearer {secret}"},
                         "clients": ["agent-*"],
                         "allow_private": True,
+                        "connect_to": "10.20.0.15:443",
                     },
+                    # The same API again with a team key, route mode only.
+                    "polygon-team": {**POLYGON, "secret": "mcp/polygon/team", "forward_proxy": False},
                 },
             },
         },
@@ -223,6 +226,18 @@ def test_wrong_value_types_fail_the_schema(chart: helm.Chart) -> None:
         (
             {"sidecar": {"config": {"upstreams": {"polygon": {**POLYGON, "injct": {}}}}}},
             "/sidecar/config/upstreams/polygon",
+        ),
+        (
+            {"sidecar": {"config": {"upstreams": {"polygon": {**POLYGON, "connect_to": 8443}}}}},
+            "/sidecar/config/upstreams/polygon/connect_to",
+        ),
+        (
+            {"sidecar": {"config": {"upstreams": {"polygon": {**POLYGON, "connect_to": "10.0.0.5"}}}}},
+            "/sidecar/config/upstreams/polygon/connect_to",
+        ),
+        (
+            {"sidecar": {"config": {"upstreams": {"polygon": {**POLYGON, "forward_proxy": "no"}}}}},
+            "/sidecar/config/upstreams/polygon/forward_proxy",
         ),
         (
             {"sidecar": {"config": {"identity": {"jwt": {"issuer": "https://idp", "algorithms": ["HS256"]}}}}},
@@ -439,8 +454,10 @@ def test_configmap_renders_structured_values(chart: helm.Chart) -> None:
     assert aws["secrets"]["prefetch"] == ["agent-reporting"]
     assert aws["secrets"]["cache"]["ttl_seconds"] == 300
     assert aws["secrets"]["lookup_timeout_seconds"] == 5
-    assert set(aws["upstreams"]) == {"polygon", "internal"}
+    assert set(aws["upstreams"]) == {"polygon", "internal", "polygon-team"}
     assert aws["upstreams"]["internal"]["inject"] == {"header": "Authorization", "format": "Bearer {secret}"}
+    assert aws["upstreams"]["internal"]["connect_to"] == "10.20.0.15:443"
+    assert aws["upstreams"]["polygon-team"]["forward_proxy"] is False
 
     jwt = sidecar_config(render(chart, VALUE_SETS["jwt-forward-proxy"]))["identity"]
     assert jwt["header"] == "X-Client-Id"
