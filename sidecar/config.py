@@ -945,6 +945,8 @@ def parse_host_port(value: str) -> tuple[str, int] | str:
         inner, bracket, tail = value[1:].partition("]")
         if not bracket or not tail.startswith(":") or ip_literal(inner) is None or ":" not in inner:
             return expected
+        if "%" in inner:
+            return "an IPv6 zone (%eth0) is not supported: name the address without it"
         host, raw_port = inner, tail[1:]
     else:
         host, sep, raw_port = value.rpartition(":")

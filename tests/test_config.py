@@ -603,6 +603,7 @@ def test_connect_to_defaults_to_none(tmp_path: Path, keys_file: Path) -> None:
         ("api.internal:65536", "port 65536 is out of range (1-65535)"),
         ("bad host:443", "invalid host 'bad host'"),
         ("127.1:443", "invalid host '127.1'"),
+        ("[fe80::1%eth0]:443", "an IPv6 zone (%eth0) is not supported: name the address without it"),
     ],
 )
 def test_connect_to_problems_are_named(value: str, problem: str, tmp_path: Path, keys_file: Path) -> None:
