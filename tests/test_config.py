@@ -72,7 +72,7 @@ def test_defaults_equal_the_contract(tmp_path: Path, keys_file: Path) -> None:
     assert (s.log.level, s.log.format) == ("info", "json")
     assert s.identity.header == "X-Client-Id"
     assert s.identity.default_client_id is None
-    assert s.identity.jwt is None
+    assert s.identity.jwt == ()
     assert s.secrets.backend == "file"
     assert s.secrets.aws.endpoint_url is None
     assert s.secrets.aws.version_stage == "AWSCURRENT"
@@ -98,13 +98,13 @@ def test_defaults_equal_the_contract(tmp_path: Path, keys_file: Path) -> None:
 
 def test_jwt_defaults_equal_the_contract(tmp_path: Path, keys_file: Path) -> None:
     raw = config(keys_file, identity={"jwt": {"jwks_url": "https://idp.example.com/jwks.json", "issuer": "https://idp.example.com"}})
-    jwt = parse(raw, tmp_path).identity.jwt
-    assert jwt is not None
+    (jwt,) = parse(raw, tmp_path).identity.jwt
     assert jwt.header == "Authorization"
     assert jwt.audience == ()
     assert jwt.algorithms == ("RS256",)
     assert jwt.client_id_claims == ("client_id", "azp", "sub")
     assert jwt.leeway_seconds == 30
+    assert (jwt.required_claims, jwt.ca_file, jwt.allow_http_jwks) == ((), None, False)
 
 
 def test_empty_document_is_a_valid_config_with_no_upstreams(tmp_path: Path) -> None:
@@ -626,8 +626,7 @@ def test_empty_algorithm_list_is_refused(tmp_path: Path, keys_file: Path) -> Non
 def test_asymmetric_algorithms_are_accepted(tmp_path: Path, keys_file: Path) -> None:
     algs = ["RS256", "RS512", "PS256", "ES256", "ES384", "EdDSA"]
     raw = config(keys_file, identity={"jwt": {"issuer": "https://idp.example", "algorithms": algs}})
-    jwt = parse(raw, tmp_path).identity.jwt
-    assert jwt is not None
+    (jwt,) = parse(raw, tmp_path).identity.jwt
     assert jwt.algorithms == tuple(algs)
 
 
@@ -871,7 +870,7 @@ def test_summary_for_aws_and_jwt(tmp_path: Path) -> None:
     }
     summary = parse(raw, tmp_path).summary()
     assert "AWS Secrets Manager region=us-east-1 endpoint=http://127.0.0.1:4566 stage=AWSCURRENT" in summary
-    assert "https://idp.example/pool (OIDC discovery)" in summary
+    assert "https://idp.example/pool  keys from OIDC discovery" in summary
     assert "client ID from azp" in summary
     assert "config:        (inline)" in summary
 
@@ -1048,5 +1047,5 @@ def test_an_empty_interpolation_leaves_a_list_key_at_its_default(tmp_path: Path,
     up = upstream(clients="${C:-}")
     jwt = {"issuer": "https://idp.example/realms/a", "jwks_url": "https://idp.example/certs", "audience": "${AUD:-}"}
     s = parse(config(keys_file, upstreams={"polygon": up}, identity={"jwt": jwt}), tmp_path, env={"AUD": "", "C": ""})
-    assert s.identity.jwt is not None and s.identity.jwt.audience == ()
+    assert [entry.audience for entry in s.identity.jwt] == [()]
     assert s.upstreams["polygon"].clients == ("*",)
