@@ -632,12 +632,20 @@ class _Reader:
         path = "identity.jwt"
         if raw is None:
             return ()
-        if not isinstance(raw, list):
+        if isinstance(raw, dict):
             return (self.jwt(raw, path),)
+        if not isinstance(raw, list):
+            self.fail(path, f"expected a mapping (one issuer) or a list of them, got {_kind(raw)}")
+            return ()
         if not raw:
             self.fail(path, "an empty list: give at least one issuer, or leave identity.jwt out for header mode")
             return ()
-        entries = tuple(self.jwt(item, f"{path}[{i}]") for i, item in enumerate(raw))
+        entries: list[JwtSettings] = []
+        for i, item in enumerate(raw):
+            if not isinstance(item, dict):
+                self.fail(f"{path}[{i}]", f"expected a mapping, got {_kind(item)}")
+                continue
+            entries.append(self.jwt(item, f"{path}[{i}]"))
         by_issuer: dict[str, str] = {}
         for entry in entries:
             if entry.issuer is None:
@@ -657,7 +665,7 @@ class _Reader:
                 + ", ".join(sorted({entry.header for entry in entries}))
                 + "): the token is read before its issuer is known",
             )
-        return entries
+        return tuple(entries)
 
     def jwt(self, raw: Any, path: str = "identity.jwt") -> JwtSettings:
         m = self.mapping(

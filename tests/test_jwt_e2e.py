@@ -94,6 +94,18 @@ def test_user_token_keys_on_the_user(sidecar: SidecarProcess, idp: IdentityProvi
     assert line["client_id"] == "alice@example.com"
 
 
+@pytest.mark.parametrize("verified", [None, False, "true", "false"])
+def test_a_user_who_sets_their_email_to_alices_does_not_get_alices_key(
+    sidecar: SidecarProcess, idp: IdentityProvider, echo: EchoUpstream, keys: dict[str, str], verified: object
+) -> None:
+    """In Cognito a user may change their own e-mail attribute; until verified it proves nothing."""
+    forged = idp.mint(sub="mallory-sub", email="alice@example.com", email_verified=verified)
+    resp = call(sidecar, "/polygon/x", forged)
+    # The next claim, sub, names mallory, who has no key here.
+    assert resp.status_code == 403 and resp.headers["X-Sidecar-Error"] == "no_credential", resp.text
+    assert all(keys["alice@example.com"] not in r.query for r in echo.received)
+
+
 def test_scopes_and_groups_gate_an_upstream(sidecar: SidecarProcess, idp: IdentityProvider, echo: EchoUpstream) -> None:
     with_scope = idp.mint(client_id="reporting-agent", scope="reports.read")
     assert call(sidecar, "/reports/q", with_scope).status_code == 200
