@@ -61,23 +61,29 @@ def upstream_connections(pids: list[int], port: int) -> int:
 
 
 def start(children: bench.Children, name: str, tree: Path, tmp: Path, upstream: int,
-          workers: int = 1, clients: int = 0) -> tuple[bench.Child, int]:
+          workers: int = 1, clients: int = 0, token: str | None = None) -> tuple[bench.Child, int]:
     port, admin = bench.free_port(), bench.free_port()
     keys = tmp / "keys.json"
-    names = ["alice", *(f"client-{i}" for i in range(clients))]
+    names = ["alice", bench.CLIENT_ID, *(f"client-{i}" for i in range(clients))]
     keys.write_text(json.dumps({f"mcp/polygon/{n}": "k-" + "x" * 32 for n in names}), encoding="utf-8")
     config = tmp / f"{name}.yaml"
-    config.write_text(json.dumps({
+    document: dict[str, object] = {
         "listen": f"127.0.0.1:{port}", "admin_listen": f"127.0.0.1:{admin}", "log": {"level": "warning"},
         "secrets": {"backend": "file", "file": {"path": str(keys)}}, "workers": workers,
         "upstreams": {"polygon": {"url": f"http://127.0.0.1:{upstream}", "secret": "mcp/polygon/{client_id}",
                                   "inject": {"query": "apiKey"}, "allow_private": True}},
-    }), encoding="utf-8")
+    }
+    if token is not None:
+        # bench.make_jwt wrote the JWKS to files/, which the nginx upstream serves.
+        document["identity"] = {"jwt": {"issuer": bench.JWT_ISSUER,
+                                        "jwks_url": f"http://127.0.0.1:{upstream}/files/jwks.json"}}
+    config.write_text(json.dumps(document), encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": str(tree)}
     print(f"{name}: {tree} ({bench.sidecar_build(tree)})", flush=True)
     child = children.start(name, [sys.executable, "-m", "sidecar", "run", "--config", str(config)], env=env)
     bench.wait_until(lambda: bench.port_open(port), child, "listening port", 20)
-    status, _ = bench.http_get(port, "/polygon/warm", {"X-Client-Id": "alice"})
+    identity = {"Authorization": f"Bearer {token}"} if token is not None else {"X-Client-Id": "alice"}
+    status, _ = bench.http_get(port, "/polygon/warm", identity)
     if status != 200:
         raise RuntimeError(f"{name}: warm-up answered {status}")
     return child, port
@@ -97,7 +103,11 @@ def main() -> int:
     p.add_argument("--clients", type=int, default=0,
                    help="requests name N clients in turn instead of one (the pool keeps connections per "
                         "client); prints the upstream connections each side holds after each round")
+    p.add_argument("--jwt", action="store_true",
+                   help="JWT identity: every request carries one RS256 token (verified once, then cached)")
     args = p.parse_args()
+    if args.jwt and args.clients:
+        p.error("--jwt and --clients do not combine (one token names one client)")
     tmp = Path(tempfile.mkdtemp(prefix="sidecar-ab-"))
     os.chmod(tmp, 0o755)  # nginx's worker reads the files below
     children = bench.Children(tmp)
@@ -108,8 +118,13 @@ def main() -> int:
         bench.make_tls(tmp)
         conf = bench.render_nginx("upstream.conf", tmp, HTTP_PORT=upstream, TLS_PORT=bench.free_port())
         path = "/polygon/x"
+        (tmp / "files").mkdir(mode=0o755)
+        token = None
+        if args.jwt:
+            token = bench.make_jwt(tmp)
+            (tmp / "jwks.json").rename(tmp / "files" / "jwks.json")
+            os.chmod(tmp / "files" / "jwks.json", 0o644)
         if args.body_bytes:
-            (tmp / "files").mkdir(mode=0o755)
             (tmp / "files" / "body.json").write_bytes(b"x" * args.body_bytes)
             path = "/polygon/files/body.json"
         nginx = children.start("nginx", ["nginx", "-p", str(tmp), "-e", str(tmp / "nginx-startup.log"),
@@ -120,9 +135,9 @@ def main() -> int:
             tree = tree_for(ref, tmp)
             if tree.is_relative_to(tmp):  # a worktree made here: removed at the end
                 trees.append(tree)
-            sides[name] = start(children, name, tree, tmp, upstream, args.workers, args.clients)
+            sides[name] = start(children, name, tree, tmp, upstream, args.workers, args.clients, token)
         script = None
-        headers = ["X-Client-Id: alice"]
+        headers = [f"Authorization: Bearer {token}"] if token is not None else ["X-Client-Id: alice"]
         if args.clients:
             script = tmp / "clients.lua"
             script.write_text(ROTATE_CLIENTS % args.clients, encoding="utf-8")

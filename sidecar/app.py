@@ -114,7 +114,7 @@ class Sidecar:
         """Report readiness where it is read (sidecar_ready, or the supervisor) and the key-load gauge."""
         parts = self._parts
         if parts is not None:
-            metrics.set_jwks_keys_loaded(parts.identity.ready if parts.settings.identity.jwt is not None else None)
+            metrics.set_jwks_keys_loaded(parts.identity.ready if parts.settings.identity.jwt else None)
         ready = self.ready
         if ready == self._published:
             return
@@ -361,6 +361,8 @@ class Sidecar:
         self.settings = settings
         metrics.CONFIG_RELOADS.labels("ok").inc()
         log.info("config reloaded", extra={"upstreams": sorted(settings.upstreams)})
+        if self.worker is None or self.worker.index == 0:
+            log_config_warnings(settings)
         self._retire(old, parts)
         return True
 
@@ -514,6 +516,12 @@ def refreeze_heap(_retired: object = None) -> None:
     freeze_startup_heap()
 
 
+def log_config_warnings(settings: Settings) -> None:
+    """The config's warnings (what ``check`` prints to stderr), one log line each."""
+    for warning in settings.warnings:
+        log.warning("config: %s", warning)
+
+
 def warn_if_stale_build() -> None:
     """An in-place compiled build (scripts/compile.sh) older than its sources runs the old code: say so."""
     changed = stale_sources()
@@ -529,6 +537,7 @@ def run(settings: Settings, config_path: Path | None, worker: WorkerRole | None 
     configure_logging(settings.log.level, settings.log.format)
     if worker is None or worker.index == 0:
         warn_if_stale_build()
+        log_config_warnings(settings)
     # The store call (botocore) and file reads run in threads. While the event loop is
     # busy (a burst of requests waiting for that very key), a thread waits up to the
     # switch interval each time it needs the GIL back: 5 ms by default, several times

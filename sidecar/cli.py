@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     settings, path = loaded
     if args.command == "check":
         print(settings.summary())
-        print("config OK")
+        for warning in settings.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        print("config OK" + (f" ({len(settings.warnings)} warnings)" if settings.warnings else ""))
         return 0
     from sidecar.workers import WorkerRole, prepare_multiprocess_metrics, supervise
 

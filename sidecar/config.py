@@ -74,6 +74,20 @@ def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+#: A required_claims value: compared with the token's claim by JSON type and value.
+ClaimValue = str | bool | int
+
+#: Claims that name the OAuth client (the agent), and claims that name the person. A
+#: client_id_claims list with both gives one person two identities (see _Reader.warn_about_claims).
+AGENT_CLAIMS = frozenset({"client_id", "azp", "appid", "cid"})
+PERSON_CLAIMS = frozenset(
+    {"sub", "oid", "email", "username", "cognito:username", "preferred_username", "upn", "uid"}
+)
+#: Claims the person can change about themselves in common identity providers (Cognito lets
+#: a user update preferred_username or name with their own access token).
+OWNER_EDITABLE_CLAIMS = frozenset({"preferred_username", "name", "nickname", "given_name", "family_name"})
+
+
 @dataclass(frozen=True)
 class ListenAddress:
     host: str
@@ -103,13 +117,22 @@ class JwtSettings:
     jwks_timeout_seconds: float = DEFAULT_JWKS_TIMEOUT_SECONDS
     require_token_use: str | None = None
     cache_max_entries: int = DEFAULT_TOKEN_CACHE_ENTRIES
+    #: claim -> the exact value (same JSON type) every token of this issuer must carry
+    required_claims: tuple[tuple[str, ClaimValue], ...] = ()
+    #: extra CAs trusted for this issuer's discovery document and JWKS only
+    ca_file: Path | None = None
+    allow_http_jwks: bool = False
+    #: where this entry sits in the config (``identity.jwt`` or ``identity.jwt[1]``), for messages
+    config_path: str = "identity.jwt"
 
 
 @dataclass(frozen=True)
 class IdentitySettings:
     header: str = DEFAULT_IDENTITY_HEADER
     default_client_id: str | None = None
-    jwt: JwtSettings | None = None
+    #: JWT mode: one entry per trusted issuer (empty: header mode). A token is checked
+    #: against the entry whose ``issuer`` equals its ``iss`` claim, never another's keys.
+    jwt: tuple[JwtSettings, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -202,6 +225,8 @@ class Settings:
     secrets: SecretsSettings = field(default_factory=SecretsSettings)
     forward_proxy: ForwardProxySettings = field(default_factory=ForwardProxySettings)
     source: Path | None = None
+    #: things that work but are probably not what was meant; ``check`` prints them, ``run`` logs them
+    warnings: tuple[str, ...] = ()
 
     def summary(self) -> str:
         """A one-screen description for ``check``; holds no secret by construction."""
@@ -211,17 +236,25 @@ class Settings:
             f"admin_listen:  {self.admin_listen}",
             f"workers:       {self.workers}",
         ]
-        jwt = self.identity.jwt
-        if jwt is None:
+        issuers = self.identity.jwt
+        if not issuers:
             lines.append(f"identity:      header {self.identity.header}")
         else:
+            lines.append(
+                f"identity:      verified JWT in {issuers[0].header}; "
+                + (f"{len(issuers)} issuers" if len(issuers) > 1 else "1 issuer")
+            )
+        for jwt in issuers:
             if jwt.jwks_url:
                 source = loggable_url(jwt.jwks_url)
             else:
-                source = f"{loggable_url(jwt.issuer or '')} (OIDC discovery)"
+                source = "OIDC discovery"
             lines.append(
-                f"identity:      verified JWT in {jwt.header}; keys from {source}; "
-                f"client ID from {', '.join(jwt.client_id_claims)}"
+                f"  {loggable_url(jwt.issuer or '')}  keys from {source}"
+                + (f" (ca_file {jwt.ca_file})" if jwt.ca_file else "")
+                + f"; client ID from {', '.join(jwt.client_id_claims)}"
+                + (f"; token_use={jwt.require_token_use}" if jwt.require_token_use else "")
+                + (f"; requires {', '.join(name for name, _ in jwt.required_claims)}" if jwt.required_claims else "")
             )
         if self.identity.default_client_id:
             lines.append(f"               default client ID {self.identity.default_client_id}")
@@ -347,6 +380,10 @@ class _Reader:
     def __init__(self, problems: list[str], base_dir: Path) -> None:
         self.problems = problems
         self.base_dir = base_dir
+        self.warnings: list[str] = []
+
+    def warn(self, path: str, message: str) -> None:
+        self.warnings.append(f"{path}: {message}")
 
     def fail(self, path: str, message: str) -> None:
         self.problems.append(f"{path}: {message}")
@@ -513,7 +550,7 @@ class _Reader:
         return resolved
 
     def ca_file(self, m: dict[str, Any], path: str) -> Path | None:
-        """An upstream's extra trusted CAs: a file that holds at least one PEM certificate."""
+        """Extra trusted CAs (an upstream's, an issuer's): a file that holds at least one PEM certificate."""
         resolved = self.path_value(m, "ca_file", path, must_exist=True)
         if resolved is not None and resolved.is_file():
             try:
@@ -576,6 +613,7 @@ class _Reader:
             secrets=secrets,
             upstreams=upstreams,
             forward_proxy=forward_proxy,
+            warnings=tuple(self.warnings),
         )
 
     def log(self, raw: Any) -> LogSettings:
@@ -596,13 +634,52 @@ class _Reader:
         problem = _check_client_id(default_id) if default_id is not None else None
         if problem is not None:
             self.fail(f"{path}.default_client_id", problem)
-        jwt = self.jwt(m["jwt"]) if m.get("jwt") is not None else None
-        if jwt is not None and default_id is not None:
+        issuers = self.jwt_entries(m.get("jwt"))
+        if issuers and default_id is not None:
             self.fail(f"{path}.default_client_id", "has no effect with identity.jwt (every caller needs a token)")
-        return IdentitySettings(header=header, default_client_id=default_id, jwt=jwt)
+        return IdentitySettings(header=header, default_client_id=default_id, jwt=issuers)
 
-    def jwt(self, raw: Any) -> JwtSettings:
+    def jwt_entries(self, raw: Any) -> tuple[JwtSettings, ...]:
+        """``identity.jwt``: one mapping, or a list of them (one per issuer)."""
         path = "identity.jwt"
+        if raw is None:
+            return ()
+        if isinstance(raw, dict):
+            return (self.jwt(raw, path),)
+        if not isinstance(raw, list):
+            self.fail(path, f"expected a mapping (one issuer) or a list of them, got {_kind(raw)}")
+            return ()
+        if not raw:
+            self.fail(path, "an empty list: give at least one issuer, or leave identity.jwt out for header mode")
+            return ()
+        entries: list[JwtSettings] = []
+        for i, item in enumerate(raw):
+            if not isinstance(item, dict):
+                self.fail(f"{path}[{i}]", f"expected a mapping, got {_kind(item)}")
+                continue
+            entries.append(self.jwt(item, f"{path}[{i}]"))
+        by_issuer: dict[str, str] = {}
+        for entry in entries:
+            if entry.issuer is None:
+                continue
+            if entry.issuer in by_issuer:
+                self.fail(
+                    f"{entry.config_path}.issuer",
+                    f"the same issuer as {by_issuer[entry.issuer]}: a token's iss picks exactly one entry,"
+                    " so merge the two",
+                )
+            by_issuer.setdefault(entry.issuer, entry.config_path)
+        headers = {entry.header.lower() for entry in entries}
+        if len(headers) > 1:
+            self.fail(
+                path,
+                "every issuer entry must read the token from the same header (found "
+                + ", ".join(sorted({entry.header for entry in entries}))
+                + "): the token is read before its issuer is known",
+            )
+        return tuple(entries)
+
+    def jwt(self, raw: Any, path: str = "identity.jwt") -> JwtSettings:
         m = self.mapping(
             raw,
             path,
@@ -611,6 +688,7 @@ class _Reader:
                     "header", "jwks_url", "issuer", "audience", "algorithms", "client_id_claims",
                     "leeway_seconds", "jwks_cache_seconds", "jwks_cooldown_seconds",
                     "jwks_timeout_seconds", "require_token_use", "cache_max_entries",
+                    "required_claims", "ca_file", "allow_http_jwks",
                 }
             ),
         )
@@ -624,6 +702,20 @@ class _Reader:
             self.fail(f"{path}.issuer", "is required (the token's iss claim is always checked)")
         for key, value in (("jwks_url", jwks_url), ("issuer", issuer)):
             self.check_service_url(value, f"{path}.{key}")
+        allow_http_jwks = self.boolean(m, "allow_http_jwks", path, False)
+        if issuer and jwks_url and _scheme(issuer) == "https" and _scheme(jwks_url) == "http":
+            if allow_http_jwks:
+                self.warn(
+                    f"{path}.allow_http_jwks",
+                    "signing keys of an https issuer are fetched over plain http: anyone on that path"
+                    " could mint identities (meant for a local emulator only)",
+                )
+            else:
+                self.fail(
+                    f"{path}.jwks_url",
+                    "is plain http for an https issuer: keys fetched in the clear could be anyone's;"
+                    " use the https URL, or set allow_http_jwks: true for a local emulator",
+                )
 
         def check_alg(alg: str) -> str | None:
             if alg.lower() == "none" or alg.upper().startswith("HS"):
@@ -640,13 +732,16 @@ class _Reader:
         claims = self.string_list(m, "client_id_claims", path, DEFAULT_CLIENT_ID_CLAIMS)
         if "client_id_claims" in m and not claims:
             self.fail(f"{path}.client_id_claims", "needs at least one claim")
+        claims = claims or DEFAULT_CLIENT_ID_CLAIMS
+        token_use = self.string(m, "require_token_use", path, None, choices=("access", "id"))
+        self.warn_about_claims(claims, token_use, path)
         return JwtSettings(
             header=header,
             jwks_url=jwks_url,
             issuer=issuer,
             audience=self.string_list(m, "audience", path, (), allow_scalar=True),
             algorithms=algorithms or DEFAULT_JWT_ALGORITHMS,
-            client_id_claims=claims or DEFAULT_CLIENT_ID_CLAIMS,
+            client_id_claims=claims,
             leeway_seconds=self.number(m, "leeway_seconds", path, DEFAULT_JWT_LEEWAY_SECONDS),
             jwks_cache_seconds=self.number(
                 m, "jwks_cache_seconds", path, DEFAULT_JWKS_CACHE_SECONDS, positive=True
@@ -657,14 +752,60 @@ class _Reader:
             jwks_timeout_seconds=self.number(
                 m, "jwks_timeout_seconds", path, DEFAULT_JWKS_TIMEOUT_SECONDS, positive=True
             ),
-            require_token_use=self.string(
-                m, "require_token_use", path, None, choices=("access", "id")
-            ),
+            require_token_use=token_use,
             cache_max_entries=self.integer(
                 m, "cache_max_entries", path, DEFAULT_TOKEN_CACHE_ENTRIES,
                 minimum=0, maximum=10_000_000,
             ),
+            required_claims=self.required_claims(m.get("required_claims"), f"{path}.required_claims"),
+            ca_file=self.ca_file(m, path),
+            allow_http_jwks=allow_http_jwks,
+            config_path=path,
         )
+
+    def required_claims(self, raw: Any, path: str) -> tuple[tuple[str, ClaimValue], ...]:
+        """claim -> exact value; a string, true/false or an integer (compared with its JSON type)."""
+        if raw is None or _empty_interpolation(raw):
+            return ()
+        if not isinstance(raw, dict):
+            self.fail(path, f"expected a mapping of claim name to value, got {_kind(raw)}")
+            return ()
+        out: list[tuple[str, ClaimValue]] = []
+        for name, value in raw.items():
+            if not isinstance(name, str) or not name:
+                self.fail(path, f"claim names must be non-empty strings, got {name!r}")
+                continue
+            where = f"{path}.{name}"
+            if isinstance(value, _FromEnv):
+                value = str(value)  # ${VAR} reads as text; YAML true/1 are typed already
+            if not isinstance(value, str | bool | int):
+                self.fail(where, f"expected a string, true/false or an integer, got {_kind(value)}")
+                continue
+            if name in ("iss", "exp", "nbf", "iat"):
+                self.fail(where, "is checked by the sidecar itself; it cannot be pinned here")
+                continue
+            out.append((name, value))
+        return tuple(out)
+
+    def warn_about_claims(self, claims: tuple[str, ...], token_use: str | None, path: str) -> None:
+        """Warnings for client_id_claims that work but are likely to hurt (docs/identity.md)."""
+        agents = [c for c in claims if c in AGENT_CLAIMS]
+        people = [c for c in claims if c in PERSON_CLAIMS]
+        if agents and people and token_use is None:
+            self.warn(
+                f"{path}.client_id_claims",
+                f"mixes agent claims ({', '.join(agents)}) and person claims ({', '.join(people)}) without"
+                f" require_token_use: a person's access token also names the app client ({agents[0]}),"
+                f" so the same person has two identities; set require_token_use, list only one kind,"
+                " or give agents and people separate issuer entries (docs/identity.md, Choosing the claim)",
+            )
+        editable = [c for c in claims if c in OWNER_EDITABLE_CLAIMS]
+        if editable:
+            self.warn(
+                f"{path}.client_id_claims",
+                f"{', '.join(editable)} can be changed by the person it describes in many identity"
+                " providers, who would then get another person's credential; use sub (or oid in Entra ID)",
+            )
 
     def secrets(self, raw: Any) -> SecretsSettings:
         path = "secrets"
@@ -1033,6 +1174,14 @@ def normalize_host(host: str) -> str | None:
     if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*", encoded):
         return None
     return encoded
+
+
+def _scheme(url: str) -> str:
+    """The URL's scheme, lower-case; "" when urllib cannot split it (check_service_url says why)."""
+    try:
+        return urlsplit(url).scheme.lower()
+    except ValueError:
+        return ""
 
 
 def loggable_url(url: str) -> str:

@@ -111,7 +111,7 @@ class HeaderIdentity:
 
 def build_identity_resolver(settings: IdentitySettings) -> IdentityResolver:
     """Header mode, or JWT mode when ``identity.jwt`` is configured."""
-    if settings.jwt is not None:
+    if settings.jwt:
         from sidecar.tokens import JwtIdentity
 
         return JwtIdentity(settings)

@@ -52,7 +52,15 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from jwt.algorithms import AllowedPublicKeys
 
-from sidecar.config import ASYMMETRIC_ALGORITHMS, IdentitySettings, JwtSettings, loggable_url
+from sidecar.config import (
+    ASYMMETRIC_ALGORITHMS,
+    ClaimValue,
+    IdentitySettings,
+    JwtSettings,
+    loggable_url,
+    split_http_url,
+    upstream_trust,
+)
 from sidecar.errors import IdentityProviderUnavailable, InvalidToken
 from sidecar.identity import HeaderReader, Identity, claim_strings, single_header, validate_client_id
 from sidecar.metrics import JWKS_REFRESHES, TOKEN_CACHE, bump
@@ -109,7 +117,9 @@ _MESSAGES: Final[Mapping[str, str]] = {
     "wrong_issuer": "The identity token was issued by an issuer that is not trusted.",
     "wrong_audience": "The identity token is not meant for this audience.",
     "wrong_token_use": "The identity token is not of the required kind (token_use).",
+    "missing_required_claim": "The identity token lacks a claim value this sidecar requires.",
     "no_client_id_claim": "The identity token carries none of the configured client ID claims.",
+    "email_not_verified": "The identity token's email is not verified, so it cannot name the caller.",
 }
 
 
@@ -360,6 +370,9 @@ class JwksSource:
         except TimeoutError:
             self._failed(f"no answer within {self._settings.jwks_timeout_seconds:g}s")
             return
+        except aiohttp.ClientConnectorCertificateError as failure:
+            self._failed(self._untrusted(failure.host))
+            return
         except (aiohttp.ClientError, OSError) as failure:
             # The class name only: library messages are not ours to put in a log line.
             self._failed(f"request failed ({type(failure).__name__})")
@@ -377,6 +390,17 @@ class JwksSource:
             after = f" after {failures} failed {'fetch' if failures == 1 else 'fetches'}" if failures else ""
             log.info("loaded %d signing keys from %s%s", len(keys.entries), loggable_url(url), after)
 
+    def _untrusted(self, host: str) -> str:
+        """What to do when the provider's TLS certificate is not trusted."""
+        where = self._settings.config_path
+        ca_file = self._settings.ca_file
+        if ca_file is None:
+            return (
+                f"the TLS certificate of {host} is not trusted; for a provider on a private CA set"
+                f" {where}.ca_file to that CA's PEM bundle"
+            )
+        return f"the TLS certificate of {host} is trusted neither by {where}.ca_file ({ca_file}) nor the system CAs"
+
     def _failed(self, problem: str) -> None:
         JWKS_REFRESHES.labels(result="error").inc()
         self._failures += 1
@@ -391,37 +415,59 @@ class JwksSource:
                 "no keys are loaded, so tokens get 503 identity_provider_unavailable and /readyz is 503;"
                 " retrying in the background"
             )
-        log.warning("could not load the identity provider's signing keys: %s; %s", problem, kept)
+        log.warning(
+            "could not load the signing keys of %s: %s; %s", loggable_url(self._settings.issuer or ""), problem, kept
+        )
 
     async def _discover(self) -> str:
         issuer = self._settings.issuer
+        where = self._settings.config_path
         assert issuer is not None  # the config requires an issuer
-        document = await self._get_json(issuer.rstrip("/") + DISCOVERY_PATH)
+        url = issuer.rstrip("/") + DISCOVERY_PATH
+        document = await self._get_json(url, hint=f"check {where}.issuer, or set {where}.jwks_url")
         if not isinstance(document, dict):
-            raise _FetchError("the discovery document is not a JSON object")
+            raise _FetchError(f"the discovery document at {loggable_url(url)} is not a JSON object")
         # OpenID Connect Discovery 1.0 section 4.3: the document must name the issuer it
         # was fetched for, or its keys are not that issuer's.
-        if document.get("issuer") != issuer:
-            raise _FetchError("the discovery document names a different issuer than identity.jwt.issuer")
+        named = document.get("issuer")
+        if named != issuer:
+            if isinstance(named, str) and len(named) <= 512 and not isinstance(split_http_url(named), str):
+                raise _FetchError(
+                    f"the discovery document names the issuer {loggable_url(named)!r}, not {where}.issuer"
+                    f" {issuer!r}; if that is the provider meant, set {where}.issuer to exactly what it names"
+                    " (tokens carry it in iss)"
+                )
+            raise _FetchError(f"the discovery document names no issuer, or not {where}.issuer")
         jwks_uri = document.get("jwks_uri")
         if not isinstance(jwks_uri, str) or urlsplit(jwks_uri).scheme not in ("http", "https"):
-            raise _FetchError("the discovery document has no http(s) jwks_uri")
-        if downgrades(issuer, jwks_uri):
+            raise _FetchError(f"the discovery document has no http(s) jwks_uri; set {where}.jwks_url")
+        if downgrades(issuer, jwks_uri) and not self._settings.allow_http_jwks:
             # Keys fetched in the clear could be anyone's: whoever is on the path would mint identities.
-            raise _FetchError("the discovery document names a plain-http jwks_uri for an https issuer")
+            raise _FetchError(
+                "the discovery document names a plain-http jwks_uri for an https issuer"
+                f" (set {where}.allow_http_jwks: true only for a local emulator)"
+            )
         self._jwks_url = jwks_uri
         return jwks_uri
 
-    async def _get_json(self, url: str) -> object:
+    async def _get_json(self, url: str, *, hint: str = "") -> object:
         if self._session is None:
             # trust_env stays off: HTTP_PROXY in this pod may well point at the sidecar itself.
-            self._session = aiohttp.ClientSession(headers={"User-Agent": USER_AGENT, "Accept": "application/json"})
+            # The issuer's ca_file is trusted here only, beside the system CAs.
+            self._session = aiohttp.ClientSession(
+                headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
+                connector=aiohttp.TCPConnector(ssl=upstream_trust(self._settings.ca_file)),
+            )
         async with self._session.get(url) as response:
             # Every hop: a plain-http hop that redirects on to https would otherwise pass.
-            if any(downgrades(url, str(hop.url)) for hop in (*response.history, response)):
+            if not self._settings.allow_http_jwks and any(
+                downgrades(url, str(hop.url)) for hop in (*response.history, response)
+            ):
                 raise _FetchError(f"{loggable_url(url)} redirected to plain http")
             if response.status != 200:
-                raise _FetchError(f"{loggable_url(url)} answered HTTP {response.status}")
+                raise _FetchError(
+                    f"{loggable_url(url)} answered HTTP {response.status}" + (f" ({hint})" if hint else "")
+                )
             body = bytearray()
             async for chunk in response.content.iter_chunked(64 * 1024):
                 body += chunk
@@ -491,14 +537,81 @@ class VerifiedTokenCache:
 # --------------------------------------------------------------------------- resolver
 
 
-class JwtIdentity:
-    """Take the client ID from a JWT whose signature and claims the sidecar verifies.
+class _Issuer:
+    """One ``identity.jwt`` entry: its signing keys and the rules its tokens' claims must meet.
 
-    ``iss`` must equal ``identity.jwt.issuer`` exactly (a trailing slash counts); the
-    config refuses a JWT block without an issuer, so this check always runs.
+    ``iss`` must equal ``issuer`` exactly (a trailing slash counts); the config refuses an
+    entry without an issuer, so this check always runs.
 
     With ``audience`` configured, ``aud`` must name one of its values; a Cognito access
     token has no ``aud``, so for ``token_use: access`` its ``client_id`` is compared instead.
+    """
+
+    __slots__ = ("algorithms", "audience", "keys", "settings")
+
+    def __init__(self, settings: JwtSettings, monotonic: Callable[[], float]) -> None:
+        if settings.issuer is None:
+            raise ValueError(f"{settings.config_path}.issuer is required")
+        self.settings = settings
+        # Config already refuses none/HS*; intersecting again keeps that true for any caller.
+        self.algorithms = frozenset(settings.algorithms) & ASYMMETRIC_ALGORITHMS
+        self.audience = frozenset(settings.audience)
+        self.keys = JwksSource(settings, monotonic=monotonic)
+
+    def check_claims(self, claims: dict[str, Any], now: float) -> tuple[Identity, float]:
+        s = self.settings
+        exp = claims.get("exp")
+        if exp is None:
+            raise _refuse("no_expiry")
+        exp = _numeric_date(exp)
+        if now >= exp + s.leeway_seconds:
+            raise _refuse("expired")
+        nbf = claims.get("nbf")
+        if nbf is not None and _numeric_date(nbf) > now + s.leeway_seconds:
+            raise _refuse("not_yet_valid")
+        iat = claims.get("iat")
+        if iat is not None and _numeric_date(iat) > now + s.leeway_seconds:
+            raise _refuse("not_yet_valid")  # issued in the future
+        if claims.get("iss") != s.issuer:
+            raise _refuse("wrong_issuer")
+        if s.require_token_use is not None and claims.get("token_use") != s.require_token_use:
+            raise _refuse("wrong_token_use")
+        if self.audience and not self.audience & _audiences(claims):
+            raise _refuse("wrong_audience")
+        for name, expected in s.required_claims:
+            if not _same_json_value(claims.get(name), expected):
+                log.debug("identity token refused: required claim %r does not match", name[:64])
+                raise _refuse("missing_required_claim")
+        client_id = self._client_id(claims)
+        identity = Identity(validate_client_id(client_id), "jwt", claim_strings(claims, *SCOPE_CLAIMS))
+        return identity, exp
+
+    def _client_id(self, claims: Mapping[str, Any]) -> str:
+        """The first configured claim holding a non-empty string that may name the caller.
+
+        ``email`` counts only when the same token says ``email_verified: true`` (the JSON
+        boolean): in Cognito and many other providers a user can set their own e-mail
+        address to anybody's, and it is unverified until they prove they own it.
+        """
+        skipped_email = False
+        for name in self.settings.client_id_claims:
+            value = claims.get(name)
+            if not isinstance(value, str) or not value:
+                continue
+            if name == "email" and claims.get("email_verified") is not True:
+                skipped_email = True
+                continue
+            return value
+        raise _refuse("email_not_verified" if skipped_email else "no_client_id_claim")
+
+
+class JwtIdentity:
+    """Take the client ID from a JWT whose signature and claims the sidecar verifies.
+
+    With several ``identity.jwt`` entries (agents in one user pool, people in another), a
+    token's unverified ``iss`` picks the one entry whose ``issuer`` equals it; only that
+    entry's keys can verify the token and only its rules apply. A token naming no listed
+    issuer is refused before any key is looked up.
     """
 
     def __init__(
@@ -508,50 +621,50 @@ class JwtIdentity:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        jwt_settings = settings.jwt
-        if jwt_settings is None:
+        if not settings.jwt:
             raise ValueError("JwtIdentity needs identity.jwt settings")
-        self._settings = jwt_settings
-        self._header = jwt_settings.header
-        self._bearer = jwt_settings.header.lower() == "authorization"
-        # Config already refuses none/HS*; intersecting again keeps that true for any caller.
-        self._algorithms = frozenset(jwt_settings.algorithms) & ASYMMETRIC_ALGORITHMS
-        self._audience = frozenset(jwt_settings.audience)
+        first = settings.jwt[0]
+        self._issuers = {entry.issuer: _Issuer(entry, monotonic) for entry in settings.jwt}
+        self._header = first.header
+        self._bearer = first.header.lower() == "authorization"
         self._clock = clock
-        self._keys = JwksSource(jwt_settings, monotonic=monotonic)
-        self._cache = VerifiedTokenCache(jwt_settings.cache_max_entries)
+        # One cache for every issuer, keyed by the token's digest: the issuer is not known
+        # before the token is decoded. An entry with cache_max_entries 0 caches none of its tokens.
+        self._cache = VerifiedTokenCache(sum(entry.cache_max_entries for entry in settings.jwt))
         # A forwarded client ID header is stripped too: in JWT mode only the token speaks.
-        self.strip_headers = frozenset({jwt_settings.header.lower(), settings.header.lower()})
-        if jwt_settings.issuer is None:
-            raise ValueError("identity.jwt.issuer is required")
+        self.strip_headers = frozenset({first.header.lower(), settings.header.lower()})
 
     @property
     def ready(self) -> bool:
-        """True once the identity provider's signing keys are loaded."""
-        return self._keys.loaded
+        """True once every issuer's signing keys are loaded."""
+        return all(issuer.keys.loaded for issuer in self._issuers.values())
 
     async def wait_ready(self) -> None:
-        await self._keys.wait_loaded()
+        for issuer in self._issuers.values():
+            await issuer.keys.wait_loaded()
 
     async def start(self, *, wait: bool = True) -> None:
-        """Load the signing keys in the background, retried until they load; never raises.
+        """Load every issuer's signing keys in the background, retried until they load; never raises.
 
-        With ``wait``, return once the first attempt is over (at most ``jwks_timeout_seconds``).
+        With ``wait``, return once each first attempt is over (at most ``jwks_timeout_seconds``).
         """
-        task = self._keys.start()
-        if wait and task is not None:
-            await asyncio.wait((task,))
+        tasks = [task for issuer in self._issuers.values() if (task := issuer.keys.start()) is not None]
+        if wait and tasks:
+            await asyncio.wait(tasks)
 
     def retire(self) -> None:
-        self._keys.retire()
+        for issuer in self._issuers.values():
+            issuer.keys.retire()
 
     async def close(self) -> None:
-        await self._keys.close()
+        for issuer in self._issuers.values():
+            await issuer.keys.close()
 
     async def resolve(self, headers: HeaderReader) -> Identity:
         """The verified caller, from the cache or a full verification.
 
-        Raises InvalidToken, or IdentityProviderUnavailable while no signing keys are loaded.
+        Raises InvalidToken, or IdentityProviderUnavailable while the token's issuer has no
+        signing keys loaded.
         """
         token = self._read_token(headers)
         digest = hashlib.sha256(token.encode()).digest()
@@ -561,11 +674,12 @@ class JwtIdentity:
             return cached
         bump(_TOKEN_MISS)
         try:
-            identity, expires_at = await self._verify(token)
+            identity, expires_at, issuer = await self._verify(token)
         except InvalidToken as exc:
             log.debug("identity token refused: %s", exc.reason)
             raise
-        self._cache.put(digest, identity, expires_at, self._clock())
+        if issuer.settings.cache_max_entries > 0:
+            self._cache.put(digest, identity, expires_at, self._clock())
         return identity
 
     def _read_token(self, headers: HeaderReader) -> str:
@@ -588,19 +702,27 @@ class JwtIdentity:
             raise _refuse("malformed")
         return value
 
-    async def _verify(self, token: str) -> tuple[Identity, float]:
+    async def _verify(self, token: str) -> tuple[Identity, float, _Issuer]:
         if _COMPACT_JWS.fullmatch(token) is None:
             raise _refuse("malformed")
-        header = _decode_part(token.partition(".")[0])
+        head, payload, _ = token.split(".")
+        header = _decode_part(head)
         alg = header.get("alg")
-        if not isinstance(alg, str) or alg not in self._algorithms:
+        if not isinstance(alg, str) or alg not in ASYMMETRIC_ALGORITHMS:
             raise _refuse("alg_not_allowed")
         if "crit" in header:
             raise _refuse("unsupported_crit")
         kid = header.get("kid")
         if kid is not None and (not isinstance(kid, str) or not kid or len(kid) > MAX_KID_LENGTH):
             raise _refuse("malformed")
-        key = await self._keys.key_for(kid, alg)
+        # Unverified, and used only to pick whose keys may verify the token; its claims are
+        # checked again, from the verified payload, by that issuer's rules.
+        issuer = self._issuers.get(_text_or_none(_decode_part(payload).get("iss")))
+        if issuer is None:
+            raise _refuse("wrong_issuer")
+        if alg not in issuer.algorithms:
+            raise _refuse("alg_not_allowed")
+        key = await issuer.keys.key_for(kid, alg)
         try:
             decoded = _JWS.decode_complete(token, key=key, algorithms=[alg])
         except jwt.InvalidSignatureError:
@@ -608,39 +730,17 @@ class JwtIdentity:
         except (jwt.PyJWTError, ValueError, TypeError):
             raise _refuse("malformed") from None
         claims = _load_object(decoded["payload"])
-        return self._check_claims(claims)
+        identity, expires_at = issuer.check_claims(claims, self._clock())
+        return identity, expires_at, issuer
 
-    def _check_claims(self, claims: dict[str, Any]) -> tuple[Identity, float]:
-        s = self._settings
-        now = self._clock()
-        exp = claims.get("exp")
-        if exp is None:
-            raise _refuse("no_expiry")
-        exp = _numeric_date(exp)
-        if now >= exp + s.leeway_seconds:
-            raise _refuse("expired")
-        nbf = claims.get("nbf")
-        if nbf is not None and _numeric_date(nbf) > now + s.leeway_seconds:
-            raise _refuse("not_yet_valid")
-        iat = claims.get("iat")
-        if iat is not None and _numeric_date(iat) > now + s.leeway_seconds:
-            raise _refuse("not_yet_valid")  # issued in the future
-        if claims.get("iss") != s.issuer:
-            raise _refuse("wrong_issuer")
-        if s.require_token_use is not None and claims.get("token_use") != s.require_token_use:
-            raise _refuse("wrong_token_use")
-        if self._audience and not self._audience & _audiences(claims):
-            raise _refuse("wrong_audience")
-        client_id = None
-        for name in s.client_id_claims:  # the first configured claim holding a non-empty string
-            value = claims.get(name)
-            if isinstance(value, str) and value:
-                client_id = value
-                break
-        if client_id is None:
-            raise _refuse("no_client_id_claim")
-        identity = Identity(validate_client_id(client_id), "jwt", claim_strings(claims, *SCOPE_CLAIMS))
-        return identity, exp
+
+def _text_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _same_json_value(actual: object, expected: ClaimValue) -> bool:
+    """Equal value and JSON type: true is not 1, "1" is not 1."""
+    return type(actual) is type(expected) and actual == expected
 
 
 def _decode_part(part: str) -> dict[str, Any]:

@@ -72,7 +72,7 @@ def test_defaults_equal_the_contract(tmp_path: Path, keys_file: Path) -> None:
     assert (s.log.level, s.log.format) == ("info", "json")
     assert s.identity.header == "X-Client-Id"
     assert s.identity.default_client_id is None
-    assert s.identity.jwt is None
+    assert s.identity.jwt == ()
     assert s.secrets.backend == "file"
     assert s.secrets.aws.endpoint_url is None
     assert s.secrets.aws.version_stage == "AWSCURRENT"
@@ -98,13 +98,13 @@ def test_defaults_equal_the_contract(tmp_path: Path, keys_file: Path) -> None:
 
 def test_jwt_defaults_equal_the_contract(tmp_path: Path, keys_file: Path) -> None:
     raw = config(keys_file, identity={"jwt": {"jwks_url": "https://idp.example.com/jwks.json", "issuer": "https://idp.example.com"}})
-    jwt = parse(raw, tmp_path).identity.jwt
-    assert jwt is not None
+    (jwt,) = parse(raw, tmp_path).identity.jwt
     assert jwt.header == "Authorization"
     assert jwt.audience == ()
     assert jwt.algorithms == ("RS256",)
     assert jwt.client_id_claims == ("client_id", "azp", "sub")
     assert jwt.leeway_seconds == 30
+    assert (jwt.required_claims, jwt.ca_file, jwt.allow_http_jwks) == ((), None, False)
 
 
 def test_empty_document_is_a_valid_config_with_no_upstreams(tmp_path: Path) -> None:
@@ -738,8 +738,7 @@ def test_empty_algorithm_list_is_refused(tmp_path: Path, keys_file: Path) -> Non
 def test_asymmetric_algorithms_are_accepted(tmp_path: Path, keys_file: Path) -> None:
     algs = ["RS256", "RS512", "PS256", "ES256", "ES384", "EdDSA"]
     raw = config(keys_file, identity={"jwt": {"issuer": "https://idp.example", "algorithms": algs}})
-    jwt = parse(raw, tmp_path).identity.jwt
-    assert jwt is not None
+    (jwt,) = parse(raw, tmp_path).identity.jwt
     assert jwt.algorithms == tuple(algs)
 
 
@@ -983,7 +982,7 @@ def test_summary_for_aws_and_jwt(tmp_path: Path) -> None:
     }
     summary = parse(raw, tmp_path).summary()
     assert "AWS Secrets Manager region=us-east-1 endpoint=http://127.0.0.1:4566 stage=AWSCURRENT" in summary
-    assert "https://idp.example/pool (OIDC discovery)" in summary
+    assert "https://idp.example/pool  keys from OIDC discovery" in summary
     assert "client ID from azp" in summary
     assert "config:        (inline)" in summary
 
@@ -1160,5 +1159,128 @@ def test_an_empty_interpolation_leaves_a_list_key_at_its_default(tmp_path: Path,
     up = upstream(clients="${C:-}")
     jwt = {"issuer": "https://idp.example/realms/a", "jwks_url": "https://idp.example/certs", "audience": "${AUD:-}"}
     s = parse(config(keys_file, upstreams={"polygon": up}, identity={"jwt": jwt}), tmp_path, env={"AUD": "", "C": ""})
-    assert s.identity.jwt is not None and s.identity.jwt.audience == ()
+    assert [entry.audience for entry in s.identity.jwt] == [()]
     assert s.upstreams["polygon"].clients == ("*",)
+
+
+# ------------------------------------------------------------------ identity round 2 (issue 18)
+
+
+def issuer_entry(name: str, **rules: Any) -> dict[str, Any]:
+    return {"issuer": f"https://cognito-idp.us-east-1.amazonaws.com/{name}", **rules}
+
+
+def test_jwt_may_be_a_list_of_issuers(tmp_path: Path, keys_file: Path) -> None:
+    agents = issuer_entry("pool-agents", client_id_claims=["client_id"], require_token_use="access")
+    people = issuer_entry("pool-people", client_id_claims=["sub"], required_claims={"custom:tenant": "acme"})
+    entries = parse(config(keys_file, identity={"jwt": [agents, people]}), tmp_path).identity.jwt
+    assert [e.issuer for e in entries] == [agents["issuer"], people["issuer"]]
+    assert [e.config_path for e in entries] == ["identity.jwt[0]", "identity.jwt[1]"]
+    assert entries[1].required_claims == (("custom:tenant", "acme"),)
+
+
+@pytest.mark.parametrize(
+    ("jwt", "expected"),
+    [
+        ([], "identity.jwt: an empty list: give at least one issuer, or leave identity.jwt out for header mode"),
+        (
+            [issuer_entry("a"), issuer_entry("a", client_id_claims=["sub"])],
+            "identity.jwt[1].issuer: the same issuer as identity.jwt[0]: a token's iss picks exactly one entry,"
+            " so merge the two",
+        ),
+        (
+            [issuer_entry("a"), issuer_entry("b", header="X-Agent-Token")],
+            "identity.jwt: every issuer entry must read the token from the same header (found Authorization,"
+            " X-Agent-Token): the token is read before its issuer is known",
+        ),
+        ([issuer_entry("a"), {"jwks_url": "https://idp.example/keys"}],
+         "identity.jwt[1].issuer: is required (the token's iss claim is always checked)"),
+        ([issuer_entry("a"), "https://idp.example"], "identity.jwt[1]: expected a mapping, got a string"),
+    ],
+)
+def test_issuer_lists_are_checked(tmp_path: Path, keys_file: Path, jwt: Any, expected: str) -> None:
+    assert one_problem(config(keys_file, identity={"jwt": jwt}), tmp_path) == expected
+
+
+@pytest.mark.parametrize(
+    ("required", "expected"),
+    [
+        ({"tenant": 1.5}, "identity.jwt.required_claims.tenant: expected a string, true/false or an integer, got a number"),
+        ({"tenant": ["acme"]}, "identity.jwt.required_claims.tenant: expected a string, true/false or an integer, got a list"),
+        ({"iss": "https://other"}, "identity.jwt.required_claims.iss: is checked by the sidecar itself; it cannot be pinned here"),
+        (["tenant"], "identity.jwt.required_claims: expected a mapping of claim name to value, got a list"),
+    ],
+)
+def test_required_claims_are_checked(tmp_path: Path, keys_file: Path, required: Any, expected: str) -> None:
+    raw = config(keys_file, identity={"jwt": issuer_entry("a", required_claims=required)})
+    assert one_problem(raw, tmp_path) == expected
+
+
+def test_required_claims_keep_their_yaml_types(tmp_path: Path, keys_file: Path) -> None:
+    raw = config(keys_file, identity={"jwt": issuer_entry("a", required_claims={"t": "acme", "mfa": True, "tier": 3, "e": "${E}"})})
+    (jwt,) = parse(raw, tmp_path, env={"E": "true"}).identity.jwt
+    assert jwt.required_claims == (("t", "acme"), ("mfa", True), ("tier", 3), ("e", "true"))
+    assert [type(v) for _, v in jwt.required_claims] == [str, bool, int, str]
+
+
+def test_http_jwks_for_an_https_issuer_needs_allow_http_jwks(tmp_path: Path, keys_file: Path) -> None:
+    jwt = {"issuer": "https://idp.example/realms/a", "jwks_url": "http://idp.example/realms/a/certs"}
+    assert one_problem(config(keys_file, identity={"jwt": jwt}), tmp_path) == (
+        "identity.jwt.jwks_url: is plain http for an https issuer: keys fetched in the clear could be anyone's;"
+        " use the https URL, or set allow_http_jwks: true for a local emulator"
+    )
+    s = parse(config(keys_file, identity={"jwt": {**jwt, "allow_http_jwks": True, "client_id_claims": ["sub"]}}), tmp_path)
+    assert s.identity.jwt[0].allow_http_jwks
+    assert s.warnings == (
+        "identity.jwt.allow_http_jwks: signing keys of an https issuer are fetched over plain http: anyone on"
+        " that path could mint identities (meant for a local emulator only)",
+    )
+
+
+def test_an_http_issuer_with_http_keys_is_a_local_setup(tmp_path: Path, keys_file: Path) -> None:
+    jwt = {"issuer": "http://127.0.0.1:9000/realms/a", "jwks_url": "http://127.0.0.1:9000/certs", "client_id_claims": ["sub"]}
+    s = parse(config(keys_file, identity={"jwt": jwt}), tmp_path)
+    assert s.warnings == ()
+
+
+def test_jwt_ca_file_must_hold_a_certificate(tmp_path: Path, keys_file: Path) -> None:
+    not_pem = tmp_path / "ca.pem"
+    not_pem.write_text("not a certificate\n")
+    raw = config(keys_file, identity={"jwt": issuer_entry("a", ca_file="ca.pem", client_id_claims=["sub"])})
+    assert one_problem(raw, tmp_path) == "identity.jwt.ca_file: no PEM certificate could be loaded from ca.pem"
+    raw["identity"]["jwt"]["ca_file"] = "missing.pem"
+    assert one_problem(raw, tmp_path) == "identity.jwt.ca_file: file missing.pem does not exist"
+
+
+@pytest.mark.parametrize(
+    ("claims", "token_use", "warned"),
+    [
+        (None, None, True),  # the default [client_id, azp, sub] mixes both kinds
+        (["client_id", "sub"], None, True),
+        (["azp", "email"], None, True),
+        (["client_id", "sub"], "access", False),
+        (["client_id"], None, False),
+        (["sub", "email"], None, False),
+    ],
+)
+def test_mixed_agent_and_person_claims_warn(
+    tmp_path: Path, keys_file: Path, claims: list[str] | None, token_use: str | None, warned: bool
+) -> None:
+    jwt = issuer_entry("a", require_token_use=token_use)
+    if claims is not None:
+        jwt["client_id_claims"] = claims
+    s = parse(config(keys_file, identity={"jwt": jwt}), tmp_path)
+    mixed = [w for w in s.warnings if "mixes agent claims" in w]
+    assert bool(mixed) == warned, s.warnings
+    if warned:
+        assert mixed[0].startswith("identity.jwt.client_id_claims: mixes agent claims (")
+        assert "the same person has two identities; set require_token_use" in mixed[0]
+
+
+def test_owner_editable_claims_warn(tmp_path: Path, keys_file: Path) -> None:
+    s = parse(config(keys_file, identity={"jwt": [issuer_entry("a", client_id_claims=["sub"]),
+                                                  issuer_entry("b", client_id_claims=["preferred_username"])]}), tmp_path)
+    assert s.warnings == (
+        "identity.jwt[1].client_id_claims: preferred_username can be changed by the person it describes in many"
+        " identity providers, who would then get another person's credential; use sub (or oid in Entra ID)",
+    )

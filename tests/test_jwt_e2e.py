@@ -87,17 +87,29 @@ def test_agent_tokens_cognito_and_keycloak(sidecar: SidecarProcess, idp: Identit
 
 
 def test_user_token_keys_on_the_user(sidecar: SidecarProcess, idp: IdentityProvider, echo: EchoUpstream, keys: dict[str, str]) -> None:
-    user = idp.mint(sub="5f0c-user-uuid", email="alice@example.com", scope="openid profile")
+    user = idp.mint(sub="5f0c-user-uuid", email="alice@example.com", email_verified=True, scope="openid profile")
     assert call(sidecar, "/polygon/x", user).status_code == 200
     assert echo.last().query == f"apiKey={keys['alice@example.com']}"
     line = sidecar.wait_for_line(lambda line: line.get("event") == "request" and line.get("identity") == "jwt")
     assert line["client_id"] == "alice@example.com"
 
 
+@pytest.mark.parametrize("verified", [None, False, "true", "false"])
+def test_a_user_who_sets_their_email_to_alices_does_not_get_alices_key(
+    sidecar: SidecarProcess, idp: IdentityProvider, echo: EchoUpstream, keys: dict[str, str], verified: object
+) -> None:
+    """In Cognito a user may change their own e-mail attribute; until verified it proves nothing."""
+    forged = idp.mint(sub="mallory-sub", email="alice@example.com", email_verified=verified)
+    resp = call(sidecar, "/polygon/x", forged)
+    # The next claim, sub, names mallory, who has no key here.
+    assert resp.status_code == 403 and resp.headers["X-Sidecar-Error"] == "no_credential", resp.text
+    assert all(keys["alice@example.com"] not in r.query for r in echo.received)
+
+
 def test_scopes_and_groups_gate_an_upstream(sidecar: SidecarProcess, idp: IdentityProvider, echo: EchoUpstream) -> None:
     with_scope = idp.mint(client_id="reporting-agent", scope="reports.read")
     assert call(sidecar, "/reports/q", with_scope).status_code == 200
-    with_group = idp.mint(email="alice@example.com", **{"cognito:groups": ["analysts"]})
+    with_group = idp.mint(email="alice@example.com", email_verified=True, **{"cognito:groups": ["analysts"]})
     assert call(sidecar, "/reports/q", with_group).status_code == 200
     without = idp.mint(client_id="reporting-agent", scope="other")
     resp = call(sidecar, "/reports/q", without)

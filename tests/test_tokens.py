@@ -59,7 +59,7 @@ MakeResolver = Callable[..., JwtIdentity]
 
 async def background_refresh_done(resolver: JwtIdentity) -> None:
     """Wait for a JWKS refresh the resolver started without waiting for it."""
-    task = resolver._keys._refresh_task
+    task = next(iter(resolver._issuers.values())).keys._refresh_task
     if task is not None:
         await asyncio.wait((task,))
 
@@ -147,9 +147,9 @@ async def test_user_token_uses_sub(idp: IdentityProvider, make_resolver: MakeRes
     ("claims", "expected"),
     [
         ({"username": "alice", "email": "alice@example.com"}, "alice"),
-        ({"email": "bob@example.com"}, "bob@example.com"),
-        ({"username": "", "email": "carol@example.com"}, "carol@example.com"),
-        ({"username": 42, "email": "dave@example.com"}, "dave@example.com"),
+        ({"email": "bob@example.com", "email_verified": True}, "bob@example.com"),
+        ({"username": "", "email": "carol@example.com", "email_verified": True}, "carol@example.com"),
+        ({"username": 42, "email": "dave@example.com", "email_verified": True}, "dave@example.com"),
     ],
 )
 async def test_user_token_uses_first_present_configured_claim(
@@ -463,7 +463,9 @@ async def test_discovery_for_another_issuer_is_not_trusted(
     resolver = make_resolver(jwks_url=None)
     with caplog.at_level(logging.WARNING, "sidecar.tokens"):
         await resolver.start()
-    assert "different issuer" in caplog.text
+    # The message names what the document says and which key to set.
+    assert "names the issuer 'https://evil.example/', not identity.jwt.issuer" in caplog.text
+    assert "set identity.jwt.issuer to exactly what it names" in caplog.text
     assert idp.hits["jwks"] == 0
     await unavailable(resolver, bearer(idp.mint(client_id="a")))
     assert not resolver.ready
