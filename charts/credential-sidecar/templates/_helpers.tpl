@@ -266,6 +266,9 @@ restartPolicy: Always) or into containers (classic), so it lives in one place.
     - name: mitm-ca
       mountPath: {{ include "credential-sidecar.sharedCADir" . }}
     {{- end }}
+    {{- with .Values.sidecar.extraVolumeMounts }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
 {{- end }}
 
 {{/*
