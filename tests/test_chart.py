@@ -21,6 +21,7 @@ from typing import Any
 import helm_python as helm
 import kubernetes_validate
 import pytest
+import trustme
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,6 +104,35 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             },
         },
     },
+    "jwt-two-issuers": {
+        # Agents in one Cognito user pool, people on an in-house provider whose TLS
+        # certificate comes from a private CA: its bundle, from a ConfigMap, is mounted
+        # into the sidecar only and named by that entry's ca_file.
+        "sidecar": {
+            "secretsFile": {"existingSecret": "fininfo-keys"},
+            "extraVolumeMounts": [{"name": "idp-ca", "mountPath": "/etc/credential-sidecar/idp-ca", "readOnly": True}],
+            "config": {
+                "identity": {
+                    "jwt": [
+                        {
+                            "issuer": "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_agents",
+                            "require_token_use": "access",
+                            "client_id_claims": ["client_id"],
+                        },
+                        {
+                            "issuer": "https://sso.corp.example/realms/people",
+                            "audience": ["fininfo-mcp"],
+                            "client_id_claims": ["sub"],
+                            "required_claims": {"tenant": "acme", "email_verified": True},
+                            "ca_file": "/etc/credential-sidecar/idp-ca/ca.crt",
+                        },
+                    ],
+                },
+                "upstreams": {"polygon": POLYGON},
+            },
+        },
+        "extraVolumes": [{"name": "idp-ca", "configMap": {"name": "corp-root-ca"}}],
+    },
     "mitm": {
         "app": {"useForwardProxy": True},
         "sidecar": {
@@ -124,6 +154,12 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "config": {"upstreams": {"polygon": POLYGON}},
         },
     },
+}
+
+# ConfigMaps a value set mounts besides the chart's own, key -> a stand-in for its
+# contents; a CA bundle must hold a real certificate, or check refuses its ca_file.
+EXTRA_CONFIGMAPS: dict[str, dict[str, Any]] = {
+    "corp-root-ca": {"ca.crt": lambda: trustme.CA().cert_pem.bytes().decode()},
 }
 
 # What an older sidecar says about a setting it does not implement yet (TLS
@@ -443,6 +479,18 @@ def test_deployment_mounts_the_keys_secret_read_only_into_the_sidecar_only(chart
     assert sidecar_config(manifests)["secrets"]["file"]["path"] == "/etc/credential-sidecar/secrets/keys.yaml"
 
 
+def test_deployment_mounts_extra_volumes_into_the_sidecar_only(chart: helm.Chart) -> None:
+    manifests = render(chart, VALUE_SETS["jwt-two-issuers"])
+    spec = pod_spec(manifests)
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["idp-ca"] == {"name": "idp-ca", "configMap": {"name": "corp-root-ca"}}
+    mounts = {m["name"]: m for m in sidecar_container(spec)["volumeMounts"]}
+    assert mounts["idp-ca"] == {"name": "idp-ca", "mountPath": "/etc/credential-sidecar/idp-ca", "readOnly": True}
+    assert "idp-ca" not in {m["name"] for m in app_container(spec)["volumeMounts"]}
+    # The chart's own mounts stay in place beside the extra one.
+    assert {"sidecar-config", "sidecar-tmp", "sidecar-keys"} <= mounts.keys()
+
+
 # --------------------------------------------------------------------------- configmap.yaml
 
 
@@ -463,6 +511,16 @@ def test_configmap_renders_structured_values(chart: helm.Chart) -> None:
     assert jwt["header"] == "X-Client-Id"
     assert jwt["jwt"]["issuer"].startswith("https://cognito-idp.")
     assert jwt["jwt"]["client_id_claims"] == ["client_id", "sub"]
+
+
+def test_configmap_renders_a_list_of_issuers(chart: helm.Chart) -> None:
+    jwt = sidecar_config(render(chart, VALUE_SETS["jwt-two-issuers"]))["identity"]["jwt"]
+    assert [entry["issuer"] for entry in jwt] == [
+        "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_agents",
+        "https://sso.corp.example/realms/people",
+    ]
+    assert jwt[1]["required_claims"] == {"tenant": "acme", "email_verified": True}
+    assert jwt[1]["ca_file"] == "/etc/credential-sidecar/idp-ca/ca.crt"
 
 
 def test_configmap_raw_override_replaces_the_rendered_config(chart: helm.Chart) -> None:
@@ -557,8 +615,13 @@ def _materialize_pod_files(
         mapping[mount["mountPath"]] = str(local)
         volume = volumes[mount["name"]]
         if "configMap" in volume:
-            assert volume["configMap"]["name"] == configmap["metadata"]["name"]
-            for key, text in configmap["data"].items():
+            name = volume["configMap"]["name"]
+            if name == configmap["metadata"]["name"]:
+                files = dict(configmap["data"])
+            else:
+                assert name in EXTRA_CONFIGMAPS, f"ConfigMap {name} has no stand-in in EXTRA_CONFIGMAPS"
+                files = {key: make() for key, make in EXTRA_CONFIGMAPS[name].items()}
+            for key, text in files.items():
                 (local / key).write_text(text)
         elif "secret" in volume:
             # A stand-in for the Secret's contents: a keys file in the file backend's format.
@@ -604,3 +667,105 @@ def test_the_sidecar_accepts_the_rendered_config(chart: helm.Chart, name: str, t
     if result.returncode != 0 and NOT_YET_AVAILABLE in result.stdout + result.stderr:
         pytest.skip(f"{name}: this sidecar does not implement a setting yet: {result.stdout}{result.stderr}")
     assert result.returncode == 0, f"{name}: credential-sidecar check failed:\n{result.stdout}{result.stderr}"
+
+
+# Each identity.jwt value: None when both Helm and the sidecar accept it, else what
+# Helm's refusal says (the sidecar must refuse it too, naming the same place).
+COGNITO = "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_agents"
+PEOPLE = "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_people"
+JWT_PARITY: dict[str, tuple[Any, str | None, str]] = {
+    "one issuer": ({"issuer": COGNITO}, None, ""),
+    "a list of issuers": (
+        [{"issuer": COGNITO, "client_id_claims": ["client_id"]}, {"issuer": PEOPLE, "client_id_claims": ["sub"]}],
+        None,
+        "",
+    ),
+    "jwks_url without issuer": (
+        {"jwks_url": f"{COGNITO}/.well-known/jwks.json"},
+        "missing property 'issuer'",
+        "identity.jwt.issuer",
+    ),
+    "a list entry without issuer": (
+        [{"issuer": COGNITO}, {"jwks_url": f"{PEOPLE}/.well-known/jwks.json"}],
+        "missing property 'issuer'",
+        "identity.jwt[1].issuer",
+    ),
+    "an empty list": ([], "minItems", "identity.jwt"),
+    "an unknown key in a list entry": ([{"issuer": COGNITO, "isuer": PEOPLE}], "'isuer' not allowed", "isuer"),
+    "the same issuer twice": ([{"issuer": COGNITO}, {"issuer": COGNITO}], "jwt[1].issuer", "identity.jwt[1].issuer"),
+    "two token headers": (
+        [{"issuer": COGNITO}, {"issuer": PEOPLE, "header": "X-Id-Token"}],
+        "same header",
+        "same header",
+    ),
+    "http jwks_url for an https issuer": (
+        {"issuer": COGNITO, "jwks_url": "http://127.0.0.1:9229/jwks.json"},
+        "allow_http_jwks",
+        "identity.jwt.jwks_url",
+    ),
+    "http jwks_url with allow_http_jwks false": (
+        {"issuer": COGNITO, "jwks_url": "http://127.0.0.1:9229/jwks.json", "allow_http_jwks": False},
+        "allow_http_jwks",
+        "identity.jwt.jwks_url",
+    ),
+    "http jwks_url allowed": (
+        {"issuer": COGNITO, "jwks_url": "http://127.0.0.1:9229/jwks.json", "allow_http_jwks": True},
+        None,
+        "",
+    ),
+    "http issuer and http jwks_url": (
+        {"issuer": "http://127.0.0.1:9229/us-east-1_local", "jwks_url": "http://127.0.0.1:9229/jwks.json"},
+        None,
+        "",
+    ),
+    "required claims of each type": (
+        {"issuer": COGNITO, "required_claims": {"custom:tenant": "acme", "email_verified": True, "level": 3}},
+        None,
+        "",
+    ),
+    "a required claim that is a number with a fraction": (
+        {"issuer": COGNITO, "required_claims": {"level": 1.5}},
+        "required_claims/level",
+        "identity.jwt.required_claims.level",
+    ),
+    "pinning iss": (
+        {"issuer": COGNITO, "required_claims": {"iss": COGNITO}},
+        "invalid propertyName 'iss'",
+        "identity.jwt.required_claims.iss",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(JWT_PARITY))
+def test_schema_and_sidecar_agree_on_identity_jwt(chart: helm.Chart, case: str, tmp_path: Path) -> None:
+    jwt, helm_says, sidecar_says = JWT_PARITY[case]
+    values = {"sidecar": {"config": {"identity": {"jwt": jwt}}}}
+    if helm_says is None:
+        assert sidecar_config(render(chart, values))["identity"]["jwt"] == jwt
+    else:
+        with pytest.raises((helm.HelmValuesError, helm.HelmRenderError), match=re.escape(helm_says)):
+            chart.render(copy.deepcopy(values), name=RELEASE, namespace=NAMESPACE)
+
+    executable = _credential_sidecar()
+    if executable is None:
+        pytest.skip("the credential-sidecar console script is not installed beside this Python or on PATH")
+    # What the chart renders, with identity.jwt copied as is (as configFile does).
+    config = sidecar_config(render(chart, {}))
+    config["identity"]["jwt"] = jwt
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SIDECAR_"))}
+    result = subprocess.run(
+        [executable, "check", "--config", str(config_file)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    if helm_says is None:
+        assert result.returncode == 0, f"{case}: Helm accepts it, the sidecar does not:\n{output}"
+    else:
+        assert result.returncode == 2, f"{case}: Helm refuses it, the sidecar does not:\n{output}"
+        assert sidecar_says in output, output

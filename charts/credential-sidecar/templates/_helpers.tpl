@@ -115,6 +115,22 @@ with a message that names the values to change.
 {{- if and (eq $c.secrets.backend "file") $c.upstreams (not .Values.sidecar.secretsFile.existingSecret) }}
 {{- fail "sidecar.secretsFile.existingSecret: name the Secret holding the keys file (secrets.backend is file and upstreams are configured)" }}
 {{- end }}
+{{- /* identity.jwt as a list: what the schema cannot say, the sidecar refuses at start */}}
+{{- $jwt := ($c.identity | default dict).jwt }}
+{{- if kindIs "slice" $jwt }}
+{{- $seen := dict }}
+{{- $headers := dict }}
+{{- range $i, $entry := $jwt }}
+{{- if hasKey $seen $entry.issuer }}
+{{- fail (printf "sidecar.config.identity.jwt[%d].issuer: the same issuer as identity.jwt[%v]: a token's iss picks exactly one entry, so merge the two" $i (get $seen $entry.issuer)) }}
+{{- end }}
+{{- $_ := set $seen $entry.issuer $i }}
+{{- $_ := set $headers ($entry.header | default "Authorization" | lower) true }}
+{{- end }}
+{{- if gt (len $headers) 1 }}
+{{- fail "sidecar.config.identity.jwt: every issuer entry must read the token from the same header (the token is read before its issuer is known)" }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- if and .Values.app.useForwardProxy (not $fp.enabled) }}
 {{- fail "app.useForwardProxy needs sidecar.config.forward_proxy.enabled: true" }}
@@ -265,6 +281,9 @@ restartPolicy: Always) or into containers (classic), so it lives in one place.
     {{- end }}
     - name: mitm-ca
       mountPath: {{ include "credential-sidecar.sharedCADir" . }}
+    {{- end }}
+    {{- with .Values.sidecar.extraVolumeMounts }}
+    {{- toYaml . | nindent 4 }}
     {{- end }}
 {{- end }}
 
