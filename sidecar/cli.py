@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         print(settings.summary())
         for warning in settings.warnings:
             print(f"warning: {warning}", file=sys.stderr)
-        print("config OK" + (f" ({len(settings.warnings)} warnings)" if settings.warnings else ""))
+        count = len(settings.warnings)
+        print("config OK" + (f" ({count} warning{'s' if count > 1 else ''})" if count else ""))
         return 0
     from sidecar.workers import WorkerRole, prepare_multiprocess_metrics, supervise
 

@@ -703,14 +703,15 @@ class _Reader:
         for key, value in (("jwks_url", jwks_url), ("issuer", issuer)):
             self.check_service_url(value, f"{path}.{key}")
         allow_http_jwks = self.boolean(m, "allow_http_jwks", path, False)
+        if allow_http_jwks and issuer and _scheme(issuer) == "https":
+            how = "are fetched" if jwks_url and _scheme(jwks_url) == "http" else "may be fetched (discovery, redirects)"
+            self.warn(
+                f"{path}.allow_http_jwks",
+                f"signing keys of an https issuer {how} over plain http: anyone on that path"
+                " could mint identities (meant for a local emulator only)",
+            )
         if issuer and jwks_url and _scheme(issuer) == "https" and _scheme(jwks_url) == "http":
-            if allow_http_jwks:
-                self.warn(
-                    f"{path}.allow_http_jwks",
-                    "signing keys of an https issuer are fetched over plain http: anyone on that path"
-                    " could mint identities (meant for a local emulator only)",
-                )
-            else:
+            if not allow_http_jwks:
                 self.fail(
                     f"{path}.jwks_url",
                     "is plain http for an https issuer: keys fetched in the clear could be anyone's;"
@@ -796,8 +797,9 @@ class _Reader:
                 f"{path}.client_id_claims",
                 f"mixes agent claims ({', '.join(agents)}) and person claims ({', '.join(people)}) without"
                 f" require_token_use: a person's access token also names the app client ({agents[0]}),"
-                f" so the same person has two identities; set require_token_use, list only one kind,"
-                " or give agents and people separate issuer entries (docs/identity.md, Choosing the claim)",
+                f" so the same person has two identities; list only one kind, give agents and people"
+                " separate issuer entries, or (Cognito only) set require_token_use"
+                " (docs/identity.md, Choosing the claim)",
             )
         editable = [c for c in claims if c in OWNER_EDITABLE_CLAIMS]
         if editable:

@@ -1237,6 +1237,15 @@ def test_http_jwks_for_an_https_issuer_needs_allow_http_jwks(tmp_path: Path, key
     )
 
 
+def test_allow_http_jwks_with_discovery_warns_too(tmp_path: Path, keys_file: Path) -> None:
+    """With discovery the flag lets the document name an http jwks_uri: never silent."""
+    jwt = {"issuer": "https://idp.example/realms/a", "allow_http_jwks": True, "client_id_claims": ["sub"]}
+    assert parse(config(keys_file, identity={"jwt": jwt}), tmp_path).warnings == (
+        "identity.jwt.allow_http_jwks: signing keys of an https issuer may be fetched (discovery, redirects) over"
+        " plain http: anyone on that path could mint identities (meant for a local emulator only)",
+    )
+
+
 def test_an_http_issuer_with_http_keys_is_a_local_setup(tmp_path: Path, keys_file: Path) -> None:
     jwt = {"issuer": "http://127.0.0.1:9000/realms/a", "jwks_url": "http://127.0.0.1:9000/certs", "client_id_claims": ["sub"]}
     s = parse(config(keys_file, identity={"jwt": jwt}), tmp_path)
@@ -1274,7 +1283,8 @@ def test_mixed_agent_and_person_claims_warn(
     assert bool(mixed) == warned, s.warnings
     if warned:
         assert mixed[0].startswith("identity.jwt.client_id_claims: mixes agent claims (")
-        assert "the same person has two identities; set require_token_use" in mixed[0]
+        assert "the same person has two identities; list only one kind" in mixed[0]
+        assert "(Cognito only) set require_token_use" in mixed[0]
 
 
 def test_owner_editable_claims_warn(tmp_path: Path, keys_file: Path) -> None:

@@ -215,7 +215,7 @@ def test_check_refuses_http_keys_for_an_https_issuer_unless_allowed(
         jwt["allow_http_jwks"] = True
         allowed = check(config, tmp_path)
         assert allowed.returncode == 0, allowed.stderr
-        assert allowed.stdout.rstrip().endswith("config OK (1 warnings)")
+        assert allowed.stdout.rstrip().endswith("config OK (1 warning)")
         assert "warning: identity.jwt.allow_http_jwks: signing keys of an https issuer are fetched over plain http" in allowed.stderr
 
         sc = start_sidecar(config)  # and it runs, warning once at start
