@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
 
+import aiohttp
 import pytest
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
@@ -111,6 +113,16 @@ async def test_stub_rejects_an_unknown_timespan(stub_client: TestClient) -> None
     assert "timespan" in (await response.json())["error"]
 
 
+async def test_stub_refuses_two_keys_rather_than_pick_one(stub_client: TestClient) -> None:
+    # What the demo relies on: a placeholder the sidecar failed to strip cannot go unnoticed.
+    response = await stub_client.get(f"{AGGS}?apiKey=placeholder&apiKey={STUB_KEYS['team-a']}")
+    body = await response.json()
+
+    assert response.status == 400
+    assert body["error"] == "apiKey given 2 times"
+    assert "X-Stub-Paid-By" not in response.headers
+
+
 async def test_stub_logs_no_key(stub_client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level("INFO", logger="polygon-stub")
     await stub_client.get(AGGS, params={"apiKey": STUB_KEYS["team-a"]})
@@ -119,6 +131,38 @@ async def test_stub_logs_no_key(stub_client: TestClient, caplog: pytest.LogCaptu
     assert "paid_by=team-a" in caplog.text
     assert STUB_KEYS["team-a"] not in caplog.text
     assert "not-a-key-it-issued" not in caplog.text
+
+
+async def test_stub_serves_https_with_the_given_certificate_and_logs_the_host(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import trustme
+
+    ca = trustme.CA()
+    leaf = ca.issue_cert("api.polygon.io")
+    leaf.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    leaf.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    client_tls = ssl.create_default_context()
+    ca.configure_trust(client_tls)
+    caplog.set_level("INFO", logger="polygon-stub")
+
+    server = TestServer(stub.make_app(STUB_KEYS), host="127.0.0.1")
+    await server.start_server(ssl=stub.server_tls(tmp_path / "cert.pem", tmp_path / "key.pem"), **stub.SERVER_OPTIONS)
+    try:
+        # Dialled by address, verified and named as api.polygon.io: what the sidecar's connect_to does.
+        async with aiohttp.ClientSession() as http:
+            response = await http.get(
+                f"https://127.0.0.1:{server.port}{AGGS}",
+                params={"apiKey": STUB_KEYS["team-a"]},
+                headers={"Host": "api.polygon.io"},
+                ssl=client_tls,
+                server_hostname="api.polygon.io",
+            )
+            assert response.status == 200
+            assert response.headers["X-Stub-Paid-By"] == "team-a"
+    finally:
+        await server.close()
+    assert "paid_by=team-a host=api.polygon.io" in caplog.text
 
 
 @pytest.fixture
