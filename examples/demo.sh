@@ -1,9 +1,10 @@
 #!/bin/sh
 # The demo in one command, from a fresh clone, offline once installed:
-#   examples/demo.sh [--mode route|proxy|both] [--show-logs]
+#   examples/demo.sh [--mode route|proxy|zero-change|all] [--show-logs]
 # Creates .venv if missing, installs this project with its demo extra, then runs
 # examples/demo/run_demo.py (Polygon stub, credential sidecar, fininfo MCP server,
-# MCP client), which exits non-zero if any expectation fails.
+# MCP client; and an unchanged requests app through HTTPS_PROXY with interception),
+# which exits non-zero if any expectation fails. The default runs every path.
 set -eu
 
 cd "$(dirname "$0")/.."

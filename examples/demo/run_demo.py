@@ -1,6 +1,6 @@
 """The whole chain on one machine, offline: MCP client -> fininfo -> sidecar -> Polygon stub.
 
-    python examples/demo/run_demo.py [--mode route|proxy|both] [--show-logs]
+    python examples/demo/run_demo.py [--mode route|proxy|zero-change|all] [--show-logs]
 
 Starts the Polygon stub, the real ``credential-sidecar run`` (file backend,
 ``keys.yaml`` beside this file) and the fininfo MCP server, each as a child
@@ -8,7 +8,17 @@ process on a free port of 127.0.0.1. Then an MCP client calls
 ``get_stock_aggregates`` as ``alice``, as ``agent-reporting`` and as ``mallory``,
 who has no key on file, the way a gateway would: the client ID travels in the
 ``X-Client-Id`` header of the MCP request. fininfo holds no key; it passes the
-caller's identity to the sidecar, which injects that caller's key.
+caller's identity to the sidecar, which injects that caller's key. It does so
+once per way fininfo reaches the sidecar: its route (``route``), and
+``HTTP_PROXY`` with the API's own ``http://`` address (``proxy``).
+
+The ``zero-change`` path needs no change to the app at all: an app that calls
+``https://api.polygon.io`` with ``requests`` and a placeholder key
+(``zero_change_app.py``) runs with ``HTTPS_PROXY`` and ``REQUESTS_CA_BUNDLE``
+pointing at a second sidecar (``sidecar-zero-change.yaml``), which intercepts the
+tunnel, swaps the placeholder for the one shared key of ``default_client_id``,
+and reaches an https stand-in for Polygon through ``connect_to``. The stand-in's
+certificate names ``api.polygon.io`` and comes from a private CA made at start.
 
 Prints, for each caller, the data returned and the label of the key the stub saw
 (the stub never reveals a key), or the sidecar's refusal. Exits 1 if any
@@ -23,6 +33,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -34,21 +45,37 @@ from typing import Any
 
 import httpx
 import yaml
+from stand_in_ca import make_stand_in_tls
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 STUB = REPO / "examples" / "polygon-stub" / "stub.py"
 FININFO = REPO / "examples" / "fininfo" / "server.py"
 SIDECAR_CONFIG = HERE / "sidecar.yaml"
+ZERO_CHANGE_CONFIG = HERE / "sidecar-zero-change.yaml"
+ZERO_CHANGE_APP = HERE / "zero_change_app.py"
 SIDECAR_KEYS = HERE / "keys.yaml"
 STUB_KEYS = HERE / "stub-keys.yaml"
 
 READY_TIMEOUT_SECONDS = 30.0
 CALL_TIMEOUT_SECONDS = 30.0
 STOP_TIMEOUT_SECONDS = 10.0
+# The sidecar writes access lines in batches, a few tens of milliseconds after the request.
+ACCESS_LOG_WAIT_SECONDS = 5.0
 # Variables a child must not inherit: a proxy setting would divert its traffic
 # off 127.0.0.1, and a Polygon key is exactly what fininfo must not hold.
 SCRUBBED_ENV = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "POLYGON_API_KEY", "SIDECAR_CONFIG")
+
+# Paths through the sidecar; "all" runs every one of them.
+FININFO_MODES = ("route", "proxy")
+ZERO_CHANGE = "zero-change"
+MODES = (*FININFO_MODES, ZERO_CHANGE)
+# The zero-change path: the name the app calls, what it holds instead of a key, and
+# whose key pays (sidecar-zero-change.yaml's default_client_id, its label in stub-keys.yaml).
+POLYGON_HOST = "api.polygon.io"
+PLACEHOLDER_KEY = "injected-by-sidecar"
+SHARED_CLIENT_ID = "fininfo-shared"
+SHARED_KEY_LABEL = "shared-fininfo"
 
 QUERY = {"ticker": "AAPL", "multiplier": 1, "timespan": "day", "from_date": "2024-01-02", "to_date": "2024-01-12"}
 
@@ -145,10 +172,16 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def wait_until(children: Children, name: str, url: str, ready: Callable[[httpx.Response], bool]) -> None:
+def wait_until(
+    children: Children,
+    name: str,
+    url: str,
+    ready: Callable[[httpx.Response], bool],
+    verify: ssl.SSLContext | bool = True,
+) -> None:
     """Poll url until ready(response) holds; fail early if the child died, late after a bound."""
     deadline = time.monotonic() + READY_TIMEOUT_SECONDS
-    with httpx.Client(trust_env=False, timeout=2.0) as http:
+    with httpx.Client(trust_env=False, timeout=2.0, verify=verify) as http:
         while time.monotonic() < deadline:
             if children.procs[name].poll() is not None:
                 raise DemoError(f"{name} exited with status {children.procs[name].returncode} while starting")
@@ -253,40 +286,138 @@ def run_mode(mode: str, mcp_url: str, stub_log: Callable[[], str], checks: Check
     )
 
 
+def json_or_none(line: str) -> dict[str, Any] | None:
+    """A line of a child's output as a JSON object, or None when it is not one."""
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def sidecar_access_lines(children: Children, name: str, *, method: str) -> list[dict[str, Any]]:
+    """The sidecar's access lines for method, once at least one is written (or after a bound)."""
+    deadline = time.monotonic() + ACCESS_LOG_WAIT_SECONDS
+    while True:
+        lines = [
+            line
+            for line in map(json_or_none, children.log(name).splitlines())
+            if line and line.get("event") == "request" and line.get("method") == method
+        ]
+        if lines or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
+
+
+def app_answer(output: str) -> dict[str, Any] | None:
+    """The JSON answer zero_change_app.py printed (its last line), if any."""
+    lines = output.strip().splitlines()
+    return json_or_none(lines[-1]) if lines else None
+
+
+@dataclass(frozen=True)
+class ZeroChangeSetup:
+    sidecar_url: str
+    ca_bundle: Path  # the sidecar's ca_cert_out
+    stub_tls_port: int
+
+
+def run_zero_change(children: Children, setup: ZeroChangeSetup, checks: Checks) -> None:
+    """Run the app that knows nothing of the sidecar once, and check who paid and how it got there."""
+    print(f"\n--- zero change: an app that calls https://{POLYGON_HOST} with requests and knows nothing of the sidecar")
+    print(f"  {ZERO_CHANGE_APP.relative_to(REPO)} calls Polygon as the upstream fininfo server does")
+    print("  (requests.get with apiKey from POLYGON_API_KEY); nothing in it names the sidecar. Its environment:")
+    print(f"    POLYGON_API_KEY={PLACEHOLDER_KEY}   a placeholder, as the app will not start without a key")
+    print(f"    HTTPS_PROXY={setup.sidecar_url}   so requests sends CONNECT {POLYGON_HOST}:443 to the sidecar")
+    print("    REQUESTS_CA_BUNDLE=<the sidecar's ca_cert_out>   so requests trusts the sidecar's interception CA")
+    print(f"  The sidecar ({ZERO_CHANGE_CONFIG.relative_to(REPO)}) intercepts the tunnel, strips the placeholder,")
+    print(f"  injects the key of default_client_id {SHARED_CLIENT_ID} (the app sends no identity, so every")
+    print(f"  caller shares that key), and dials 127.0.0.1:{setup.stub_tls_port} (connect_to), the https stand-in,")
+    print(f"  checking its certificate for {POLYGON_HOST} against a private CA made at start (ca_file).")
+
+    env = child_env(
+        POLYGON_API_KEY=PLACEHOLDER_KEY, HTTPS_PROXY=setup.sidecar_url, REQUESTS_CA_BUNDLE=str(setup.ca_bundle)
+    )
+    app = children.start("zero-change-app", [sys.executable, str(ZERO_CHANGE_APP)], env)
+    try:
+        status: int | None = app.wait(timeout=CALL_TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        status = None
+    output = children.log("zero-change-app")
+    data = app_answer(output) if status == 0 else None
+
+    print("\n  as the app (no identity, so default_client_id):")
+    if data is not None:
+        print(f"    data:                {summary(data)}")
+        print(f"    key the stub saw:    {data.get('paid_by')}")
+    else:
+        last = output.strip().splitlines()[-1:] or ["(no output)"]
+        print(f"    failed:              {'timed out' if status is None else f'exit {status}'}: {last[0]}")
+
+    stub_calls = [line for line in children.log("polygon-stub-tls").splitlines() if "GET /v2/" in line]
+    sidecar_calls = sidecar_access_lines(children, "sidecar-zero-change", method="GET")
+    print("\n  checks (zero-change mode):")
+    checks.expect(bool(data and data.get("results")), f"the app gets aggregate bars from https://{POLYGON_HOST}")
+    checks.expect(
+        (data or {}).get("paid_by") == SHARED_KEY_LABEL,
+        f"its call is paid by the shared key {SHARED_KEY_LABEL!r} of {SHARED_CLIENT_ID}, not by the placeholder",
+    )
+    checks.expect(
+        len(sidecar_calls) == 1
+        and sidecar_calls[0].get("mode") == "mitm"
+        and sidecar_calls[0].get("identity") == "default"
+        and sidecar_calls[0].get("client_id") == SHARED_CLIENT_ID,
+        f"the sidecar served it inside the intercepted tunnel, as default_client_id {SHARED_CLIENT_ID}",
+    )
+    # The stand-in refuses an unknown key (401) and a doubled apiKey (400): one
+    # paid call and nothing else means the placeholder never reached it.
+    checks.expect(
+        len(stub_calls) == 1 and f"-> 200 paid_by={SHARED_KEY_LABEL} host={POLYGON_HOST}" in stub_calls[0],
+        f"the https stand-in saw exactly that call, named {POLYGON_HOST}, and never the placeholder",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; 0 when every expectation holds."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--mode",
-        choices=("route", "proxy", "both"),
-        default="both",
-        help="how fininfo reaches the sidecar (default both, one fininfo server each)",
+        choices=(*MODES, "all"),
+        default="all",
+        help="the path to show: fininfo through the sidecar's route or HTTP_PROXY, "
+        "or an unchanged app through HTTPS_PROXY with interception (default all, one after the other)",
     )
     parser.add_argument("--show-logs", action="store_true", help="print every child's log at the end")
     args = parser.parse_args(argv)
-    modes = ["route", "proxy"] if args.mode == "both" else [args.mode]
+    modes = list(MODES) if args.mode == "all" else [args.mode]
+    fininfo_modes = [m for m in modes if m in FININFO_MODES]
+    zero_change = ZERO_CHANGE in modes
 
-    stub_port, sidecar_port, admin_port, *fininfo_ports = free_ports(3 + len(modes))
+    stub_port, sidecar_port, admin_port, stub_tls_port, zc_sidecar_port, zc_admin_port, *fininfo_ports = free_ports(
+        6 + len(fininfo_modes)
+    )
     sidecar_url = f"http://127.0.0.1:{sidecar_port}"
     stub_url = f"http://127.0.0.1:{stub_port}"
     checks = Checks()
     log_dir = Path(tempfile.mkdtemp(prefix="sidecar-demo-"))
     children = Children(log_dir)
+    zc_setup = ZeroChangeSetup(f"http://127.0.0.1:{zc_sidecar_port}", log_dir / "sidecar-ca.pem", stub_tls_port)
+    mcp_urls = {}
     try:
-        children.start(
-            "polygon-stub",
-            [sys.executable, str(STUB), "--port", str(stub_port), "--keys-file", str(STUB_KEYS)],
-            child_env(),
-        )
-        children.start(
-            "sidecar",
-            [*sidecar_command(), "run", "--config", str(SIDECAR_CONFIG)],
-            child_env(
-                DEMO_SIDECAR_PORT=str(sidecar_port), DEMO_ADMIN_PORT=str(admin_port), DEMO_STUB_PORT=str(stub_port)
-            ),
-        )
-        mcp_urls = {}
-        for mode, port in zip(modes, fininfo_ports, strict=True):
+        if fininfo_modes:
+            children.start(
+                "polygon-stub",
+                [sys.executable, str(STUB), "--port", str(stub_port), "--keys-file", str(STUB_KEYS)],
+                child_env(),
+            )
+            children.start(
+                "sidecar",
+                [*sidecar_command(), "run", "--config", str(SIDECAR_CONFIG)],
+                child_env(
+                    DEMO_SIDECAR_PORT=str(sidecar_port), DEMO_ADMIN_PORT=str(admin_port), DEMO_STUB_PORT=str(stub_port)
+                ),
+            )
+        for mode, port in zip(fininfo_modes, fininfo_ports, strict=True):
             if mode == "route":
                 env = child_env(SIDECAR_MODE="route", POLYGON_BASE_URL=f"{sidecar_url}/polygon")
             else:
@@ -296,21 +427,74 @@ def main(argv: list[str] | None = None) -> int:
                 env = child_env(SIDECAR_MODE="proxy", POLYGON_BASE_URL=stub_url, HTTP_PROXY=sidecar_url)
             children.start(f"fininfo-{mode}", [sys.executable, str(FININFO), "--port", str(port)], env)
             mcp_urls[mode] = f"http://127.0.0.1:{port}/mcp"
+        if zero_change:
+            tls_dir = log_dir / "stand-in-tls"
+            tls_dir.mkdir()
+            stand_in = make_stand_in_tls(tls_dir, POLYGON_HOST)
+            children.start(
+                "polygon-stub-tls",
+                [
+                    *(sys.executable, str(STUB), "--port", str(stub_tls_port), "--keys-file", str(STUB_KEYS)),
+                    *("--tls-cert", str(stand_in.cert_chain), "--tls-key", str(stand_in.key)),
+                ],
+                child_env(),
+            )
+            children.start(
+                "sidecar-zero-change",
+                [*sidecar_command(), "run", "--config", str(ZERO_CHANGE_CONFIG)],
+                child_env(
+                    DEMO_SIDECAR_PORT=str(zc_sidecar_port),
+                    DEMO_ADMIN_PORT=str(zc_admin_port),
+                    DEMO_STUB_TLS_PORT=str(stub_tls_port),
+                    DEMO_STUB_CA=str(stand_in.ca_cert),
+                    DEMO_CA_OUT=str(zc_setup.ca_bundle),
+                ),
+            )
 
-        wait_until(children, "polygon-stub", f"{stub_url}/healthz", lambda r: r.status_code == 200)
-        wait_until(children, "sidecar", f"http://127.0.0.1:{admin_port}/readyz", lambda r: r.status_code == 200)
-        for mode in modes:
+        if fininfo_modes:
+            wait_until(children, "polygon-stub", f"{stub_url}/healthz", lambda r: r.status_code == 200)
+            wait_until(children, "sidecar", f"http://127.0.0.1:{admin_port}/readyz", lambda r: r.status_code == 200)
+        for mode in fininfo_modes:
             # Any HTTP answer means uvicorn is serving; a GET without a session is refused.
             wait_until(children, f"fininfo-{mode}", mcp_urls[mode], lambda r: r.status_code < 500)
+        if zero_change:
+            # The stand-in's certificate names only api.polygon.io: check the chain, not the name.
+            stand_in_trust = ssl.create_default_context(cafile=str(stand_in.ca_cert))
+            stand_in_trust.check_hostname = False
+            wait_until(
+                children,
+                "polygon-stub-tls",
+                f"https://127.0.0.1:{stub_tls_port}/healthz",
+                lambda r: r.status_code == 200,
+                verify=stand_in_trust,
+            )
+            wait_until(
+                children,
+                "sidecar-zero-change",
+                f"http://127.0.0.1:{zc_admin_port}/readyz",
+                lambda r: r.status_code == 200,
+            )
 
         print("Running, all on 127.0.0.1 and all offline:")
-        print(f"  Polygon stub        {stub_url}   accepts the keys in {STUB_KEYS.relative_to(REPO)}")
-        print(f"  credential-sidecar  {sidecar_url}   file backend {SIDECAR_KEYS.relative_to(REPO)}")
-        for mode in modes:
+        if fininfo_modes:
+            print(f"  Polygon stub        {stub_url}   accepts the keys in {STUB_KEYS.relative_to(REPO)}")
+            print(f"  credential-sidecar  {sidecar_url}   {SIDECAR_CONFIG.relative_to(REPO)}, file backend")
+        for mode in fininfo_modes:
             print(f"  fininfo MCP server  {mcp_urls[mode]}   SIDECAR_MODE={mode}, no key in its environment")
+        if zero_change:
+            print(
+                f"  Polygon stub        https://127.0.0.1:{stub_tls_port}   as https://{POLYGON_HOST}, "
+                "certificate from a private CA made just now"
+            )
+            config = ZERO_CHANGE_CONFIG.relative_to(REPO)
+            print(f"  credential-sidecar  {zc_setup.sidecar_url}   {config}, interception on")
 
-        for mode in modes:
-            run_mode(mode, mcp_urls[mode], lambda: children.log("polygon-stub"), checks, show_table=mode == modes[0])
+        for mode in fininfo_modes:
+            run_mode(
+                mode, mcp_urls[mode], lambda: children.log("polygon-stub"), checks, show_table=mode == fininfo_modes[0]
+            )
+        if zero_change:
+            run_zero_change(children, zc_setup, checks)
     except DemoError as exc:
         checks.expect(False, f"the demo runs: {exc}")
     finally:

@@ -1,12 +1,18 @@
 """A local stand-in for Polygon's aggregates endpoint, so the whole chain runs offline.
 
     python examples/polygon-stub/stub.py --port 9100 --keys-file stub-keys.yaml
+    python examples/polygon-stub/stub.py --port 9443 --keys-file stub-keys.yaml --tls-cert leaf.pem --tls-key leaf.key
 
 It serves ``GET /v2/aggs/ticker/{ticker}/range/{multiplier}/{timespan}/{from}/{to}``
 with Polygon's field names and accepts only the API keys it was given. The keys
 file is a YAML mapping ``label: key``; every answer names the *label* of the key
 that paid for it (header ``X-Stub-Paid-By`` and body field ``paid_by``), never the
 key, and the log never carries a key or a query string (the key travels in it).
+It logs the ``Host`` each request named, to show what name a caller used.
+
+With ``--tls-cert`` and ``--tls-key`` it serves https, so a client (or the
+sidecar's ``connect_to``) can reach it as ``https://api.polygon.io`` with a
+certificate for that name from a private CA.
 
 Bars are pseudo-random but deterministic: one bar depends only on the ticker and
 its timestamp, so the same question always gets the same answer, whatever range
@@ -20,6 +26,7 @@ import hashlib
 import hmac
 import logging
 import math
+import ssl
 import sys
 import uuid
 from collections.abc import Iterator, Mapping
@@ -71,10 +78,19 @@ def identify_key(presented: str, keys: Mapping[str, str]) -> str | None:
     return found
 
 
+class TwoKeys(ValueError):
+    """The request carries more than one ``apiKey``: which one paid would be ambiguous."""
+
+
 def presented_key(request: web.Request) -> str | None:
     """The key as Polygon takes it: ``apiKey`` query parameter or ``Authorization: Bearer``."""
-    if "apiKey" in request.query:
-        return request.query["apiKey"]
+    given = request.query.getall("apiKey", [])
+    if len(given) > 1:
+        # Refused rather than picking one, so a key the caller meant to replace
+        # (a placeholder) can never be what silently pays, or fails, for a call.
+        raise TwoKeys(f"apiKey given {len(given)} times")
+    if given:
+        return given[0]
     auth = request.headers.get("Authorization", "")
     scheme, _, token = auth.partition(" ")
     if scheme.lower() == "bearer" and token.strip():
@@ -230,7 +246,12 @@ def parse_query(request: web.Request) -> AggsQuery:
 async def aggregates(request: web.Request) -> web.Response:
     """GET /v2/aggs/ticker/{ticker}/range/{multiplier}/{timespan}/{from}/{to}."""
     request_id = uuid.uuid4().hex
-    key = presented_key(request)
+    try:
+        key = presented_key(request)
+    except TwoKeys as exc:
+        response = polygon_error(400, str(exc), request_id)
+        _log_request(request, response, None)
+        return response
     if key is None:
         response = polygon_error(401, "API Key was not provided", request_id)
         _log_request(request, response, None)
@@ -271,7 +292,14 @@ def _paid(response: web.Response, request: web.Request, label: str) -> web.Respo
 
 def _log_request(request: web.Request, response: web.Response, label: str | None) -> None:
     # request.path, never request.path_qs: the key is in the query.
-    log.info("%s %s -> %d paid_by=%s", request.method, request.path, response.status, label or "-")
+    log.info(
+        "%s %s -> %d paid_by=%s host=%s",
+        request.method,
+        request.path,
+        response.status,
+        label or "-",
+        request.headers.get("Host", "-"),
+    )
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -288,17 +316,36 @@ def make_app(keys: Mapping[str, str]) -> web.Application:
     return app
 
 
+def server_tls(cert_file: Path, key_file: Path) -> ssl.SSLContext:
+    """A server context presenting cert_file (leaf first, then its CA) with key_file."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(cert_file), str(key_file))
+    return context
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line and serve until interrupted."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=9100, help="port to listen on (default 9100)")
     parser.add_argument("--keys-file", type=Path, required=True, help="YAML mapping label: key of accepted keys")
+    parser.add_argument("--tls-cert", type=Path, help="serve https with this PEM chain (leaf first); needs --tls-key")
+    parser.add_argument("--tls-key", type=Path, help="the PEM private key of --tls-cert")
     args = parser.parse_args(argv)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
     keys = load_keys(args.keys_file)
+    tls = server_tls(args.tls_cert, args.tls_key) if args.tls_cert else None
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="polygon-stub %(levelname)s %(message)s")
-    log.info("listening on http://%s:%d, accepting the keys labelled %s", args.host, args.port, ", ".join(sorted(keys)))
-    web.run_app(make_app(keys), host=args.host, port=args.port, print=None, **SERVER_OPTIONS)
+    log.info(
+        "listening on %s://%s:%d, accepting the keys labelled %s",
+        "https" if tls else "http",
+        args.host,
+        args.port,
+        ", ".join(sorted(keys)),
+    )
+    web.run_app(make_app(keys), host=args.host, port=args.port, ssl_context=tls, print=None, **SERVER_OPTIONS)
 
 
 if __name__ == "__main__":
