@@ -258,7 +258,8 @@ class _Sniffer(asyncio.Protocol):
         if end < 0:
             if len(self.buffer) > MAX_CONNECT_HEAD:
                 self._cancel_timer()
-                self.transport.write(error_bytes(BadRequest("The CONNECT request is too large."), close=True))
+                too_large = BadRequest("The CONNECT request is too large.")
+                self.transport.write(error_bytes(too_large, close=True, phrase=too_large.code))
                 self.transport.close()
             return
         self._cancel_timer()
@@ -431,7 +432,9 @@ class Front:
             status = err.status
             metrics.count_refusal(err.code)
             if not transport.is_closing():
-                transport.write(error_bytes(err, close=True))
+                # The code as reason phrase (403 destination_not_allowed): a proxy client
+                # shows the app this status line and never the body.
+                transport.write(error_bytes(err, close=True, phrase=err.code))
                 transport.close()
         except Exception:
             status = 502

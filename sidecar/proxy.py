@@ -61,6 +61,9 @@ UNPARSEABLE_TARGET = MARK + "unparseable-target"
 UNSUPPORTED_VERSION = MARK + "unsupported-version"
 BAD_TRANSFER_ENCODING = MARK + "bad-transfer-encoding"
 RETRY_AFTER_SECONDS = "5"
+#: Access-log modes whose refusals carry their code as the reason phrase (``reason_phrase``):
+#: absolute-form requests and requests inside an intercepted CONNECT. CONNECT itself always does.
+CODE_PHRASE_MODES = frozenset({"proxy", "mitm"})
 #: Longest reason phrase relayed to the app.
 MAX_REASON = 256
 #: Answers that never have a body (RFC 9110 15.3.5, 15.4.5).
@@ -131,10 +134,25 @@ def error_headers(err: SidecarError) -> dict[str, str]:
     return headers
 
 
-def error_bytes(err: SidecarError, *, close: bool, extra: bytes = b"") -> bytes:
-    """The same refusal written by hand (the lean server, CONNECT); ``extra``: more header lines."""
+def reason_phrase(err: SidecarError, mode: str) -> str:
+    """The status line's reason phrase for a refusal: its code in forward-proxy modes, else the standard one.
+
+    A proxy client (requests, httpx, aiohttp, urllib, curl) shows the app the status line
+    of a refused CONNECT and nothing else, and an app unaware of the sidecar (HTTP_PROXY,
+    HTTPS_PROXY) reads every refusal through such messages (``403 Client Error:
+    destination_not_allowed``). Route mode keeps the standard phrases: an app that calls the
+    sidecar by name reads X-Sidecar-Error and the body.
+    """
+    return err.code if mode in CODE_PHRASE_MODES else HTTPStatus(err.status).phrase
+
+
+def error_bytes(err: SidecarError, *, close: bool, extra: bytes = b"", phrase: str | None = None) -> bytes:
+    """The same refusal written by hand (the lean server, CONNECT); ``extra``: more header lines.
+
+    ``phrase``: the reason phrase (``reason_phrase``); the standard one when None.
+    """
     body = err.body()
-    head = [f"HTTP/1.1 {err.status} {HTTPStatus(err.status).phrase}\r\n"]
+    head = [f"HTTP/1.1 {err.status} {phrase or HTTPStatus(err.status).phrase}\r\n"]
     head += [f"{name}: {value}\r\n" for name, value in error_headers(err).items()]
     head.append(f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n")
     if close:
@@ -142,10 +160,11 @@ def error_bytes(err: SidecarError, *, close: bool, extra: bytes = b"") -> bytes:
     return "".join(head).encode("ascii") + extra + b"\r\n" + body
 
 
-def error_response(err: SidecarError) -> web.Response:
-    """The contract's JSON error with ``X-Sidecar-Error`` as an aiohttp response."""
+def error_response(err: SidecarError, phrase: str | None = None) -> web.Response:
+    """The contract's JSON error with ``X-Sidecar-Error`` as an aiohttp response (``phrase`` as in error_bytes)."""
     return web.Response(
-        status=err.status, body=err.body(), content_type="application/json", headers=error_headers(err)
+        status=err.status, reason=phrase, body=err.body(), content_type="application/json",
+        headers=error_headers(err),
     )
 
 
@@ -256,14 +275,15 @@ class DataPlane:
         try:
             return await self._proxy(rt, request, rec, origin)
         except SidecarError as err:
-            return error_response(self._refuse(err, rec))
+            return error_response(self._refuse(err, rec), reason_phrase(err, rec.mode))
         except asyncio.CancelledError:
             # The app hung up (handler_cancellation): the upstream call is abandoned with it.
             rec.status = rec.status or 499
             rec.reason = "client_closed"
             raise
         except Exception as exc:
-            return error_response(self._refuse(self._bug(exc, rec), rec))
+            bug = self._refuse(self._bug(exc, rec), rec)
+            return error_response(bug, reason_phrase(bug, rec.mode))
         finally:
             self._account(request, rec, started)
 
@@ -283,13 +303,14 @@ class DataPlane:
             if not await exchange.relay(answer, head):
                 rec.reason = "stream_interrupted"
         except SidecarError as err:
-            exchange.refuse(self._refuse(err, rec))
+            exchange.refuse(self._refuse(err, rec), reason_phrase(err, rec.mode))
         except asyncio.CancelledError:
             rec.status = rec.status or 499
             rec.reason = "client_closed"
             raise
         except Exception as exc:
-            exchange.refuse(self._refuse(self._bug(exc, rec), rec))
+            bug = self._refuse(self._bug(exc, rec), rec)
+            exchange.refuse(bug, reason_phrase(bug, rec.mode))
         finally:
             self._account(exchange, rec, started)
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import socket
 import ssl
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -210,6 +212,83 @@ def test_tunnels_close_on_shutdown(
         s.settimeout(8)
         assert s.recv(1024) == b""  # closed by the sidecar
     assert sc.proc is not None and sc.proc.wait(10) == 0
+
+
+# ---------------------------------------------------------------- refusals an app can read
+
+#: The lean server hands CONNECT and what it does not serve to aiohttp; SIDECAR_SERVER=aiohttp gives aiohttp all.
+SERVERS = {"fast": {}, "aiohttp": {"SIDECAR_SERVER": "aiohttp"}}
+
+
+def split_response(out: bytes) -> tuple[bytes, dict[str, str], bytes]:
+    """Status line, headers (lower-case names) and body of one raw response."""
+    head, _, body = out.partition(b"\r\n\r\n")
+    status, *lines = head.split(b"\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.decode().partition(":") for line in lines)}
+    return status, headers, body
+
+
+@pytest.mark.parametrize("server", SERVERS)
+@pytest.mark.parametrize(
+    ("target", "mitm", "status_line", "code"),
+    [
+        ("evil.example:443", True, b"HTTP/1.1 403 destination_not_allowed", "destination_not_allowed"),
+        ("localhost:{tls}", False, b"HTTP/1.1 403 destination_not_allowed", "destination_not_allowed"),
+        ("nonsense", True, b"HTTP/1.1 400 bad_request", "bad_request"),
+    ],
+    ids=["not_an_upstream", "not_intercepted", "bad_authority"],
+)
+def test_refused_connect_names_its_code_in_the_status_line(
+    start_sidecar: Start, tmp_path: Path, tls: TlsEchoUpstream, echo: EchoUpstream, key: str,
+    server: str, target: str, mitm: bool, status_line: bytes, code: str,
+) -> None:
+    sc = start_sidecar(config(tmp_path, tls, echo, key, mitm=mitm), env=SERVERS[server])
+    target = target.format(tls=tls.port)
+    out = sc.raw(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+    status, headers, body = split_response(out)
+    assert status == status_line, out
+    assert headers["x-sidecar-error"] == code
+    assert headers["content-type"] == "application/json"
+    assert json.loads(body)["error"] == code
+    assert tls.received == []
+
+
+def test_https_proxy_clients_show_the_refusal_code(
+    start_sidecar: Start, tmp_path: Path, tls: TlsEchoUpstream, echo: EchoUpstream, key: str
+) -> None:
+    sc = start_sidecar(config(tmp_path, tls, echo, key))
+    with pytest.raises(requests.exceptions.ProxyError) as info:
+        requests.get("https://evil.example/x", proxies={"https": sc.url}, timeout=10)
+    assert "403 destination_not_allowed" in str(info.value)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({"https": sc.url}))
+    with pytest.raises(OSError) as raised:
+        opener.open("https://evil.example/x", timeout=10)
+    assert "403 destination_not_allowed" in str(raised.value)
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_proxy_mode_refusals_name_their_code_route_mode_keeps_standard_phrases(
+    start_sidecar: Start, tmp_path: Path, tls: TlsEchoUpstream, echo: EchoUpstream, key: str, server: str
+) -> None:
+    sc = start_sidecar(config(tmp_path, tls, echo, key), env=SERVERS[server])
+    cases = [
+        # absolute form (HTTP_PROXY): the code, as on a CONNECT
+        (b"GET http://evil.example/x HTTP/1.1\r\nHost: evil.example\r\nX-Client-Id: alice\r\n",
+         b"HTTP/1.1 403 destination_not_allowed", "destination_not_allowed"),
+        (f"GET http://localhost:{echo.port}/echo/x HTTP/1.1\r\nHost: x\r\nX-Client-Id: ../x\r\n".encode(),
+         b"HTTP/1.1 400 invalid_client_id", "invalid_client_id"),
+        # route mode: an app that names the sidecar reads X-Sidecar-Error; the phrase stays standard
+        (b"GET /nowhere/x HTTP/1.1\r\nHost: x\r\nX-Client-Id: alice\r\n", b"HTTP/1.1 404 Not Found", "unknown_upstream"),
+        (b"GET /plain/x HTTP/1.1\r\nHost: x\r\n", b"HTTP/1.1 401 Unauthorized", "missing_identity"),
+    ]
+    for request, status_line, code in cases:
+        status, headers, body = split_response(sc.raw(request + b"Connection: close\r\n\r\n"))
+        assert (status, headers["x-sidecar-error"], json.loads(body)["error"]) == (status_line, code, code)
+    with requests.Session() as session:
+        resp = session.get("http://evil.example/x", proxies={"http": sc.url}, headers={"X-Client-Id": "alice"})
+        with pytest.raises(requests.HTTPError, match="403 Client Error: destination_not_allowed"):
+            resp.raise_for_status()
+    assert echo.received == []
 
 
 # ---------------------------------------------------------------- refusals before any connection
