@@ -461,6 +461,16 @@ class Front:
                 allowed = await resolve_allowed(host, port, self.plane.runtime.passthrough_allow_private)
         except TimeoutError:
             raise UpstreamTimeout(reason="dns_timeout") from None
+        except DestinationNotAllowed as err:
+            if err.reason != "forbidden_address":
+                raise
+            # Only passthrough_hosts get here: the operator listed this host, so the opt-in is
+            # the right pointer (for an internal host; a public one resolving privately is not).
+            raise DestinationNotAllowed(
+                "The passthrough host resolves only to private, loopback, link-local or reserved addresses; "
+                "for an internal host, set forward_proxy.passthrough_allow_private: true.",
+                reason="forbidden_address",
+            ) from None
         address = allowed[0]
         tunnel = _Tunnel(self)
         to_upstream = _Half(tunnel)

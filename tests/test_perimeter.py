@@ -357,8 +357,10 @@ def test_absolute_form_confusions(
     assert canary.connections == 0
 
 
+@pytest.mark.parametrize("client", ["fast", "aiohttp"])
 def test_guard_refuses_upstream_resolving_to_loopback(
-    start_sidecar: Start, tmp_path: Path, tls: TlsEchoUpstream, echo: EchoUpstream, key: str, canary: Canary
+    start_sidecar: Start, tmp_path: Path, tls: TlsEchoUpstream, echo: EchoUpstream, key: str, canary: Canary,
+    client: str,
 ) -> None:
     cfg = config(tmp_path, tls, echo, key)
     cfg["upstreams"]["sneaky"] = {
@@ -366,9 +368,11 @@ def test_guard_refuses_upstream_resolving_to_loopback(
         "secret": "{client_id}",
         "inject": {"query": "k"},
     }
-    sc = start_sidecar(cfg)
+    sc = start_sidecar(cfg, env={"SIDECAR_UPSTREAM_CLIENT": client})
     resp = requests.get(sc.url + "/sneaky/x", headers={"X-Client-Id": "alice"}, timeout=10)
     assert resp.status_code == 403 and resp.headers["X-Sidecar-Error"] == "destination_not_allowed"
+    # The way out for an internal API, on the upstream the operator configured.
+    assert "set allow_private: true on upstreams.sneaky" in resp.json()["message"]
     assert canary.connections == 0
 
 
@@ -388,6 +392,8 @@ def test_passthrough_to_private_address_needs_opt_in(
     sc = start_sidecar(config(tmp_path, tls, echo, key, passthrough_hosts=[f"localhost:{canary.port}"]))
     out = sc.raw(f"CONNECT localhost:{canary.port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     assert out.startswith(b"HTTP/1.1 403")
+    message = json.loads(split_response(out)[2])["message"]
+    assert "set forward_proxy.passthrough_allow_private: true" in message and "upstreams." not in message
     assert canary.connections == 0
 
 
