@@ -266,14 +266,17 @@ class DataPlane:
         self.runtime = runtime
         self.access_log = access_log
 
-    async def handle(self, request: web.BaseRequest, origin: tuple[str, int] | None = None) -> web.StreamResponse:
-        """Handle one request; ``origin`` is set for requests inside an intercepted CONNECT."""
+    async def handle(
+        self, request: web.BaseRequest, origin: tuple[str, int] | None = None, tunnel_client_id: str | None = None
+    ) -> web.StreamResponse:
+        """Handle one request; ``origin`` is set for requests inside an intercepted CONNECT, and
+        ``tunnel_client_id`` when that CONNECT named a client (``IdentityResolver.proxy_client_id``)."""
         rt = self.runtime
         started = time.perf_counter()
         rec = _Record()
         metrics.bump(metrics.INFLIGHT)
         try:
-            return await self._proxy(rt, request, rec, origin)
+            return await self._proxy(rt, request, rec, origin, tunnel_client_id)
         except SidecarError as err:
             return error_response(self._refuse(err, rec), reason_phrase(err, rec.mode))
         except asyncio.CancelledError:
@@ -294,7 +297,7 @@ class DataPlane:
         rec = _Record()
         metrics.bump(metrics.INFLIGHT)
         try:
-            admitted = await self._admit(rt, exchange, exchange.headers, rec, None)
+            admitted = await self._admit(rt, exchange, exchange.headers, rec, None, None)
             headers = exchange.headers  # the fast server's own copy: edited in place
             self._drop_hop_headers(rt, admitted.upstream, headers)
             answer, secret = await self._exchange(rt, exchange.method, admitted, headers, exchange.body, True, rec)
@@ -415,12 +418,18 @@ class DataPlane:
         headers: HeaderReader,
         rec: _Record,
         origin: tuple[str, int] | None,
+        tunnel_client_id: str | None,
     ) -> Admitted:
         """Route, identify, check policy and look the key up; every refusal raises."""
         upstream, path, query = self._route(rt, request, rec, origin)
         rec.upstream = upstream.name
         _check_path(path)
-        identity = await rt.identity.resolve(headers)
+        # An absolute-form request may name its client to the proxy (a Proxy-Authorization user);
+        # a request in an intercepted tunnel has whatever its CONNECT named.
+        proxy_client_id = (
+            rt.identity.proxy_client_id(headers, connect=False) if rec.mode == "proxy" else tunnel_client_id
+        )
+        identity = await rt.identity.resolve(headers, proxy_client_id)
         rec.client_id = identity.client_id
         rec.identity = identity.source
         if not client_allowed(upstream.client_matcher, identity.client_id):
@@ -488,9 +497,14 @@ class DataPlane:
         return answer, secret
 
     async def _proxy(
-        self, rt: Runtime, request: web.BaseRequest, rec: _Record, origin: tuple[str, int] | None
+        self,
+        rt: Runtime,
+        request: web.BaseRequest,
+        rec: _Record,
+        origin: tuple[str, int] | None,
+        tunnel_client_id: str | None,
     ) -> web.StreamResponse:
-        admitted = await self._admit(rt, request, request.headers, rec, origin)
+        admitted = await self._admit(rt, request, request.headers, rec, origin, tunnel_client_id)
         headers = CIMultiDict(request.headers)
         self._drop_hop_headers(rt, admitted.upstream, headers)
         data: bytes | StreamReader | None = None
