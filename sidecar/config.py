@@ -1019,6 +1019,15 @@ class _Reader:
                 self.fail(f"{path}.mitm.enabled", "needs forward_proxy.enabled (interception serves CONNECT)")
             if hosts:
                 self.fail(f"{path}.passthrough_hosts", "needs forward_proxy.enabled (tunnels are CONNECTs)")
+        elif mitm.enabled and mitm.ca_cert is None and mitm.ca_key is None and mitm.ca_cert_out is None:
+            # A CA generated at start and written nowhere: no app could trust it, so every
+            # intercepted CONNECT would end in a failed TLS handshake.
+            self.fail(
+                f"{path}.mitm.ca_cert_out",
+                "is required when the CA is generated (no ca_cert/ca_key): without it no app can trust "
+                "the interception CA; set it to a path the app reads (REQUESTS_CA_BUNDLE, SSL_CERT_FILE, "
+                "CURL_CA_BUNDLE), or give your own ca_cert and ca_key",
+            )
         if enabled:
             self.check_forward_proxy_origins(upstreams)
         return ForwardProxySettings(

@@ -30,6 +30,7 @@ from aiohttp.http_parser import HttpRequestParserPy, RawRequestMessage
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
+from multidict import CIMultiDict
 from yarl import URL
 
 from sidecar import metrics
@@ -82,6 +83,7 @@ HTTP_WAIT_SECONDS = 30.0
 LLHTTP_UNKNOWN_VERSION = "Invalid HTTP version"
 _ROOT = URL.build(path="/", encoded=True)
 _HTTP_VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 5.6.2
 
 
 def parse_authority(target: str) -> tuple[str, int]:
@@ -97,12 +99,14 @@ def parse_authority(target: str) -> tuple[str, int]:
     return normal, int(port)
 
 
-def connect_target(head: bytes) -> str:
-    """The authority a CONNECT head names, once the HTTP/1.1 rules hold for it (no parser but
-    this reads it); raises.
+def connect_head(head: bytes) -> tuple[str, CIMultiDict[str]]:
+    """The authority a CONNECT head names and its headers, once the HTTP/1.1 rules hold for it
+    (no parser but this reads it); raises.
 
-    A request line of three parts ending in ``HTTP/d.d``, 1.0 or 1.1 (else 505), and Host:
-    one in HTTP/1.1, at most one in HTTP/1.0.
+    A request line of three parts ending in ``HTTP/d.d``, 1.0 or 1.1 (else 505); header lines
+    ``name: value`` with a token for a name (no space before the colon, no folding: a line
+    read one way here and another way by a client could hide an identity); and Host: one in
+    HTTP/1.1, at most one in HTTP/1.0.
     """
     lines = head.split(b"\r\n")
     parts = lines[0].split(b" ")
@@ -110,10 +114,16 @@ def connect_target(head: bytes) -> str:
         raise BadRequest("Malformed CONNECT request line.", reason="bad_connect")
     if parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
         raise UnsupportedHttpVersion(reason="http_version")
-    hosts = sum(1 for line in lines[1:] if line.partition(b":")[0].lower() == b"host")
+    headers: CIMultiDict[str] = CIMultiDict()
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or _TOKEN.fullmatch(name) is None:
+            raise BadRequest("Malformed CONNECT header line.", reason="bad_connect")
+        headers.add(name.decode("ascii"), value.strip(b" \t").decode("latin-1"))
+    hosts = len(headers.getall("Host", ()))
     if hosts > 1 or (hosts == 0 and parts[2] == b"HTTP/1.1"):
         raise BadRequest("An HTTP/1.1 request carries exactly one Host header.", reason="host")
-    return parts[1].decode("latin-1")
+    return parts[1].decode("latin-1"), headers
 
 
 def head_refusal(message: RawRequestMessage) -> str | None:
@@ -164,6 +174,8 @@ class _RequestHandler(RequestHandler):
     """
 
     front: Front
+    #: In an intercepted tunnel: the client its CONNECT named, for every request inside it.
+    tunnel_client_id: str | None = None
 
     def handle_error(
         self, request: BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
@@ -198,7 +210,7 @@ class _Server(web.Server):
         # What RequestHandler takes; handler_cancellation is the Server's own setting.
         self.handler_kwargs = {k: v for k, v in kwargs.items() if k != "handler_cancellation"}
 
-    def __call__(self) -> RequestHandler:
+    def __call__(self) -> _RequestHandler:
         handler = _RequestHandler(self, loop=self.front.loop, **self.handler_kwargs)
         handler.front = self.front
         if type(handler._parser) is HttpRequestParserPy:
@@ -258,7 +270,8 @@ class _Sniffer(asyncio.Protocol):
         if end < 0:
             if len(self.buffer) > MAX_CONNECT_HEAD:
                 self._cancel_timer()
-                self.transport.write(error_bytes(BadRequest("The CONNECT request is too large."), close=True))
+                too_large = BadRequest("The CONNECT request is too large.")
+                self.transport.write(error_bytes(too_large, close=True, phrase=too_large.code))
                 self.transport.close()
             return
         self._cancel_timer()
@@ -354,7 +367,7 @@ class Front:
 
             self.fast = FastServer(plane, self.hand_to_http, self.hand_to_connect)
         self.authority = authority
-        self._intercept_servers: dict[tuple[str, int], web.Server] = {}
+        self._intercept_servers: dict[tuple[str, int], _Server] = {}
         self._tunnels: set[_Tunnel] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._listener: asyncio.Server | None = None
@@ -397,18 +410,23 @@ class Front:
         started = time.perf_counter()
         target = "-"
         upstream_name = "-"
+        client_id: str | None = None
         status = 200
         error: SidecarError | None = None
         mode = "tunnel"
         metrics.bump(metrics.INFLIGHT)
         try:
-            host, port = parse_authority(connect_target(head))
+            authority, headers = connect_head(head)
+            host, port = parse_authority(authority)
             # Logged only once parsed: a raw authority could carry user:password@.
             target = str(ListenAddress(host, port))
             rt = self.plane.runtime
             if not rt.forward_proxy:
                 raise DestinationNotAllowed("Forward-proxy mode is disabled.", reason="forward_proxy_disabled")
             if (host, port) in rt.passthrough:
+                # Nothing is injected into a byte tunnel, so a client named on the CONNECT has
+                # nothing to apply to: checked like any (JWT mode refuses it) and logged.
+                client_id = rt.identity.proxy_client_id(headers, connect=True)
                 await self._tunnel(transport, host, port, rest)
                 return
             upstreams = rt.by_origin.get((host, port), ())
@@ -424,14 +442,17 @@ class Front:
                 )
             if rest:
                 raise BadRequest("Data arrived before the tunnel was established.", reason="early_data")
+            client_id = rt.identity.proxy_client_id(headers, connect=True)
             mode = "mitm"
-            await self._intercept(transport, host, port)
+            await self._intercept(transport, host, port, client_id)
         except SidecarError as err:
             error = err
             status = err.status
             metrics.count_refusal(err.code)
             if not transport.is_closing():
-                transport.write(error_bytes(err, close=True))
+                # The code as reason phrase (403 destination_not_allowed): a proxy client
+                # shows the app this status line and never the body.
+                transport.write(error_bytes(err, close=True, phrase=err.code))
                 transport.close()
         except Exception:
             status = 502
@@ -447,6 +468,8 @@ class Front:
                 upstream=upstream_name,
                 status=status,
                 elapsed=time.perf_counter() - started,
+                client_id=client_id,
+                identity="proxy" if client_id is not None else None,
                 error=error.code if error else None,
                 reason=error.reason if error else None,
             )
@@ -458,6 +481,16 @@ class Front:
                 allowed = await resolve_allowed(host, port, self.plane.runtime.passthrough_allow_private)
         except TimeoutError:
             raise UpstreamTimeout(reason="dns_timeout") from None
+        except DestinationNotAllowed as err:
+            if err.reason != "forbidden_address":
+                raise
+            # Only passthrough_hosts get here: the operator listed this host, so the opt-in is
+            # the right pointer (for an internal host; a public one resolving privately is not).
+            raise DestinationNotAllowed(
+                "The passthrough host resolves only to private, loopback, link-local or reserved addresses; "
+                "for an internal host, set forward_proxy.passthrough_allow_private: true.",
+                reason="forbidden_address",
+            ) from None
         address = allowed[0]
         tunnel = _Tunnel(self)
         to_upstream = _Half(tunnel)
@@ -484,7 +517,7 @@ class Front:
         finally:
             self._tunnels.discard(tunnel)
 
-    async def _intercept(self, client: asyncio.Transport, host: str, port: int) -> None:
+    async def _intercept(self, client: asyncio.Transport, host: str, port: int, client_id: str | None) -> None:
         assert self.authority is not None
         loop = self.loop
         context = await loop.run_in_executor(None, self.authority.context_for, host)
@@ -493,11 +526,15 @@ class Front:
             origin = (host, port)
 
             async def handle(request: web.BaseRequest) -> web.StreamResponse:
-                return await self.plane.handle(request, origin)
+                handler = request.protocol
+                named = handler.tunnel_client_id if isinstance(handler, _RequestHandler) else None
+                return await self.plane.handle(request, origin, named)
 
             server = _Server(self, handle, **self.server_kwargs)
             self._intercept_servers[origin] = server
         handler = server()
+        # One server per origin, one handler per connection: the CONNECT's client goes with it.
+        handler.tunnel_client_id = client_id
         client.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
         try:
             tls = await loop.start_tls(

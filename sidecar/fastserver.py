@@ -169,8 +169,8 @@ class FastExchange:
     def _closing(self) -> bool:
         return not self.keep_alive or self.conn.server.closing
 
-    def refuse(self, err: SidecarError) -> None:
-        """Write the contract's JSON error (``DataPlane`` decided its status and headers)."""
+    def refuse(self, err: SidecarError, phrase: str | None = None) -> None:
+        """Write the contract's JSON error (``DataPlane`` decided its status, phrase and headers)."""
         if self.started:
             self.conn.abort()  # the answer had begun: the app must see it cut, not completed
             return
@@ -178,7 +178,7 @@ class FastExchange:
         if close:
             self.keep_alive = False
         self.started = True
-        self.conn.write(error_bytes(err, close=close, extra=_date_line(time.time())))
+        self.conn.write(error_bytes(err, close=close, extra=_date_line(time.time()), phrase=phrase))
 
     async def relay(self, answer: UpstreamAnswer, head: ResponseHead) -> bool:
         """Send the upstream's answer back; False if either side broke off mid-body."""

@@ -3,10 +3,19 @@
 Header mode trusts the pod: whoever can reach the sidecar's port can name any
 client. JWT mode (``identity.jwt``) takes the client ID from a token whose
 signature the sidecar verifies itself; see ``sidecar/tokens.py``.
+
+An app may also name itself to the proxy rather than on each request: the
+identity header on a CONNECT, or the user name of a Basic ``Proxy-Authorization``
+(``HTTPS_PROXY=http://alice@127.0.0.1:8080``) on a CONNECT or an absolute-form
+request. ``proxy_client_id`` reads it; header mode applies it to the requests it
+covers (a request naming someone else is refused), JWT mode refuses it (a user
+name is not a verified identity). It is never ignored.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -47,7 +56,14 @@ class IdentityResolver(Protocol):
         """Warm up: JWT mode starts loading the keys, retried in the background until they
         load. With ``wait``, return once the first attempt is over. Never raises."""
 
-    async def resolve(self, headers: HeaderReader) -> Identity: ...
+    def proxy_client_id(self, headers: HeaderReader, *, connect: bool) -> str | None:
+        """The client ID given to the proxy itself (see the module docstring), validated; None if none.
+
+        ``connect``: ``headers`` are a CONNECT's, where the identity header is one too.
+        """
+
+    async def resolve(self, headers: HeaderReader, proxy_client_id: str | None = None) -> Identity:
+        """Who sent a request with ``headers``; ``proxy_client_id`` from ``proxy_client_id`` when given."""
 
     def retire(self) -> None:
         """A newer runtime replaced this one: stop background work (``close`` follows later)."""
@@ -76,6 +92,43 @@ def single_header(headers: HeaderReader, name: str) -> str | None:
     return values[0]
 
 
+#: The proxy's own credentials (RFC 9110 11.7.1); hop-by-hop, so never forwarded.
+PROXY_AUTHORIZATION = "Proxy-Authorization"
+
+
+def proxy_user(headers: HeaderReader) -> str | None:
+    """The user name of a Basic ``Proxy-Authorization``; None when there is none, or it is empty.
+
+    Only the name is kept: a password, if the app's proxy URL has one, is neither checked
+    nor logged. Any other scheme is refused, not skipped: it could only be meant as an identity.
+    """
+    value = single_header(headers, PROXY_AUTHORIZATION)
+    if value is None:
+        return None
+    scheme, _, credentials = value.strip().partition(" ")
+    if scheme.lower() != "basic":
+        raise BadRequest(
+            "Proxy-Authorization is read only as Basic credentials whose user name is the client ID.",
+            reason="proxy_authorization",
+        )
+    try:
+        decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        raise BadRequest(
+            "Proxy-Authorization holds no valid Basic credentials.", reason="proxy_authorization"
+        ) from None
+    return decoded.partition(":")[0] or None
+
+
+def conflicting_identity(header: str) -> BadRequest:
+    """Two client IDs for one request: which one a hop in front of the sidecar meant is unknowable."""
+    return BadRequest(
+        f"The client ID given to the proxy (Proxy-Authorization user, or {header} on the CONNECT) "
+        f"and the {header} header differ.",
+        reason="conflicting_identity",
+    )
+
+
 class HeaderIdentity:
     """Trust the client ID the MCP server forwards in a header (``X-Client-Id``)."""
 
@@ -83,9 +136,24 @@ class HeaderIdentity:
         self.header = settings.header
         self.default = settings.default_client_id
         self.strip_headers = frozenset({settings.header.lower()})
+        # An identity header named Proxy-Authorization is read as it is, not as Basic.
+        self._proxy_auth = settings.header.lower() != PROXY_AUTHORIZATION.lower()
 
-    async def resolve(self, headers: HeaderReader) -> Identity:
+    def proxy_client_id(self, headers: HeaderReader, *, connect: bool) -> str | None:
+        named = (single_header(headers, self.header) or None) if connect else None
+        user = proxy_user(headers) if self._proxy_auth else None
+        if named is not None and user is not None and named != user:
+            raise conflicting_identity(self.header)
+        value = named or user
+        return None if value is None else validate_client_id(value)
+
+    async def resolve(self, headers: HeaderReader, proxy_client_id: str | None = None) -> Identity:
         value = single_header(headers, self.header)
+        if proxy_client_id is not None:
+            # Equal is fine (an app naming itself both ways); a different one is refused.
+            if value and value != proxy_client_id:
+                raise conflicting_identity(self.header)
+            return Identity(proxy_client_id, "proxy")
         if value is None or value == "":
             if self.default is None:
                 raise MissingIdentity(f"No {self.header} header and no default client ID.")

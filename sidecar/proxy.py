@@ -61,6 +61,9 @@ UNPARSEABLE_TARGET = MARK + "unparseable-target"
 UNSUPPORTED_VERSION = MARK + "unsupported-version"
 BAD_TRANSFER_ENCODING = MARK + "bad-transfer-encoding"
 RETRY_AFTER_SECONDS = "5"
+#: Access-log modes whose refusals carry their code as the reason phrase (``reason_phrase``):
+#: absolute-form requests and requests inside an intercepted CONNECT. CONNECT itself always does.
+CODE_PHRASE_MODES = frozenset({"proxy", "mitm"})
 #: Longest reason phrase relayed to the app.
 MAX_REASON = 256
 #: Answers that never have a body (RFC 9110 15.3.5, 15.4.5).
@@ -131,10 +134,25 @@ def error_headers(err: SidecarError) -> dict[str, str]:
     return headers
 
 
-def error_bytes(err: SidecarError, *, close: bool, extra: bytes = b"") -> bytes:
-    """The same refusal written by hand (the lean server, CONNECT); ``extra``: more header lines."""
+def reason_phrase(err: SidecarError, mode: str) -> str:
+    """The status line's reason phrase for a refusal: its code in forward-proxy modes, else the standard one.
+
+    A proxy client (requests, httpx, aiohttp, urllib, curl) shows the app the status line
+    of a refused CONNECT and nothing else, and an app unaware of the sidecar (HTTP_PROXY,
+    HTTPS_PROXY) reads every refusal through such messages (``403 Client Error:
+    destination_not_allowed``). Route mode keeps the standard phrases: an app that calls the
+    sidecar by name reads X-Sidecar-Error and the body.
+    """
+    return err.code if mode in CODE_PHRASE_MODES else HTTPStatus(err.status).phrase
+
+
+def error_bytes(err: SidecarError, *, close: bool, extra: bytes = b"", phrase: str | None = None) -> bytes:
+    """The same refusal written by hand (the lean server, CONNECT); ``extra``: more header lines.
+
+    ``phrase``: the reason phrase (``reason_phrase``); the standard one when None.
+    """
     body = err.body()
-    head = [f"HTTP/1.1 {err.status} {HTTPStatus(err.status).phrase}\r\n"]
+    head = [f"HTTP/1.1 {err.status} {phrase or HTTPStatus(err.status).phrase}\r\n"]
     head += [f"{name}: {value}\r\n" for name, value in error_headers(err).items()]
     head.append(f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n")
     if close:
@@ -142,10 +160,11 @@ def error_bytes(err: SidecarError, *, close: bool, extra: bytes = b"") -> bytes:
     return "".join(head).encode("ascii") + extra + b"\r\n" + body
 
 
-def error_response(err: SidecarError) -> web.Response:
-    """The contract's JSON error with ``X-Sidecar-Error`` as an aiohttp response."""
+def error_response(err: SidecarError, phrase: str | None = None) -> web.Response:
+    """The contract's JSON error with ``X-Sidecar-Error`` as an aiohttp response (``phrase`` as in error_bytes)."""
     return web.Response(
-        status=err.status, body=err.body(), content_type="application/json", headers=error_headers(err)
+        status=err.status, reason=phrase, body=err.body(), content_type="application/json",
+        headers=error_headers(err),
     )
 
 
@@ -247,23 +266,27 @@ class DataPlane:
         self.runtime = runtime
         self.access_log = access_log
 
-    async def handle(self, request: web.BaseRequest, origin: tuple[str, int] | None = None) -> web.StreamResponse:
-        """Handle one request; ``origin`` is set for requests inside an intercepted CONNECT."""
+    async def handle(
+        self, request: web.BaseRequest, origin: tuple[str, int] | None = None, tunnel_client_id: str | None = None
+    ) -> web.StreamResponse:
+        """Handle one request; ``origin`` is set for requests inside an intercepted CONNECT, and
+        ``tunnel_client_id`` when that CONNECT named a client (``IdentityResolver.proxy_client_id``)."""
         rt = self.runtime
         started = time.perf_counter()
         rec = _Record()
         metrics.bump(metrics.INFLIGHT)
         try:
-            return await self._proxy(rt, request, rec, origin)
+            return await self._proxy(rt, request, rec, origin, tunnel_client_id)
         except SidecarError as err:
-            return error_response(self._refuse(err, rec))
+            return error_response(self._refuse(err, rec), reason_phrase(err, rec.mode))
         except asyncio.CancelledError:
             # The app hung up (handler_cancellation): the upstream call is abandoned with it.
             rec.status = rec.status or 499
             rec.reason = "client_closed"
             raise
         except Exception as exc:
-            return error_response(self._refuse(self._bug(exc, rec), rec))
+            bug = self._refuse(self._bug(exc, rec), rec)
+            return error_response(bug, reason_phrase(bug, rec.mode))
         finally:
             self._account(request, rec, started)
 
@@ -274,7 +297,7 @@ class DataPlane:
         rec = _Record()
         metrics.bump(metrics.INFLIGHT)
         try:
-            admitted = await self._admit(rt, exchange, exchange.headers, rec, None)
+            admitted = await self._admit(rt, exchange, exchange.headers, rec, None, None)
             headers = exchange.headers  # the fast server's own copy: edited in place
             self._drop_hop_headers(rt, admitted.upstream, headers)
             answer, secret = await self._exchange(rt, exchange.method, admitted, headers, exchange.body, True, rec)
@@ -283,13 +306,14 @@ class DataPlane:
             if not await exchange.relay(answer, head):
                 rec.reason = "stream_interrupted"
         except SidecarError as err:
-            exchange.refuse(self._refuse(err, rec))
+            exchange.refuse(self._refuse(err, rec), reason_phrase(err, rec.mode))
         except asyncio.CancelledError:
             rec.status = rec.status or 499
             rec.reason = "client_closed"
             raise
         except Exception as exc:
-            exchange.refuse(self._refuse(self._bug(exc, rec), rec))
+            bug = self._refuse(self._bug(exc, rec), rec)
+            exchange.refuse(bug, reason_phrase(bug, rec.mode))
         finally:
             self._account(exchange, rec, started)
 
@@ -394,12 +418,18 @@ class DataPlane:
         headers: HeaderReader,
         rec: _Record,
         origin: tuple[str, int] | None,
+        tunnel_client_id: str | None,
     ) -> Admitted:
         """Route, identify, check policy and look the key up; every refusal raises."""
         upstream, path, query = self._route(rt, request, rec, origin)
         rec.upstream = upstream.name
         _check_path(path)
-        identity = await rt.identity.resolve(headers)
+        # An absolute-form request may name its client to the proxy (a Proxy-Authorization user);
+        # a request in an intercepted tunnel has whatever its CONNECT named.
+        proxy_client_id = (
+            rt.identity.proxy_client_id(headers, connect=False) if rec.mode == "proxy" else tunnel_client_id
+        )
+        identity = await rt.identity.resolve(headers, proxy_client_id)
         rec.client_id = identity.client_id
         rec.identity = identity.source
         if not client_allowed(upstream.client_matcher, identity.client_id):
@@ -467,9 +497,14 @@ class DataPlane:
         return answer, secret
 
     async def _proxy(
-        self, rt: Runtime, request: web.BaseRequest, rec: _Record, origin: tuple[str, int] | None
+        self,
+        rt: Runtime,
+        request: web.BaseRequest,
+        rec: _Record,
+        origin: tuple[str, int] | None,
+        tunnel_client_id: str | None,
     ) -> web.StreamResponse:
-        admitted = await self._admit(rt, request, request.headers, rec, origin)
+        admitted = await self._admit(rt, request, request.headers, rec, origin, tunnel_client_id)
         headers = CIMultiDict(request.headers)
         self._drop_hop_headers(rt, admitted.upstream, headers)
         data: bytes | StreamReader | None = None

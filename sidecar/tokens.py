@@ -61,8 +61,15 @@ from sidecar.config import (
     split_http_url,
     upstream_trust,
 )
-from sidecar.errors import IdentityProviderUnavailable, InvalidToken
-from sidecar.identity import HeaderReader, Identity, claim_strings, single_header, validate_client_id
+from sidecar.errors import BadRequest, IdentityProviderUnavailable, InvalidToken
+from sidecar.identity import (
+    PROXY_AUTHORIZATION,
+    HeaderReader,
+    Identity,
+    claim_strings,
+    single_header,
+    validate_client_id,
+)
 from sidecar.metrics import JWKS_REFRESHES, TOKEN_CACHE, bump
 
 log = logging.getLogger("sidecar.tokens")
@@ -633,6 +640,8 @@ class JwtIdentity:
         self._cache = VerifiedTokenCache(sum(entry.cache_max_entries for entry in settings.jwt))
         # A forwarded client ID header is stripped too: in JWT mode only the token speaks.
         self.strip_headers = frozenset({first.header.lower(), settings.header.lower()})
+        self._client_header = settings.header
+        self._proxy_auth_is_token = first.header.lower() == PROXY_AUTHORIZATION.lower()
 
     @property
     def ready(self) -> bool:
@@ -660,12 +669,34 @@ class JwtIdentity:
         for issuer in self._issuers.values():
             await issuer.keys.close()
 
-    async def resolve(self, headers: HeaderReader) -> Identity:
+    def proxy_client_id(self, headers: HeaderReader, *, connect: bool) -> str | None:
+        """Always None: a client ID given to the proxy (a Basic user name, the identity header on a
+        CONNECT) is not verified, so it is refused rather than ignored.
+
+        A token in Proxy-Authorization, when that is ``identity.jwt.header``, is read per request as
+        usual; on a CONNECT it would cover no request inside the tunnel, so it is refused there too.
+        """
+        named = connect and bool(single_header(headers, self._client_header))
+        proxy_auth = (connect or not self._proxy_auth_is_token) and PROXY_AUTHORIZATION in headers
+        if named or proxy_auth:
+            raise self._unverified()
+        return None
+
+    def _unverified(self) -> BadRequest:
+        return BadRequest(
+            f"A client ID given to the proxy (a Proxy-Authorization user name, or {self._client_header} on "
+            f"the CONNECT) is not a verified identity: send the token in {self._header} on each request.",
+            reason="unverified_proxy_identity",
+        )
+
+    async def resolve(self, headers: HeaderReader, proxy_client_id: str | None = None) -> Identity:
         """The verified caller, from the cache or a full verification.
 
         Raises InvalidToken, or IdentityProviderUnavailable while the token's issuer has no
         signing keys loaded.
         """
+        if proxy_client_id is not None:
+            raise self._unverified()  # proxy_client_id above refuses first; never taken on trust
         token = self._read_token(headers)
         digest = hashlib.sha256(token.encode()).digest()
         cached = self._cache.get(digest, self._clock())

@@ -116,8 +116,11 @@ async def resolve_allowed(host: str, port: int, allow_private: bool) -> list[str
         candidates = [str(info[4][0]) for info in infos]
     allowed = allowed_addresses(candidates, allow_private)
     if not allowed:
+        # Upstream.send and the CONNECT tunnel put the setting that would allow it in the message.
         raise DestinationNotAllowed(
-            "The destination resolves to an address the sidecar may not reach.", reason="forbidden_address"
+            "The destination resolves only to private, loopback, link-local or reserved addresses, "
+            "which the sidecar does not reach.",
+            reason="forbidden_address",
         )
     return allowed
 
@@ -359,9 +362,24 @@ class Upstream:
             kind = _ERROR_KINDS.get(err.reason)
             if kind is not None:
                 self._errors[kind].inc()
+            if err.reason == "forbidden_address":
+                raise self.forbidden_address() from None
             raise
         except Exception as exc:
             raise self.translate(exc) from None
+
+    def forbidden_address(self) -> DestinationNotAllowed:
+        """The refusal of an upstream that resolves only to guarded addresses, naming the opt-in.
+
+        Only ever for a configured upstream: the operator chose its host, so pointing at
+        ``allow_private`` is the right advice for an internal API (and wrong for anything else).
+        """
+        return DestinationNotAllowed(
+            f"Upstream {self.name} resolves only to private, loopback, link-local or reserved addresses, "
+            f"which the sidecar does not reach by default; for an internal API, set allow_private: true "
+            f"on upstreams.{self.name}.",
+            reason="forbidden_address",
+        )
 
     def key_wait(self, client: str, delta: int) -> None:
         """A request of ``client`` starts (+1) or stops (-1) waiting for its key: connect meanwhile."""
@@ -372,9 +390,7 @@ class Upstream:
         """Map an aiohttp/OS exception to the contract's error; never copies its text."""
         if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(exc.os_error, ForbiddenAddressError):
             self._errors["forbidden_address"].inc()
-            return DestinationNotAllowed(
-                "The upstream resolves to an address the sidecar may not reach.", reason="forbidden_address"
-            )
+            return self.forbidden_address()
         if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError | ssl.SSLError):
             self._errors["tls"].inc()
             return UpstreamUnreachable("The TLS handshake with the upstream failed.", reason="tls")

@@ -66,6 +66,16 @@ def test_check_prints_summary_and_exits_0(tmp_path: Path) -> None:
     assert "sk-cli-" not in result.stdout
 
 
+def test_check_refuses_a_generated_interception_ca_nobody_can_trust(tmp_path: Path) -> None:
+    settings = good_settings(tmp_path) | {"forward_proxy": {"mitm": {"enabled": True}}}
+    result = cli("check", "--config", str(write(tmp_path / "mitm.yaml", settings)))
+    assert result.returncode == 2
+    assert "forward_proxy.mitm.ca_cert_out: is required when the CA is generated" in result.stderr
+    settings["forward_proxy"]["mitm"]["ca_cert_out"] = str(tmp_path / "ca" / "ca.pem")
+    result = cli("check", "--config", str(write(tmp_path / "mitm.yaml", settings)))
+    assert result.returncode == 0, result.stderr
+
+
 def test_check_uses_sidecar_config_env(tmp_path: Path) -> None:
     result = cli("check", env={"SIDECAR_CONFIG": str(good_config(tmp_path))})
     assert result.returncode == 0, result.stderr

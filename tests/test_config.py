@@ -200,6 +200,10 @@ def test_every_problem_is_reported_at_once(tmp_path: Path, keys_file: Path) -> N
         ("admin_listen", "127.0.0.1:8080", "admin_listen: must differ from listen"),
         ("forward_proxy", {"enabled": False, "mitm": {"enabled": True}},
          "forward_proxy.mitm.enabled: needs forward_proxy.enabled (interception serves CONNECT)"),
+        ("forward_proxy", {"mitm": {"enabled": True}},
+         "forward_proxy.mitm.ca_cert_out: is required when the CA is generated (no ca_cert/ca_key): without it "
+         "no app can trust the interception CA; set it to a path the app reads (REQUESTS_CA_BUNDLE, "
+         "SSL_CERT_FILE, CURL_CA_BUNDLE), or give your own ca_cert and ca_key"),
         ("forward_proxy", {"enabled": False, "passthrough_hosts": ["github.com"]},
          "forward_proxy.passthrough_hosts: needs forward_proxy.enabled (tunnels are CONNECTs)"),
         ("log", {"format": "xml"}, "log.format: expected one of json, text"),

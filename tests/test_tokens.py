@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import time
@@ -443,6 +444,28 @@ async def test_custom_header_carries_the_raw_token(idp: IdentityProvider, make_r
 
 async def test_strip_headers_default(make_resolver: MakeResolver) -> None:
     assert make_resolver().strip_headers == {"authorization", "x-client-id"}
+
+
+async def test_an_identity_given_to_the_proxy_is_refused_not_ignored(
+    idp: IdentityProvider, make_resolver: MakeResolver
+) -> None:
+    resolver = make_resolver()
+    user = CIMultiDict({"Proxy-Authorization": "Basic " + base64.b64encode(b"agent:").decode()})
+    for headers, connect in ((user, True), (user, False), (CIMultiDict({"X-Client-Id": "agent"}), True)):
+        with pytest.raises(BadRequest) as info:
+            resolver.proxy_client_id(headers, connect=connect)
+        assert info.value.reason == "unverified_proxy_identity"
+        assert "send the token in Authorization on each request" in info.value.message
+    # On a request (not a CONNECT) X-Client-Id is the forwarded header JWT mode strips, as before.
+    assert resolver.proxy_client_id(CIMultiDict({"X-Client-Id": "agent"}), connect=False) is None
+    # A token carried in Proxy-Authorization (jwt.header) is read per request as usual.
+    proxy_token = make_resolver(header="Proxy-Authorization")
+    token = idp.mint(client_id="agent")
+    headers = CIMultiDict({"Proxy-Authorization": f"Bearer {token}"})
+    assert proxy_token.proxy_client_id(headers, connect=False) is None
+    assert (await proxy_token.resolve(headers)).client_id == "agent"
+    with pytest.raises(BadRequest):
+        proxy_token.proxy_client_id(headers, connect=True)  # it would cover no request in the tunnel
 
 
 # --------------------------------------------------------------------------- JWKS fetching
