@@ -906,3 +906,43 @@ async def test_the_secret_type_compares_by_value(alice: str) -> None:
     assert Secret(alice) != Secret(alice + "x")
     with pytest.raises(TypeError):
         hash(Secret(alice))
+
+
+class SnapshotBackend(FakeBackend):
+    """Reads the value when the call starts, answers when the gate opens: a store read in flight."""
+
+    async def fetch(self, secret_id: str) -> RawSecret:
+        self.calls.append(secret_id)
+        value = self.values.get(secret_id)
+        if self.gate is not None:
+            self.waiting += 1
+            try:
+                await self.gate.wait()
+            finally:
+                self.waiting -= 1
+        if value is None:
+            raise SecretNotFound(secret_id)
+        return value
+
+
+async def test_refresh_after_rejection_does_not_trust_a_read_that_began_before_it(
+    clock: FakeClock, alice: str
+) -> None:
+    """A background refresh that read the store just before a rotation is no answer to the
+    upstream's refusal: the rotated key must be fetched, not the old one called unchanged."""
+    backend = SnapshotBackend({"mcp/polygon/alice": alice})
+    cache = make_cache(backend, clock)
+    old, _ = await cache.get("mcp/polygon/alice")
+    clock.advance(TTL + 1)
+    backend.gate = asyncio.Event()
+    served, result = await cache.get("mcp/polygon/alice")  # stale: refreshed in the background
+    assert (served.reveal(), result) == (alice, "stale")
+    await until(lambda: backend.waiting == 1)  # that refresh has read the old value
+    rotated = make_secret("cache-rotated-mid-read")
+    backend.values["mcp/polygon/alice"] = rotated
+    refusal = asyncio.create_task(cache.refresh_rejected("mcp/polygon/alice", None, old))
+    await asyncio.sleep(0)
+    backend.gate.set()
+    new = await refusal
+    assert new is not None and new.reveal() == rotated
+    assert len(backend.calls) == 3  # the first get, the background refresh, one read after the refusal

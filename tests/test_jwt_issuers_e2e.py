@@ -6,6 +6,7 @@ them over TLS from a private CA made with trustme; the sidecar is the real CLI.
 
 from __future__ import annotations
 
+import gc
 import os
 import ssl
 import subprocess
@@ -99,6 +100,13 @@ def test_ca_file_trusts_a_private_identity_provider_and_nothing_else(
         same_ca_upstream.stop()
 
 
+# The sidecar refuses the provider's certificate in every handshake; on Python 3.11 the test
+# provider's asyncio server (this process, not the sidecar) can then drop the transport of
+# such a failed handshake unclosed, which the GC reports at a random later moment.
+@pytest.mark.filterwarnings(
+    r"ignore:Exception ignored in. <(function _SelectorTransport.__del__|socket.socket):"
+    "pytest.PytestUnraisableExceptionWarning"
+)
 def test_without_ca_file_a_private_provider_is_not_trusted_and_the_log_says_what_to_set(
     start_sidecar: Start, tmp_path: Path, tls_idp: IdentityProvider, echo: EchoUpstream
 ) -> None:
@@ -116,6 +124,8 @@ def test_without_ca_file_a_private_provider_is_not_trusted_and_the_log_says_what
     assert sc.readyz() == 503
     resp = call(sc, "/polygon/v2/x", tls_idp.mint(sub="alice"))
     assert resp.status_code == 503 and resp.headers["X-Sidecar-Error"] == "identity_provider_unavailable"
+    sc.stop()  # no more handshakes; what the failed ones left behind is reported here, not in a later test
+    gc.collect()
 
 
 @pytest.fixture

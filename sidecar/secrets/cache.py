@@ -172,8 +172,13 @@ class SecretCache:
             return entry.secret  # another request already fetched the rotated value
         if entry is not None and entry.rejected_until > now:
             return None
+        joined = key in self._inflight
         try:
             fresh = await self._load(key)  # keeps the old entry for stale-if-error
+            if joined and not fresh.failing and fresh.secret is not None and fresh.secret == rejected:
+                # The read joined began before the upstream refused this value (a background
+                # refresh, say): it may predate a rotation. One read that starts now decides.
+                fresh = await self._load(key)
         except SecretStoreUnavailable:
             return None
         if fresh.secret is None or fresh.failing:
