@@ -24,7 +24,7 @@ import pytest
 import trustme
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHART_DIR = ROOT / "charts" / "credential-sidecar"
 RELEASE = "fin"
 NAMESPACE = "mcp"
