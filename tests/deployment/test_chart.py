@@ -162,11 +162,6 @@ EXTRA_CONFIGMAPS: dict[str, dict[str, Any]] = {
     "corp-root-ca": {"ca.crt": lambda: trustme.CA().cert_pem.bytes().decode()},
 }
 
-# What an older sidecar says about a setting it does not implement yet (TLS
-# interception before issue 4): the check is then skipped, not failed; the chart
-# side (shared CA emptyDir, SSL_CERT_FILE) is still rendered, validated and asserted.
-NOT_YET_AVAILABLE = "is not available in this version"
-
 
 # --------------------------------------------------------------------------- helpers
 
@@ -664,8 +659,6 @@ def test_the_sidecar_accepts_the_rendered_config(chart: helm.Chart, name: str, t
         timeout=60,
         check=False,
     )
-    if result.returncode != 0 and NOT_YET_AVAILABLE in result.stdout + result.stderr:
-        pytest.skip(f"{name}: this sidecar does not implement a setting yet: {result.stdout}{result.stderr}")
     assert result.returncode == 0, f"{name}: credential-sidecar check failed:\n{result.stdout}{result.stderr}"
 
 
