@@ -2,15 +2,17 @@
 
     python bench/ab.py HEAD~3                 # that commit against the working tree
     python bench/ab.py main my-branch --rounds 6 --concurrency 16 64
+    python bench/ab.py main . --forward-proxy # absolute-form request lines, as behind HTTP_PROXY
 
 On a shared VM the machine's speed drifts by 10-20% within an hour, more than most
 single changes are worth, so two full benchmark runs cannot be compared. This
-starts both versions side by side (route mode, file backend, one nginx upstream on
-127.0.0.1) and interleaves short wrk rounds, A then B, then B then A, so both see
-the same machine. It prints CPU microseconds per request (utime + stime from /proc) and
-req/s per round and the medians. An A/A run (the same ref twice) differs by about
-2%. Every run is bounded (--rounds x --duration per concurrency); every process is
-stopped at the end. Needs Debian's nginx and wrk, like bench/run.py.
+starts both versions side by side (route mode, or forward-proxy mode with
+--forward-proxy; file backend, one nginx upstream on 127.0.0.1) and interleaves
+short wrk rounds, A then B, then B then A, so both see the same machine. It prints
+CPU microseconds per request (utime + stime from /proc) and req/s per round and the
+medians. An A/A run (the same ref twice) differs by about 2%. Every run is bounded
+(--rounds x --duration per concurrency); every process is stopped at the end.
+Needs Debian's nginx and wrk, like bench/run.py.
 """
 
 from __future__ import annotations
@@ -43,6 +45,13 @@ def tree_for(ref: str, tmp: Path) -> Path:
     return path
 
 
+#: wrk script for --forward-proxy: every request line in absolute form, as an app sends it to
+#: its HTTP proxy (HTTP_PROXY), with the upstream's Host; any request() below keeps both.
+FORWARD_PROXY = """
+wrk.path = "%s"
+wrk.headers["Host"] = "%s"
+"""
+
 #: wrk script for --clients: each request names the next of N clients, in turn.
 ROTATE_CLIENTS = """
 local n = 0
@@ -61,7 +70,8 @@ def upstream_connections(pids: list[int], port: int) -> int:
 
 
 def start(children: bench.Children, name: str, tree: Path, tmp: Path, upstream: int,
-          workers: int = 1, clients: int = 0, token: str | None = None) -> tuple[bench.Child, int]:
+          workers: int = 1, clients: int = 0, token: str | None = None,
+          forward_proxy: bool = False) -> tuple[bench.Child, int]:
     port, admin = bench.free_port(), bench.free_port()
     keys = tmp / "keys.json"
     names = ["alice", bench.CLIENT_ID, *(f"client-{i}" for i in range(clients))]
@@ -73,6 +83,8 @@ def start(children: bench.Children, name: str, tree: Path, tmp: Path, upstream: 
         "upstreams": {"polygon": {"url": f"http://127.0.0.1:{upstream}", "secret": "mcp/polygon/{client_id}",
                                   "inject": {"query": "apiKey"}, "allow_private": True}},
     }
+    if forward_proxy:
+        document["forward_proxy"] = {"enabled": True}
     if token is not None:
         # bench.make_jwt wrote the JWKS to files/, which the nginx upstream serves.
         document["identity"] = {"jwt": {"issuer": bench.JWT_ISSUER,
@@ -83,7 +95,11 @@ def start(children: bench.Children, name: str, tree: Path, tmp: Path, upstream: 
     child = children.start(name, [sys.executable, "-m", "sidecar", "run", "--config", str(config)], env=env)
     bench.wait_until(lambda: bench.port_open(port), child, "listening port", 20)
     identity = {"Authorization": f"Bearer {token}"} if token is not None else {"X-Client-Id": "alice"}
-    status, _ = bench.http_get(port, "/polygon/warm", identity)
+    if forward_proxy:
+        authority = f"127.0.0.1:{upstream}"
+        status, _ = bench.http_get(port, f"http://{authority}/warm", {**identity, "Host": authority})
+    else:
+        status, _ = bench.http_get(port, "/polygon/warm", identity)
     if status != 200:
         raise RuntimeError(f"{name}: warm-up answered {status}")
     return child, port
@@ -105,6 +121,9 @@ def main() -> int:
                         "client); prints the upstream connections each side holds after each round")
     p.add_argument("--jwt", action="store_true",
                    help="JWT identity: every request carries one RS256 token (verified once, then cached)")
+    p.add_argument("--forward-proxy", action="store_true",
+                   help="forward-proxy mode (forward_proxy.enabled): requests name the upstream in absolute form, "
+                        "GET http://127.0.0.1:PORT/x, instead of route mode's GET /polygon/x")
     args = p.parse_args()
     if args.jwt and args.clients:
         p.error("--jwt and --clients do not combine (one token names one client)")
@@ -117,7 +136,7 @@ def main() -> int:
         upstream = bench.free_port()
         bench.make_tls(tmp)
         conf = bench.render_nginx("upstream.conf", tmp, HTTP_PORT=upstream, TLS_PORT=bench.free_port())
-        path = "/polygon/x"
+        path = "/x"
         (tmp / "files").mkdir(mode=0o755)
         token = None
         if args.jwt:
@@ -126,7 +145,7 @@ def main() -> int:
             os.chmod(tmp / "files" / "jwks.json", 0o644)
         if args.body_bytes:
             (tmp / "files" / "body.json").write_bytes(b"x" * args.body_bytes)
-            path = "/polygon/files/body.json"
+            path = "/files/body.json"
         nginx = children.start("nginx", ["nginx", "-p", str(tmp), "-e", str(tmp / "nginx-startup.log"),
                                          "-c", str(conf)])
         bench.wait_until(lambda: bench.port_open(upstream), nginx, "nginx", 15)
@@ -135,14 +154,26 @@ def main() -> int:
             tree = tree_for(ref, tmp)
             if tree.is_relative_to(tmp):  # a worktree made here: removed at the end
                 trees.append(tree)
-            sides[name] = start(children, name, tree, tmp, upstream, args.workers, args.clients, token)
-        script = None
+            sides[name] = start(children, name, tree, tmp, upstream, args.workers, args.clients, token,
+                                args.forward_proxy)
         headers = [f"Authorization: Bearer {token}"] if token is not None else ["X-Client-Id: alice"]
+        lua = []
+        if args.forward_proxy:
+            # wrk's URL names the sidecar; the script puts the upstream in the request line.
+            authority = f"127.0.0.1:{upstream}"
+            lua.append(FORWARD_PROXY % (f"http://{authority}{path}", authority))
+            path = "/"
+        else:
+            path = "/polygon" + path
         if args.clients:
-            script = tmp / "clients.lua"
-            script.write_text(ROTATE_CLIENTS % args.clients, encoding="utf-8")
+            lua.append(ROTATE_CLIENTS % args.clients)
             headers = []
+        script = None
+        if lua:
+            script = tmp / "requests.lua"
+            script.write_text("".join(lua), encoding="utf-8")
         print(f"A = {args.a}, B = {args.b}; {args.rounds} rounds of {args.duration} s per concurrency"
+              + ("; forward-proxy mode (absolute-form request lines)" if args.forward_proxy else "")
               + (f"; {args.clients} clients in turn" if args.clients else ""))
         for c in args.concurrency:
             got: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
@@ -158,6 +189,8 @@ def main() -> int:
                                       script=script)
                     got[name].append(r)
                     line += f"  {name} {r['cpu_us_per_req']:6.1f} us/req {r['rps']:8.0f} req/s"
+                    if r["non2xx"]:  # refused or failed requests: not what the round meant to measure
+                        line += f" ({r['non2xx']:.0f} non-2xx)"
                     if args.clients:
                         line += f" {upstream_connections(pids, upstream):4d} conns"
                 print(line, flush=True)

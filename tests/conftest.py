@@ -1,4 +1,4 @@
-"""Session-wide fixtures: output capture for the leak check, the echo upstream, moto."""
+"""Session-wide fixtures: output capture and the leak check at the end of every run, the echo upstream, moto."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 from sidecar.buildinfo import build, compiled_modules, stale_sources
 from tests.support.aws import AWS_ENV
-from tests.support.leaks import OUTPUT_DIR
+from tests.support.leaks import OUTPUT_DIR, scan
 from tests.support.process import SidecarProcess
 from tests.support.upstream import EchoUpstream
 
@@ -56,6 +56,22 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     # bodies at debug, which for the tests' own seeding calls hold the fixtures' secrets.
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """No secret any test registered appears in any output of this run, whichever tests ran (-k, a path, one test)."""
+    leaks = scan()
+    if not leaks:
+        return
+    terminal = session.config.pluginmanager.get_plugin("terminalreporter")
+    if terminal is not None:
+        terminal.write_line("")  # the progress line may still be open
+        terminal.write_sep("=", f"secrets leaked into the test output ({OUTPUT_DIR})", red=True, bold=True)
+        for line in leaks:
+            terminal.write_line(line)
+    if session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _binary(name: str) -> str | None:
@@ -76,12 +76,14 @@ def test_bench_smoke_runs_every_phase(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(bool(MISSING), reason=f"bench/ab.py needs the {' and '.join(MISSING)} binaries")
 @pytest.mark.timeout(90)
-def test_ab_compares_the_working_tree_with_itself() -> None:
+@pytest.mark.parametrize("mode", [[], ["--forward-proxy"]], ids=["route", "forward-proxy"])
+def test_ab_compares_the_working_tree_with_itself(mode: list[str]) -> None:
     """bench/ab.py: both sides start, answer, and get a median line (an A/A run; no timing asserted)."""
     proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "ab.py"), ".", ".", "--rounds", "1", "--duration", "1"],
+        [sys.executable, str(REPO / "bench" / "ab.py"), ".", ".", "--rounds", "1", "--duration", "1", *mode],
         capture_output=True, text=True, timeout=80, cwd=REPO, check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     median = next(line for line in proc.stdout.splitlines() if "median" in line)
     assert "B/A CPU" in median and " A " in median and " B " in median
+    assert "non-2xx" not in proc.stdout, proc.stdout  # every request of the rounds was answered by the upstream

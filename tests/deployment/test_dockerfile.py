@@ -23,7 +23,7 @@ from pathlib import Path
 import dockerfile
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 FININFO_DOCKERFILE = ROOT / "examples" / "compose" / "fininfo.Dockerfile"
 EXAMPLE_CONFIG = ROOT / "examples" / "compose" / "sidecar.yaml"

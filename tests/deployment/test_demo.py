@@ -20,7 +20,7 @@ from multidict import CIMultiDict
 from sidecar.config import load_settings
 from tests.support.leaks import output_file, register_secret
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RUN_DEMO = REPO / "examples" / "demo" / "run_demo.py"
 ZERO_CHANGE_APP = REPO / "examples" / "demo" / "zero_change_app.py"
 ZERO_CHANGE_CONFIG = REPO / "examples" / "demo" / "sidecar-zero-change.yaml"

@@ -21,7 +21,7 @@ import dockerfile
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 COMPOSE_FILES = {"file": EXAMPLES / "docker-compose.yml", "aws": EXAMPLES / "docker-compose.aws.yml"}
 CONFIG_TARGET = "/etc/credential-sidecar/config.yaml"
