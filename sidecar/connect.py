@@ -34,7 +34,6 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from sidecar import metrics
-from sidecar.config import ListenAddress, ascii_digits, normalize_host
 from sidecar.errors import (
     BadRequest,
     DestinationNotAllowed,
@@ -43,6 +42,7 @@ from sidecar.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
+from sidecar.net import HostPort, ascii_digits, normalize_host, resolve_allowed
 from sidecar.proxy import (
     BAD_TRANSFER_ENCODING,
     UNPARSEABLE_TARGET,
@@ -50,7 +50,6 @@ from sidecar.proxy import (
     error_bytes,
     error_response,
 )
-from sidecar.upstream import resolve_allowed
 
 #: The lean server (sidecar/fastserver.py) takes plain HTTP connections and hands
 #: aiohttp anything it does not serve itself; SIDECAR_SERVER=aiohttp gives aiohttp
@@ -419,7 +418,7 @@ class Front:
             authority, headers = connect_head(head)
             host, port = parse_authority(authority)
             # Logged only once parsed: a raw authority could carry user:password@.
-            target = str(ListenAddress(host, port))
+            target = str(HostPort(host, port))
             rt = self.plane.runtime
             if not rt.forward_proxy:
                 raise DestinationNotAllowed("Forward-proxy mode is disabled.", reason="forward_proxy_disabled")

@@ -10,8 +10,9 @@ import pytest
 import trustme
 import yaml
 
-from sidecar.config import ListenAddress, Settings, load_settings, loggable_url, parse_settings
+from sidecar.config import ListenAddress, Settings, load_settings, parse_settings
 from sidecar.errors import ConfigError
+from sidecar.net import loggable_url
 from tests.support.leaks import make_secret
 
 CLIENT_ID_RULE = "does not match [A-Za-z0-9][A-Za-z0-9._@+=-]{0,127}"
