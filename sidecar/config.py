@@ -967,7 +967,7 @@ class _Reader:
         if isinstance(parsed, str):
             self.fail(_join(path, "connect_to"), parsed)
             return None
-        return parsed
+        return parsed.host, parsed.port
 
     def inject(self, raw: Any, path: str) -> InjectSettings | None:
         if raw is None:

@@ -71,62 +71,97 @@ def normalize_host(host: str) -> str | None:
     return encoded
 
 
-def parse_host_port(value: str) -> tuple[str, int] | str:
-    """``host:port`` or ``[v6]:port`` with a port from 1 to 65535, normalised; or the problem."""
+def parse_host_port(
+    value: str,
+    *,
+    default_port: int | None = None,
+    port_zero: bool = False,
+    normalize: bool = True,
+    ipv6_brackets_only: bool = True,
+    last_colon: bool = False,
+) -> HostPort | str:
+    """The one reader of ``host:port`` and ``[v6]:port``: a HostPort, or the problem.
+
+    With no options it reads ``connect_to``: a port from 1 to 65535 is required, brackets
+    hold an IPv6 address (no zone) and nothing else, and the host is normalised
+    (normalize_host). The options are where the other readers differ; tests/test_net.py
+    pins what each makes of the same inputs.
+
+    - ``default_port``: the port when none is written (a passthrough entry: 443).
+    - ``port_zero``: port 0 is allowed (a listen address: the system picks one).
+    - ``normalize=False``: the host as written, brackets removed, not judged (a listen
+      address is bound, never compared).
+    - ``ipv6_brackets_only=False``: brackets may hold any host, an IPv6 zone included.
+    - ``last_colon``: the port is what follows the last colon, so a bare IPv6 address
+      with a port (``::1:8080``) reads as ``::1`` and 8080, and brackets are removed only
+      when they enclose the whole host (listen, a CONNECT authority). Without it, a
+      bare host with two colons or more is an IPv6 address with no port.
+
+    URLs are split by urllib instead (split_http_url, and the forward proxy's absolute-form
+    targets): there an empty port or port 0 means the scheme's default, and a bracket
+    must hold an IP address. tests/test_net.py pins those rules beside these.
+    """
     expected = f"expected host:port (IPv6 as [::1]:443), got {value!r}"
-    if value.startswith("["):
-        inner, bracket, tail = value[1:].partition("]")
-        if not bracket or not tail.startswith(":") or ip_literal(inner) is None or ":" not in inner:
-            return expected
-        if "%" in inner:
-            return "an IPv6 zone (%eth0) is not supported: name the address without it"
-        host, raw_port = inner, tail[1:]
+    raw_port: str | None = None
+    if last_colon:
+        host, sep, after = value.rpartition(":")
+        if sep:
+            raw_port = after
+        else:
+            host = value
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+    elif value.startswith("["):
+        host, bracket, tail = value[1:].partition("]")
+        if tail:
+            if not tail.startswith(":"):
+                return expected
+            raw_port = tail[1:]
+        if ipv6_brackets_only:
+            if (
+                not bracket
+                or (raw_port is None and default_port is None)
+                or ip_literal(host) is None
+                or ":" not in host
+            ):
+                return expected
+            if "%" in host:
+                return "an IPv6 zone (%eth0) is not supported: name the address without it"
     else:
-        host, sep, raw_port = value.rpartition(":")
-        if not sep or not host or ":" in host:
+        host = value
+        if value.count(":") == 1:
+            host, _, raw_port = value.partition(":")
+        if not host:
             return expected
-    if not ascii_digits(raw_port):
-        return expected
-    port = int(raw_port)
-    if not 0 < port < 65536:
-        return f"port {port} is out of range (1-65535)"
+    if raw_port is None:
+        if default_port is None:
+            return expected
+        port = default_port
+    else:
+        if not ascii_digits(raw_port):
+            return expected
+        port = int(raw_port)
+        lowest = 0 if port_zero else 1
+        if not lowest <= port < 65536:
+            return f"port {port} is out of range ({lowest}-65535)"
+    if not normalize:
+        return HostPort(host, port)
     normal = normalize_host(host)
     if normal is None:
         return f"invalid host {host!r}"
-    return normal, port
+    return HostPort(normal, port)
 
 
 def parse_listen(value: str) -> HostPort | None:
-    """Parse ``host:port`` or ``[v6]:port``."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not ascii_digits(port) or not 0 <= int(port) <= 65535:
-        return None
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not host:
-        return None
-    return HostPort(host, int(port))
+    """``listen``/``admin_listen``: ``host:port`` or ``[v6]:port``, port 0 allowed, the host as written."""
+    parsed = parse_host_port(value, last_colon=True, port_zero=True, normalize=False)
+    return None if isinstance(parsed, str) or not parsed.host else parsed
 
 
 def parse_passthrough(entry: str) -> tuple[str, int] | None:
     """``host`` (port 443) or ``host:port`` of a passthrough entry, normalised; None if invalid."""
-    host, port = entry, 443
-    if entry.startswith("["):
-        inner, _, tail = entry[1:].partition("]")
-        host = inner
-        if tail:
-            if not tail.startswith(":") or not ascii_digits(tail[1:]):
-                return None
-            port = int(tail[1:])
-    elif entry.count(":") == 1:
-        host, _, raw_port = entry.partition(":")
-        if not ascii_digits(raw_port):
-            return None
-        port = int(raw_port)
-    if not 0 < port < 65536:
-        return None
-    normal = normalize_host(host)
-    return None if normal is None else (normal, port)
+    parsed = parse_host_port(entry, default_port=443, ipv6_brackets_only=False)
+    return None if isinstance(parsed, str) else (parsed.host, parsed.port)
 
 
 def url_scheme(url: str) -> str:

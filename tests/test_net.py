@@ -337,7 +337,8 @@ def test_connect_authority(value: str, expected: tuple[str, int] | str) -> None:
 def test_connect_to(value: str, expected: tuple[str, int] | str) -> None:
     if expected == "expected":
         expected = f"expected host:port (IPv6 as [::1]:443), got {value!r}"
-    assert net.parse_host_port(value) == expected
+    parsed = net.parse_host_port(value)
+    assert (parsed if isinstance(parsed, str) else (parsed.host, parsed.port)) == expected
 
 
 @pytest.mark.parametrize(("value", "expected"), UPSTREAM_URL.items())
