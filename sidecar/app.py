@@ -33,10 +33,11 @@ from sidecar import metrics
 from sidecar.access_log import AccessLog, configure_logging, flush_access_lines
 from sidecar.admin import bound_address, build_admin_app
 from sidecar.buildinfo import build, stale_sources
-from sidecar.config import ListenAddress, SecretsSettings, Settings, load_settings, parse_passthrough
+from sidecar.config import ListenAddress, SecretsSettings, Settings, load_settings
 from sidecar.connect import Front
 from sidecar.errors import ConfigError, NoCredential, SecretStoreUnavailable
 from sidecar.identity import IdentityResolver, build_identity_resolver
+from sidecar.net import parse_passthrough
 from sidecar.policy import client_allowed
 from sidecar.proxy import DataPlane, Runtime
 from sidecar.secrets.base import EmptyStore, SecretBackend, StoreError

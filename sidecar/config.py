@@ -2,7 +2,8 @@
 
 Every problem is collected with its field path (``upstreams.polygon.inject: ...``)
 so ``credential-sidecar check`` can list all of them at once. Nothing here
-touches the network or a secret store; it imports nothing of ours but errors.
+touches the network or a secret store; of ours it imports errors, policy and net
+(the host, port and URL helpers).
 """
 
 from __future__ import annotations
@@ -11,18 +12,29 @@ import ipaddress
 import math
 import os
 import re
-import socket
 import ssl
 import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import SplitResult, urlsplit
 
 import yaml
 
+from sidecar.client_id import CLIENT_ID_PATTERN
 from sidecar.errors import ConfigError
+from sidecar.net import (
+    HostPort,
+    host_port,
+    loggable_url,
+    parse_host_port,
+    parse_listen,
+    parse_passthrough,
+    parse_upstream_url,
+    split_http_url,
+    trust_context,
+    url_scheme,
+)
 from sidecar.policy import ip_literal, is_forbidden_address
 
 # Defaults, named once. The contract's example config shows the same values.
@@ -57,7 +69,6 @@ ASYMMETRIC_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 )
 
-CLIENT_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+=-]{0,127}")
 UPSTREAM_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 HEADER_NAME_PATTERN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _ENV_PATTERN = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -68,10 +79,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
 BACKENDS = ("file", "aws")
 
-
-def host_port(host: str, port: int) -> str:
-    """``host:port``, an IPv6 host in brackets (``[::1]:443``)."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+#: The settings' name for a listen address (``listen``, ``admin_listen``): a net.HostPort.
+ListenAddress = HostPort
 
 
 #: A required_claims value: compared with the token's claim by JSON type and value.
@@ -86,15 +95,6 @@ PERSON_CLAIMS = frozenset(
 #: Claims the person can change about themselves in common identity providers (Cognito lets
 #: a user update preferred_username or name with their own access token).
 OWNER_EDITABLE_CLAIMS = frozenset({"preferred_username", "name", "nickname", "given_name", "family_name"})
-
-
-@dataclass(frozen=True)
-class ListenAddress:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return host_port(self.host, self.port)
 
 
 @dataclass(frozen=True)
@@ -554,7 +554,7 @@ class _Reader:
         resolved = self.path_value(m, "ca_file", path, must_exist=True)
         if resolved is not None and resolved.is_file():
             try:
-                upstream_trust(resolved)
+                trust_context(resolved)
             except (ssl.SSLError, OSError, ValueError):
                 # Not the library's text: it can quote what it read.
                 self.fail(_join(path, "ca_file"), f"no PEM certificate could be loaded from {m['ca_file']}")
@@ -703,14 +703,16 @@ class _Reader:
         for key, value in (("jwks_url", jwks_url), ("issuer", issuer)):
             self.check_service_url(value, f"{path}.{key}")
         allow_http_jwks = self.boolean(m, "allow_http_jwks", path, False)
-        if allow_http_jwks and issuer and _scheme(issuer) == "https":
-            how = "are fetched" if jwks_url and _scheme(jwks_url) == "http" else "may be fetched (discovery, redirects)"
+        if allow_http_jwks and issuer and url_scheme(issuer) == "https":
+            how = "may be fetched (discovery, redirects)"
+            if jwks_url and url_scheme(jwks_url) == "http":
+                how = "are fetched"
             self.warn(
                 f"{path}.allow_http_jwks",
                 f"signing keys of an https issuer {how} over plain http: anyone on that path"
                 " could mint identities (meant for a local emulator only)",
             )
-        if issuer and jwks_url and _scheme(issuer) == "https" and _scheme(jwks_url) == "http":
+        if issuer and jwks_url and url_scheme(issuer) == "https" and url_scheme(jwks_url) == "http":
             if not allow_http_jwks:
                 self.fail(
                     f"{path}.jwks_url",
@@ -965,7 +967,7 @@ class _Reader:
         if isinstance(parsed, str):
             self.fail(_join(path, "connect_to"), parsed)
             return None
-        return parsed
+        return parsed.host, parsed.port
 
     def inject(self, raw: Any, path: str) -> InjectSettings | None:
         if raw is None:
@@ -1069,52 +1071,6 @@ _FORBIDDEN_INJECT_HEADERS = frozenset(
 )
 
 
-def parse_passthrough(entry: str) -> tuple[str, int] | None:
-    """``host`` (port 443) or ``host:port`` of a passthrough entry, normalised; None if invalid."""
-    host, port = entry, 443
-    if entry.startswith("["):
-        inner, _, tail = entry[1:].partition("]")
-        host = inner
-        if tail:
-            if not tail.startswith(":") or not ascii_digits(tail[1:]):
-                return None
-            port = int(tail[1:])
-    elif entry.count(":") == 1:
-        host, _, raw_port = entry.partition(":")
-        if not ascii_digits(raw_port):
-            return None
-        port = int(raw_port)
-    if not 0 < port < 65536:
-        return None
-    normal = normalize_host(host)
-    return None if normal is None else (normal, port)
-
-
-def parse_host_port(value: str) -> tuple[str, int] | str:
-    """``host:port`` or ``[v6]:port`` with a port from 1 to 65535, normalised; or the problem."""
-    expected = f"expected host:port (IPv6 as [::1]:443), got {value!r}"
-    if value.startswith("["):
-        inner, bracket, tail = value[1:].partition("]")
-        if not bracket or not tail.startswith(":") or ip_literal(inner) is None or ":" not in inner:
-            return expected
-        if "%" in inner:
-            return "an IPv6 zone (%eth0) is not supported: name the address without it"
-        host, raw_port = inner, tail[1:]
-    else:
-        host, sep, raw_port = value.rpartition(":")
-        if not sep or not host or ":" in host:
-            return expected
-    if not ascii_digits(raw_port):
-        return expected
-    port = int(raw_port)
-    if not 0 < port < 65536:
-        return f"port {port} is out of range (1-65535)"
-    normal = normalize_host(host)
-    if normal is None:
-        return f"invalid host {host!r}"
-    return normal, port
-
-
 def _check_passthrough(value: str) -> str | None:
     if "*" in value:
         return "wildcards are not allowed: name each host (the perimeter lists destinations exactly)"
@@ -1146,112 +1102,6 @@ def check_template(template: str, allowed: frozenset[str], required: str | None 
     return None
 
 
-def parse_listen(value: str) -> ListenAddress | None:
-    """Parse ``host:port`` or ``[v6]:port``."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not ascii_digits(port) or not 0 <= int(port) <= 65535:
-        return None
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not host:
-        return None
-    return ListenAddress(host, int(port))
-
-
-_LEGACY_IPV4 = re.compile(r"[0-9a-fA-FxX.]+")
-
-
-def normalize_host(host: str) -> str | None:
-    """Lower-case, strip one trailing dot and IDNA-encode a host name; None if invalid."""
-    if host.endswith(".") and not host.endswith(".."):
-        host = host[:-1]  # the root label: "api.example.com." is "api.example.com"
-    if not host:
-        return None
-    literal = ip_literal(host)
-    if literal is not None:
-        return literal.compressed
-    if _LEGACY_IPV4.fullmatch(host):
-        try:
-            socket.inet_aton(host)
-        except OSError:
-            pass
-        else:
-            # 127.1, 2130706433, 0x7f000001: an address in disguise, never a name.
-            return None
-    try:
-        encoded = host.encode("idna").decode("ascii").lower()
-    except UnicodeError:
-        return None
-    if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*", encoded):
-        return None
-    return encoded
-
-
-def _scheme(url: str) -> str:
-    """The URL's scheme, lower-case; "" when urllib cannot split it (check_service_url says why)."""
-    try:
-        return urlsplit(url).scheme.lower()
-    except ValueError:
-        return ""
-
-
-def loggable_url(url: str) -> str:
-    """``scheme://host[:port]/path`` of a URL: never its user information or query, which may hold credentials."""
-    try:
-        parts = urlsplit(url)
-        netloc = parts.netloc.rpartition("@")[2]
-    except ValueError:
-        return "(an invalid URL)"
-    return f"{parts.scheme}://{netloc}{parts.path}"
-
-
-def split_http_url(url: str) -> SplitResult | str:
-    """An http(s) URL with a host, a valid port and no user information, or the problem."""
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018  (raises ValueError for a port out of range or not a number)
-    except ValueError as exc:
-        # Only the port's messages are repeated: urllib's others (an IPv6 or NFKC problem)
-        # can quote the whole netloc, and with it a password in user information.
-        problem = str(exc)
-        return f"invalid URL ({problem})" if problem.startswith("Port") else "invalid URL"
-    if parts.scheme not in ("http", "https"):
-        return "expected an http:// or https:// URL"
-    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
-        return "must not contain user information (user@host)"
-    if not parts.hostname:
-        return "has no host"
-    return parts
-
-
-def parse_upstream_url(url: str) -> tuple[str, str, int, str] | str:
-    """Split an upstream URL into (scheme, host, port, base_path) or return the problem."""
-    parts = split_http_url(url)
-    if isinstance(parts, str):
-        return parts
-    if parts.query or parts.fragment:
-        return "must not contain a query or fragment"
-    port = parts.port
-    raw_host = parts.hostname or ""
-    host = normalize_host(raw_host)
-    if host is None:
-        return f"invalid host {raw_host!r}"
-    default_port = 443 if parts.scheme == "https" else 80
-    return parts.scheme, host, port or default_port, parts.path.rstrip("/")
-
-
-def upstream_trust(ca_file: Path | None) -> ssl.SSLContext:
-    """What an https upstream is verified against: the system's CAs, plus ``ca_file``'s if set.
-
-    ``check`` builds it once to refuse a file with no certificate; the upstream builds
-    it again at start. Raises ssl.SSLError or OSError for an unusable file.
-    """
-    context = ssl.create_default_context()
-    if ca_file is not None:
-        context.load_verify_locations(cafile=str(ca_file))
-    return context
-
-
 def _same_socket(a: str, b: str) -> bool:
     """Whether two listeners on one port would collide: the same host, or a wildcard of the other's family.
 
@@ -1268,11 +1118,6 @@ def _same_socket(a: str, b: str) -> bool:
             return False  # a name: what it resolves to is known only when binding
     wildcard = {4: "0.0.0.0", 6: "::"}
     return families[0] == families[1] and wildcard[families[0]] in (a, b)
-
-
-def ascii_digits(text: str) -> bool:
-    """ASCII digits only (a port, a length): ``str.isdigit`` also takes '²', which ``int`` refuses."""
-    return text.isascii() and text.isdigit()
 
 
 def _empty_interpolation(value: Any) -> bool:

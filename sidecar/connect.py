@@ -34,7 +34,6 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from sidecar import metrics
-from sidecar.config import ListenAddress, ascii_digits, normalize_host
 from sidecar.errors import (
     BadRequest,
     DestinationNotAllowed,
@@ -43,6 +42,7 @@ from sidecar.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
+from sidecar.net import HostPort, normalize_host, parse_host_port, resolve_allowed
 from sidecar.proxy import (
     BAD_TRANSFER_ENCODING,
     UNPARSEABLE_TARGET,
@@ -50,7 +50,6 @@ from sidecar.proxy import (
     error_bytes,
     error_response,
 )
-from sidecar.upstream import resolve_allowed
 
 #: The lean server (sidecar/fastserver.py) takes plain HTTP connections and hands
 #: aiohttp anything it does not serve itself; SIDECAR_SERVER=aiohttp gives aiohttp
@@ -88,15 +87,13 @@ _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 5.6.2
 
 def parse_authority(target: str) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` of a CONNECT, normalised; BadRequest otherwise."""
-    host, sep, port = target.rpartition(":")
-    if not sep or not ascii_digits(port) or not 0 < int(port) < 65536 or "@" in host or "/" in host:
+    parsed = parse_host_port(target, last_colon=True, normalize=False)
+    if isinstance(parsed, str) or "@" in parsed.host or "/" in parsed.host:
         raise BadRequest("CONNECT needs host:port.", reason="bad_authority")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    normal = normalize_host(host)
+    normal = normalize_host(parsed.host)
     if normal is None:
         raise BadRequest("CONNECT names an invalid host.", reason="bad_authority")
-    return normal, int(port)
+    return normal, parsed.port
 
 
 def connect_head(head: bytes) -> tuple[str, CIMultiDict[str]]:
@@ -419,7 +416,7 @@ class Front:
             authority, headers = connect_head(head)
             host, port = parse_authority(authority)
             # Logged only once parsed: a raw authority could carry user:password@.
-            target = str(ListenAddress(host, port))
+            target = str(HostPort(host, port))
             rt = self.plane.runtime
             if not rt.forward_proxy:
                 raise DestinationNotAllowed("Forward-proxy mode is disabled.", reason="forward_proxy_disabled")

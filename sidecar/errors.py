@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import json
 
+from sidecar.client_id import CLIENT_ID_PATTERN
+
 
 class SidecarError(Exception):
     """A refusal or failure that becomes the contract's JSON error response."""
@@ -66,9 +68,7 @@ class UnsupportedHttpVersion(BadRequest):
 class InvalidClientId(SidecarError):
     status = 400
     code = "invalid_client_id"
-    default_message = (
-        "The client ID must match ^[A-Za-z0-9][A-Za-z0-9._@+=-]{0,127}$."
-    )
+    default_message = f"The client ID must match ^{CLIENT_ID_PATTERN.pattern}$."
 
 
 class MissingIdentity(SidecarError):

@@ -33,10 +33,10 @@ from collections import OrderedDict, deque
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from sidecar.config import ascii_digits
 from sidecar.errors import SidecarError, UpstreamBodyError, UpstreamTimeout, UpstreamUnreachable
+from sidecar.net import ascii_digits, resolve_allowed
 from sidecar.upstream import CLIENT_LIMIT as UPSTREAM_CLIENT_LIMIT
-from sidecar.upstream import DNS_TTL_SECONDS, KEEPALIVE_SECONDS, POOL_LIMIT, resolve_allowed
+from sidecar.upstream import DNS_TTL_SECONDS, KEEPALIVE_SECONDS, POOL_LIMIT
 
 #: Limits on an answer's head, as aiohttp's client has (one field, the whole head).
 MAX_FIELD_BYTES = 16 * 1024

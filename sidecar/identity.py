@@ -22,7 +22,8 @@ from typing import Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from sidecar.config import CLIENT_ID_PATTERN, IdentitySettings
+from sidecar.client_id import CLIENT_ID_PATTERN
+from sidecar.config import IdentitySettings
 from sidecar.errors import BadRequest, InvalidClientId, MissingIdentity
 
 

@@ -21,7 +21,6 @@ from aiohttp import StreamReader, web
 from multidict import CIMultiDict
 
 from sidecar import metrics
-from sidecar.config import normalize_host
 from sidecar.errors import (
     BadRequest,
     ClientNotAllowed,
@@ -34,6 +33,7 @@ from sidecar.errors import (
     UpstreamUnreachable,
 )
 from sidecar.identity import IdentityResolver
+from sidecar.net import normalize_host
 from sidecar.policy import client_allowed, scopes_allowed
 from sidecar.secrets.base import Secret
 from sidecar.secrets.cache import SecretCache

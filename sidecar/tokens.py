@@ -52,15 +52,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from jwt.algorithms import AllowedPublicKeys
 
-from sidecar.config import (
-    ASYMMETRIC_ALGORITHMS,
-    ClaimValue,
-    IdentitySettings,
-    JwtSettings,
-    loggable_url,
-    split_http_url,
-    upstream_trust,
-)
+from sidecar.config import ASYMMETRIC_ALGORITHMS, ClaimValue, IdentitySettings, JwtSettings
 from sidecar.errors import BadRequest, IdentityProviderUnavailable, InvalidToken
 from sidecar.identity import (
     PROXY_AUTHORIZATION,
@@ -71,6 +63,7 @@ from sidecar.identity import (
     validate_client_id,
 )
 from sidecar.metrics import JWKS_REFRESHES, TOKEN_CACHE, bump
+from sidecar.net import loggable_url, split_http_url, trust_context
 
 log = logging.getLogger("sidecar.tokens")
 
@@ -463,7 +456,7 @@ class JwksSource:
             # The issuer's ca_file is trusted here only, beside the system CAs.
             self._session = aiohttp.ClientSession(
                 headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
-                connector=aiohttp.TCPConnector(ssl=upstream_trust(self._settings.ca_file)),
+                connector=aiohttp.TCPConnector(ssl=trust_context(self._settings.ca_file)),
             )
         async with self._session.get(url) as response:
             # Every hop: a plain-http hop that redirects on to https would otherwise pass.

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import ipaddress
 import os
 import socket
 import ssl
@@ -22,7 +21,7 @@ from aiohttp.resolver import DefaultResolver
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from sidecar.config import UpstreamSettings, upstream_trust
+from sidecar.config import UpstreamSettings
 from sidecar.errors import (
     DestinationNotAllowed,
     SidecarError,
@@ -31,6 +30,7 @@ from sidecar.errors import (
 )
 from sidecar.inject import CompiledInjection, compile_injector
 from sidecar.metrics import UPSTREAM_ERRORS
+from sidecar.net import trust_context, url_host
 from sidecar.policy import allowed_addresses, compile_client_matcher
 
 if TYPE_CHECKING:
@@ -98,31 +98,6 @@ class _BodyReader(Protocol):
     async def readany(self) -> bytes: ...
 
     def at_eof(self) -> bool: ...
-
-
-async def resolve_allowed(host: str, port: int, allow_private: bool) -> list[str]:
-    """Resolve once; the addresses the guard allows. Callers connect only to these.
-
-    The lean client and CONNECT tunnels use this (each under its own deadline);
-    aiohttp's client gets the same filter through ``GuardedResolver``.
-    """
-    try:
-        candidates = [ipaddress.ip_address(host).compressed]
-    except ValueError:
-        try:
-            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except OSError:
-            raise UpstreamUnreachable("The destination name does not resolve.", reason="dns") from None
-        candidates = [str(info[4][0]) for info in infos]
-    allowed = allowed_addresses(candidates, allow_private)
-    if not allowed:
-        # Upstream.send and the CONNECT tunnel put the setting that would allow it in the message.
-        raise DestinationNotAllowed(
-            "The destination resolves only to private, loopback, link-local or reserved addresses, "
-            "which the sidecar does not reach.",
-            reason="forbidden_address",
-        )
-    return allowed
 
 
 class _ClientSlots:
@@ -239,10 +214,6 @@ class GuardedResolver(AbstractResolver):
         await self._inner.close()
 
 
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
-
-
 class Upstream:
     """A compiled upstream: send requests with ``send`` after ``start``."""
 
@@ -251,7 +222,7 @@ class Upstream:
         self.name = settings.name
         default_port = 443 if settings.scheme == "https" else 80
         #: host[:port] as in a Host header and a URL (the port only when not the default)
-        self.authority = _url_host(settings.host) + ("" if settings.port == default_port else f":{settings.port}")
+        self.authority = url_host(settings.host) + ("" if settings.port == default_port else f":{settings.port}")
         self.origin = f"{settings.scheme}://{self.authority}"
         #: where the aiohttp path sends its requests: the origin, or connect_to's address, in
         #: which case Host and the TLS server name are set to url's host on each request
@@ -259,7 +230,7 @@ class Upstream:
         self._server_hostname: str | None = None
         if settings.connect_to is not None:
             dial_host, dial_port = settings.connect_to
-            self._request_origin = f"{settings.scheme}://{_url_host(dial_host)}:{dial_port}"
+            self._request_origin = f"{settings.scheme}://{url_host(dial_host)}:{dial_port}"
             if settings.scheme == "https":
                 self._server_hostname = settings.host
         #: the secret's name for a client: the template with the upstream already filled in
@@ -290,7 +261,7 @@ class Upstream:
         s = self.settings
         ssl_context: ssl.SSLContext | bool = False
         if s.scheme == "https":
-            ssl_context = upstream_trust(s.ca_file)
+            ssl_context = trust_context(s.ca_file)
         if FAST_CLIENT and self._resolver is None:
             from sidecar.fastclient import FastPool
 

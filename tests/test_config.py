@@ -10,11 +10,13 @@ import pytest
 import trustme
 import yaml
 
-from sidecar.config import ListenAddress, Settings, load_settings, loggable_url, parse_settings
+from sidecar.client_id import CLIENT_ID_PATTERN
+from sidecar.config import ListenAddress, Settings, load_settings, parse_settings
 from sidecar.errors import ConfigError
+from sidecar.net import loggable_url
 from tests.support.leaks import make_secret
 
-CLIENT_ID_RULE = "does not match [A-Za-z0-9][A-Za-z0-9._@+=-]{0,127}"
+CLIENT_ID_RULE = f"does not match {CLIENT_ID_PATTERN.pattern}"
 
 
 @pytest.fixture
