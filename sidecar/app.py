@@ -33,15 +33,15 @@ from sidecar import metrics
 from sidecar.access_log import AccessLog, configure_logging, flush_access_lines
 from sidecar.admin import bound_address, build_admin_app
 from sidecar.buildinfo import build, stale_sources
-from sidecar.config import ListenAddress, SecretsSettings, Settings, load_settings, parse_passthrough
+from sidecar.config import ListenAddress, Settings, load_settings, parse_passthrough
 from sidecar.connect import Front
 from sidecar.errors import ConfigError, NoCredential, SecretStoreUnavailable
 from sidecar.identity import IdentityResolver, build_identity_resolver
 from sidecar.policy import client_allowed
 from sidecar.proxy import DataPlane, Runtime
-from sidecar.secrets.base import EmptyStore, SecretBackend, StoreError
+from sidecar.secrets.base import SecretBackend
 from sidecar.secrets.cache import SecretCache
-from sidecar.secrets.file import FileLoadError
+from sidecar.secrets.factory import BackendStartError, start_backend
 from sidecar.upstream import Upstream
 
 if TYPE_CHECKING:
@@ -60,19 +60,6 @@ GIL_SWITCH_SECONDS = 0.0005
 
 class StartupError(Exception):
     """The sidecar cannot start (a port in use, an unreadable secrets file, no AWS region)."""
-
-
-def build_backend(settings: SecretsSettings) -> SecretBackend:
-    """The configured store; botocore is imported only for the AWS backend."""
-    if settings.backend == "aws":
-        from sidecar.secrets.aws import AwsBackend
-
-        return AwsBackend(settings.aws, settings.lookup_timeout_seconds)
-    if settings.file.path is None:  # config allows this only with no upstreams
-        return EmptyStore()
-    from sidecar.secrets.file import FileBackend
-
-    return FileBackend(settings.file.path)
 
 
 @dataclass
@@ -213,16 +200,10 @@ class Sidecar:
         if previous is not None and previous.settings.secrets == settings.secrets:
             backend, cache = previous.backend, previous.cache
         else:
-            backend = build_backend(settings.secrets)
             try:
-                await backend.start()
-            except StoreError as exc:
-                raise StartupError(f"secrets.{settings.secrets.backend}: {exc.detail or exc.kind}") from None
-            except FileLoadError as exc:
-                raise StartupError(f"secrets.{settings.secrets.backend}: {exc}") from None  # ours: no file content
-            except Exception as exc:
-                # A library's text may quote what it read (a key); its type is enough.
-                raise StartupError(f"secrets.{settings.secrets.backend}: {type(exc).__name__}") from None
+                backend = await start_backend(settings.secrets)
+            except BackendStartError as exc:
+                raise StartupError(str(exc)) from None
             cache = SecretCache(backend, settings.secrets.cache, lookup_timeout=settings.secrets.lookup_timeout_seconds)
             backend.on_change = cache.clear
         if previous is not None and previous.settings.identity == settings.identity:
