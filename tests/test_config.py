@@ -1060,7 +1060,8 @@ def test_ca_file_must_hold_a_certificate(tmp_path: Path, keys_file: Path) -> Non
 
 
 async def test_a_ca_file_broken_after_check_fails_the_build_not_the_process(tmp_path: Path, keys_file: Path) -> None:
-    from sidecar.app import Sidecar, StartupError
+    from sidecar.app import Sidecar
+    from sidecar.lifecycle import StartupError
 
     ca = tmp_path / "ca.pem"
     trustme.CA().cert_pem.write_to_path(str(ca))
