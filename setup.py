@@ -28,6 +28,7 @@ from build_backend import compile_requested  # one reading of SIDECAR_COMPILE fo
 COMPILED = [
     "sidecar/fastserver.py",
     "sidecar/fastclient.py",
+    "sidecar/transport/base.py",
     "sidecar/proxy.py",
     "sidecar/access_log.py",
     "sidecar/identity.py",

@@ -41,7 +41,7 @@ from sidecar.proxy import REPLAY_BODY_LIMIT, STREAM_BROKEN, error_bytes
 if TYPE_CHECKING:
     from sidecar.errors import SidecarError
     from sidecar.proxy import DataPlane, ResponseHead
-    from sidecar.upstream import UpstreamAnswer
+    from sidecar.transport.base import UpstreamAnswer
 
 log = logging.getLogger("sidecar.fastserver")
 

@@ -13,7 +13,7 @@ import os
 import socket
 import ssl
 from importlib.util import find_spec
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -32,34 +32,21 @@ from sidecar.inject import CompiledInjection, compile_injector
 from sidecar.metrics import UPSTREAM_ERRORS
 from sidecar.net import trust_context, url_host
 from sidecar.policy import allowed_addresses, compile_client_matcher
+from sidecar.transport.base import (
+    CLIENT_LIMIT,
+    DNS_TTL_SECONDS,
+    HOP_BY_HOP,
+    LOCAL_CREDENTIAL_HEADERS,
+    POOL_LIMIT,
+    READ_BUFFER,
+    UpstreamAnswer,
+)
 
 if TYPE_CHECKING:
     from sidecar.fastclient import FastPool
 
-#: RFC 9110 7.6.1 connection-specific fields, plus the proxy ones.
-HOP_BY_HOP = frozenset(
-    {
-        "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
-        "te", "trailer", "transfer-encoding", "upgrade",
-    }
-)
-#: Credentials for services on the app's own host (a Vault agent; the AWS Parameters and
-#: Secrets extension): an app's HTTP client may attach them to every request, and no
-#: upstream is meant to see them. An upstream whose ``inject`` names one gets its own key there.
-LOCAL_CREDENTIAL_HEADERS = frozenset({"x-vault-token", "x-aws-parameters-secrets-token"})
 #: Headers aiohttp would add on its own; the sidecar forwards what the app sent, no more.
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
-#: Idle keep-alive connections to an upstream live this long.
-KEEPALIVE_SECONDS = 30.0
-#: Upper bound on open connections per upstream (both clients).
-POOL_LIMIT = 256
-#: Upper bound on one client's share of them: three quarters, so one client (a burst, or
-#: an app that stops reading its answers) always leaves a quarter to the others.
-CLIENT_LIMIT = POOL_LIMIT * 3 // 4
-#: Resolved upstream addresses are reused this long (both clients).
-DNS_TTL_SECONDS = 10
-READ_BUFFER = 64 * 1024
-
 
 #: The lean client (sidecar/fastclient.py) carries the common requests; aiohttp the rest.
 #: SIDECAR_UPSTREAM_CLIENT=aiohttp sends everything through aiohttp (a comparison and
@@ -69,35 +56,6 @@ _ERROR_KINDS = {
     "connect": "connect", "dns": "connect", "tls": "tls", "connect_timeout": "timeout",
     "protocol": "protocol", "forbidden_address": "forbidden_address", "timeout": "timeout",
 }
-
-
-class UpstreamAnswer(Protocol):
-    """What the proxy reads from an upstream answer (aiohttp's ClientResponse or FastResponse)."""
-
-    @property
-    def status(self) -> int: ...
-
-    @property
-    def reason(self) -> str | None: ...
-
-    @property
-    def content_length(self) -> int | None: ...
-
-    @property
-    def headers(self) -> CIMultiDictProxy[str]: ...
-
-    @property
-    def content(self) -> _BodyReader: ...
-
-    def close(self) -> None: ...
-
-    def release(self) -> Any: ...
-
-
-class _BodyReader(Protocol):
-    async def readany(self) -> bytes: ...
-
-    def at_eof(self) -> bool: ...
 
 
 class _ClientSlots:
