@@ -27,8 +27,8 @@ from build_backend import compile_requested  # one reading of SIDECAR_COMPILE fo
 #: connection (config, app, workers, connect, mitm, the secret backends).
 COMPILED = [
     "sidecar/fastserver.py",
-    "sidecar/fastclient.py",
     "sidecar/transport/base.py",
+    "sidecar/transport/fast.py",
     "sidecar/proxy.py",
     "sidecar/access_log.py",
     "sidecar/identity.py",

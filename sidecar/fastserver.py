@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, cast
 import httptools
 from multidict import CIMultiDict
 
-from sidecar.fastclient import FastResponse, time_out
 from sidecar.proxy import REPLAY_BODY_LIMIT, STREAM_BROKEN, error_bytes
+from sidecar.transport.fast import FastResponse, time_out
 
 if TYPE_CHECKING:
     from sidecar.errors import SidecarError

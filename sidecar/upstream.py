@@ -43,12 +43,12 @@ from sidecar.transport.base import (
 )
 
 if TYPE_CHECKING:
-    from sidecar.fastclient import FastPool
+    from sidecar.transport.fast import FastPool
 
 #: Headers aiohttp would add on its own; the sidecar forwards what the app sent, no more.
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
-#: The lean client (sidecar/fastclient.py) carries the common requests; aiohttp the rest.
+#: The lean client (sidecar/transport/fast.py) carries the common requests; aiohttp the rest.
 #: SIDECAR_UPSTREAM_CLIENT=aiohttp sends everything through aiohttp (a comparison and
 #: an escape hatch).
 FAST_CLIENT = os.environ.get("SIDECAR_UPSTREAM_CLIENT", "fast") != "aiohttp" and find_spec("httptools") is not None
@@ -221,7 +221,7 @@ class Upstream:
         if s.scheme == "https":
             ssl_context = trust_context(s.ca_file)
         if FAST_CLIENT and self._resolver is None:
-            from sidecar.fastclient import FastPool
+            from sidecar.transport.fast import FastPool
 
             # One pool per upstream: its connections all go to this upstream's dial
             # address, so two upstreams of one origin (or one with connect_to) never share one.

@@ -66,12 +66,11 @@ LAYER: dict[str, int] = {
     "sidecar.credentials.static": PARTS,  # planned
     "sidecar.credentials.factory": PARTS,  # planned
     "sidecar.inject": PARTS,
-    "sidecar.transport": PARTS,  # planned
-    "sidecar.transport.base": PARTS,  # planned
-    "sidecar.transport.fast": PARTS,  # planned (today's fastclient.py)
+    "sidecar.transport": PARTS,
+    "sidecar.transport.base": PARTS,
+    "sidecar.transport.fast": PARTS,  # was fastclient.py
     "sidecar.transport.aio": PARTS,  # planned
     "sidecar.transport.failures": PARTS,  # planned
-    "sidecar.fastclient": PARTS,  # today's name of transport/fast.py
     "sidecar.upstream": PARTS,
     "sidecar.routing": PARTS,  # planned
     # 3 pipeline: one request, from exchange to answer
