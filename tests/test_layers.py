@@ -69,7 +69,7 @@ LAYER: dict[str, int] = {
     "sidecar.transport": PARTS,
     "sidecar.transport.base": PARTS,
     "sidecar.transport.fast": PARTS,  # was fastclient.py
-    "sidecar.transport.aio": PARTS,  # planned
+    "sidecar.transport.aio": PARTS,
     "sidecar.transport.failures": PARTS,  # planned
     "sidecar.upstream": PARTS,
     "sidecar.routing": PARTS,  # planned
