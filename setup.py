@@ -22,12 +22,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
 from build_backend import compile_requested  # one reading of SIDECAR_COMPILE for the backend and the build
 
 #: What a warm request runs through (tokens in JWT mode). Left as Python: upstream.py
-#: (one call a request; it defines an OSError and an aiohttp resolver subclass, which
-#: mypyc cannot compile as native classes), and what runs at start, reload or per
-#: connection (config, app, workers, connect, mitm, the secret backends).
+#: (one call a request), transport/aio.py (the aiohttp client's pieces: it defines an
+#: OSError and an aiohttp resolver subclass, which mypyc cannot compile as native
+#: classes), and what runs at start, reload or per connection (config, app, workers,
+#: connect, mitm, the secret backends).
 COMPILED = [
     "sidecar/fastserver.py",
-    "sidecar/fastclient.py",
+    "sidecar/transport/base.py",
+    "sidecar/transport/fast.py",
     "sidecar/proxy.py",
     "sidecar/access_log.py",
     "sidecar/identity.py",

@@ -1077,7 +1077,7 @@ def report(b: Bench) -> tuple[str, list[tuple[str, str, str]]]:
             srv, thru, sc = (floors.get(n, {}).get(c) for n in ("aiohttp-server", "aiohttp-passthrough", "sidecar"))
             if srv and thru and sc:
                 # The sidecar serves the common request with its own lean server and client
-                # (sidecar/fastserver.py, sidecar/fastclient.py), so it is no longer
+                # (sidecar/fastserver.py, sidecar/transport/fast.py), so it is no longer
                 # "aiohttp's passthrough plus our code"; the floors say what those would cost.
                 lines.append(f"\nc={c}: a bare aiohttp server answering by itself costs "
                              f"{srv['cpu_us_per_req']:.0f} µs a request, a bare aiohttp server + client passthrough "

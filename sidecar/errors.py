@@ -157,6 +157,6 @@ class ConfigError(Exception):
 class UpstreamBodyError(ConnectionError):
     """The upstream broke off or garbled a response body after its head was sent on.
 
-    Kept here, not in fastclient.py: a compiled (mypyc) module cannot define a
+    Kept here, not in transport/fast.py: a compiled (mypyc) module cannot define a
     subclass of ConnectionError.
     """

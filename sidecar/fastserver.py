@@ -35,13 +35,13 @@ from typing import TYPE_CHECKING, cast
 import httptools
 from multidict import CIMultiDict
 
-from sidecar.fastclient import FastResponse, time_out
 from sidecar.proxy import REPLAY_BODY_LIMIT, STREAM_BROKEN, error_bytes
+from sidecar.transport.fast import FastResponse, time_out
 
 if TYPE_CHECKING:
     from sidecar.errors import SidecarError
     from sidecar.proxy import DataPlane, ResponseHead
-    from sidecar.upstream import UpstreamAnswer
+    from sidecar.transport.base import UpstreamAnswer
 
 log = logging.getLogger("sidecar.fastserver")
 

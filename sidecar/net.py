@@ -244,7 +244,7 @@ async def resolve_allowed(host: str, port: int, allow_private: bool) -> list[str
     """Resolve once; the addresses the guard allows. Callers connect only to these.
 
     The lean client and CONNECT tunnels use this (each under its own deadline);
-    aiohttp's client gets the same filter through ``upstream.GuardedResolver``.
+    aiohttp's client gets the same filter through ``transport.aio.GuardedResolver``.
     """
     try:
         candidates = [ipaddress.ip_address(host).compressed]

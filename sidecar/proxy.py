@@ -37,7 +37,8 @@ from sidecar.net import normalize_host
 from sidecar.policy import client_allowed, scopes_allowed
 from sidecar.secrets.base import Secret
 from sidecar.secrets.cache import SecretCache
-from sidecar.upstream import HOP_BY_HOP, Upstream, UpstreamAnswer
+from sidecar.transport.base import HOP_BY_HOP, UpstreamAnswer
+from sidecar.upstream import Upstream
 
 if TYPE_CHECKING:
     from sidecar.access_log import AccessLog

@@ -3,6 +3,8 @@
 Everything per upstream is built once (origin string, injection rule, client
 glob, timeouts, header drop list); a request only does look-ups. aiohttp client
 exceptions are translated into our errors here, at the boundary where they arise.
+The clients and what they share are in ``sidecar.transport`` (``base``: limits and
+the answer Protocol; ``fast``: the lean client; ``aio``: aiohttp's pieces).
 """
 
 from __future__ import annotations
@@ -10,15 +12,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-import socket
 import ssl
 from importlib.util import find_spec
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
-from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import DefaultResolver
-from multidict import CIMultiDict, CIMultiDictProxy
+from aiohttp.abc import AbstractResolver
+from multidict import CIMultiDict
 from yarl import URL
 
 from sidecar.config import UpstreamSettings
@@ -31,37 +31,21 @@ from sidecar.errors import (
 from sidecar.inject import CompiledInjection, compile_injector
 from sidecar.metrics import UPSTREAM_ERRORS
 from sidecar.net import trust_context, url_host
-from sidecar.policy import allowed_addresses, compile_client_matcher
+from sidecar.policy import compile_client_matcher
+from sidecar.transport.aio import SKIP_AUTO_HEADERS, ClientShares, ForbiddenAddressError, GuardedResolver, SharedAnswer
+from sidecar.transport.base import (
+    DNS_TTL_SECONDS,
+    HOP_BY_HOP,
+    LOCAL_CREDENTIAL_HEADERS,
+    POOL_LIMIT,
+    READ_BUFFER,
+    UpstreamAnswer,
+)
 
 if TYPE_CHECKING:
-    from sidecar.fastclient import FastPool
+    from sidecar.transport.fast import FastPool
 
-#: RFC 9110 7.6.1 connection-specific fields, plus the proxy ones.
-HOP_BY_HOP = frozenset(
-    {
-        "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
-        "te", "trailer", "transfer-encoding", "upgrade",
-    }
-)
-#: Credentials for services on the app's own host (a Vault agent; the AWS Parameters and
-#: Secrets extension): an app's HTTP client may attach them to every request, and no
-#: upstream is meant to see them. An upstream whose ``inject`` names one gets its own key there.
-LOCAL_CREDENTIAL_HEADERS = frozenset({"x-vault-token", "x-aws-parameters-secrets-token"})
-#: Headers aiohttp would add on its own; the sidecar forwards what the app sent, no more.
-SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
-#: Idle keep-alive connections to an upstream live this long.
-KEEPALIVE_SECONDS = 30.0
-#: Upper bound on open connections per upstream (both clients).
-POOL_LIMIT = 256
-#: Upper bound on one client's share of them: three quarters, so one client (a burst, or
-#: an app that stops reading its answers) always leaves a quarter to the others.
-CLIENT_LIMIT = POOL_LIMIT * 3 // 4
-#: Resolved upstream addresses are reused this long (both clients).
-DNS_TTL_SECONDS = 10
-READ_BUFFER = 64 * 1024
-
-
-#: The lean client (sidecar/fastclient.py) carries the common requests; aiohttp the rest.
+#: The lean client (sidecar/transport/fast.py) carries the common requests; aiohttp the rest.
 #: SIDECAR_UPSTREAM_CLIENT=aiohttp sends everything through aiohttp (a comparison and
 #: an escape hatch).
 FAST_CLIENT = os.environ.get("SIDECAR_UPSTREAM_CLIENT", "fast") != "aiohttp" and find_spec("httptools") is not None
@@ -69,149 +53,6 @@ _ERROR_KINDS = {
     "connect": "connect", "dns": "connect", "tls": "tls", "connect_timeout": "timeout",
     "protocol": "protocol", "forbidden_address": "forbidden_address", "timeout": "timeout",
 }
-
-
-class UpstreamAnswer(Protocol):
-    """What the proxy reads from an upstream answer (aiohttp's ClientResponse or FastResponse)."""
-
-    @property
-    def status(self) -> int: ...
-
-    @property
-    def reason(self) -> str | None: ...
-
-    @property
-    def content_length(self) -> int | None: ...
-
-    @property
-    def headers(self) -> CIMultiDictProxy[str]: ...
-
-    @property
-    def content(self) -> _BodyReader: ...
-
-    def close(self) -> None: ...
-
-    def release(self) -> Any: ...
-
-
-class _BodyReader(Protocol):
-    async def readany(self) -> bytes: ...
-
-    def at_eof(self) -> bool: ...
-
-
-class _ClientSlots:
-    """One client's share: a semaphore of CLIENT_LIMIT, and how many hold or wait for it."""
-
-    __slots__ = ("semaphore", "users")
-
-    def __init__(self) -> None:
-        self.semaphore = asyncio.Semaphore(CLIENT_LIMIT)
-        self.users = 0
-
-
-class ClientShares:
-    """Per client, the aiohttp-path answers in flight, at most CLIENT_LIMIT (the lean pool has its own).
-
-    A client over its share waits (within the request's timeout) for one of its own
-    answers to end; other clients never wait for it. Clients with nothing in flight
-    cost nothing: their entry goes when its last user does.
-    """
-
-    def __init__(self) -> None:
-        self._by_client: dict[str, _ClientSlots] = {}
-
-    async def take(self, client: str) -> None:
-        slots = self._by_client.get(client)
-        if slots is None:
-            slots = self._by_client[client] = _ClientSlots()
-        slots.users += 1
-        try:
-            await slots.semaphore.acquire()
-        except BaseException:
-            self._leave(client, slots)
-            raise
-
-    def give(self, client: str) -> None:
-        slots = self._by_client.get(client)
-        if slots is not None:
-            slots.semaphore.release()
-            self._leave(client, slots)
-
-    def _leave(self, client: str, slots: _ClientSlots) -> None:
-        slots.users -= 1
-        if slots.users == 0:
-            del self._by_client[client]
-
-
-class _SharedAnswer:
-    """aiohttp's answer, holding one of its client's shares until it is released or closed."""
-
-    __slots__ = ("_answer", "_client", "_shares")
-
-    def __init__(self, answer: aiohttp.ClientResponse, shares: ClientShares, client: str) -> None:
-        self._answer = answer
-        self._shares: ClientShares | None = shares
-        self._client = client
-
-    @property
-    def status(self) -> int:
-        return self._answer.status
-
-    @property
-    def reason(self) -> str | None:
-        return self._answer.reason
-
-    @property
-    def content_length(self) -> int | None:
-        return self._answer.content_length
-
-    @property
-    def headers(self) -> CIMultiDictProxy[str]:
-        return self._answer.headers
-
-    @property
-    def content(self) -> aiohttp.StreamReader:
-        return self._answer.content
-
-    def _give(self) -> None:
-        shares, self._shares = self._shares, None
-        if shares is not None:
-            shares.give(self._client)
-
-    def close(self) -> None:
-        self._answer.close()
-        self._give()
-
-    def release(self) -> Any:
-        try:
-            return self._answer.release()
-        finally:
-            self._give()
-
-
-class ForbiddenAddressError(OSError):
-    """Every address a name resolved to is loopback, private, link-local or reserved."""
-
-
-class GuardedResolver(AbstractResolver):
-    """Resolve, then keep only allowed addresses; the connector connects to what it returns."""
-
-    def __init__(self, inner: AbstractResolver | None = None) -> None:
-        self._inner = inner or DefaultResolver()
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        results = await self._inner.resolve(host, port, family)
-        keep = set(allowed_addresses((r["host"] for r in results), allow_private=False))
-        allowed = [r for r in results if r["host"] in keep]
-        if not allowed:
-            raise ForbiddenAddressError(f"{host} resolves only to addresses the sidecar may not reach")
-        return allowed
-
-    async def close(self) -> None:
-        await self._inner.close()
 
 
 class Upstream:
@@ -263,7 +104,7 @@ class Upstream:
         if s.scheme == "https":
             ssl_context = trust_context(s.ca_file)
         if FAST_CLIENT and self._resolver is None:
-            from sidecar.fastclient import FastPool
+            from sidecar.transport.fast import FastPool
 
             # One pool per upstream: its connections all go to this upstream's dial
             # address, so two upstreams of one origin (or one with connect_to) never share one.
@@ -328,7 +169,7 @@ class Upstream:
                 except BaseException:
                     self.shares.give(client)
                     raise
-                return _SharedAnswer(answer, self.shares, client)
+                return SharedAnswer(answer, self.shares, client)
         except SidecarError as err:
             kind = _ERROR_KINDS.get(err.reason)
             if kind is not None:

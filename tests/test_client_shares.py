@@ -1,4 +1,4 @@
-"""The aiohttp path's per-client share of an upstream (sidecar/upstream.py ClientShares)."""
+"""The aiohttp path's per-client share of an upstream (sidecar/transport/aio.py ClientShares)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import asyncio
 
 import pytest
 
-from sidecar import upstream
-from sidecar.upstream import ClientShares
+from sidecar.transport import aio
+from sidecar.transport.aio import ClientShares
 
 
 async def test_a_client_over_its_share_waits_for_its_own_answers_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(upstream, "CLIENT_LIMIT", 2)
+    monkeypatch.setattr(aio, "CLIENT_LIMIT", 2)
     shares = ClientShares()
     await shares.take("alice")
     await shares.take("alice")
@@ -27,7 +27,7 @@ async def test_a_client_over_its_share_waits_for_its_own_answers_only(monkeypatc
 
 
 async def test_a_waiter_that_gives_up_leaves_no_trace(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(upstream, "CLIENT_LIMIT", 1)
+    monkeypatch.setattr(aio, "CLIENT_LIMIT", 1)
     shares = ClientShares()
     await shares.take("alice")
     with pytest.raises(TimeoutError):

@@ -12,7 +12,7 @@ import pytest
 from multidict import CIMultiDict
 
 from sidecar.errors import DestinationNotAllowed, UpstreamTimeout, UpstreamUnreachable
-from sidecar.fastclient import MAX_WARMING, FastPool, FastResponse, _Connection
+from sidecar.transport.fast import MAX_WARMING, FastPool, FastResponse, _Connection
 from tests.support.upstream import closed_port
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
@@ -230,9 +230,9 @@ async def test_address_guard_refuses_loopback_without_allow_private() -> None:
 
 
 async def test_open_connections_are_capped_and_waiters_get_the_freed_ones(monkeypatch: pytest.MonkeyPatch) -> None:
-    import sidecar.fastclient
+    import sidecar.transport.fast
 
-    monkeypatch.setattr(sidecar.fastclient, "MAX_CONNECTIONS", 2)
+    monkeypatch.setattr(sidecar.transport.fast, "MAX_CONNECTIONS", 2)
     active = 0
     peak = 0
 
@@ -321,15 +321,15 @@ async def test_a_bursts_connections_serve_the_next_burst_without_new_handshakes(
 async def test_the_connection_cap_holds_while_the_name_is_being_resolved(monkeypatch: pytest.MonkeyPatch) -> None:
     """Connects count against MAX_CONNECTIONS from the start: requests and warms that all
     begin during a slow DNS lookup must not open more than the cap between them."""
-    import sidecar.fastclient
+    import sidecar.transport.fast
 
-    monkeypatch.setattr(sidecar.fastclient, "MAX_CONNECTIONS", 3)
+    monkeypatch.setattr(sidecar.transport.fast, "MAX_CONNECTIONS", 3)
 
     async def slow_resolve(host: str, port: int, allow_private: bool) -> list[str]:
         await asyncio.sleep(0.05)
         return ["127.0.0.1"]
 
-    monkeypatch.setattr(sidecar.fastclient, "resolve_allowed", slow_resolve)
+    monkeypatch.setattr(sidecar.transport.fast, "resolve_allowed", slow_resolve)
     async with RawUpstream(keep_alive) as up:
         p = pool(up.port)
         for _ in range(5):
@@ -363,9 +363,9 @@ async def test_a_burst_waiting_for_one_key_finds_one_connection_each(monkeypatch
     """Requests waiting for one key (a burst for a new client) find their connections
     open when it arrives: warming goes on past MAX_WARMING at a time, and stops at the
     number waiting."""
-    import sidecar.fastclient
+    import sidecar.transport.fast
 
-    monkeypatch.setattr(sidecar.fastclient, "MAX_WARMING", 4)
+    monkeypatch.setattr(sidecar.transport.fast, "MAX_WARMING", 4)
     async with RawUpstream(keep_alive) as up:
         p = pool(up.port)
         for _ in range(20):
@@ -390,9 +390,9 @@ async def test_an_idle_connection_past_its_time_is_neither_used_nor_counted_as_r
 ) -> None:
     """An expired idle connection is closed, not handed to a request (the upstream may be
     closing it at that moment) and not counted as ready for a request waiting for its key."""
-    import sidecar.fastclient
+    import sidecar.transport.fast
 
-    monkeypatch.setattr(sidecar.fastclient, "IDLE_SECONDS", 0.05)
+    monkeypatch.setattr(sidecar.transport.fast, "IDLE_SECONDS", 0.05)
     async with RawUpstream(keep_alive) as up:
         p = pool(up.port)
         assert await get(p) == b"ok"
@@ -461,9 +461,9 @@ async def test_timeout_seconds_is_one_budget_for_the_connection_wait_and_the_hea
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A wait for a free connection and a slow head, each within the limit, together exceed it."""
-    import sidecar.fastclient
+    import sidecar.transport.fast
 
-    monkeypatch.setattr(sidecar.fastclient, "MAX_CONNECTIONS", 1)
+    monkeypatch.setattr(sidecar.transport.fast, "MAX_CONNECTIONS", 1)
     release = asyncio.Event()
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
@@ -514,10 +514,10 @@ async def test_a_connection_serves_one_client_only() -> None:
 
 async def test_one_client_cannot_take_every_connection(monkeypatch: pytest.MonkeyPatch) -> None:
     """alice's requests beyond her share wait for her own connections; bob's go at once."""
-    import sidecar.fastclient
+    import sidecar.transport.fast
 
-    monkeypatch.setattr(sidecar.fastclient, "MAX_CONNECTIONS", 4)
-    monkeypatch.setattr(sidecar.fastclient, "CLIENT_LIMIT", 3)
+    monkeypatch.setattr(sidecar.transport.fast, "MAX_CONNECTIONS", 4)
+    monkeypatch.setattr(sidecar.transport.fast, "CLIENT_LIMIT", 3)
     gate = asyncio.Event()
     held = 0
 
@@ -556,10 +556,10 @@ async def test_one_client_cannot_take_every_connection(monkeypatch: pytest.Monke
 async def test_a_full_pool_closes_another_clients_idle_connection_to_make_room(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import sidecar.fastclient
+    import sidecar.transport.fast
 
-    monkeypatch.setattr(sidecar.fastclient, "MAX_CONNECTIONS", 2)
-    monkeypatch.setattr(sidecar.fastclient, "CLIENT_LIMIT", 2)
+    monkeypatch.setattr(sidecar.transport.fast, "MAX_CONNECTIONS", 2)
+    monkeypatch.setattr(sidecar.transport.fast, "CLIENT_LIMIT", 2)
     gate = asyncio.Event()
     async with RawUpstream(keep_alive_after(gate)) as up:
         p = pool(up.port)
@@ -581,7 +581,7 @@ async def test_a_full_pool_closes_another_clients_idle_connection_to_make_room(
 async def test_thousands_of_clients_stay_within_the_pool() -> None:
     """Each client gets its own connection; the pool stays at MAX_CONNECTIONS and forgets
     the clients whose connections it closed."""
-    from sidecar.fastclient import MAX_CONNECTIONS
+    from sidecar.transport.fast import MAX_CONNECTIONS
 
     clients = MAX_CONNECTIONS + 44
     async with RawUpstream(keep_alive) as up:

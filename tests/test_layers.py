@@ -66,12 +66,11 @@ LAYER: dict[str, int] = {
     "sidecar.credentials.static": PARTS,  # planned
     "sidecar.credentials.factory": PARTS,  # planned
     "sidecar.inject": PARTS,
-    "sidecar.transport": PARTS,  # planned
-    "sidecar.transport.base": PARTS,  # planned
-    "sidecar.transport.fast": PARTS,  # planned (today's fastclient.py)
-    "sidecar.transport.aio": PARTS,  # planned
+    "sidecar.transport": PARTS,
+    "sidecar.transport.base": PARTS,
+    "sidecar.transport.fast": PARTS,  # was fastclient.py
+    "sidecar.transport.aio": PARTS,
     "sidecar.transport.failures": PARTS,  # planned
-    "sidecar.fastclient": PARTS,  # today's name of transport/fast.py
     "sidecar.upstream": PARTS,
     "sidecar.routing": PARTS,  # planned
     # 3 pipeline: one request, from exchange to answer
@@ -103,15 +102,13 @@ LAYER: dict[str, int] = {
 KNOWN_CYCLES: list[frozenset[str]] = [
     # access_log takes the record and request line from proxy; proxy and fastserver need each other's types
     frozenset({"sidecar.access_log", "sidecar.proxy", "sidecar.fastserver"}),
-    # fastclient takes pool limits and resolve_allowed from upstream, which builds the FastPool
-    frozenset({"sidecar.fastclient", "sidecar.upstream"}),
     # identity's factory imports the JWT resolver, which imports identity's helpers
     frozenset({"sidecar.identity", "sidecar.tokens"}),
 ]
 
 #: Imports from a lower layer to a higher one there are today, as (importer,
-#: imported). Shrinks like KNOWN_CYCLES. (upstream -> fastclient and identity ->
-#: tokens point the wrong way too, but both ends are parts: KNOWN_CYCLES holds them.)
+#: imported). Shrinks like KNOWN_CYCLES. (identity -> tokens points the wrong way
+#: too, but both ends are parts: KNOWN_CYCLES holds it.)
 KNOWN_UPWARD: set[tuple[str, str]] = {
     ("sidecar.access_log", "sidecar.proxy"),
     ("sidecar.proxy", "sidecar.fastserver"),

@@ -24,7 +24,8 @@ from multidict import CIMultiDict
 
 from sidecar.config import parse_settings
 from sidecar.errors import DestinationNotAllowed
-from sidecar.upstream import ForbiddenAddressError, GuardedResolver, Upstream
+from sidecar.transport.aio import ForbiddenAddressError, GuardedResolver
+from sidecar.upstream import Upstream
 from tests.support.idp import IdentityProvider, ThreadedIdP
 from tests.support.leaks import make_secret
 from tests.support.process import SidecarProcess

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
-from sidecar.upstream import CLIENT_LIMIT, POOL_LIMIT
+from sidecar.transport.base import CLIENT_LIMIT, POOL_LIMIT
 from tests.adversarial.support_http import (
     LoopThread,
     StreamServerMixin,

@@ -35,8 +35,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.errors import SidecarError, UpstreamBodyError, UpstreamTimeout, UpstreamUnreachable
 from sidecar.net import ascii_digits, resolve_allowed
-from sidecar.upstream import CLIENT_LIMIT as UPSTREAM_CLIENT_LIMIT
-from sidecar.upstream import DNS_TTL_SECONDS, KEEPALIVE_SECONDS, POOL_LIMIT
+from sidecar.transport.base import CLIENT_LIMIT as BASE_CLIENT_LIMIT
+from sidecar.transport.base import DNS_TTL_SECONDS, KEEPALIVE_SECONDS, POOL_LIMIT
 
 #: Limits on an answer's head, as aiohttp's client has (one field, the whole head).
 MAX_FIELD_BYTES = 16 * 1024
@@ -48,8 +48,8 @@ HIGH_WATER = 256 * 1024
 #: Open connections per upstream (busy and idle), the aiohttp connector's limit too; a
 #: request beyond it waits for one to come back (bounded by timeout_seconds).
 MAX_CONNECTIONS = POOL_LIMIT
-#: Open connections per upstream for one client (see upstream.CLIENT_LIMIT).
-CLIENT_LIMIT = UPSTREAM_CLIENT_LIMIT
+#: Open connections per upstream for one client (see transport.base.CLIENT_LIMIT).
+CLIENT_LIMIT = BASE_CLIENT_LIMIT
 #: How long an idle pooled connection is kept (aiohttp's keep-alive too). Every idle
 #: connection is kept, up to MAX_CONNECTIONS, as aiohttp's connector and Envoy keep them:
 #: with a cap of 64, every burst closed the connections it had opened and the next burst

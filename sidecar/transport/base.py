@@ -1,0 +1,65 @@
+"""What both upstream clients share: the answer they return, the pool limits, the headers never forwarded.
+
+Compiled with the request path (setup.py); nothing here imports either client, so
+the lean client (``transport.fast``), the aiohttp pieces (``transport.aio``) and
+``sidecar.upstream`` all import from here and not from each other.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from multidict import CIMultiDictProxy
+
+#: RFC 9110 7.6.1 connection-specific fields, plus the proxy ones.
+HOP_BY_HOP = frozenset(
+    {
+        "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
+        "te", "trailer", "transfer-encoding", "upgrade",
+    }
+)
+#: Credentials for services on the app's own host (a Vault agent; the AWS Parameters and
+#: Secrets extension): an app's HTTP client may attach them to every request, and no
+#: upstream is meant to see them. An upstream whose ``inject`` names one gets its own key there.
+LOCAL_CREDENTIAL_HEADERS = frozenset({"x-vault-token", "x-aws-parameters-secrets-token"})
+#: Idle keep-alive connections to an upstream live this long.
+KEEPALIVE_SECONDS = 30.0
+#: Upper bound on open connections per upstream (both clients).
+POOL_LIMIT = 256
+#: Upper bound on one client's share of them: three quarters, so one client (a burst, or
+#: an app that stops reading its answers) always leaves a quarter to the others.
+CLIENT_LIMIT = POOL_LIMIT * 3 // 4
+#: Resolved upstream addresses are reused this long (both clients).
+DNS_TTL_SECONDS = 10
+READ_BUFFER = 64 * 1024
+
+
+class UpstreamAnswer(Protocol):
+    """What the proxy reads from an upstream answer (aiohttp's ClientResponse or FastResponse)."""
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def reason(self) -> str | None: ...
+
+    @property
+    def content_length(self) -> int | None: ...
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]: ...
+
+    @property
+    def content(self) -> BodyReader: ...
+
+    def close(self) -> None: ...
+
+    def release(self) -> Any: ...
+
+
+class BodyReader(Protocol):
+    """An answer's body as the proxy reads it (aiohttp's StreamReader or FastResponse)."""
+
+    async def readany(self) -> bytes: ...
+
+    def at_eof(self) -> bool: ...
