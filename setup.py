@@ -30,6 +30,7 @@ COMPILED = [
     "sidecar/fastclient.py",
     "sidecar/proxy.py",
     "sidecar/access_log.py",
+    "sidecar/record.py",
     "sidecar/identity.py",
     "sidecar/inject.py",
     "sidecar/policy.py",

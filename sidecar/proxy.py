@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Final
 from urllib.parse import unquote, urlsplit
 
 import aiohttp
@@ -35,6 +35,7 @@ from sidecar.errors import (
 from sidecar.identity import IdentityResolver
 from sidecar.net import normalize_host
 from sidecar.policy import client_allowed, scopes_allowed
+from sidecar.record import Record, RequestLine
 from sidecar.secrets.base import Secret
 from sidecar.secrets.cache import SecretCache
 from sidecar.upstream import HOP_BY_HOP, Upstream, UpstreamAnswer
@@ -99,26 +100,6 @@ class _OneWriteResponse(web.StreamResponse):
     """
 
     _send_headers_immediately = False
-
-
-class _Record:
-    """What the access log line says about one request."""
-
-    __slots__ = (
-        "cache", "client_id", "destination", "error", "identity", "mode", "path", "reason", "status", "upstream",
-    )
-
-    def __init__(self) -> None:
-        self.upstream = "-"
-        self.path: str | None = None  # the request path without its query, once parsed
-        self.destination: str | None = None  # forward-proxy mode: host[:port] the app named
-        self.client_id: str | None = None
-        self.identity: str | None = None
-        self.cache: str | None = None
-        self.status = 0
-        self.error: str | None = None
-        self.reason: str | None = None
-        self.mode = "route"
 
 
 def error_headers(err: SidecarError) -> dict[str, str]:
@@ -226,16 +207,6 @@ class ResponseHead:
         ]
 
 
-class RequestLine(Protocol):
-    """What the access log and the router read of a request (aiohttp's or the fast server's)."""
-
-    @property
-    def method(self) -> str: ...
-
-    @property
-    def raw_path(self) -> str: ...
-
-
 def _check_path(path: str) -> None:
     """Refuse dot segments (also percent-encoded) and other paths an upstream could reinterpret."""
     if "#" in path or "\\" in path:
@@ -273,7 +244,7 @@ class DataPlane:
         ``tunnel_client_id`` when that CONNECT named a client (``IdentityResolver.proxy_client_id``)."""
         rt = self.runtime
         started = time.perf_counter()
-        rec = _Record()
+        rec = Record()
         metrics.bump(metrics.INFLIGHT)
         try:
             return await self._proxy(rt, request, rec, origin, tunnel_client_id)
@@ -288,13 +259,13 @@ class DataPlane:
             bug = self._refuse(self._bug(exc, rec), rec)
             return error_response(bug, reason_phrase(bug, rec.mode))
         finally:
-            self._account(request, rec, started)
+            self.access_log.account(request, rec, time.perf_counter() - started)
 
     async def handle_fast(self, exchange: FastExchange) -> None:
         """Handle one request the fast server parsed and buffered whole; it writes the answer."""
         rt = self.runtime
         started = time.perf_counter()
-        rec = _Record()
+        rec = Record()
         metrics.bump(metrics.INFLIGHT)
         try:
             admitted = await self._admit(rt, exchange, exchange.headers, rec, None, None)
@@ -315,10 +286,10 @@ class DataPlane:
             bug = self._refuse(self._bug(exc, rec), rec)
             exchange.refuse(bug, reason_phrase(bug, rec.mode))
         finally:
-            self._account(exchange, rec, started)
+            self.access_log.account(exchange, rec, time.perf_counter() - started)
 
     @staticmethod
-    def _bug(exc: Exception, rec: _Record) -> SidecarError:
+    def _bug(exc: Exception, rec: Record) -> SidecarError:
         # A bug, not a refusal. The exception text could hold a URL with a key in it,
         # so only its type is logged.
         log.error(
@@ -327,14 +298,8 @@ class DataPlane:
         )
         return SidecarError(reason="internal_error")
 
-    def _account(self, request: RequestLine, rec: _Record, started: float) -> None:
-        metrics.bump(metrics.INFLIGHT, -1)
-        elapsed = time.perf_counter() - started
-        metrics.record_request(rec.upstream, rec.status, elapsed)
-        self.access_log.request(request, rec, elapsed)
-
     @staticmethod
-    def _refuse(err: SidecarError, rec: _Record) -> SidecarError:
+    def _refuse(err: SidecarError, rec: Record) -> SidecarError:
         rec.status = err.status
         rec.error = err.code
         rec.reason = err.reason
@@ -342,7 +307,7 @@ class DataPlane:
         return err
 
     def _route(
-        self, rt: Runtime, request: RequestLine, rec: _Record, origin: tuple[str, int] | None
+        self, rt: Runtime, request: RequestLine, rec: Record, origin: tuple[str, int] | None
     ) -> tuple[Upstream, str, str]:
         """Pick the upstream; return it with the path and raw query to send."""
         raw = request.raw_path
@@ -379,7 +344,7 @@ class DataPlane:
             raise BadRequest("Forward-proxy requests are disabled.", reason="forward_proxy_disabled")
         return self._match_absolute(rt, raw, rec)
 
-    def _match_absolute(self, rt: Runtime, raw: str, rec: _Record) -> tuple[Upstream, str, str]:
+    def _match_absolute(self, rt: Runtime, raw: str, rec: Record) -> tuple[Upstream, str, str]:
         try:
             parts = urlsplit(raw)
             port = parts.port
@@ -416,7 +381,7 @@ class DataPlane:
         rt: Runtime,
         request: RequestLine,
         headers: HeaderReader,
-        rec: _Record,
+        rec: Record,
         origin: tuple[str, int] | None,
         tunnel_client_id: str | None,
     ) -> Admitted:
@@ -468,7 +433,7 @@ class DataPlane:
         headers: CIMultiDict[str],
         data: bytes | StreamReader | None,
         replayable: bool,
-        rec: _Record,
+        rec: Record,
     ) -> tuple[UpstreamAnswer, Secret]:
         """Inject, send; on 401/403 with a rotated key in the store, send once more."""
         upstream = admitted.upstream
@@ -500,7 +465,7 @@ class DataPlane:
         self,
         rt: Runtime,
         request: web.BaseRequest,
-        rec: _Record,
+        rec: Record,
         origin: tuple[str, int] | None,
         tunnel_client_id: str | None,
     ) -> web.StreamResponse:
@@ -532,7 +497,7 @@ class DataPlane:
         return path + "?" + query if query else path
 
     async def _stream_back(
-        self, request: web.BaseRequest, answer: UpstreamAnswer, head: ResponseHead, rec: _Record
+        self, request: web.BaseRequest, answer: UpstreamAnswer, head: ResponseHead, rec: Record
     ) -> web.StreamResponse:
         response = (_OneWriteResponse if head.framed else web.StreamResponse)(status=head.status, reason=head.reason)
         out = response.headers
