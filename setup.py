@@ -31,6 +31,8 @@ COMPILED = [
     "sidecar/proxy.py",
     "sidecar/access_log.py",
     "sidecar/record.py",
+    "sidecar/refusal.py",
+    "sidecar/exchange.py",
     "sidecar/identity.py",
     "sidecar/inject.py",
     "sidecar/policy.py",

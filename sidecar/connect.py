@@ -43,14 +43,9 @@ from sidecar.errors import (
     UpstreamUnreachable,
 )
 from sidecar.net import HostPort, normalize_host, parse_host_port, resolve_allowed
-from sidecar.proxy import (
-    BAD_TRANSFER_ENCODING,
-    UNPARSEABLE_TARGET,
-    UNSUPPORTED_VERSION,
-    error_bytes,
-    error_response,
-)
+from sidecar.proxy import BAD_TRANSFER_ENCODING, UNPARSEABLE_TARGET, UNSUPPORTED_VERSION
 from sidecar.record import FixedLine, Record
+from sidecar.refusal import error_bytes, error_response
 
 #: The lean server (sidecar/fastserver.py) takes plain HTTP connections and hands
 #: aiohttp anything it does not serve itself; SIDECAR_SERVER=aiohttp gives aiohttp

@@ -43,7 +43,7 @@ LAYER: dict[str, int] = {
     "sidecar.mitm": GROUND,
     "sidecar.record": GROUND,  # the access record, RequestLine
     "sidecar.net": GROUND,  # planned: the one host:port parser, URL split, trust, lookup
-    "sidecar.refusal": GROUND,  # planned: the HTTP shape of a refusal
+    "sidecar.refusal": GROUND,  # the HTTP shape of a refusal
     # 1 config: the settings schema and what reads or describes it
     "sidecar.access_log": CONFIG,
     "sidecar.config": CONFIG,
@@ -75,7 +75,7 @@ LAYER: dict[str, int] = {
     "sidecar.upstream": PARTS,
     "sidecar.routing": PARTS,  # planned
     # 3 pipeline: one request, from exchange to answer
-    "sidecar.exchange": PIPELINE,  # planned
+    "sidecar.exchange": PIPELINE,  # ResponseHead, body rules; planned: the Exchange seam
     "sidecar.pipeline": PIPELINE,  # planned (today's proxy.py)
     "sidecar.proxy": PIPELINE,  # today's name of pipeline.py
     # 4 listeners: sockets, servers, CONNECT
@@ -101,7 +101,7 @@ LAYER: dict[str, int] = {
 #: (a strongly connected component of the graph). Shrinks: when a step breaks a
 #: cycle, delete its entry (or write the part that is left).
 KNOWN_CYCLES: list[frozenset[str]] = [
-    # proxy and fastserver need each other's types (and fastserver proxy's body limit, stream errors, refusal bytes)
+    # proxy and fastserver name each other's types, under TYPE_CHECKING only (DataPlane, FastExchange)
     frozenset({"sidecar.proxy", "sidecar.fastserver"}),
     # fastclient takes pool limits and resolve_allowed from upstream, which builds the FastPool
     frozenset({"sidecar.fastclient", "sidecar.upstream"}),
