@@ -21,10 +21,10 @@ import logging
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
-if TYPE_CHECKING:
-    from sidecar.proxy import RequestLine, _Record
+from sidecar import metrics
+from sidecar.record import Record, RequestLine
 
 FLUSH_SECONDS = 0.05
 #: Largest single write when processes share stdout: atomic on a pipe (Linux PIPE_BUF).
@@ -135,8 +135,22 @@ class AccessLog:
         except (AttributeError, OSError, ValueError):
             self._fd = None  # a StringIO in tests: written through the stream
 
-    def request(self, request: RequestLine, rec: _Record, elapsed: float) -> None:
-        """The line for an HTTP request the data plane handled."""
+    def account(
+        self, request: RequestLine, rec: Record, elapsed: float, *, timed: bool = True, inflight: bool = True
+    ) -> None:
+        """Count one finished request and write its line: the one place a request is accounted.
+
+        ``elapsed``: seconds since it began (0.0 for a head aiohttp could not parse).
+        ``timed``: also a duration sample; False for a CONNECT, whose tunnel's lifetime
+        is no request latency, and for an unparsed head. ``inflight``: it was counted in
+        the in-flight gauge when it began (an unparsed head never was).
+        """
+        if inflight:
+            metrics.bump(metrics.INFLIGHT, -1)
+        if timed:
+            metrics.record_request(rec.upstream, rec.status, elapsed)
+        else:
+            metrics.count_request(rec.upstream, rec.status)
         path = rec.path
         if path is None:
             # Refused before its target was parsed: an origin-form path without its query,

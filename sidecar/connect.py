@@ -43,13 +43,9 @@ from sidecar.errors import (
     UpstreamUnreachable,
 )
 from sidecar.net import HostPort, normalize_host, parse_host_port, resolve_allowed
-from sidecar.proxy import (
-    BAD_TRANSFER_ENCODING,
-    UNPARSEABLE_TARGET,
-    UNSUPPORTED_VERSION,
-    error_bytes,
-    error_response,
-)
+from sidecar.proxy import BAD_TRANSFER_ENCODING, UNPARSEABLE_TARGET, UNSUPPORTED_VERSION
+from sidecar.record import FixedLine, Record
+from sidecar.refusal import error_bytes, error_response
 
 #: The lean server (sidecar/fastserver.py) takes plain HTTP connections and hands
 #: aiohttp anything it does not serve itself; SIDECAR_SERVER=aiohttp gives aiohttp
@@ -83,6 +79,10 @@ LLHTTP_UNKNOWN_VERSION = "Invalid HTTP version"
 _ROOT = URL.build(path="/", encoded=True)
 _HTTP_VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 5.6.2
+#: The access log's request line for a CONNECT (its path is the parsed authority, set on the
+#: Record) and for a head aiohttp could not parse.
+_CONNECT_LINE = FixedLine("CONNECT")
+_UNPARSED = FixedLine("-")
 
 
 def parse_authority(target: str) -> tuple[str, int]:
@@ -188,11 +188,12 @@ class _RequestHandler(RequestHandler):
             err = UnsupportedHttpVersion(reason="http_version")
             reason = err.reason
         metrics.count_refusal(err.code)
-        metrics.count_request("-", err.status)
-        self.front.plane.access_log.line(
-            method="-", path="-", mode="route", upstream="-", status=err.status, elapsed=0.0,
-            error=err.code, reason=reason,
-        )
+        rec = Record()
+        rec.status = err.status
+        rec.error = err.code
+        rec.reason = reason
+        # Never begun as a request: not in flight, no duration.
+        self.front.plane.access_log.account(_UNPARSED, rec, 0.0, timed=False, inflight=False)
         response = error_response(err)
         response.force_close()
         return response
@@ -405,32 +406,30 @@ class Front:
 
     async def handle_connect(self, transport: asyncio.Transport, head: bytes, rest: bytes) -> None:
         started = time.perf_counter()
-        target = "-"
-        upstream_name = "-"
-        client_id: str | None = None
-        status = 200
-        error: SidecarError | None = None
-        mode = "tunnel"
+        rec = Record()
+        rec.path = "-"
+        rec.status = 200
+        rec.mode = "tunnel"
         metrics.bump(metrics.INFLIGHT)
         try:
             authority, headers = connect_head(head)
             host, port = parse_authority(authority)
             # Logged only once parsed: a raw authority could carry user:password@.
-            target = str(HostPort(host, port))
+            rec.path = str(HostPort(host, port))
             rt = self.plane.runtime
             if not rt.forward_proxy:
                 raise DestinationNotAllowed("Forward-proxy mode is disabled.", reason="forward_proxy_disabled")
             if (host, port) in rt.passthrough:
                 # Nothing is injected into a byte tunnel, so a client named on the CONNECT has
                 # nothing to apply to: checked like any (JWT mode refuses it) and logged.
-                client_id = rt.identity.proxy_client_id(headers, connect=True)
+                rec.client_id = rt.identity.proxy_client_id(headers, connect=True)
                 await self._tunnel(transport, host, port, rest)
                 return
             upstreams = rt.by_origin.get((host, port), ())
             upstream = next((u for u in upstreams if u.settings.scheme == "https"), None)
             if upstream is None:
                 raise DestinationNotAllowed(reason="not_an_upstream")
-            upstream_name = upstream.name
+            rec.upstream = upstream.name
             if not rt.mitm or self.authority is None:
                 raise DestinationNotAllowed(
                     "CONNECT to an upstream needs TLS interception (forward_proxy.mitm); "
@@ -439,12 +438,13 @@ class Front:
                 )
             if rest:
                 raise BadRequest("Data arrived before the tunnel was established.", reason="early_data")
-            client_id = rt.identity.proxy_client_id(headers, connect=True)
-            mode = "mitm"
-            await self._intercept(transport, host, port, client_id)
+            rec.client_id = rt.identity.proxy_client_id(headers, connect=True)
+            rec.mode = "mitm"
+            await self._intercept(transport, host, port, rec.client_id)
         except SidecarError as err:
-            error = err
-            status = err.status
+            rec.status = err.status
+            rec.error = err.code
+            rec.reason = err.reason
             metrics.count_refusal(err.code)
             if not transport.is_closing():
                 # The code as reason phrase (403 destination_not_allowed): a proxy client
@@ -452,24 +452,14 @@ class Front:
                 transport.write(error_bytes(err, close=True, phrase=err.code))
                 transport.close()
         except Exception:
-            status = 502
+            rec.status = 502
             log.error("CONNECT handling failed", exc_info=False)
             transport.close()
         finally:
-            metrics.bump(metrics.INFLIGHT, -1)
-            metrics.count_request(upstream_name, status)
-            self.plane.access_log.line(
-                method="CONNECT",
-                path=target,
-                mode=mode,
-                upstream=upstream_name,
-                status=status,
-                elapsed=time.perf_counter() - started,
-                client_id=client_id,
-                identity="proxy" if client_id is not None else None,
-                error=error.code if error else None,
-                reason=error.reason if error else None,
-            )
+            if rec.client_id is not None:
+                rec.identity = "proxy"
+            # Counted without a duration sample: a tunnel's lifetime is no request latency.
+            self.plane.access_log.account(_CONNECT_LINE, rec, time.perf_counter() - started, timed=False)
 
     async def _tunnel(self, client: asyncio.Transport, host: str, port: int, rest: bytes) -> None:
         loop = self.loop

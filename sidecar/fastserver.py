@@ -35,12 +35,13 @@ from typing import TYPE_CHECKING, cast
 import httptools
 from multidict import CIMultiDict
 
-from sidecar.proxy import REPLAY_BODY_LIMIT, STREAM_BROKEN, error_bytes
+from sidecar.exchange import NO_BODY_STATUS, REPLAY_BODY_LIMIT, STREAM_BROKEN, ResponseHead
+from sidecar.refusal import error_bytes
 from sidecar.transport.fast import FastResponse, time_out
 
 if TYPE_CHECKING:
     from sidecar.errors import SidecarError
-    from sidecar.proxy import DataPlane, ResponseHead
+    from sidecar.proxy import DataPlane
     from sidecar.transport.base import UpstreamAnswer
 
 log = logging.getLogger("sidecar.fastserver")
@@ -56,7 +57,6 @@ KEEPALIVE_SECONDS = 3630.0
 MAX_PENDING = MAX_HEAD + REPLAY_BODY_LIMIT
 _CONNECT = b"CONNECT "
 FAST_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-_NO_BODY_STATUS = frozenset({204, 304})
 _STATUS_LINES: dict[tuple[int, str], bytes] = {}
 _date: list[object] = [-1, b""]
 
@@ -192,7 +192,7 @@ class FastExchange:
         parts = [_status_line(head.status, head.reason), _encode("".join(lines))]
         if date:
             parts.append(_date_line(time.time()))
-        bodiless = head.status in _NO_BODY_STATUS
+        bodiless = head.status in NO_BODY_STATUS
         chunked = False
         if head.framed:
             parts.append(b"Content-Length: %d\r\n" % (head.length or 0))

@@ -3,7 +3,7 @@
 Runs on aiohttp's low-level server (no router, no middlewares): the first path
 segment or the absolute-form host picks the upstream with one dict look-up.
 Every refusal is a SidecarError turned into a response in one place
-(``error_response``); every request ends in one access-log line.
+(``refusal.error_response``); every request ends in one access-log line (``AccessLog.account``).
 """
 
 from __future__ import annotations
@@ -12,11 +12,9 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from http import HTTPStatus
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Final
 from urllib.parse import unquote, urlsplit
 
-import aiohttp
 from aiohttp import StreamReader, web
 from multidict import CIMultiDict
 
@@ -30,14 +28,16 @@ from sidecar.errors import (
     SidecarError,
     UnknownUpstream,
     UnsupportedHttpVersion,
-    UpstreamUnreachable,
 )
+from sidecar.exchange import REPLAY_BODY_LIMIT, STREAM_BROKEN, ResponseHead
 from sidecar.identity import IdentityResolver
 from sidecar.net import normalize_host
 from sidecar.policy import client_allowed, scopes_allowed
+from sidecar.record import Record, RequestLine
+from sidecar.refusal import error_response, reason_phrase
 from sidecar.secrets.base import Secret
 from sidecar.secrets.cache import SecretCache
-from sidecar.transport.base import HOP_BY_HOP, UpstreamAnswer
+from sidecar.transport.base import UpstreamAnswer
 from sidecar.upstream import Upstream
 
 if TYPE_CHECKING:
@@ -47,10 +47,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sidecar.proxy")
 
-#: An upstream's own X-Sidecar-Error would pass for a refusal by the sidecar.
-_RESPONSE_DROP = HOP_BY_HOP | {"content-length", "x-sidecar-error"}
-#: Request bodies up to this size are read whole so a rotated key can replay them.
-REPLAY_BODY_LIMIT = 1024 * 1024
 #: Methods never forwarded: an upstream implementing them reflects the request,
 #: injected key included, back to the app.
 REFUSED_METHODS = frozenset({"TRACE", "TRACK"})
@@ -61,16 +57,6 @@ MARK: Final = "\x00"
 UNPARSEABLE_TARGET = MARK + "unparseable-target"
 UNSUPPORTED_VERSION = MARK + "unsupported-version"
 BAD_TRANSFER_ENCODING = MARK + "bad-transfer-encoding"
-RETRY_AFTER_SECONDS = "5"
-#: Access-log modes whose refusals carry their code as the reason phrase (``reason_phrase``):
-#: absolute-form requests and requests inside an intercepted CONNECT. CONNECT itself always does.
-CODE_PHRASE_MODES = frozenset({"proxy", "mitm"})
-#: Longest reason phrase relayed to the app.
-MAX_REASON = 256
-#: Answers that never have a body (RFC 9110 15.3.5, 15.4.5).
-_NO_BODY_STATUS = frozenset({204, 304})
-#: Either side breaking off mid-body, as the clients and transports report it.
-STREAM_BROKEN = (TimeoutError, ConnectionError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,73 +88,6 @@ class _OneWriteResponse(web.StreamResponse):
     _send_headers_immediately = False
 
 
-class _Record:
-    """What the access log line says about one request."""
-
-    __slots__ = (
-        "cache", "client_id", "destination", "error", "identity", "mode", "path", "reason", "status", "upstream",
-    )
-
-    def __init__(self) -> None:
-        self.upstream = "-"
-        self.path: str | None = None  # the request path without its query, once parsed
-        self.destination: str | None = None  # forward-proxy mode: host[:port] the app named
-        self.client_id: str | None = None
-        self.identity: str | None = None
-        self.cache: str | None = None
-        self.status = 0
-        self.error: str | None = None
-        self.reason: str | None = None
-        self.mode = "route"
-
-
-def error_headers(err: SidecarError) -> dict[str, str]:
-    """The headers of a refusal besides its framing; the one place refusals take shape."""
-    headers = {"X-Sidecar-Error": err.code, "Cache-Control": "no-store"}
-    if err.code == "invalid_token":
-        # RFC 6750 section 3: a refused bearer token is named as such, for OAuth clients.
-        headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
-    if err.status == 503:
-        # The store or the identity provider is failing. The cache retries the store this
-        # often and the provider's keys are retried in the background: sooner is pointless.
-        headers["Retry-After"] = RETRY_AFTER_SECONDS
-    return headers
-
-
-def reason_phrase(err: SidecarError, mode: str) -> str:
-    """The status line's reason phrase for a refusal: its code in forward-proxy modes, else the standard one.
-
-    A proxy client (requests, httpx, aiohttp, urllib, curl) shows the app the status line
-    of a refused CONNECT and nothing else, and an app unaware of the sidecar (HTTP_PROXY,
-    HTTPS_PROXY) reads every refusal through such messages (``403 Client Error:
-    destination_not_allowed``). Route mode keeps the standard phrases: an app that calls the
-    sidecar by name reads X-Sidecar-Error and the body.
-    """
-    return err.code if mode in CODE_PHRASE_MODES else HTTPStatus(err.status).phrase
-
-
-def error_bytes(err: SidecarError, *, close: bool, extra: bytes = b"", phrase: str | None = None) -> bytes:
-    """The same refusal written by hand (the lean server, CONNECT); ``extra``: more header lines.
-
-    ``phrase``: the reason phrase (``reason_phrase``); the standard one when None.
-    """
-    body = err.body()
-    head = [f"HTTP/1.1 {err.status} {phrase or HTTPStatus(err.status).phrase}\r\n"]
-    head += [f"{name}: {value}\r\n" for name, value in error_headers(err).items()]
-    head.append(f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n")
-    if close:
-        head.append("Connection: close\r\n")
-    return "".join(head).encode("ascii") + extra + b"\r\n" + body
-
-
-def error_response(err: SidecarError, phrase: str | None = None) -> web.Response:
-    """The contract's JSON error with ``X-Sidecar-Error`` as an aiohttp response (``phrase`` as in error_bytes)."""
-    return web.Response(
-        status=err.status, reason=phrase, body=err.body(), content_type="application/json",
-        headers=error_headers(err),
-    )
-
-
 @dataclass(slots=True)
 class Admitted:
     """A request that passed routing, identity, policy and the secret lookup."""
@@ -179,62 +98,6 @@ class Admitted:
     client_id: str
     secret_id: str
     secret: Secret
-
-
-class ResponseHead:
-    """What goes back to the app from an upstream answer: scrubbed reason and headers, framing."""
-
-    __slots__ = ("framed", "headers", "length", "reason", "status", "write_timeout")
-
-    def __init__(self, answer: UpstreamAnswer, upstream: Upstream, secret: Secret) -> None:
-        #: An app that reads none of the answer for this long loses it, and the upstream
-        #: connection it holds goes: a stalled reader cannot keep one for longer.
-        self.write_timeout = upstream.settings.timeout_seconds
-        if answer.status < 200:
-            # A 101 the app never asked for (Upgrade is stripped) or another interim
-            # status as the final answer: not something to relay.
-            answer.close()
-            raise UpstreamUnreachable("The upstream answered with an unexpected interim status.", reason="protocol")
-        self.status = answer.status
-        if self.status in _NO_BODY_STATUS:
-            # Never a body, whatever the upstream's Content-Length says (a 304 may repeat the
-            # length of the 200 it stands for): the app must not wait for one.
-            self.length = None
-            self.framed = False
-        else:
-            self.length = answer.content_length
-            self.framed = (
-                self.length is not None and "chunked" not in answer.headers.get("Transfer-Encoding", "").lower()
-            )
-        scrub = upstream.injection.scrub_set(secret)
-        shortest = scrub.shortest
-        # The reason phrase is the upstream's text too: an echo of the key there would
-        # reach the app in the status line.
-        # Shortened only after the scrub: a cut through an echoed key would leave a piece
-        # of it that no longer matches any spelling.
-        self.reason = scrub(answer.reason)[:MAX_REASON] if answer.reason else answer.reason
-        drop = _RESPONSE_DROP
-        connection = answer.headers.getall("Connection", None)
-        if connection:  # every Connection line counts, not only the first
-            drop = drop | {t.strip().lower() for line in connection for t in line.split(",")}
-        # A value shorter than every spelling of the key cannot hold one (most of them).
-        # A name that holds the key (an upstream echoing parameters as X-Param-<value>)
-        # takes the whole header with it: a name cannot be partly redacted.
-        self.headers = [
-            (name, scrub(value) if len(value) >= shortest else value)
-            for name, value in answer.headers.items()
-            if name.lower() not in drop and (len(name) < shortest or scrub(name) == name)
-        ]
-
-
-class RequestLine(Protocol):
-    """What the access log and the router read of a request (aiohttp's or the fast server's)."""
-
-    @property
-    def method(self) -> str: ...
-
-    @property
-    def raw_path(self) -> str: ...
 
 
 def _check_path(path: str) -> None:
@@ -274,7 +137,7 @@ class DataPlane:
         ``tunnel_client_id`` when that CONNECT named a client (``IdentityResolver.proxy_client_id``)."""
         rt = self.runtime
         started = time.perf_counter()
-        rec = _Record()
+        rec = Record()
         metrics.bump(metrics.INFLIGHT)
         try:
             return await self._proxy(rt, request, rec, origin, tunnel_client_id)
@@ -289,20 +152,21 @@ class DataPlane:
             bug = self._refuse(self._bug(exc, rec), rec)
             return error_response(bug, reason_phrase(bug, rec.mode))
         finally:
-            self._account(request, rec, started)
+            self.access_log.account(request, rec, time.perf_counter() - started)
 
     async def handle_fast(self, exchange: FastExchange) -> None:
         """Handle one request the fast server parsed and buffered whole; it writes the answer."""
         rt = self.runtime
         started = time.perf_counter()
-        rec = _Record()
+        rec = Record()
         metrics.bump(metrics.INFLIGHT)
         try:
             admitted = await self._admit(rt, exchange, exchange.headers, rec, None, None)
             headers = exchange.headers  # the fast server's own copy: edited in place
             self._drop_hop_headers(rt, admitted.upstream, headers)
             answer, secret = await self._exchange(rt, exchange.method, admitted, headers, exchange.body, True, rec)
-            head = ResponseHead(answer, admitted.upstream, secret)
+            upstream = admitted.upstream
+            head = ResponseHead(answer, upstream.injection.scrub_set(secret), upstream.settings.timeout_seconds)
             rec.status = head.status
             if not await exchange.relay(answer, head):
                 rec.reason = "stream_interrupted"
@@ -316,10 +180,10 @@ class DataPlane:
             bug = self._refuse(self._bug(exc, rec), rec)
             exchange.refuse(bug, reason_phrase(bug, rec.mode))
         finally:
-            self._account(exchange, rec, started)
+            self.access_log.account(exchange, rec, time.perf_counter() - started)
 
     @staticmethod
-    def _bug(exc: Exception, rec: _Record) -> SidecarError:
+    def _bug(exc: Exception, rec: Record) -> SidecarError:
         # A bug, not a refusal. The exception text could hold a URL with a key in it,
         # so only its type is logged.
         log.error(
@@ -328,14 +192,8 @@ class DataPlane:
         )
         return SidecarError(reason="internal_error")
 
-    def _account(self, request: RequestLine, rec: _Record, started: float) -> None:
-        metrics.bump(metrics.INFLIGHT, -1)
-        elapsed = time.perf_counter() - started
-        metrics.record_request(rec.upstream, rec.status, elapsed)
-        self.access_log.request(request, rec, elapsed)
-
     @staticmethod
-    def _refuse(err: SidecarError, rec: _Record) -> SidecarError:
+    def _refuse(err: SidecarError, rec: Record) -> SidecarError:
         rec.status = err.status
         rec.error = err.code
         rec.reason = err.reason
@@ -343,7 +201,7 @@ class DataPlane:
         return err
 
     def _route(
-        self, rt: Runtime, request: RequestLine, rec: _Record, origin: tuple[str, int] | None
+        self, rt: Runtime, request: RequestLine, rec: Record, origin: tuple[str, int] | None
     ) -> tuple[Upstream, str, str]:
         """Pick the upstream; return it with the path and raw query to send."""
         raw = request.raw_path
@@ -380,7 +238,7 @@ class DataPlane:
             raise BadRequest("Forward-proxy requests are disabled.", reason="forward_proxy_disabled")
         return self._match_absolute(rt, raw, rec)
 
-    def _match_absolute(self, rt: Runtime, raw: str, rec: _Record) -> tuple[Upstream, str, str]:
+    def _match_absolute(self, rt: Runtime, raw: str, rec: Record) -> tuple[Upstream, str, str]:
         try:
             parts = urlsplit(raw)
             port = parts.port
@@ -417,7 +275,7 @@ class DataPlane:
         rt: Runtime,
         request: RequestLine,
         headers: HeaderReader,
-        rec: _Record,
+        rec: Record,
         origin: tuple[str, int] | None,
         tunnel_client_id: str | None,
     ) -> Admitted:
@@ -469,7 +327,7 @@ class DataPlane:
         headers: CIMultiDict[str],
         data: bytes | StreamReader | None,
         replayable: bool,
-        rec: _Record,
+        rec: Record,
     ) -> tuple[UpstreamAnswer, Secret]:
         """Inject, send; on 401/403 with a rotated key in the store, send once more."""
         upstream = admitted.upstream
@@ -501,7 +359,7 @@ class DataPlane:
         self,
         rt: Runtime,
         request: web.BaseRequest,
-        rec: _Record,
+        rec: Record,
         origin: tuple[str, int] | None,
         tunnel_client_id: str | None,
     ) -> web.StreamResponse:
@@ -520,7 +378,9 @@ class DataPlane:
                 data = request.content
                 replayable = False
         answer, secret = await self._exchange(rt, request.method, admitted, headers, data, replayable, rec)
-        return await self._stream_back(request, answer, ResponseHead(answer, admitted.upstream, secret), rec)
+        upstream = admitted.upstream
+        head = ResponseHead(answer, upstream.injection.scrub_set(secret), upstream.settings.timeout_seconds)
+        return await self._stream_back(request, answer, head, rec)
 
     @staticmethod
     def _target(upstream: Upstream, path: str, query: str, headers: CIMultiDict[str], secret: Secret) -> str:
@@ -533,7 +393,7 @@ class DataPlane:
         return path + "?" + query if query else path
 
     async def _stream_back(
-        self, request: web.BaseRequest, answer: UpstreamAnswer, head: ResponseHead, rec: _Record
+        self, request: web.BaseRequest, answer: UpstreamAnswer, head: ResponseHead, rec: Record
     ) -> web.StreamResponse:
         response = (_OneWriteResponse if head.framed else web.StreamResponse)(status=head.status, reason=head.reason)
         out = response.headers

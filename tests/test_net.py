@@ -22,7 +22,8 @@ from sidecar.config import CacheSettings, IdentitySettings, InjectSettings, Upst
 from sidecar.connect import parse_authority
 from sidecar.errors import BadRequest, SidecarError
 from sidecar.identity import HeaderIdentity
-from sidecar.proxy import DataPlane, Runtime, _Record
+from sidecar.proxy import DataPlane, Runtime
+from sidecar.record import Record
 from sidecar.secrets.cache import SecretCache
 from sidecar.secrets.file import FileBackend
 from sidecar.upstream import Upstream
@@ -366,7 +367,7 @@ def _origin_of(target: str, origin: tuple[str, int]) -> bool:
     )
     rt = _runtime({origin: (up,)})
     try:
-        return DataPlane(rt, AccessLog())._match_absolute(rt, target, _Record())[0] is up
+        return DataPlane(rt, AccessLog())._match_absolute(rt, target, Record())[0] is up
     except SidecarError:
         return False
 
@@ -374,7 +375,7 @@ def _origin_of(target: str, origin: tuple[str, int]) -> bool:
 def _refusal_of(target: str) -> str | None:
     rt = _runtime({})
     try:
-        DataPlane(rt, AccessLog())._match_absolute(rt, target, _Record())
+        DataPlane(rt, AccessLog())._match_absolute(rt, target, Record())
     except SidecarError as err:
         return err.reason
     return None

@@ -11,7 +11,7 @@ import pytest
 import requests
 import yaml
 
-from sidecar.proxy import MAX_REASON
+from sidecar.exchange import MAX_REASON
 from tests.support.leaks import make_secret
 from tests.support.process import SidecarProcess
 from tests.support.upstream import REASON_ECHO_PREFIX, EchoUpstream, closed_port
