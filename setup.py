@@ -30,11 +30,11 @@ COMPILED = [
     "sidecar/fastclient.py",
     "sidecar/proxy.py",
     "sidecar/access_log.py",
-    "sidecar/identity.py",
+    "sidecar/identity/base.py",
     "sidecar/inject.py",
     "sidecar/policy.py",
     "sidecar/metrics.py",
-    "sidecar/tokens.py",
+    "sidecar/identity/jwt_bearer.py",
     "sidecar/secrets/cache.py",
 ]
 

@@ -32,7 +32,7 @@ from sidecar.errors import (
     UnsupportedHttpVersion,
     UpstreamUnreachable,
 )
-from sidecar.identity import IdentityResolver
+from sidecar.identity.base import IdentityResolver
 from sidecar.net import normalize_host
 from sidecar.policy import client_allowed, scopes_allowed
 from sidecar.secrets.base import Secret
@@ -42,7 +42,7 @@ from sidecar.upstream import HOP_BY_HOP, Upstream, UpstreamAnswer
 if TYPE_CHECKING:
     from sidecar.access_log import AccessLog
     from sidecar.fastserver import FastExchange
-    from sidecar.identity import HeaderReader
+    from sidecar.identity.base import HeaderReader
 
 log = logging.getLogger("sidecar.proxy")
 

@@ -55,12 +55,11 @@ LAYER: dict[str, int] = {
     "sidecar.secrets.file": PARTS,
     "sidecar.secrets.aws": PARTS,
     "sidecar.secrets.factory": PARTS,  # planned
-    "sidecar.identity": PARTS,  # today a module, planned a package
-    "sidecar.identity.base": PARTS,  # planned (today's identity.py)
+    "sidecar.identity": PARTS,
+    "sidecar.identity.base": PARTS,  # was identity.py
     "sidecar.identity.header": PARTS,  # planned
-    "sidecar.identity.jwt_bearer": PARTS,  # planned (today's tokens.py)
+    "sidecar.identity.jwt_bearer": PARTS,  # was tokens.py
     "sidecar.identity.factory": PARTS,  # planned
-    "sidecar.tokens": PARTS,  # today's name of identity/jwt_bearer.py
     "sidecar.credentials": PARTS,  # planned
     "sidecar.credentials.base": PARTS,  # planned
     "sidecar.credentials.static": PARTS,  # planned
@@ -105,8 +104,8 @@ KNOWN_CYCLES: list[frozenset[str]] = [
     frozenset({"sidecar.access_log", "sidecar.proxy", "sidecar.fastserver"}),
     # fastclient takes pool limits and resolve_allowed from upstream, which builds the FastPool
     frozenset({"sidecar.fastclient", "sidecar.upstream"}),
-    # identity's factory imports the JWT resolver, which imports identity's helpers
-    frozenset({"sidecar.identity", "sidecar.tokens"}),
+    # identity.base's factory imports the JWT resolver, which imports identity.base's helpers
+    frozenset({"sidecar.identity.base", "sidecar.identity.jwt_bearer"}),
 ]
 
 #: Imports from a lower layer to a higher one there are today, as (importer,

@@ -21,9 +21,15 @@ from multidict import CIMultiDict
 
 from sidecar.config import parse_settings
 from sidecar.errors import BadRequest, ConfigError, IdentityProviderUnavailable, InvalidClientId, InvalidToken
-from sidecar.identity import build_identity_resolver
+from sidecar.identity.base import build_identity_resolver
+from sidecar.identity.jwt_bearer import (
+    JWKS_RETRY_FIRST_SECONDS,
+    JWKS_RETRY_MAX_SECONDS,
+    JwtIdentity,
+    downgrades,
+    retry_delay,
+)
 from sidecar.metrics import REGISTRY, apply_pending
-from sidecar.tokens import JWKS_RETRY_FIRST_SECONDS, JWKS_RETRY_MAX_SECONDS, JwtIdentity, downgrades, retry_delay
 from tests.support.idp import IdentityProvider, b64json, hs256_token, make_key, unsigned_token
 
 

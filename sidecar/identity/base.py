@@ -181,7 +181,7 @@ class HeaderIdentity:
 def build_identity_resolver(settings: IdentitySettings) -> IdentityResolver:
     """Header mode, or JWT mode when ``identity.jwt`` is configured."""
     if settings.jwt:
-        from sidecar.tokens import JwtIdentity
+        from sidecar.identity.jwt_bearer import JwtIdentity
 
         return JwtIdentity(settings)
     return HeaderIdentity(settings)
