@@ -36,7 +36,8 @@ from sidecar.buildinfo import build, stale_sources
 from sidecar.config import ListenAddress, SecretsSettings, Settings, load_settings
 from sidecar.connect import Front
 from sidecar.errors import ConfigError, NoCredential, SecretStoreUnavailable
-from sidecar.identity.base import IdentityResolver, build_identity_resolver
+from sidecar.identity.base import IdentityResolver
+from sidecar.identity.factory import build_identity_resolver
 from sidecar.net import parse_passthrough
 from sidecar.policy import client_allowed
 from sidecar.proxy import DataPlane, Runtime
