@@ -19,7 +19,6 @@ import gc
 import logging
 import os
 import resource
-import signal
 import ssl
 import sys
 from collections.abc import Callable, Coroutine
@@ -31,19 +30,20 @@ from aiohttp import web
 
 from sidecar import metrics
 from sidecar.access_log import AccessLog, configure_logging, flush_access_lines
-from sidecar.admin import bound_address, build_admin_app
+from sidecar.admin import bound_address
 from sidecar.buildinfo import build, stale_sources
-from sidecar.config import ListenAddress, SecretsSettings, Settings, load_settings
+from sidecar.config import ListenAddress, Settings, load_settings
 from sidecar.connect import Front
 from sidecar.errors import ConfigError, NoCredential, SecretStoreUnavailable
 from sidecar.identity.base import IdentityResolver
 from sidecar.identity.factory import build_identity_resolver
+from sidecar.lifecycle import StartupError, on_signals, open_authority, start_admin
 from sidecar.net import parse_passthrough
 from sidecar.policy import client_allowed
 from sidecar.proxy import DataPlane, Runtime
-from sidecar.secrets.base import EmptyStore, SecretBackend, StoreError
+from sidecar.secrets.base import SecretBackend
 from sidecar.secrets.cache import SecretCache
-from sidecar.secrets.file import FileLoadError
+from sidecar.secrets.factory import BackendStartError, start_backend
 from sidecar.upstream import Upstream
 
 if TYPE_CHECKING:
@@ -58,23 +58,6 @@ PREFETCH_MAX_BACKOFF = 30.0
 #: Entra ID tokens with many groups run past 8 KiB; tokens.py refuses those over 16 KiB.
 MAX_HEADER_BYTES = 32 * 1024
 GIL_SWITCH_SECONDS = 0.0005
-
-
-class StartupError(Exception):
-    """The sidecar cannot start (a port in use, an unreadable secrets file, no AWS region)."""
-
-
-def build_backend(settings: SecretsSettings) -> SecretBackend:
-    """The configured store; botocore is imported only for the AWS backend."""
-    if settings.backend == "aws":
-        from sidecar.secrets.aws import AwsBackend
-
-        return AwsBackend(settings.aws, settings.lookup_timeout_seconds)
-    if settings.file.path is None:  # config allows this only with no upstreams
-        return EmptyStore()
-    from sidecar.secrets.file import FileBackend
-
-    return FileBackend(settings.file.path)
 
 
 @dataclass
@@ -145,19 +128,11 @@ class Sidecar:
     async def start(self) -> None:
         """Build everything and bind both listeners; raises StartupError."""
         s = self.settings
-        mitm = s.forward_proxy.mitm
-        if mitm.enabled:
-            from sidecar.mitm import CertificateAuthority, MitmError
-
-            ca_cert, ca_key, ca_out = mitm.ca_cert, mitm.ca_key, mitm.ca_cert_out
-            if self.worker is not None:
-                ca_out = None  # the supervisor wrote it
-                if self.worker.ca is not None:
-                    ca_cert, ca_key = self.worker.ca
-            try:
-                self._authority = CertificateAuthority(ca_cert, ca_key, ca_out)
-            except MitmError as exc:
-                raise StartupError(f"forward_proxy.mitm: {exc}") from None
+        worker = self.worker
+        # A worker signs with its supervisor's CA, and the supervisor wrote ca_cert_out.
+        self._authority = open_authority(
+            s.forward_proxy.mitm, worker.ca if worker is not None else None, write_out=worker is None
+        )
         parts = await self._build(self.settings, None)
         self._parts = parts
         access_log = AccessLog(self.settings.log.format, shared=self.worker is not None)
@@ -179,9 +154,7 @@ class Sidecar:
         )
         try:
             if self.worker is None:
-                self._admin_runner = web.AppRunner(build_admin_app(lambda: self.ready), access_log=None)
-                await self._admin_runner.setup()
-                await web.TCPSite(self._admin_runner, s.admin_listen.host, s.admin_listen.port).start()
+                self._admin_runner = await start_admin(s.admin_listen, lambda: self.ready)
                 host, port = await self._front.listen(s.listen.host, s.listen.port)
             else:
                 # One of several processes on one port (SO_REUSEPORT); the supervisor owns admin.
@@ -215,16 +188,10 @@ class Sidecar:
         if previous is not None and previous.settings.secrets == settings.secrets:
             backend, cache = previous.backend, previous.cache
         else:
-            backend = build_backend(settings.secrets)
             try:
-                await backend.start()
-            except StoreError as exc:
-                raise StartupError(f"secrets.{settings.secrets.backend}: {exc.detail or exc.kind}") from None
-            except FileLoadError as exc:
-                raise StartupError(f"secrets.{settings.secrets.backend}: {exc}") from None  # ours: no file content
-            except Exception as exc:
-                # A library's text may quote what it read (a key); its type is enough.
-                raise StartupError(f"secrets.{settings.secrets.backend}: {type(exc).__name__}") from None
+                backend = await start_backend(settings.secrets)
+            except BackendStartError as exc:
+                raise StartupError(str(exc)) from None
             cache = SecretCache(backend, settings.secrets.cache, lookup_timeout=settings.secrets.lookup_timeout_seconds)
             backend.on_change = cache.clear
         if previous is not None and previous.settings.identity == settings.identity:
@@ -437,13 +404,11 @@ async def serve(settings: Settings, config_path: Path | None, worker: WorkerRole
     freeze_startup_heap()
     stop = asyncio.Event()
 
-    def on_stop(signame: str) -> None:
-        if stop.is_set():
-            log.warning("second %s: exiting now", signame)
-            os._exit(1)
-        log.info("%s received", signame)
+    def draining() -> None:
         sidecar.draining = True
-        stop.set()
+
+    def second(signame: str) -> None:
+        log.warning("second %s: exiting now", signame)
 
     reloads: set[asyncio.Task[bool]] = set()
 
@@ -455,9 +420,7 @@ async def serve(settings: Settings, config_path: Path | None, worker: WorkerRole
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
-    loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
-    loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    on_signals(loop, stop, log=log, draining=draining, second=second, hup=on_hup)
     await stop.wait()
     await sidecar.drain()
     return 0

@@ -11,6 +11,7 @@ from sidecar import __version__
 from sidecar.buildinfo import build
 from sidecar.config import Settings, load_settings
 from sidecar.errors import ConfigError
+from sidecar.summary import describe
 
 EXIT_CONFIG = 2
 
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     settings, path = loaded
     if args.command == "check":
-        print(settings.summary())
+        print(describe(settings))
         for warning in settings.warnings:
             print(f"warning: {warning}", file=sys.stderr)
         count = len(settings.warnings)

@@ -25,8 +25,6 @@ from sidecar.client_id import CLIENT_ID_PATTERN
 from sidecar.errors import ConfigError
 from sidecar.net import (
     HostPort,
-    host_port,
-    loggable_url,
     parse_host_port,
     parse_listen,
     parse_passthrough,
@@ -227,76 +225,6 @@ class Settings:
     source: Path | None = None
     #: things that work but are probably not what was meant; ``check`` prints them, ``run`` logs them
     warnings: tuple[str, ...] = ()
-
-    def summary(self) -> str:
-        """A one-screen description for ``check``; holds no secret by construction."""
-        lines = [
-            f"config:        {self.source or '(inline)'}",
-            f"listen:        {self.listen}",
-            f"admin_listen:  {self.admin_listen}",
-            f"workers:       {self.workers}",
-        ]
-        issuers = self.identity.jwt
-        if not issuers:
-            lines.append(f"identity:      header {self.identity.header}")
-        else:
-            lines.append(
-                f"identity:      verified JWT in {issuers[0].header}; "
-                + (f"{len(issuers)} issuers" if len(issuers) > 1 else "1 issuer")
-            )
-        for jwt in issuers:
-            if jwt.jwks_url:
-                source = loggable_url(jwt.jwks_url)
-            else:
-                source = "OIDC discovery"
-            lines.append(
-                f"  {loggable_url(jwt.issuer or '')}  keys from {source}"
-                + (f" (ca_file {jwt.ca_file})" if jwt.ca_file else "")
-                + f"; client ID from {', '.join(jwt.client_id_claims)}"
-                + (f"; token_use={jwt.require_token_use}" if jwt.require_token_use else "")
-                + (f"; requires {', '.join(name for name, _ in jwt.required_claims)}" if jwt.required_claims else "")
-            )
-        if self.identity.default_client_id:
-            lines.append(f"               default client ID {self.identity.default_client_id}")
-        s = self.secrets
-        where = (
-            str(s.file.path)
-            if s.backend == "file"
-            else f"AWS Secrets Manager region={s.aws.region or '(default chain)'}"
-            + (f" endpoint={loggable_url(s.aws.endpoint_url)}" if s.aws.endpoint_url else "")
-            + f" stage={s.aws.version_stage}"
-        )
-        lines.append(f"secrets:       {s.backend}: {where} lookup_timeout={s.lookup_timeout_seconds:g}s")
-        lines.append(
-            f"cache:         ttl={s.cache.ttl_seconds:g}s negative={s.cache.negative_ttl_seconds:g}s "
-            f"stale_if_error={s.cache.stale_if_error_seconds:g}s max={s.cache.max_entries}"
-            + (f" prefetch={len(s.prefetch)} clients" if s.prefetch else "")
-        )
-        fp = self.forward_proxy
-        lines.append(
-            "forward_proxy: "
-            + ("on" if fp.enabled else "off")
-            + (f", passthrough {', '.join(fp.passthrough_hosts)}" if fp.passthrough_hosts else "")
-            + (", mitm on" if fp.mitm.enabled else "")
-        )
-        lines.append(f"upstreams:     {len(self.upstreams)}")
-        for up in self.upstreams.values():
-            where_key = (
-                f"query {up.inject.name}"
-                if up.inject.kind == "query"
-                else f"header {up.inject.name}"
-            )
-            lines.append(
-                f"  {up.name:<12} {up.url}"
-                + (f"  connect_to={host_port(*up.connect_to)}" if up.connect_to else "")
-                + f"  secret={up.secret}"
-                + (f"[{up.secret_field}]" if up.secret_field else "")
-                + f"  inject={where_key}  clients={','.join(up.clients)}"
-                + (f"  scopes={','.join(up.scopes)}" if up.scopes else "")
-                + (" allow_private" if up.allow_private else "")
-                + (" route_only" if not up.forward_proxy else "")
-            )
-        return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- loading

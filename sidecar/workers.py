@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from sidecar.buildinfo import build
 from sidecar.config import ListenAddress, Settings
+from sidecar.lifecycle import StartupError, on_signals, open_authority, start_admin
 
 if TYPE_CHECKING:
     from sidecar.mitm import CertificateAuthority
@@ -215,37 +216,29 @@ class Supervisor:
                     pass
 
     async def run(self) -> int:
-        from aiohttp import web
-
-        from sidecar.admin import bound_address, build_admin_app
+        from sidecar.admin import bound_address
         from sidecar.config import load_settings
         from sidecar.errors import ConfigError
 
         s = self.settings
-        mitm = s.forward_proxy.mitm
-        if mitm.enabled:
-            # The supervisor writes ca_cert_out (the app's trust bundle) once, and every
-            # worker presents leaves from that one CA: generated here, or the configured one.
-            from sidecar.mitm import CertificateAuthority, MitmError
-
-            try:
-                authority = CertificateAuthority(mitm.ca_cert, mitm.ca_key, mitm.ca_cert_out)
-            except MitmError as exc:
-                log.error("cannot start: forward_proxy.mitm: %s", exc)
-                return 1
-            self._authority = authority
-            if authority.generated:
-                cert_path, key_path = authority.export()
-                self._ca_env = {ENV_CA_CERT: str(cert_path), ENV_CA_KEY: str(key_path)}
+        # The supervisor writes ca_cert_out (the app's trust bundle) once, and every
+        # worker presents leaves from that one CA: generated here, or the configured one.
+        try:
+            authority = open_authority(s.forward_proxy.mitm)
+        except StartupError as exc:
+            log.error("cannot start: %s", exc)
+            return 1
+        self._authority = authority
+        if authority is not None and authority.generated:
+            cert_path, key_path = authority.export()
+            self._ca_env = {ENV_CA_CERT: str(cert_path), ENV_CA_KEY: str(key_path)}
         try:
             self._reserve_port()
         except OSError as exc:
             log.error("cannot start: cannot listen: %s", exc.strerror or exc)
             return 1
-        admin = web.AppRunner(build_admin_app(self.ready), access_log=None)
-        await admin.setup()
         try:
-            await web.TCPSite(admin, s.admin_listen.host, s.admin_listen.port).start()
+            admin = await start_admin(s.admin_listen, self.ready)
         except OSError as exc:
             log.error("cannot start: cannot listen: %s", exc.strerror or exc)
             return 1
@@ -264,15 +257,13 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         stop = self._stop
 
-        def on_stop(signame: str) -> None:
-            if stop.is_set():
-                log.warning("second %s: stopping workers now", signame)
-                self._signal_all(signal.SIGKILL)
-                os._exit(1)
-            log.info("%s received", signame)
+        def draining() -> None:
             self.draining = True
             self._publish_ready()
-            stop.set()
+
+        def second(signame: str) -> None:
+            log.warning("second %s: stopping workers now", signame)
+            self._signal_all(signal.SIGKILL)
 
         def on_hup() -> None:
             from sidecar import metrics
@@ -285,9 +276,7 @@ class Supervisor:
                 return
             self._signal_all(signal.SIGHUP)
 
-        loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
-        loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
-        loop.add_signal_handler(signal.SIGHUP, on_hup)
+        on_signals(loop, stop, log=log, draining=draining, second=second, hup=on_hup)
         await stop.wait()
         self._signal_all(signal.SIGTERM)
         deadline = time.monotonic() + s.shutdown_grace_seconds + 5

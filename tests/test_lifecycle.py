@@ -253,3 +253,103 @@ def test_a_sidecar_without_upstreams_needs_no_secrets_file(start_sidecar: Start)
     assert answer.status_code == 404
     assert answer.json()["error"] == "unknown_upstream"
     assert sc.stop() == 0
+
+
+# ------------------------------------------------------------------ shared by app.py and workers.py (sidecar/lifecycle.py)
+
+
+class _Loop:
+    """Records the signal handlers installed on it, and fires them on request."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[int, tuple[Callable[..., None], tuple[Any, ...]]] = {}
+
+    def add_signal_handler(self, sig: int, callback: Callable[..., None], *args: Any) -> None:
+        self.handlers[sig] = (callback, args)
+
+    def fire(self, sig: int) -> None:
+        callback, args = self.handlers[sig]
+        callback(*args)
+
+
+def test_the_first_stop_signal_drains_and_the_second_exits_at_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import asyncio
+    import logging
+
+    from sidecar import lifecycle
+
+    class Exited(Exception):
+        pass
+
+    def exit_now(code: int) -> None:
+        raise Exited(code)
+
+    monkeypatch.setattr(lifecycle.os, "_exit", exit_now)
+    calls: list[str] = []
+    loop, stop = _Loop(), asyncio.Event()
+    lifecycle.on_signals(
+        loop,  # type: ignore[arg-type]
+        stop,
+        log=logging.getLogger("sidecar.test"),
+        draining=lambda: calls.append("draining"),
+        second=lambda signame: calls.append(f"second {signame}"),
+        hup=lambda: calls.append("hup"),
+    )
+    assert set(loop.handlers) == {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+    with caplog.at_level(logging.INFO, logger="sidecar.test"):
+        loop.fire(signal.SIGHUP)
+        assert calls == ["hup"] and not stop.is_set()
+        loop.fire(signal.SIGTERM)
+        assert calls == ["hup", "draining"] and stop.is_set()
+        with pytest.raises(Exited) as info:
+            loop.fire(signal.SIGINT)
+    assert info.value.args == (1,)
+    assert calls == ["hup", "draining", "second SIGINT"]
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [("sidecar.test", "SIGTERM received")]
+
+
+def test_the_interception_ca_is_opened_only_when_enabled(tmp_path: Path) -> None:
+    from sidecar.config import MitmSettings
+    from sidecar.lifecycle import StartupError, open_authority
+
+    assert open_authority(MitmSettings()) is None
+    out = tmp_path / "out" / "ca.pem"
+    authority = open_authority(MitmSettings(enabled=True, ca_cert_out=out))
+    assert authority is not None and authority.generated and out.exists()
+    try:
+        cert, key = authority.export()
+        # A worker loads its supervisor's CA and writes nothing.
+        out.unlink()
+        worker = open_authority(MitmSettings(enabled=True, ca_cert_out=out), (cert, key), write_out=False)
+        assert worker is not None and not worker.generated and not out.exists()
+        worker.close()
+    finally:
+        authority.close()
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate\n")
+    with pytest.raises(StartupError, match=r"^forward_proxy\.mitm: cannot load the interception CA: ValueError$"):
+        open_authority(MitmSettings(enabled=True, ca_cert=bad, ca_key=bad))
+
+
+async def test_the_admin_listener_serves_health_and_leaves_nothing_open_when_it_cannot_bind() -> None:
+    import aiohttp
+
+    from sidecar.admin import bound_address
+    from sidecar.config import ListenAddress
+    from sidecar.lifecycle import start_admin
+
+    runner = await start_admin(ListenAddress("127.0.0.1", 0), lambda: False)
+    try:
+        address = bound_address(runner)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://{address}/healthz") as health:
+                assert health.status == 200
+            async with session.get(f"http://{address}/readyz") as ready:
+                assert ready.status == 503
+        host, port = str(address).rsplit(":", 1)
+        with pytest.raises(OSError):
+            await start_admin(ListenAddress(host, int(port)), lambda: True)  # the port is taken
+    finally:
+        await runner.cleanup()

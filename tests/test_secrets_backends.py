@@ -24,11 +24,12 @@ from botocore.exceptions import (
 )
 
 import sidecar.secrets.file as file_module
-from sidecar.config import AwsBackendSettings, CacheSettings
+from sidecar.config import BACKENDS, AwsBackendSettings, CacheSettings, FileBackendSettings, SecretsSettings
 from sidecar.errors import NoCredential, SecretStoreUnavailable
 from sidecar.secrets.aws import MAX_ATTEMPTS, AwsBackend
-from sidecar.secrets.base import SecretNotFound, SecretPendingDeletion, StoreError, extract
+from sidecar.secrets.base import EmptyStore, SecretNotFound, SecretPendingDeletion, StoreError, extract
 from sidecar.secrets.cache import SecretCache
+from sidecar.secrets.factory import BUILDERS, BackendStartError, build_backend, start_backend
 from sidecar.secrets.file import FileBackend, FileLoadError, load_secret_file
 from tests.support.leaks import make_secret
 from tests.support.upstream import closed_port
@@ -797,3 +798,52 @@ def test_refusals_of_unusable_secrets_carry_no_parser_error_with_the_value(tmp_p
     with pytest.raises(FileLoadError) as load:
         load_secret_file(path)
     assert load.value.__context__ is None
+
+
+# ====================================================================== the factory
+
+
+def test_every_configurable_backend_has_a_builder() -> None:
+    assert BUILDERS.keys() == set(BACKENDS)
+
+
+async def test_the_factory_builds_each_backend(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(f"alice: {make_secret('factory')}\n", encoding="utf-8")
+    assert isinstance(build_backend(SecretsSettings(file=FileBackendSettings(path=keys))), FileBackend)
+    assert isinstance(build_backend(SecretsSettings()), EmptyStore)  # no file: only allowed with no upstreams
+    aws = build_backend(SecretsSettings(backend="aws", aws=AwsBackendSettings(region="eu-west-1")))
+    assert isinstance(aws, AwsBackend)
+    await aws.close()
+
+
+async def test_a_store_that_cannot_start_is_one_error_naming_the_section(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, aws_env: dict[str, str]
+) -> None:
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("- not\n- a mapping\n", encoding="utf-8")
+    with pytest.raises(BackendStartError) as info:
+        await start_backend(SecretsSettings(file=FileBackendSettings(path=keys)))
+    assert str(info.value) == f"secrets.file: {keys} must hold a mapping of secret id to value"
+    for var in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    with pytest.raises(BackendStartError) as info:
+        await start_backend(SecretsSettings(backend="aws"))
+    assert str(info.value) == "secrets.aws: no region: set secrets.aws.region or AWS_REGION"  # a StoreError's detail
+
+
+async def test_a_library_error_at_start_is_named_by_its_type_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    key = make_secret("factory-lib")
+
+    class Quoting(EmptyStore):
+        async def start(self) -> None:
+            raise ValueError(f"could not parse {key!r}")
+
+    monkeypatch.setitem(BUILDERS, "file", lambda settings: Quoting())
+    with pytest.raises(BackendStartError) as info:
+        await start_backend(SecretsSettings())
+    leaked = key in repr(info.value)
+    assert not leaked  # checked first, as a bool: a failure must not print the key
+    assert str(info.value) == "secrets.file: ValueError"
+    assert info.value.__cause__ is None and info.value.__suppress_context__  # a traceback shows no library text

@@ -164,3 +164,14 @@ def test_a_worker_that_cannot_start_stops_the_sidecar(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "worker failed to start" in result.stdout
+
+
+def test_importing_the_supervisor_leaves_prometheus_client_unloaded() -> None:
+    # cli imports workers (and so lifecycle) before prepare_multiprocess_metrics sets the
+    # folder that prometheus_client reads when it is first imported.
+    import subprocess
+    import sys
+
+    code = "import sys, sidecar.workers, sidecar.lifecycle; print('prometheus_client' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert result.stdout.strip() == "False", result.stderr

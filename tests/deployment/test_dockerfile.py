@@ -203,6 +203,12 @@ def _can_compile_extensions() -> bool:
     return shutil.which("gcc") is not None and (include / "Python.h").exists()
 
 
+#: The tests that use image_venv may be the one that builds it: pip and mypyc on a busy
+#: 2-core machine take several minutes, beyond the suite's 120 s default (the builder's own
+#: steps are bounded at 300 s each below).
+IMAGE_BUILD_TIMEOUT = pytest.mark.timeout(900)
+
+
 @pytest.fixture(scope="module")
 def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Replay the builder stage: COPY into WORKDIR, then each RUN with /opt/venv relocated.
@@ -261,6 +267,7 @@ def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return venv
 
 
+@IMAGE_BUILD_TIMEOUT
 def test_the_installed_package_lives_in_the_venv(image_venv: Path, tmp_path: Path) -> None:
     # Compiled at install (checked before anything imports it): the image's root
     # filesystem is read-only at run time.
@@ -285,6 +292,7 @@ def test_the_installed_package_lives_in_the_venv(image_venv: Path, tmp_path: Pat
     assert (image_venv / "bin" / "credential-sidecar").exists()
 
 
+@IMAGE_BUILD_TIMEOUT
 def test_the_entrypoint_checks_the_example_config(image_venv: Path, parsed: tuple[dict[str, str], list[Stage]]) -> None:
     _, (_, final) = parsed
     (entrypoint,) = instructions(final, "ENTRYPOINT")
@@ -301,6 +309,7 @@ def test_the_entrypoint_checks_the_example_config(image_venv: Path, parsed: tupl
     assert "polygon" in result.stdout
 
 
+@IMAGE_BUILD_TIMEOUT
 def test_the_entrypoint_runs_and_passes_its_healthcheck(
     image_venv: Path, parsed: tuple[dict[str, str], list[Stage]], tmp_path: Path
 ) -> None:

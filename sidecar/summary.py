@@ -1,0 +1,80 @@
+"""``check``'s one-screen description of a config: what a reader needs to confirm it means what they meant.
+
+It holds no secret by construction: the settings carry secret ids and templates, never values.
+"""
+
+from __future__ import annotations
+
+from sidecar.config import Settings
+from sidecar.net import host_port, loggable_url
+
+
+def describe(settings: Settings) -> str:
+    """The summary ``credential-sidecar check`` prints."""
+    lines = [
+        f"config:        {settings.source or '(inline)'}",
+        f"listen:        {settings.listen}",
+        f"admin_listen:  {settings.admin_listen}",
+        f"workers:       {settings.workers}",
+    ]
+    issuers = settings.identity.jwt
+    if not issuers:
+        lines.append(f"identity:      header {settings.identity.header}")
+    else:
+        lines.append(
+            f"identity:      verified JWT in {issuers[0].header}; "
+            + (f"{len(issuers)} issuers" if len(issuers) > 1 else "1 issuer")
+        )
+    for jwt in issuers:
+        if jwt.jwks_url:
+            source = loggable_url(jwt.jwks_url)
+        else:
+            source = "OIDC discovery"
+        lines.append(
+            f"  {loggable_url(jwt.issuer or '')}  keys from {source}"
+            + (f" (ca_file {jwt.ca_file})" if jwt.ca_file else "")
+            + f"; client ID from {', '.join(jwt.client_id_claims)}"
+            + (f"; token_use={jwt.require_token_use}" if jwt.require_token_use else "")
+            + (f"; requires {', '.join(name for name, _ in jwt.required_claims)}" if jwt.required_claims else "")
+        )
+    if settings.identity.default_client_id:
+        lines.append(f"               default client ID {settings.identity.default_client_id}")
+    s = settings.secrets
+    where = (
+        str(s.file.path)
+        if s.backend == "file"
+        else f"AWS Secrets Manager region={s.aws.region or '(default chain)'}"
+        + (f" endpoint={loggable_url(s.aws.endpoint_url)}" if s.aws.endpoint_url else "")
+        + f" stage={s.aws.version_stage}"
+    )
+    lines.append(f"secrets:       {s.backend}: {where} lookup_timeout={s.lookup_timeout_seconds:g}s")
+    lines.append(
+        f"cache:         ttl={s.cache.ttl_seconds:g}s negative={s.cache.negative_ttl_seconds:g}s "
+        f"stale_if_error={s.cache.stale_if_error_seconds:g}s max={s.cache.max_entries}"
+        + (f" prefetch={len(s.prefetch)} clients" if s.prefetch else "")
+    )
+    fp = settings.forward_proxy
+    lines.append(
+        "forward_proxy: "
+        + ("on" if fp.enabled else "off")
+        + (f", passthrough {', '.join(fp.passthrough_hosts)}" if fp.passthrough_hosts else "")
+        + (", mitm on" if fp.mitm.enabled else "")
+    )
+    lines.append(f"upstreams:     {len(settings.upstreams)}")
+    for up in settings.upstreams.values():
+        where_key = (
+            f"query {up.inject.name}"
+            if up.inject.kind == "query"
+            else f"header {up.inject.name}"
+        )
+        lines.append(
+            f"  {up.name:<12} {up.url}"
+            + (f"  connect_to={host_port(*up.connect_to)}" if up.connect_to else "")
+            + f"  secret={up.secret}"
+            + (f"[{up.secret_field}]" if up.secret_field else "")
+            + f"  inject={where_key}  clients={','.join(up.clients)}"
+            + (f"  scopes={','.join(up.scopes)}" if up.scopes else "")
+            + (" allow_private" if up.allow_private else "")
+            + (" route_only" if not up.forward_proxy else "")
+        )
+    return "\n".join(lines)
