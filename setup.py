@@ -21,11 +21,11 @@ from setuptools import Extension, setup
 sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
 from build_backend import compile_requested  # one reading of SIDECAR_COMPILE for the backend and the build
 
-#: What a warm request runs through (tokens in JWT mode). Left as Python: upstream.py
-#: (one call a request), transport/aio.py (the aiohttp client's pieces: it defines an
-#: OSError and an aiohttp resolver subclass, which mypyc cannot compile as native
-#: classes), and what runs at start, reload or per connection (config, app, workers,
-#: connect, mitm, the secret backends).
+#: What a warm request runs through (identity/jwt_bearer in JWT mode). Left as Python:
+#: upstream.py (one call a request), transport/aio.py (the aiohttp client's pieces: it
+#: defines an OSError and an aiohttp resolver subclass, which mypyc cannot compile as
+#: native classes), and what runs at start, reload or per connection (config, app,
+#: workers, connect, mitm, the secret backends, the identity factory).
 COMPILED = [
     "sidecar/fastserver.py",
     "sidecar/transport/base.py",
@@ -35,11 +35,12 @@ COMPILED = [
     "sidecar/record.py",
     "sidecar/refusal.py",
     "sidecar/exchange.py",
-    "sidecar/identity.py",
+    "sidecar/identity/base.py",
+    "sidecar/identity/header.py",
     "sidecar/inject.py",
     "sidecar/policy.py",
     "sidecar/metrics.py",
-    "sidecar/tokens.py",
+    "sidecar/identity/jwt_bearer.py",
     "sidecar/secrets/cache.py",
 ]
 

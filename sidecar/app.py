@@ -35,7 +35,8 @@ from sidecar.buildinfo import build, stale_sources
 from sidecar.config import ListenAddress, Settings, load_settings
 from sidecar.connect import Front
 from sidecar.errors import ConfigError, NoCredential, SecretStoreUnavailable
-from sidecar.identity import IdentityResolver, build_identity_resolver
+from sidecar.identity.base import IdentityResolver
+from sidecar.identity.factory import build_identity_resolver
 from sidecar.lifecycle import StartupError, on_signals, open_authority, start_admin
 from sidecar.net import parse_passthrough
 from sidecar.policy import client_allowed
@@ -54,7 +55,7 @@ log = logging.getLogger("sidecar.app")
 #: Longest wait between prefetch attempts while the store is failing.
 PREFETCH_MAX_BACKOFF = 30.0
 #: Largest request line or header the data plane accepts (aiohttp default is 8190).
-#: Entra ID tokens with many groups run past 8 KiB; tokens.py refuses those over 16 KiB.
+#: Entra ID tokens with many groups run past 8 KiB; identity/jwt_bearer.py refuses those over 16 KiB.
 MAX_HEADER_BYTES = 32 * 1024
 GIL_SWITCH_SECONDS = 0.0005
 

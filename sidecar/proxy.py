@@ -30,7 +30,7 @@ from sidecar.errors import (
     UnsupportedHttpVersion,
 )
 from sidecar.exchange import REPLAY_BODY_LIMIT, STREAM_BROKEN, ResponseHead
-from sidecar.identity import IdentityResolver
+from sidecar.identity.base import IdentityResolver
 from sidecar.net import normalize_host
 from sidecar.policy import client_allowed, scopes_allowed
 from sidecar.record import Record, RequestLine
@@ -43,7 +43,7 @@ from sidecar.upstream import Upstream
 if TYPE_CHECKING:
     from sidecar.access_log import AccessLog
     from sidecar.fastserver import FastExchange
-    from sidecar.identity import HeaderReader
+    from sidecar.identity.base import HeaderReader
 
 log = logging.getLogger("sidecar.proxy")
 

@@ -22,7 +22,7 @@ import pytest
 from sidecar import fastserver
 from sidecar.access_log import AccessLog
 from sidecar.config import CacheSettings, IdentitySettings
-from sidecar.identity import HeaderIdentity
+from sidecar.identity.header import HeaderIdentity
 from sidecar.proxy import DataPlane, Runtime
 from sidecar.secrets.cache import SecretCache
 from sidecar.secrets.file import FileBackend

@@ -16,7 +16,7 @@ from multidict import CIMultiDict
 
 from sidecar.config import parse_settings
 from sidecar.errors import IdentityProviderUnavailable, InvalidToken
-from sidecar.tokens import JwtIdentity
+from sidecar.identity.jwt_bearer import JwtIdentity
 from tests.support.idp import IdentityProvider, make_key
 
 

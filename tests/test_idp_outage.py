@@ -23,7 +23,7 @@ import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar import tokens
+from sidecar.identity import jwt_bearer
 from tests.support.idp import BlackHole, IdentityProvider, ThreadedIdP, make_key
 from tests.support.leaks import make_secret
 from tests.support.process import SidecarProcess, metric, metrics_text
@@ -42,7 +42,7 @@ SLACK = 5.0
 def back_within() -> float:
     """Longest wait from the provider's return to /readyz 200: one backoff wait at its cap
     after an attempt that was still hanging on the black hole, plus slack."""
-    return tokens.JWKS_RETRY_MAX_SECONDS + FETCH_TIMEOUT + SLACK
+    return jwt_bearer.JWKS_RETRY_MAX_SECONDS + FETCH_TIMEOUT + SLACK
 
 
 @pytest.fixture

@@ -55,12 +55,11 @@ LAYER: dict[str, int] = {
     "sidecar.secrets.file": PARTS,
     "sidecar.secrets.aws": PARTS,
     "sidecar.secrets.factory": PARTS,  # planned
-    "sidecar.identity": PARTS,  # today a module, planned a package
-    "sidecar.identity.base": PARTS,  # planned (today's identity.py)
-    "sidecar.identity.header": PARTS,  # planned
-    "sidecar.identity.jwt_bearer": PARTS,  # planned (today's tokens.py)
-    "sidecar.identity.factory": PARTS,  # planned
-    "sidecar.tokens": PARTS,  # today's name of identity/jwt_bearer.py
+    "sidecar.identity": PARTS,
+    "sidecar.identity.base": PARTS,  # was identity.py
+    "sidecar.identity.header": PARTS,
+    "sidecar.identity.jwt_bearer": PARTS,  # was tokens.py
+    "sidecar.identity.factory": PARTS,
     "sidecar.credentials": PARTS,  # planned
     "sidecar.credentials.base": PARTS,  # planned
     "sidecar.credentials.static": PARTS,  # planned
@@ -102,13 +101,10 @@ LAYER: dict[str, int] = {
 KNOWN_CYCLES: list[frozenset[str]] = [
     # proxy and fastserver name each other's types, under TYPE_CHECKING only (DataPlane, FastExchange)
     frozenset({"sidecar.proxy", "sidecar.fastserver"}),
-    # identity's factory imports the JWT resolver, which imports identity's helpers
-    frozenset({"sidecar.identity", "sidecar.tokens"}),
 ]
 
 #: Imports from a lower layer to a higher one there are today, as (importer,
-#: imported). Shrinks like KNOWN_CYCLES. (identity -> tokens points the wrong way
-#: too, but both ends are parts: KNOWN_CYCLES holds it.)
+#: imported). Shrinks like KNOWN_CYCLES.
 KNOWN_UPWARD: set[tuple[str, str]] = {
     ("sidecar.proxy", "sidecar.fastserver"),
 }
@@ -211,9 +207,9 @@ GRAPH = import_graph()
 
 
 def test_the_walk_sees_lazy_and_type_checking_imports() -> None:
-    # upstream imports FastPool under TYPE_CHECKING and inside a method; tokens imports
-    # identity at the top, identity imports tokens inside a function. If the walk missed
-    # either kind, the known cycles would vanish and the test below would say so; this
+    # upstream imports FastPool under TYPE_CHECKING and inside a method; identity.factory
+    # imports the JWT resolver inside a function (so header mode never loads PyJWT). If the
+    # walk missed either kind, the known cycles would vanish and the test below would say so; this
     # says why, on a source with imports of every kind (relative ones too, which sidecar/ has none of yet).
     source = (
         "from typing import TYPE_CHECKING\n"

@@ -21,7 +21,7 @@ from sidecar.access_log import AccessLog
 from sidecar.config import CacheSettings, IdentitySettings, InjectSettings, UpstreamSettings
 from sidecar.connect import parse_authority
 from sidecar.errors import BadRequest, SidecarError
-from sidecar.identity import HeaderIdentity
+from sidecar.identity.header import HeaderIdentity
 from sidecar.proxy import DataPlane, Runtime
 from sidecar.record import Record
 from sidecar.secrets.cache import SecretCache

@@ -6,6 +6,8 @@ import asyncio
 import base64
 import json
 import logging
+import subprocess
+import sys
 import time
 import uuid
 import warnings
@@ -21,9 +23,15 @@ from multidict import CIMultiDict
 
 from sidecar.config import parse_settings
 from sidecar.errors import BadRequest, ConfigError, IdentityProviderUnavailable, InvalidClientId, InvalidToken
-from sidecar.identity import build_identity_resolver
+from sidecar.identity.factory import build_identity_resolver
+from sidecar.identity.jwt_bearer import (
+    JWKS_RETRY_FIRST_SECONDS,
+    JWKS_RETRY_MAX_SECONDS,
+    JwtIdentity,
+    downgrades,
+    retry_delay,
+)
 from sidecar.metrics import REGISTRY, apply_pending
-from sidecar.tokens import JWKS_RETRY_FIRST_SECONDS, JWKS_RETRY_MAX_SECONDS, JwtIdentity, downgrades, retry_delay
 from tests.support.idp import IdentityProvider, b64json, hs256_token, make_key, unsigned_token
 
 
@@ -830,6 +838,23 @@ async def test_build_identity_resolver_picks_jwt_mode(idp: IdentityProvider) -> 
         assert (await resolver.resolve(bearer(idp.mint(client_id="a")))).client_id == "a"
     finally:
         await resolver.close()
+
+
+def test_header_mode_never_loads_pyjwt() -> None:
+    # PyJWT and cryptography cost idle memory (bench/run.py measures rss_idle per mode);
+    # the factory imports the JWT module only for JWT mode. A fresh interpreter, since
+    # this one has them loaded already.
+    code = (
+        "import sys\n"
+        "import sidecar.app, sidecar.identity\n"
+        "from sidecar.config import parse_settings\n"
+        "from sidecar.identity.factory import build_identity_resolver\n"
+        "build_identity_resolver(parse_settings({'secrets': {'backend': 'aws'}}).identity)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jwt', 'cryptography')"
+        " or m == 'sidecar.identity.jwt_bearer'))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
 
 
 def test_jwks_url_without_issuer_is_refused_by_config(idp: IdentityProvider) -> None:

@@ -54,7 +54,7 @@ from jwt.algorithms import AllowedPublicKeys
 
 from sidecar.config import ASYMMETRIC_ALGORITHMS, ClaimValue, IdentitySettings, JwtSettings
 from sidecar.errors import BadRequest, IdentityProviderUnavailable, InvalidToken
-from sidecar.identity import (
+from sidecar.identity.base import (
     PROXY_AUTHORIZATION,
     HeaderReader,
     Identity,
@@ -65,6 +65,7 @@ from sidecar.identity import (
 from sidecar.metrics import JWKS_REFRESHES, TOKEN_CACHE, bump
 from sidecar.net import loggable_url, split_http_url, trust_context
 
+#: Named as when this module was sidecar/tokens.py: log levels and filters set on that name still apply.
 log = logging.getLogger("sidecar.tokens")
 
 # A bearer token larger than this is refused before any parsing. Real access and ID

@@ -1,8 +1,9 @@
-"""Request headers in, client ID out: the forwarded header, or a verified JWT.
+"""Request headers in, client ID out: what the identity modes share.
 
-Header mode trusts the pod: whoever can reach the sidecar's port can name any
-client. JWT mode (``identity.jwt``) takes the client ID from a token whose
-signature the sidecar verifies itself; see ``sidecar/tokens.py``.
+Header mode (``sidecar/identity/header.py``) trusts the pod: whoever can reach the
+sidecar's port can name any client. JWT mode (``identity.jwt``,
+``sidecar/identity/jwt_bearer.py``) takes the client ID from a token whose
+signature the sidecar verifies itself. ``sidecar/identity/factory.py`` builds one.
 
 An app may also name itself to the proxy rather than on each request: the
 identity header on a CONNECT, or the user name of a Basic ``Proxy-Authorization``
@@ -23,8 +24,7 @@ from typing import Protocol
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.client_id import CLIENT_ID_PATTERN
-from sidecar.config import IdentitySettings
-from sidecar.errors import BadRequest, InvalidClientId, MissingIdentity
+from sidecar.errors import BadRequest, InvalidClientId
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,63 +128,6 @@ def conflicting_identity(header: str) -> BadRequest:
         f"and the {header} header differ.",
         reason="conflicting_identity",
     )
-
-
-class HeaderIdentity:
-    """Trust the client ID the MCP server forwards in a header (``X-Client-Id``)."""
-
-    def __init__(self, settings: IdentitySettings) -> None:
-        self.header = settings.header
-        self.default = settings.default_client_id
-        self.strip_headers = frozenset({settings.header.lower()})
-        # An identity header named Proxy-Authorization is read as it is, not as Basic.
-        self._proxy_auth = settings.header.lower() != PROXY_AUTHORIZATION.lower()
-
-    def proxy_client_id(self, headers: HeaderReader, *, connect: bool) -> str | None:
-        named = (single_header(headers, self.header) or None) if connect else None
-        user = proxy_user(headers) if self._proxy_auth else None
-        if named is not None and user is not None and named != user:
-            raise conflicting_identity(self.header)
-        value = named or user
-        return None if value is None else validate_client_id(value)
-
-    async def resolve(self, headers: HeaderReader, proxy_client_id: str | None = None) -> Identity:
-        value = single_header(headers, self.header)
-        if proxy_client_id is not None:
-            # Equal is fine (an app naming itself both ways); a different one is refused.
-            if value and value != proxy_client_id:
-                raise conflicting_identity(self.header)
-            return Identity(proxy_client_id, "proxy")
-        if value is None or value == "":
-            if self.default is None:
-                raise MissingIdentity(f"No {self.header} header and no default client ID.")
-            return Identity(self.default, "default")
-        return Identity(validate_client_id(value), "header")
-
-    @property
-    def ready(self) -> bool:
-        return True
-
-    async def wait_ready(self) -> None:
-        return None
-
-    async def start(self, *, wait: bool = True) -> None:
-        return None
-
-    def retire(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
-
-
-def build_identity_resolver(settings: IdentitySettings) -> IdentityResolver:
-    """Header mode, or JWT mode when ``identity.jwt`` is configured."""
-    if settings.jwt:
-        from sidecar.tokens import JwtIdentity
-
-        return JwtIdentity(settings)
-    return HeaderIdentity(settings)
 
 
 def claim_strings(claims: Mapping[str, object], *names: str) -> frozenset[str]:
