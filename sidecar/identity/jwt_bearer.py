@@ -740,21 +740,22 @@ class JwtIdentity:
         kid = header.get("kid")
         if kid is not None and (not isinstance(kid, str) or not kid or len(kid) > MAX_KID_LENGTH):
             raise _refuse("malformed")
-        # Unverified, and used only to pick whose keys may verify the token; its claims are
-        # checked again, from the verified payload, by that issuer's rules.
-        issuer = self._issuers.get(_text_or_none(_decode_part(payload).get("iss")))
+        # Read once. Before the signature is checked, only iss is used: to pick whose keys may
+        # verify the token. The signature covers exactly this payload segment, so once it
+        # verifies these are the verified claims, checked by that issuer's rules (iss again too).
+        claims = _decode_part(payload)
+        issuer = self._issuers.get(_text_or_none(claims.get("iss")))
         if issuer is None:
             raise _refuse("wrong_issuer")
         if alg not in issuer.algorithms:
             raise _refuse("alg_not_allowed")
         key = await issuer.keys.key_for(kid, alg)
         try:
-            decoded = _JWS.decode_complete(token, key=key, algorithms=[alg])
+            _JWS.decode_complete(token, key=key, algorithms=[alg])
         except jwt.InvalidSignatureError:
             raise _refuse("bad_signature") from None
         except (jwt.PyJWTError, ValueError, TypeError):
             raise _refuse("malformed") from None
-        claims = _load_object(decoded["payload"])
         identity, expires_at = issuer.check_claims(claims, self._clock())
         return identity, expires_at, issuer
 
