@@ -50,12 +50,15 @@ class FakeBackend:
         self.calls: list[str] = []
         self.waiting = 0
         self.on_change: Callable[[], None] | None = None
+        #: read the value when the call starts, not when the gate opens (a store read in flight)
+        self.read_before_gate = False
 
     async def start(self) -> None:
         pass
 
     async def fetch(self, secret_id: str) -> RawSecret:
         self.calls.append(secret_id)
+        early = self.values.get(secret_id) if self.read_before_gate else None
         if self.gate is not None:
             self.waiting += 1
             try:
@@ -64,10 +67,10 @@ class FakeBackend:
                 self.waiting -= 1
         if self.error is not None:
             raise self.error
-        try:
-            return self.values[secret_id]
-        except KeyError:
-            raise SecretNotFound(secret_id) from None
+        value = early if self.read_before_gate else self.values.get(secret_id)
+        if value is None:
+            raise SecretNotFound(secret_id)
+        return value
 
     async def close(self) -> None:
         pass
@@ -908,29 +911,13 @@ async def test_the_secret_type_compares_by_value(alice: str) -> None:
         hash(Secret(alice))
 
 
-class SnapshotBackend(FakeBackend):
-    """Reads the value when the call starts, answers when the gate opens: a store read in flight."""
-
-    async def fetch(self, secret_id: str) -> RawSecret:
-        self.calls.append(secret_id)
-        value = self.values.get(secret_id)
-        if self.gate is not None:
-            self.waiting += 1
-            try:
-                await self.gate.wait()
-            finally:
-                self.waiting -= 1
-        if value is None:
-            raise SecretNotFound(secret_id)
-        return value
-
-
 async def test_refresh_after_rejection_does_not_trust_a_read_that_began_before_it(
     clock: FakeClock, alice: str
 ) -> None:
     """A background refresh that read the store just before a rotation is no answer to the
     upstream's refusal: the rotated key must be fetched, not the old one called unchanged."""
-    backend = SnapshotBackend({"mcp/polygon/alice": alice})
+    backend = FakeBackend({"mcp/polygon/alice": alice})
+    backend.read_before_gate = True
     cache = make_cache(backend, clock)
     old, _ = await cache.get("mcp/polygon/alice")
     clock.advance(TTL + 1)
