@@ -11,10 +11,11 @@ import trustme
 import yaml
 
 from sidecar.client_id import CLIENT_ID_PATTERN
-from sidecar.config import ListenAddress, Settings, load_settings, parse_settings
+from sidecar.config import ListenAddress, load_settings, parse_settings
 from sidecar.errors import ConfigError
 from sidecar.net import loggable_url
 from tests.support.leaks import make_secret
+from tests.support.settings import config, parse, upstream
 
 CLIENT_ID_RULE = f"does not match {CLIENT_ID_PATTERN.pattern}"
 
@@ -24,29 +25,6 @@ def keys_file(tmp_path: Path) -> Path:
     path = tmp_path / "keys.yaml"
     path.write_text(f"alice: {make_secret('config-alice')}\nbob: {make_secret('config-bob')}\n")
     return path
-
-
-def upstream(**overrides: Any) -> dict[str, Any]:
-    up: dict[str, Any] = {
-        "url": "https://api.polygon.io",
-        "secret": "mcp/polygon/{client_id}",
-        "inject": {"query": "apiKey"},
-    }
-    up.update(overrides)
-    return up
-
-
-def config(keys_file: Path, **sections: Any) -> dict[str, Any]:
-    raw: dict[str, Any] = {
-        "secrets": {"file": {"path": str(keys_file)}},
-        "upstreams": {"polygon": upstream()},
-    }
-    raw.update(sections)
-    return raw
-
-
-def parse(raw: Any, tmp_path: Path, env: dict[str, str] | None = None) -> Settings:
-    return parse_settings(raw, base_dir=tmp_path, env=env or {})
 
 
 def problems(raw: Any, tmp_path: Path, env: dict[str, str] | None = None) -> list[str]:

@@ -8,9 +8,10 @@ from typing import Any
 import pytest
 import trustme
 
-from sidecar.config import Settings, load_settings, parse_settings
+from sidecar.config import load_settings
 from sidecar.summary import describe
 from tests.support.leaks import make_secret
+from tests.support.settings import config, parse, upstream
 
 
 @pytest.fixture
@@ -18,18 +19,6 @@ def keys_file(tmp_path: Path) -> Path:
     path = tmp_path / "keys.yaml"
     path.write_text(f"alice: {make_secret('summary-keys')}\n")
     return path
-
-
-def upstream(**overrides: Any) -> dict[str, Any]:
-    return {"url": "https://api.polygon.io", "secret": "mcp/polygon/{client_id}", "inject": {"query": "apiKey"}} | overrides
-
-
-def config(keys_file: Path, **sections: Any) -> dict[str, Any]:
-    return {"secrets": {"file": {"path": str(keys_file)}}, "upstreams": {"polygon": upstream()}} | sections
-
-
-def parse(raw: Any, tmp_path: Path, env: dict[str, str] | None = None) -> Settings:
-    return parse_settings(raw, base_dir=tmp_path, env=env or {})
 
 
 def test_every_line_of_a_full_summary(tmp_path: Path) -> None:
