@@ -107,29 +107,8 @@ class CertificateAuthority:
             return context
 
     def _mint(self, host: str) -> tuple[ssl.SSLContext, datetime.datetime]:
-        now = _now()
-        not_after = now + LEAF_VALIDITY
-        try:
-            san: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
-        except ValueError:
-            san = x509.DNSName(host)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host[:64])]))
-            .issuer_name(self.cert.subject)
-            .public_key(self._leaf_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(not_after)
-            .add_extension(x509.SubjectAlternativeName([san]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.cert.public_key()),  # type: ignore[arg-type]
-                critical=False,
-            )
-            .sign(self.key, hashes.SHA256())
-        )
+        not_after = _now() + LEAF_VALIDITY
+        cert = sign_server_certificate(self.key, self.cert, host, self._leaf_key.public_key(), not_after)
         chain = self._dir / f"leaf-{self.minted}.pem"
         self.minted += 1
         chain.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + self.cert_pem)
@@ -177,12 +156,18 @@ def system_roots() -> bytes:
 
 
 def _generate_ca() -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    return new_ca(f"credential-sidecar interception CA {os.getpid()}", _now() + CA_VALIDITY)
+
+
+def new_ca(
+    common_name: str, not_after: datetime.datetime, organization: str = "mcp-credential-sidecar"
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A fresh self-signed CA (P-256) that may sign server certificates only, valid until ``not_after``."""
     key = ec.generate_private_key(ec.SECP256R1())
-    now = _now()
     name = x509.Name(
         [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "mcp-credential-sidecar"),
-            x509.NameAttribute(NameOID.COMMON_NAME, f"credential-sidecar interception CA {os.getpid()}"),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
         ]
     )
     cert = (
@@ -191,8 +176,8 @@ def _generate_ca() -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + CA_VALIDITY)
+        .not_valid_before(_now() - datetime.timedelta(hours=1))
+        .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -206,3 +191,34 @@ def _generate_ca() -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
         .sign(key, hashes.SHA256())
     )
     return key, cert
+
+
+def sign_server_certificate(
+    ca_key: CertificateIssuerPrivateKeyTypes,
+    ca_cert: x509.Certificate,
+    host: str,
+    public_key: ec.EllipticCurvePublicKey,
+    not_after: datetime.datetime,
+) -> x509.Certificate:
+    """A server certificate for ``host`` alone (a DNS name, or an IP address), signed by the CA."""
+    try:
+        san: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        san = x509.DNSName(host)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host[:64])]))
+        .issuer_name(ca_cert.subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_now() - datetime.timedelta(hours=1))
+        .not_valid_after(not_after)
+        .add_extension(x509.SubjectAlternativeName([san]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),  # type: ignore[arg-type]
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )

@@ -2,8 +2,9 @@
 
 The Polygon stand-in serves https with a certificate naming ``api.polygon.io``
 that no public CA issued; the sidecar trusts it only through the upstream's
-``ca_file``. Made with ``cryptography`` (already installed with the sidecar, by
-PyJWT[crypto]), so the demo needs no test-only package such as trustme.
+``ca_file``. The CA and the certificate are made by the sidecar's own
+interception-CA code (sidecar/mitm.py), so the demo needs no test-only package
+such as trustme.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from sidecar.mitm import new_ca, sign_server_certificate
 
 # Long enough for any demo run; a fresh pair is made at every start.
 VALIDITY = datetime.timedelta(days=1)
@@ -29,64 +30,14 @@ class StandInTLS:
     key: Path  # the stand-in's private key
 
 
-def _name(common_name: str) -> x509.Name:
-    return x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "mcp-credential-sidecar demo"),
-            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-        ]
-    )
-
-
 def make_stand_in_tls(directory: Path, hostname: str) -> StandInTLS:
     """Write a new CA and a server certificate for hostname signed by it into directory."""
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = _name("demo stand-in CA (made at demo start)")
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + VALIDITY)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=True,
-                crl_sign=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-
+    not_after = datetime.datetime.now(datetime.UTC) + VALIDITY
+    ca_key, ca = new_ca("demo stand-in CA (made at demo start)", not_after, "mcp-credential-sidecar demo")
     leaf_key = ec.generate_private_key(ec.SECP256R1())
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(_name(hostname))
-        .issuer_name(ca_name)
-        .public_key(leaf_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + VALIDITY)
-        # Only the API's name: no 127.0.0.1. The sidecar dials the stand-in's
-        # address (connect_to) and must still check the certificate for this name.
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
+    # Only the API's name: no 127.0.0.1. The sidecar dials the stand-in's address
+    # (connect_to) and must still check the certificate for this name.
+    leaf = sign_server_certificate(ca_key, ca, hostname, leaf_key.public_key(), not_after)
 
     ca_pem = ca.public_bytes(serialization.Encoding.PEM)
     tls = StandInTLS(
