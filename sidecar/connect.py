@@ -163,6 +163,16 @@ class _CaseSensitiveParser(HttpRequestParserPy):
         return super().parse_message(lines)
 
 
+def _passthrough_forbidden() -> DestinationNotAllowed:
+    """A passthrough host that resolves only to guarded addresses: the operator listed it, so
+    the opt-in is the right pointer (for an internal host; a public one resolving privately is not)."""
+    return DestinationNotAllowed(
+        "The passthrough host resolves only to private, loopback, link-local or reserved addresses; "
+        "for an internal host, set forward_proxy.passthrough_allow_private: true.",
+        reason="forbidden_address",
+    )
+
+
 class _RequestHandler(RequestHandler):
     """aiohttp's connection handler, with the contract's JSON error for requests it cannot parse.
 
@@ -465,19 +475,11 @@ class Front:
         loop = self.loop
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
-                allowed = await resolve_allowed(host, port, self.plane.runtime.passthrough_allow_private)
+                allowed = await resolve_allowed(
+                    host, port, self.plane.runtime.passthrough_allow_private, _passthrough_forbidden
+                )
         except TimeoutError:
             raise UpstreamTimeout(reason="dns_timeout") from None
-        except DestinationNotAllowed as err:
-            if err.reason != "forbidden_address":
-                raise
-            # Only passthrough_hosts get here: the operator listed this host, so the opt-in is
-            # the right pointer (for an internal host; a public one resolving privately is not).
-            raise DestinationNotAllowed(
-                "The passthrough host resolves only to private, loopback, link-local or reserved addresses; "
-                "for an internal host, set forward_proxy.passthrough_allow_private: true.",
-                reason="forbidden_address",
-            ) from None
         address = allowed[0]
         tunnel = _Tunnel(self)
         to_upstream = _Half(tunnel)

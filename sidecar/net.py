@@ -13,6 +13,7 @@ import ipaddress
 import re
 import socket
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import SplitResult, urlsplit
@@ -240,11 +241,15 @@ async def lookup(host: str, port: int) -> list[str]:
     return [str(info[4][0]) for info in infos]
 
 
-async def resolve_allowed(host: str, port: int, allow_private: bool) -> list[str]:
+async def resolve_allowed(
+    host: str, port: int, allow_private: bool, refusal: Callable[[], DestinationNotAllowed] | None = None
+) -> list[str]:
     """Resolve once; the addresses the guard allows. Callers connect only to these.
 
     The lean client and CONNECT tunnels use this (each under its own deadline);
     aiohttp's client gets the same filter through ``transport.aio.GuardedResolver``.
+    ``refusal`` is the caller's own forbidden_address refusal, naming the setting that
+    would allow the host (``allow_private`` of an upstream, ``passthrough_allow_private``).
     """
     try:
         candidates = [ipaddress.ip_address(host).compressed]
@@ -255,7 +260,8 @@ async def resolve_allowed(host: str, port: int, allow_private: bool) -> list[str
             raise UpstreamUnreachable("The destination name does not resolve.", reason="dns") from None
     allowed = allowed_addresses(candidates, allow_private)
     if not allowed:
-        # Upstream.send and the CONNECT tunnel put the setting that would allow it in the message.
+        if refusal is not None:
+            raise refusal()
         raise DestinationNotAllowed(
             "The destination resolves only to private, loopback, link-local or reserved addresses, "
             "which the sidecar does not reach.",

@@ -111,6 +111,7 @@ class Upstream:
             self.fast = FastPool(
                 s.host, s.port, ssl_context if isinstance(ssl_context, ssl.SSLContext) else None,
                 s.allow_private, s.timeout_seconds, self.authority, dial=s.connect_to,
+                refusal=self.forbidden_address,
             )
         resolver: AbstractResolver | None = self._resolver
         if not s.allow_private:
@@ -174,8 +175,6 @@ class Upstream:
             kind = _ERROR_KINDS.get(err.reason)
             if kind is not None:
                 self._errors[kind].inc()
-            if err.reason == "forbidden_address":
-                raise self.forbidden_address() from None
             raise
         except Exception as exc:
             raise self.translate(exc) from None

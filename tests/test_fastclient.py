@@ -325,7 +325,7 @@ async def test_the_connection_cap_holds_while_the_name_is_being_resolved(monkeyp
 
     monkeypatch.setattr(sidecar.transport.fast, "MAX_CONNECTIONS", 3)
 
-    async def slow_resolve(host: str, port: int, allow_private: bool) -> list[str]:
+    async def slow_resolve(host: str, port: int, allow_private: bool, refusal: object = None) -> list[str]:
         await asyncio.sleep(0.05)
         return ["127.0.0.1"]
 

@@ -29,11 +29,12 @@ import functools
 import ssl
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from sidecar.errors import SidecarError, UpstreamBodyError, UpstreamTimeout, UpstreamUnreachable
+from sidecar.errors import DestinationNotAllowed, SidecarError, UpstreamBodyError, UpstreamTimeout, UpstreamUnreachable
 from sidecar.net import ascii_digits, resolve_allowed
 from sidecar.transport.base import CLIENT_LIMIT as BASE_CLIENT_LIMIT
 from sidecar.transport.base import DNS_TTL_SECONDS, KEEPALIVE_SECONDS, POOL_LIMIT
@@ -410,6 +411,7 @@ class FastPool:
         timeout: float,
         host_header: str,
         dial: tuple[str, int] | None = None,
+        refusal: Callable[[], DestinationNotAllowed] | None = None,
     ) -> None:
         self.host = host  # the TLS server name and the name certificates are checked against
         self.port = port
@@ -418,6 +420,8 @@ class FastPool:
         self.dial_host, self.dial_port = dial or (host, port)
         self.ssl_context = ssl_context
         self.allow_private = allow_private
+        #: the forbidden_address refusal naming the opt-in (the upstream's allow_private)
+        self.refusal = refusal
         self.timeout = timeout
         self.host_line = f"Host: {host_header}\r\n".encode("ascii")
         # Kept: asyncio.get_running_loop() costs a getpid() syscall on every call (CPython 3.11).
@@ -674,7 +678,7 @@ class FastPool:
         """The guard's allowed addresses for the dial host, reused for DNS_TTL_SECONDS."""
         now = time.monotonic()
         if not self._addresses or now - self._resolved_at >= DNS_TTL_SECONDS:
-            self._addresses = await resolve_allowed(self.dial_host, self.dial_port, self.allow_private)
+            self._addresses = await resolve_allowed(self.dial_host, self.dial_port, self.allow_private, self.refusal)
             self._resolved_at = now
         return self._addresses
 
