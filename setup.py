@@ -28,6 +28,7 @@ from build_backend import compile_requested  # one reading of SIDECAR_COMPILE fo
 #: workers, connect, mitm, the secret backends, the identity factory).
 COMPILED = [
     "sidecar/fastserver.py",
+    "sidecar/aio_exchange.py",
     "sidecar/transport/base.py",
     "sidecar/transport/fast.py",
     "sidecar/proxy.py",

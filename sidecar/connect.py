@@ -13,6 +13,7 @@ that does not start with ``CONNECT `` is handed, with those bytes, to an aiohttp
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import re
@@ -34,6 +35,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from sidecar import metrics
+from sidecar.aio_exchange import BAD_TRANSFER_ENCODING, UNPARSEABLE_TARGET, UNSUPPORTED_VERSION, serve_request
 from sidecar.errors import (
     BadRequest,
     DestinationNotAllowed,
@@ -43,7 +45,6 @@ from sidecar.errors import (
     UpstreamUnreachable,
 )
 from sidecar.net import HostPort, normalize_host, parse_host_port, resolve_allowed
-from sidecar.proxy import BAD_TRANSFER_ENCODING, UNPARSEABLE_TARGET, UNSUPPORTED_VERSION
 from sidecar.record import FixedLine, Record
 from sidecar.refusal import error_bytes, error_response
 
@@ -124,7 +125,7 @@ def connect_head(head: bytes) -> tuple[str, CIMultiDict[str]]:
 
 
 def head_refusal(message: RawRequestMessage) -> str | None:
-    """The router's mark (proxy.py) for a head aiohttp's parsers accepted but the contract refuses.
+    """The mark (aio_exchange.py) for a head aiohttp's parsers accepted but the contract refuses.
 
     Both parsers take ``HTTP/2.0`` and ``HTTP/0.9`` in a request line (the pure-Python one
     any digit pair), and a Transfer-Encoding of ``gzip, chunked``, or one in HTTP/1.0; the
@@ -367,7 +368,7 @@ class Front:
     ) -> None:
         self.plane = plane
         self.server_kwargs = {"keepalive_timeout": HTTP_WAIT_SECONDS, **http_server_kwargs}
-        self.http = _Server(self, plane.handle, **self.server_kwargs)
+        self.http = _Server(self, functools.partial(serve_request, plane), **self.server_kwargs)
         self.loop = asyncio.get_running_loop()
         self.fast: FastServer | None = None
         if FAST_SERVER:
@@ -517,7 +518,7 @@ class Front:
             async def handle(request: web.BaseRequest) -> web.StreamResponse:
                 handler = request.protocol
                 named = handler.tunnel_client_id if isinstance(handler, _RequestHandler) else None
-                return await self.plane.handle(request, origin, named)
+                return await serve_request(self.plane, request, origin, named)
 
             server = _Server(self, handle, **self.server_kwargs)
             self._intercept_servers[origin] = server

@@ -1,15 +1,22 @@
-"""One exchange between the app and an upstream: what goes back, and the body rules both servers share.
+"""One exchange between the app and an upstream: the seam both servers serve through.
 
-``ResponseHead`` turns an upstream's answer into what the app may see (scrubbed
-reason and headers, framing); both servers relay it. The body constants say how
-much of a request is kept for a replay and which failures mean a side broke off.
+``Exchange`` is one request as a server received it and the way back to its app;
+``DataPlane.serve`` (proxy.py) runs the one pipeline over it, and each server
+implements it: ``FastExchange`` (fastserver.py) and ``AioExchange``
+(aio_exchange.py). ``ResponseHead`` turns an upstream's answer into what the app
+may see (scrubbed reason and headers, framing); both relay it. The body constants
+say how much of a request is kept for a replay and which failures mean a side
+broke off.
 """
 
 from __future__ import annotations
 
 import aiohttp
+from aiohttp import StreamReader
+from multidict import CIMultiDict
 
-from sidecar.errors import UpstreamUnreachable
+from sidecar.errors import SidecarError, UpstreamUnreachable
+from sidecar.identity.base import HeaderReader
 from sidecar.inject import Scrubber
 from sidecar.transport.base import HOP_BY_HOP, UpstreamAnswer
 
@@ -70,3 +77,47 @@ class ResponseHead:
             for name, value in answer.headers.items()
             if name.lower() not in drop and (len(name) < shortest or scrub(name) == name)
         ]
+
+
+class Exchange:
+    """One request and the way back to its app: what ``DataPlane.serve`` works with.
+
+    A native base class in the compiled build, not a Protocol: the pipeline's calls on
+    it are then direct (vtable) calls, where a Protocol's are generic Python ones, on
+    every request. Subclasses set every attribute below in their ``__init__`` and
+    declare only their own in ``__slots__``; tests never subclass it (mypyc forbids an
+    interpreted subclass of a compiled class).
+    """
+
+    __slots__ = ("body", "body_ready", "headers", "method", "origin", "raw_path", "refusal", "tunnel_client_id")
+
+    method: str
+    raw_path: str
+    #: What identity reads; ``outgoing()`` is what goes upstream.
+    headers: HeaderReader
+    #: Inside an intercepted CONNECT: the origin it named (None elsewhere) ...
+    origin: tuple[str, int] | None
+    #: ... and the client it named (``IdentityResolver.proxy_client_id``), if any.
+    tunnel_client_id: str | None
+    #: Refused before routing, decided by the server that parsed the head (None: go on).
+    refusal: SidecarError | None
+    #: The body is here already (``body``, None for none): the pipeline awaits nothing for
+    #: it. False: ``read_body()`` gets it.
+    body_ready: bool
+    body: bytes | None
+
+    def outgoing(self) -> CIMultiDict[str]:
+        """The headers to send upstream: a copy the pipeline edits in place."""
+        raise NotImplementedError
+
+    async def read_body(self) -> tuple[bytes | StreamReader | None, bool]:
+        """The body to send when ``body_ready`` is False, and whether a replay may send it again."""
+        return self.body, True
+
+    def refuse(self, err: SidecarError, phrase: str | None = None) -> None:
+        """Answer with the contract's JSON error (the pipeline decided its status, phrase and headers)."""
+        raise NotImplementedError
+
+    async def relay(self, answer: UpstreamAnswer, head: ResponseHead) -> bool:
+        """Send the upstream's answer back; False if either side broke off mid-body."""
+        raise NotImplementedError

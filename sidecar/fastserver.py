@@ -35,13 +35,13 @@ from typing import TYPE_CHECKING, cast
 import httptools
 from multidict import CIMultiDict
 
-from sidecar.exchange import NO_BODY_STATUS, REPLAY_BODY_LIMIT, STREAM_BROKEN, ResponseHead
+from sidecar.exchange import NO_BODY_STATUS, REPLAY_BODY_LIMIT, STREAM_BROKEN, Exchange, ResponseHead
+from sidecar.proxy import DataPlane
 from sidecar.refusal import error_bytes
 from sidecar.transport.fast import FastResponse, time_out
 
 if TYPE_CHECKING:
     from sidecar.errors import SidecarError
-    from sidecar.proxy import DataPlane
     from sidecar.transport.base import UpstreamAnswer
 
 log = logging.getLogger("sidecar.fastserver")
@@ -149,10 +149,10 @@ class _HeadParser:
         self.complete = True
 
 
-class FastExchange:
-    """One request and the way back to its app: what ``DataPlane.handle_fast`` works with."""
+class FastExchange(Exchange):
+    """A request the fast server parsed and buffered whole, and the connection it came on."""
 
-    __slots__ = ("body", "conn", "headers", "keep_alive", "method", "raw_path", "started")
+    __slots__ = ("conn", "keep_alive", "started")  # the rest are Exchange's
 
     def __init__(
         self, conn: FastConnection, method: str, raw_path: str, headers: CIMultiDict[str], body: bytes | None,
@@ -162,9 +162,17 @@ class FastExchange:
         self.method = method
         self.raw_path = raw_path
         self.headers = headers
+        self.origin = None
+        self.tunnel_client_id = None
+        self.refusal = None
+        self.body_ready = True
         self.body = body
         self.keep_alive = keep_alive
         self.started = False  # a byte of the answer went out
+
+    def outgoing(self) -> CIMultiDict[str]:
+        # The fast server's own copy, made for this request: edited in place.
+        return cast(CIMultiDict[str], self.headers)
 
     def _closing(self) -> bool:
         return not self.keep_alive or self.conn.server.closing
@@ -363,7 +371,7 @@ class FastConnection(asyncio.Protocol):
             self, fields.method, fields.url.decode("ascii"), CIMultiDict(fields.headers), body,
             fields.keep_alive,
         )
-        task = self.server.loop.create_task(self.server.plane.handle_fast(exchange))
+        task = self.server.loop.create_task(self.server.plane.serve(exchange))
         self.task = task
         task.add_done_callback(lambda _: self._done(exchange))
 

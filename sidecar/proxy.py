@@ -1,9 +1,11 @@
 """The data plane: identity -> policy -> secret -> inject -> forward -> stream back.
 
-Runs on aiohttp's low-level server (no router, no middlewares): the first path
-segment or the absolute-form host picks the upstream with one dict look-up.
-Every refusal is a SidecarError turned into a response in one place
-(``refusal.error_response``); every request ends in one access-log line (``AccessLog.account``).
+One pipeline, ``DataPlane.serve``, over an ``Exchange`` (exchange.py) from either
+server: the lean one (fastserver.py) or aiohttp's low-level server (aio_exchange.py;
+no router, no middlewares). The first path segment or the absolute-form host picks
+the upstream with one dict look-up. Every refusal is a SidecarError the exchange
+turns into its answer (``Exchange.refuse``); every request ends in one access-log
+line (``AccessLog.account``).
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
-from aiohttp import StreamReader, web
+from aiohttp import StreamReader
 from multidict import CIMultiDict
 
 from sidecar import metrics
@@ -27,14 +29,13 @@ from sidecar.errors import (
     SecretStoreUnavailable,
     SidecarError,
     UnknownUpstream,
-    UnsupportedHttpVersion,
 )
-from sidecar.exchange import REPLAY_BODY_LIMIT, STREAM_BROKEN, ResponseHead
+from sidecar.exchange import Exchange, ResponseHead
 from sidecar.identity.base import IdentityResolver
 from sidecar.net import normalize_host
 from sidecar.policy import client_allowed, scopes_allowed
-from sidecar.record import Record, RequestLine
-from sidecar.refusal import error_response, reason_phrase
+from sidecar.record import Record
+from sidecar.refusal import reason_phrase
 from sidecar.secrets.base import Secret
 from sidecar.secrets.cache import SecretCache
 from sidecar.transport.base import UpstreamAnswer
@@ -42,21 +43,12 @@ from sidecar.upstream import Upstream
 
 if TYPE_CHECKING:
     from sidecar.access_log import AccessLog
-    from sidecar.fastserver import FastExchange
-    from sidecar.identity.base import HeaderReader
 
 log = logging.getLogger("sidecar.proxy")
 
 #: Methods never forwarded: an upstream implementing them reflects the request,
 #: injected key included, back to the app.
 REFUSED_METHODS = frozenset({"TRACE", "TRACK"})
-#: Targets connect.py puts in place of a request's own when the head aiohttp parsed cannot be
-#: served: a target aiohttp could not even turn into a URL, a version other than 1.0 and 1.1,
-#: a Transfer-Encoding other than one final chunked. The router refuses them (``_refuse_marked``).
-MARK: Final = "\x00"
-UNPARSEABLE_TARGET = MARK + "unparseable-target"
-UNSUPPORTED_VERSION = MARK + "unsupported-version"
-BAD_TRANSFER_ENCODING = MARK + "bad-transfer-encoding"
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,16 +68,6 @@ class Runtime:
     passthrough: frozenset[tuple[str, int]]
     passthrough_allow_private: bool
     drop_headers: dict[str, frozenset[str]]  # per upstream: request headers never forwarded
-
-
-class _OneWriteResponse(web.StreamResponse):
-    """A response whose headers go out with the first body chunk: one write, not two.
-
-    Only used when the upstream announced a Content-Length, so there is a body
-    coming right behind the headers (streams keep headers-first delivery).
-    """
-
-    _send_headers_immediately = False
 
 
 @dataclass(slots=True)
@@ -112,75 +94,49 @@ def _check_path(path: str) -> None:
                 raise BadRequest("Dot segments are not allowed in the path.", reason="dot_segment")
 
 
-def _refuse_marked(raw: str) -> SidecarError:
-    """The refusal for a request connect.py marked (see MARK)."""
-    if raw == UNSUPPORTED_VERSION:
-        return UnsupportedHttpVersion(reason="http_version")
-    if raw == BAD_TRANSFER_ENCODING:
-        return BadRequest(
-            "Transfer-Encoding must be exactly chunked, once, in HTTP/1.1.", reason="transfer_encoding"
-        )
-    return BadRequest("The request target is not a valid URL.", reason="bad_target")
-
-
 class DataPlane:
-    """The request handler: ``handle`` for aiohttp's low-level server, ``handle_fast`` for fastserver."""
+    """The request pipeline: ``serve`` runs one exchange from either server."""
 
     def __init__(self, runtime: Runtime, access_log: AccessLog) -> None:
         self.runtime = runtime
         self.access_log = access_log
 
-    async def handle(
-        self, request: web.BaseRequest, origin: tuple[str, int] | None = None, tunnel_client_id: str | None = None
-    ) -> web.StreamResponse:
-        """Handle one request; ``origin`` is set for requests inside an intercepted CONNECT, and
-        ``tunnel_client_id`` when that CONNECT named a client (``IdentityResolver.proxy_client_id``)."""
+    async def serve(self, ex: Exchange) -> None:
+        """Take one request from its head to its answer; the exchange writes what goes back."""
         rt = self.runtime
         started = time.perf_counter()
         rec = Record()
         metrics.bump(metrics.INFLIGHT)
         try:
-            return await self._proxy(rt, request, rec, origin, tunnel_client_id)
-        except SidecarError as err:
-            return error_response(self._refuse(err, rec), reason_phrase(err, rec.mode))
-        except asyncio.CancelledError:
-            # The app hung up (handler_cancellation): the upstream call is abandoned with it.
-            rec.status = rec.status or 499
-            rec.reason = "client_closed"
-            raise
-        except Exception as exc:
-            bug = self._refuse(self._bug(exc, rec), rec)
-            return error_response(bug, reason_phrase(bug, rec.mode))
-        finally:
-            self.access_log.account(request, rec, time.perf_counter() - started)
-
-    async def handle_fast(self, exchange: FastExchange) -> None:
-        """Handle one request the fast server parsed and buffered whole; it writes the answer."""
-        rt = self.runtime
-        started = time.perf_counter()
-        rec = Record()
-        metrics.bump(metrics.INFLIGHT)
-        try:
-            admitted = await self._admit(rt, exchange, exchange.headers, rec, None, None)
-            headers = exchange.headers  # the fast server's own copy: edited in place
+            if ex.refusal is not None:
+                raise ex.refusal
+            admitted = await self._admit(rt, ex, rec)
+            headers = ex.outgoing()
             self._drop_hop_headers(rt, admitted.upstream, headers)
-            answer, secret = await self._exchange(rt, exchange.method, admitted, headers, exchange.body, True, rec)
+            data: bytes | StreamReader | None
+            if ex.body_ready:
+                data = ex.body
+                replayable = True
+            else:
+                data, replayable = await ex.read_body()
+            answer, secret = await self._exchange(rt, ex.method, admitted, headers, data, replayable, rec)
             upstream = admitted.upstream
             head = ResponseHead(answer, upstream.injection.scrub_set(secret), upstream.settings.timeout_seconds)
             rec.status = head.status
-            if not await exchange.relay(answer, head):
+            if not await ex.relay(answer, head):
                 rec.reason = "stream_interrupted"
         except SidecarError as err:
-            exchange.refuse(self._refuse(err, rec), reason_phrase(err, rec.mode))
+            ex.refuse(self._refuse(err, rec), reason_phrase(err, rec.mode))
         except asyncio.CancelledError:
+            # The app hung up: the upstream call is abandoned with it.
             rec.status = rec.status or 499
             rec.reason = "client_closed"
             raise
         except Exception as exc:
             bug = self._refuse(self._bug(exc, rec), rec)
-            exchange.refuse(bug, reason_phrase(bug, rec.mode))
+            ex.refuse(bug, reason_phrase(bug, rec.mode))
         finally:
-            self.access_log.account(exchange, rec, time.perf_counter() - started)
+            self.access_log.account(ex, rec, time.perf_counter() - started)
 
     @staticmethod
     def _bug(exc: Exception, rec: Record) -> SidecarError:
@@ -200,15 +156,12 @@ class DataPlane:
         metrics.count_refusal(err.code)
         return err
 
-    def _route(
-        self, rt: Runtime, request: RequestLine, rec: Record, origin: tuple[str, int] | None
-    ) -> tuple[Upstream, str, str]:
+    def _route(self, rt: Runtime, ex: Exchange, rec: Record) -> tuple[Upstream, str, str]:
         """Pick the upstream; return it with the path and raw query to send."""
-        raw = request.raw_path
-        if raw.startswith(MARK):
-            raise _refuse_marked(raw)
-        if request.method in REFUSED_METHODS:
-            raise BadRequest(f"{request.method} is not forwarded: it would echo the injected key.", reason="method")
+        raw = ex.raw_path
+        if ex.method in REFUSED_METHODS:
+            raise BadRequest(f"{ex.method} is not forwarded: it would echo the injected key.", reason="method")
+        origin = ex.origin
         if origin is not None:
             # Inside an intercepted CONNECT: the destination was fixed by the CONNECT,
             # whatever the Host header says.
@@ -230,7 +183,7 @@ class DataPlane:
             target = upstream.settings.base_path + ("/" + rest if slash else "")
             return upstream, target or "/", query
         rec.mode = "proxy"
-        if request.method == "CONNECT":
+        if ex.method == "CONNECT":
             # The listener handles CONNECT as the first request of a connection (connect.py);
             # one that follows other requests on a kept-alive connection is refused.
             raise DestinationNotAllowed("CONNECT must be the first request on a connection.", reason="connect")
@@ -270,23 +223,16 @@ class DataPlane:
                 return upstream, path, query
         raise DestinationNotAllowed(reason="not_an_upstream")
 
-    async def _admit(
-        self,
-        rt: Runtime,
-        request: RequestLine,
-        headers: HeaderReader,
-        rec: Record,
-        origin: tuple[str, int] | None,
-        tunnel_client_id: str | None,
-    ) -> Admitted:
+    async def _admit(self, rt: Runtime, ex: Exchange, rec: Record) -> Admitted:
         """Route, identify, check policy and look the key up; every refusal raises."""
-        upstream, path, query = self._route(rt, request, rec, origin)
+        upstream, path, query = self._route(rt, ex, rec)
         rec.upstream = upstream.name
         _check_path(path)
         # An absolute-form request may name its client to the proxy (a Proxy-Authorization user);
         # a request in an intercepted tunnel has whatever its CONNECT named.
+        headers = ex.headers
         proxy_client_id = (
-            rt.identity.proxy_client_id(headers, connect=False) if rec.mode == "proxy" else tunnel_client_id
+            rt.identity.proxy_client_id(headers, connect=False) if rec.mode == "proxy" else ex.tunnel_client_id
         )
         identity = await rt.identity.resolve(headers, proxy_client_id)
         rec.client_id = identity.client_id
@@ -355,33 +301,6 @@ class DataPlane:
                 answer = await upstream.send(method, target, headers, data, admitted.client_id)
         return answer, secret
 
-    async def _proxy(
-        self,
-        rt: Runtime,
-        request: web.BaseRequest,
-        rec: Record,
-        origin: tuple[str, int] | None,
-        tunnel_client_id: str | None,
-    ) -> web.StreamResponse:
-        admitted = await self._admit(rt, request, request.headers, rec, origin, tunnel_client_id)
-        headers = CIMultiDict(request.headers)
-        self._drop_hop_headers(rt, admitted.upstream, headers)
-        data: bytes | StreamReader | None = None
-        replayable = True
-        if request.body_exists:
-            if request.headers.get("Expect", "").lower() == "100-continue":
-                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            length = request.content_length
-            if length is not None and length <= REPLAY_BODY_LIMIT:
-                data = await request.read()  # small: kept so a rotation can replay it
-            else:
-                data = request.content
-                replayable = False
-        answer, secret = await self._exchange(rt, request.method, admitted, headers, data, replayable, rec)
-        upstream = admitted.upstream
-        head = ResponseHead(answer, upstream.injection.scrub_set(secret), upstream.settings.timeout_seconds)
-        return await self._stream_back(request, answer, head, rec)
-
     @staticmethod
     def _target(upstream: Upstream, path: str, query: str, headers: CIMultiDict[str], secret: Secret) -> str:
         """Place the key (query or header); return the raw path and query to send."""
@@ -391,40 +310,3 @@ class DataPlane:
         else:
             headers[injection.header] = injection.render(secret)  # type: ignore[index]
         return path + "?" + query if query else path
-
-    async def _stream_back(
-        self, request: web.BaseRequest, answer: UpstreamAnswer, head: ResponseHead, rec: Record
-    ) -> web.StreamResponse:
-        response = (_OneWriteResponse if head.framed else web.StreamResponse)(status=head.status, reason=head.reason)
-        out = response.headers
-        for name, value in head.headers:
-            out.add(name, value)
-        if head.framed:
-            response.content_length = head.length
-        rec.status = head.status
-        try:
-            await response.prepare(request)
-            if request.method != "HEAD" and head.status not in (204, 304):
-                content = answer.content
-                while True:
-                    chunk = await content.readany()
-                    if not chunk:
-                        break
-                    # write() waits while the app is not reading: bounded, as in the fast server.
-                    async with asyncio.timeout(head.write_timeout):
-                        await response.write(chunk)
-        except STREAM_BROKEN:
-            # Either side broke mid-body. The app must see a cut response, never a clean
-            # end, and the upstream connection must not go back to the pool half-read.
-            answer.close()
-            rec.reason = "stream_interrupted"
-            transport = request.transport
-            if transport is not None:
-                transport.close()
-            return response
-        except BaseException:
-            answer.close()  # cancelled (the app hung up): never leave the upstream connection behind
-            raise
-        answer.release()
-        await response.write_eof()
-        return response
