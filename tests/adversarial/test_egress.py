@@ -17,15 +17,15 @@ import pytest
 import trustme
 import yaml
 
-from tests.adversarial.support_http import (
+from tests.support.leaks import make_secret
+from tests.support.process import SidecarProcess
+from tests.support.raw_http import (
     address,
     assert_alive,
     assert_no_secret,
     exchange,
     running_sidecar,
 )
-from tests.support.leaks import make_secret
-from tests.support.process import SidecarProcess
 from tests.support.tls import Canary, TlsEchoUpstream
 from tests.support.upstream import EchoUpstream, closed_port
 

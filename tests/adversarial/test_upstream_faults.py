@@ -16,8 +16,10 @@ import pytest
 import trustme
 import yaml
 
-from tests.adversarial.support_evil_upstream import EvilUpstream
-from tests.adversarial.support_http import (
+from tests.support.evil_upstream import EvilUpstream
+from tests.support.leaks import make_secret
+from tests.support.process import SidecarProcess
+from tests.support.raw_http import (
     LOCAL,
     assert_alive,
     assert_no_secret,
@@ -26,8 +28,6 @@ from tests.adversarial.support_http import (
     metric,
     running_sidecar,
 )
-from tests.support.leaks import make_secret
-from tests.support.process import SidecarProcess
 from tests.support.tls import TlsEchoUpstream
 from tests.support.upstream import closed_port
 
