@@ -140,7 +140,7 @@ def configured_sidecar(
             client = secrets_manager(endpoint)
             for name, value in secrets.items():
                 put_secret(client, name, SecretString=value if isinstance(value, str) else json.dumps(value))
-            section = {"backend": "aws", "aws": {"region": "us-east-1", "endpoint_url": endpoint, "timeout_seconds": 2}}
+            section = {"backend": "aws", "aws": {"region": "us-east-1", "endpoint_url": endpoint}}
             env = {**AWS_ENV, **(env or {})}
         else:
             raise ValueError(f"no such test backend: {backend}")
