@@ -28,7 +28,7 @@ import ssl
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -45,6 +45,7 @@ ATTACKER_JWKS = "/attacker/jwks.json"
 T = TypeVar("T")
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,8 @@ class IdentityProvider:
         self.extra_jwks: list[Any] = []  # raw entries appended to the JWKS
         self._release = asyncio.Event()
         self._runner: web.AppRunner | None = None
+        #: every connection a request came in on, with its socket: ``stop`` closes what is left open
+        self._connections: dict[asyncio.BaseTransport, Any] = {}
         self.port = 0
 
     # ---- lifecycle
@@ -152,7 +155,13 @@ class IdentityProvider:
         await self.stop()
 
     async def start(self) -> None:
-        app = web.Application()
+        @web.middleware
+        async def track(request: web.Request, handler: Handler) -> web.StreamResponse:
+            if request.transport is not None:
+                self._connections.setdefault(request.transport, request.transport.get_extra_info("socket"))
+            return await handler(request)
+
+        app = web.Application(middlewares=[track])
         app.router.add_get(self.issuer_path + DISCOVERY, self._discovery)
         app.router.add_get(JWKS, self._jwks)
         app.router.add_get(ATTACKER_JWKS, self._attacker_jwks)
@@ -165,10 +174,21 @@ class IdentityProvider:
             self.port = self._runner.addresses[0][1]
 
     async def stop(self) -> None:
+        """Stop listening and close every connection, sockets included, before returning."""
         self._release.set()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        # cleanup() only starts closing a TLS connection (its close_notify waits for the
+        # peer): a loop stopped before that ends leaves the socket open. Cut them instead,
+        # and give the loop the turns it needs to close the sockets.
+        for transport in self._connections:
+            transport.abort()
+        deadline = time.monotonic() + 10
+        while any(sock is not None and sock.fileno() != -1 for sock in self._connections.values()):
+            assert time.monotonic() < deadline, "the identity provider's connections did not close"
+            await asyncio.sleep(0)
+        self._connections.clear()
 
     def release_hang(self) -> None:
         """Let requests held by ``hang`` answer now (with the keys published by then)."""
@@ -281,7 +301,11 @@ class ThreadedIdP:
         self.thread = threading.Thread(target=self.loop.run_forever, name="idp", daemon=True)
         self.thread.start()
         if start:
-            self.run(self.idp.start())
+            try:
+                self.run(self.idp.start())
+            except BaseException:
+                self._stop_loop()
+                raise
 
     def run(self, coro: Any, timeout: float = 10.0) -> Any:
         """Run a coroutine on the provider's loop and return its result."""
@@ -304,9 +328,15 @@ class ThreadedIdP:
         self.run(self.idp.come_back())
 
     def close(self) -> None:
-        self.run(self.idp.stop())
+        try:
+            self.run(self.idp.stop())
+        finally:
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+        assert not self.thread.is_alive(), "the identity provider's loop did not stop"
         self.loop.close()
 
 
