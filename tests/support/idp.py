@@ -28,7 +28,7 @@ import ssl
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -38,6 +38,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
+from tests.support.upstream import Connections, close_connections, tracking
+
 DISCOVERY = "/.well-known/openid-configuration"
 JWKS = "/jwks.json"
 ATTACKER_JWKS = "/attacker/jwks.json"
@@ -45,7 +47,6 @@ ATTACKER_JWKS = "/attacker/jwks.json"
 T = TypeVar("T")
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @dataclass(frozen=True)
@@ -141,8 +142,8 @@ class IdentityProvider:
         self.extra_jwks: list[Any] = []  # raw entries appended to the JWKS
         self._release = asyncio.Event()
         self._runner: web.AppRunner | None = None
-        #: every connection a request came in on, with its socket: ``stop`` closes what is left open
-        self._connections: dict[asyncio.BaseTransport, Any] = {}
+        #: every connection a request came in on: ``stop`` closes what is left open
+        self._connections: Connections = {}
         self.port = 0
 
     # ---- lifecycle
@@ -155,13 +156,7 @@ class IdentityProvider:
         await self.stop()
 
     async def start(self) -> None:
-        @web.middleware
-        async def track(request: web.Request, handler: Handler) -> web.StreamResponse:
-            if request.transport is not None:
-                self._connections.setdefault(request.transport, request.transport.get_extra_info("socket"))
-            return await handler(request)
-
-        app = web.Application(middlewares=[track])
+        app = web.Application(middlewares=[tracking(self._connections)])
         app.router.add_get(self.issuer_path + DISCOVERY, self._discovery)
         app.router.add_get(JWKS, self._jwks)
         app.router.add_get(ATTACKER_JWKS, self._attacker_jwks)
@@ -179,16 +174,7 @@ class IdentityProvider:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        # cleanup() only starts closing a TLS connection (its close_notify waits for the
-        # peer): a loop stopped before that ends leaves the socket open. Cut them instead,
-        # and give the loop the turns it needs to close the sockets.
-        for transport in self._connections:
-            transport.abort()
-        deadline = time.monotonic() + 10
-        while any(sock is not None and sock.fileno() != -1 for sock in self._connections.values()):
-            assert time.monotonic() < deadline, "the identity provider's connections did not close"
-            await asyncio.sleep(0)
-        self._connections.clear()
+        await close_connections(self._connections)
 
     def release_hang(self) -> None:
         """Let requests held by ``hang`` answer now (with the keys published by then)."""
