@@ -30,10 +30,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.adversarial.support_http import address, exchange, get  # noqa: E402
-from tests.adversarial.support_store import FaultProxy, put_secret, secrets_manager  # noqa: E402
 from tests.support.aws import AWS_ENV  # noqa: E402
 from tests.support.process import SidecarProcess  # noqa: E402
+from tests.support.raw_http import address, exchange, get  # noqa: E402
+from tests.support.store_faults import FaultProxy, put_secret, secrets_manager  # noqa: E402
 from tests.support.upstream import EchoUpstream  # noqa: E402
 
 

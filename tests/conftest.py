@@ -1,20 +1,19 @@
-"""Session-wide fixtures: output capture and the leak check at the end of every run, the echo upstream, moto."""
+"""Session hooks: the build check, output capture and the leak check at the end of every run.
+
+The shared fixtures (echo and TLS upstreams, moto, the real CLI) are in tests/support/fixtures.py.
+"""
 
 from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 
 from sidecar.buildinfo import build, compiled_modules, stale_sources
-from tests.support.aws import AWS_ENV
 from tests.support.leaks import OUTPUT_DIR, scan
-from tests.support.process import SidecarProcess
-from tests.support.upstream import EchoUpstream
+
+pytest_plugins = ["tests.support.fixtures"]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -72,56 +71,3 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
             terminal.write_line(line)
     if session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
-
-
-@pytest.fixture(scope="session")
-def _echo_server() -> Iterator[EchoUpstream]:
-    server = EchoUpstream()
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def echo(_echo_server: EchoUpstream) -> EchoUpstream:
-    """A real HTTP upstream on 127.0.0.1 that records what it received."""
-    _echo_server.reset()
-    return _echo_server
-
-
-@pytest.fixture(scope="session")
-def moto_endpoint() -> Iterator[str]:
-    """moto's Secrets Manager in server mode on 127.0.0.1."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def aws_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """Fake AWS credentials for moto; returned so subprocesses get them too."""
-    for k, v in AWS_ENV.items():
-        monkeypatch.setenv(k, v)
-    return dict(AWS_ENV)
-
-
-@pytest.fixture
-def start_sidecar(tmp_path: Path) -> Iterator[Callable[..., SidecarProcess]]:
-    """Start the real CLI with a config dict; every process is stopped after the test."""
-    started: list[SidecarProcess] = []
-
-    def start(config: dict[str, Any], *, env: dict[str, str] | None = None, wait_ready: bool = True) -> SidecarProcess:
-        proc = SidecarProcess(config, tmp_path, env=env)
-        started.append(proc)
-        return proc.start(wait_ready=wait_ready)
-
-    yield start
-    for proc in started:
-        try:
-            proc.stop(timeout=10)
-        except Exception:
-            proc.kill()

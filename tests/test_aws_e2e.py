@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -23,6 +22,24 @@ def sm(endpoint: str) -> Any:
     return boto3.client("secretsmanager", region_name="us-east-1", endpoint_url=endpoint)
 
 
+def upstreams(echo: EchoUpstream) -> dict[str, Any]:
+    return {
+        "polygon": {
+            "url": echo.url + "/echo/polygon",
+            "secret": "e2e/polygon/{client_id}",
+            "inject": {"query": "apiKey"},
+            "allow_private": True,
+        },
+        "internal": {
+            "url": echo.url + "/echo/internal",
+            "secret": "e2e/internal/{client_id}",
+            "secret_field": "api_key",
+            "inject": {"header": "X-API-Key"},
+            "allow_private": True,
+        },
+    }
+
+
 def aws_config(endpoint: str, echo: EchoUpstream, **secrets_extra: Any) -> dict[str, Any]:
     return {
         "secrets": {
@@ -30,21 +47,7 @@ def aws_config(endpoint: str, echo: EchoUpstream, **secrets_extra: Any) -> dict[
             "aws": {"region": "us-east-1", "endpoint_url": endpoint, "timeout_seconds": 2},
             **secrets_extra,
         },
-        "upstreams": {
-            "polygon": {
-                "url": echo.url + "/echo/polygon",
-                "secret": "e2e/polygon/{client_id}",
-                "inject": {"query": "apiKey"},
-                "allow_private": True,
-            },
-            "internal": {
-                "url": echo.url + "/echo/internal",
-                "secret": "e2e/internal/{client_id}",
-                "secret_field": "api_key",
-                "inject": {"header": "X-API-Key"},
-                "allow_private": True,
-            },
-        },
+        "upstreams": upstreams(echo),
     }
 
 
@@ -62,32 +65,25 @@ def call(sc: SidecarProcess, path: str, client: str) -> requests.Response:
 
 
 @pytest.fixture
-def seeded(moto_endpoint: str, aws_env: dict[str, str]) -> dict[str, str]:
-    client = sm(moto_endpoint)
-    keys = {"alice": make_secret("aws-alice"), "bob": make_secret("aws-bob"), "carol": make_secret("aws-carol")}
-    for who in ("alice", "bob"):
-        name = f"e2e/polygon/{who}"
-        try:
-            client.create_secret(Name=name, SecretString=keys[who])
-        except client.exceptions.ResourceExistsException:
-            client.put_secret_value(SecretId=name, SecretString=keys[who])
-    name = "e2e/internal/carol"
-    value = json.dumps({"api_key": keys["carol"], "owner": "carol"})
-    try:
-        client.create_secret(Name=name, SecretString=value)
-    except client.exceptions.ResourceExistsException:
-        client.put_secret_value(SecretId=name, SecretString=value)
-    return keys
+def keys() -> dict[str, str]:
+    return {"alice": make_secret("aws-alice"), "bob": make_secret("aws-bob"), "carol": make_secret("aws-carol")}
 
 
-def test_plain_and_json_secrets_injected(
-    start_sidecar: Start, moto_endpoint: str, aws_env: dict[str, str], echo: EchoUpstream, seeded: dict[str, str]
-) -> None:
-    sc = start_sidecar(aws_config(moto_endpoint, echo), env=aws_env)
+def stored(keys: dict[str, str]) -> dict[str, str | dict[str, str]]:
+    """alice's and bob's polygon keys as plain text, carol's internal one in a JSON secret."""
+    return {
+        "e2e/polygon/alice": keys["alice"],
+        "e2e/polygon/bob": keys["bob"],
+        "e2e/internal/carol": {"api_key": keys["carol"], "owner": "carol"},
+    }
+
+
+def test_plain_and_json_secrets_injected(configured_sidecar: Start, echo: EchoUpstream, keys: dict[str, str]) -> None:
+    sc = configured_sidecar(upstreams(echo), stored(keys), backend="aws")
     assert call(sc, "/polygon/v2/x?a=1", "alice").status_code == 200
-    assert echo.last().query == f"a=1&apiKey={seeded['alice']}"
+    assert echo.last().query == f"a=1&apiKey={keys['alice']}"
     assert call(sc, "/internal/v1/y", "carol").status_code == 200
-    assert echo.last().header("X-API-Key") == seeded["carol"]
+    assert echo.last().header("X-API-Key") == keys["carol"]
     resp = call(sc, "/polygon/x", "nobody")
     assert resp.status_code == 403 and resp.headers["X-Sidecar-Error"] == "no_credential"
     # Not found is remembered: the second ask does not reach the store.
@@ -98,9 +94,9 @@ def test_plain_and_json_secrets_injected(
 
 
 def test_fifty_concurrent_first_requests_make_one_store_call(
-    start_sidecar: Start, moto_endpoint: str, aws_env: dict[str, str], echo: EchoUpstream, seeded: dict[str, str]
+    configured_sidecar: Start, echo: EchoUpstream, keys: dict[str, str]
 ) -> None:
-    sc = start_sidecar(aws_config(moto_endpoint, echo), env=aws_env)
+    sc = configured_sidecar(upstreams(echo), stored(keys), backend="aws")
     with ThreadPoolExecutor(50) as pool:
         results = list(pool.map(lambda _: call(sc, "/polygon/x", "bob").status_code, range(50)))
     assert results == [200] * 50
@@ -143,10 +139,8 @@ def test_stale_value_served_while_store_is_down(
     sc.wait_for_line(lambda line: "serving cached values" in str(line.get("message")))
 
 
-def test_prefetch_loads_before_ready(
-    start_sidecar: Start, moto_endpoint: str, aws_env: dict[str, str], echo: EchoUpstream, seeded: dict[str, str]
-) -> None:
-    sc = start_sidecar(aws_config(moto_endpoint, echo, prefetch=["alice", "bob"]), env=aws_env)
+def test_prefetch_loads_before_ready(configured_sidecar: Start, echo: EchoUpstream, keys: dict[str, str]) -> None:
+    sc = configured_sidecar(upstreams(echo), stored(keys), backend="aws", store={"prefetch": ["alice", "bob"]})
     # Ready means loaded: both secrets were fetched before the first request.
     assert metric(sc, "sidecar_secret_fetch_duration_seconds_count", {"backend": "aws"}) >= 2
     assert call(sc, "/polygon/x", "alice").status_code == 200

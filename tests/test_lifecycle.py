@@ -10,7 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 import requests
 import yaml
@@ -18,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.leaks import make_secret
 from tests.support.process import SidecarProcess
+from tests.support.store_faults import secrets_manager
 from tests.support.upstream import EchoUpstream
 
 Start = Callable[..., SidecarProcess]
@@ -206,27 +206,15 @@ def test_inflight_request_keeps_its_config_across_reload(
 
 
 def test_rotation_in_secrets_manager_is_picked_up_and_replayed(
-    start_sidecar: Start, moto_endpoint: str, aws_env: dict[str, str], echo: EchoUpstream
+    configured_sidecar: Start, moto_endpoint: str, echo: EchoUpstream
 ) -> None:
-    client = boto3.client("secretsmanager", region_name="us-east-1", endpoint_url=moto_endpoint)
     old, new = make_secret("rot-old"), make_secret("rot-new")
-    client.create_secret(Name="rot/erin", SecretString=old)
-    config = {
-        "secrets": {"backend": "aws", "aws": {"region": "us-east-1", "endpoint_url": moto_endpoint}},
-        "upstreams": {
-            "api": {
-                "url": echo.url,
-                "secret": "rot/{client_id}",
-                "inject": {"query": "apiKey"},
-                "allow_private": True,
-            }
-        },
-    }
-    sc = start_sidecar(config, env=aws_env)
+    api = {"url": echo.url, "secret": "rot/{client_id}", "inject": {"query": "apiKey"}, "allow_private": True}
+    sc = configured_sidecar({"api": api}, {"rot/erin": old}, backend="aws")
     echo.accepted_key = old
     assert get(sc, "/api/keyed", "erin").status_code == 200
     # Rotate: the store gets a new value and the upstream accepts only that.
-    client.put_secret_value(SecretId="rot/erin", SecretString=new)
+    secrets_manager(moto_endpoint).put_secret_value(SecretId="rot/erin", SecretString=new)
     echo.accepted_key = new
     resp = requests.post(sc.url + "/api/keyed", data=b"payload", headers={"X-Client-Id": "erin"}, timeout=15)
     assert resp.status_code == 200

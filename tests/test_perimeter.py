@@ -18,7 +18,6 @@ import aiohttp
 import httpx
 import pytest
 import requests
-import trustme
 import yaml
 from multidict import CIMultiDict
 
@@ -33,20 +32,6 @@ from tests.support.tls import Canary, TlsEchoUpstream
 from tests.support.upstream import EchoUpstream
 
 Start = Callable[..., SidecarProcess]
-
-
-@pytest.fixture(scope="module")
-def tls_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsEchoUpstream]:
-    server = TlsEchoUpstream(trustme.CA(), tmp_path_factory.mktemp("tls"))
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def tls(tls_upstream: TlsEchoUpstream) -> TlsEchoUpstream:
-    tls_upstream.reset()
-    return tls_upstream
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import yaml
 
 from tests.support.leaks import make_secret
 from tests.support.process import SidecarProcess, metric
+from tests.support.tls import TlsEchoUpstream
 from tests.support.upstream import EchoUpstream
 
 Start = Callable[..., SidecarProcess]
@@ -92,54 +93,45 @@ def test_two_workers_share_the_port_and_the_metrics(start_sidecar: Start, tmp_pa
 
 
 @pytest.mark.parametrize("own_ca", [False, True], ids=["generated-ca", "own-ca"])
-def test_workers_share_one_interception_ca(start_sidecar: Start, tmp_path: Path, own_ca: bool) -> None:
-    import trustme
+def test_workers_share_one_interception_ca(
+    configured_sidecar: Start, tls: TlsEchoUpstream, tmp_path: Path, own_ca: bool
+) -> None:
     from cryptography.hazmat.primitives import serialization
 
     from sidecar.mitm import _generate_ca
-    from tests.support.tls import TlsEchoUpstream
 
-    upstream = TlsEchoUpstream(trustme.CA(), tmp_path)
-    upstream.start()
-    try:
-        key = make_secret("workers-mitm")
-        keys = tmp_path / "keys.yaml"
-        keys.write_text(yaml.safe_dump({"alice": key}), encoding="utf-8")
-        ca_out = tmp_path / "ca.pem"
-        mitm: dict[str, object] = {"enabled": True, "ca_cert_out": str(ca_out)}
-        if own_ca:
-            ca_key, cert = _generate_ca()
-            (tmp_path / "own-ca.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-            (tmp_path / "own-ca.key").write_bytes(
-                ca_key.private_bytes(
-                    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-                )
+    key = make_secret("workers-mitm")
+    ca_out = tmp_path / "ca.pem"
+    mitm: dict[str, object] = {"enabled": True, "ca_cert_out": str(ca_out)}
+    if own_ca:
+        ca_key, cert = _generate_ca()
+        (tmp_path / "own-ca.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (tmp_path / "own-ca.key").write_bytes(
+            ca_key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
             )
-            mitm |= {"ca_cert": str(tmp_path / "own-ca.pem"), "ca_key": str(tmp_path / "own-ca.key")}
-        sc = start_sidecar(
-            {
-                "workers": 2,
-                "secrets": {"backend": "file", "file": {"path": str(keys)}},
-                "upstreams": {
-                    "api": {
-                        "url": upstream.url, "secret": "{client_id}", "inject": {"query": "apiKey"},
-                        "allow_private": True, "ca_file": str(upstream.ca_file),
-                    }
-                },
-                "forward_proxy": {"mitm": mitm},
-            }
         )
-        for _ in range(12):  # new CONNECT each time, spread over both workers
-            with requests.Session() as session:
-                resp = session.get(
-                    f"https://localhost:{upstream.port}/x", proxies={"https": sc.url},
-                    headers={"X-Client-Id": "alice"}, verify=str(ca_out), timeout=10,
-                )
-            assert resp.status_code == 200
-        assert upstream.last().query == f"apiKey={key}"
-        assert sc.stop() == 0  # before the upstream goes, so no pooled connection is left open
-    finally:
-        upstream.stop()
+        mitm |= {"ca_cert": str(tmp_path / "own-ca.pem"), "ca_key": str(tmp_path / "own-ca.key")}
+    sc = configured_sidecar(
+        {
+            "api": {
+                "url": tls.url, "secret": "{client_id}", "inject": {"query": "apiKey"},
+                "allow_private": True, "ca_file": str(tls.ca_file),
+            }
+        },
+        {"alice": key},
+        workers=2,
+        forward_proxy={"mitm": mitm},
+    )
+    for _ in range(12):  # new CONNECT each time, spread over both workers
+        with requests.Session() as session:
+            resp = session.get(
+                f"https://localhost:{tls.port}/x", proxies={"https": sc.url},
+                headers={"X-Client-Id": "alice"}, verify=str(ca_out), timeout=10,
+            )
+        assert resp.status_code == 200
+    assert tls.last().query == f"apiKey={key}"
+    assert sc.stop() == 0
 
 
 def test_a_worker_that_cannot_start_stops_the_sidecar(tmp_path: Path) -> None:

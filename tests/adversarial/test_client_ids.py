@@ -12,17 +12,17 @@ from typing import Any
 
 import pytest
 
-from tests.adversarial.support_http import (
+from tests.support.aws import AWS_ENV
+from tests.support.leaks import make_secret
+from tests.support.process import SidecarProcess
+from tests.support.raw_http import (
     assert_alive,
     assert_no_secret,
     exchange,
     metric,
     running_sidecar,
 )
-from tests.adversarial.support_store import put_secret, secrets_manager
-from tests.support.aws import AWS_ENV
-from tests.support.leaks import make_secret
-from tests.support.process import SidecarProcess
+from tests.support.store_faults import put_secret, secrets_manager
 from tests.support.upstream import EchoUpstream
 
 PREFIX = "adv-ids/polygon/"

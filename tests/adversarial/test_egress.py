@@ -14,18 +14,17 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import trustme
 import yaml
 
-from tests.adversarial.support_http import (
+from tests.support.leaks import make_secret
+from tests.support.process import SidecarProcess
+from tests.support.raw_http import (
     address,
     assert_alive,
     assert_no_secret,
     exchange,
     running_sidecar,
 )
-from tests.support.leaks import make_secret
-from tests.support.process import SidecarProcess
 from tests.support.tls import Canary, TlsEchoUpstream
 from tests.support.upstream import EchoUpstream, closed_port
 
@@ -40,16 +39,8 @@ def canary() -> Iterator[Canary]:
 
 
 @pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsEchoUpstream]:
-    server = TlsEchoUpstream(trustme.CA(), tmp_path_factory.mktemp("egress-tls"))
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def sc(
-    tmp_path_factory: pytest.TempPathFactory, canary: Canary, tls: TlsEchoUpstream, _echo_server: EchoUpstream
+    tmp_path_factory: pytest.TempPathFactory, canary: Canary, tls_upstream: TlsEchoUpstream, _echo_server: EchoUpstream
 ) -> Iterator[SidecarProcess]:
     KEYS["alice"] = make_secret("egress")
     workdir = tmp_path_factory.mktemp("egress")
@@ -58,8 +49,8 @@ def sc(
     config: dict[str, Any] = {
         "secrets": {"backend": "file", "file": {"path": str(keys)}},
         "upstreams": {
-            "secure": {"url": tls.url, "secret": "{client_id}", "inject": {"query": "apiKey"},
-                       "allow_private": True, "ca_file": str(tls.ca_file), "timeout_seconds": 5},
+            "secure": {"url": tls_upstream.url, "secret": "{client_id}", "inject": {"query": "apiKey"},
+                       "allow_private": True, "ca_file": str(tls_upstream.ca_file), "timeout_seconds": 5},
             "plain": {"url": f"http://localhost:{_echo_server.port}/base", "secret": "{client_id}",
                       "inject": {"header": "X-API-Key"}, "allow_private": True, "timeout_seconds": 5},
             # An allowed name that resolves to a loopback address, without allow_private.

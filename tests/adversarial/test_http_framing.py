@@ -27,15 +27,15 @@ import pytest
 import requests
 import yaml
 
-from tests.adversarial.support_http import (
+from tests.support.leaks import make_secret
+from tests.support.process import SidecarProcess
+from tests.support.raw_http import (
     Exchange,
     assert_alive,
     assert_no_secret,
     exchange,
     running_sidecar,
 )
-from tests.support.leaks import make_secret
-from tests.support.process import SidecarProcess
 from tests.support.upstream import EchoUpstream
 
 PARSERS = {"c-parser": {}, "py-parser": {"AIOHTTP_NO_EXTENSIONS": "1"}}

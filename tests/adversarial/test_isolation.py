@@ -27,7 +27,9 @@ import pytest
 import yaml
 
 from sidecar.transport.base import CLIENT_LIMIT, POOL_LIMIT
-from tests.adversarial.support_http import (
+from tests.support.leaks import make_secret
+from tests.support.process import SidecarProcess, address
+from tests.support.raw_http import (
     LoopThread,
     StreamServerMixin,
     assert_alive,
@@ -36,8 +38,6 @@ from tests.adversarial.support_http import (
     get,
     running_sidecar,
 )
-from tests.support.leaks import make_secret
-from tests.support.process import SidecarProcess, address
 
 #: Upstream timeout for the desync upstream; the stall tests use their own.
 TIMEOUT = 3.0

@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 
-from tests.adversarial.support_http import assert_alive, assert_no_secret, exchange, get, metric, running_sidecar
-from tests.adversarial.support_store import ACCOUNT, FakeSecretsManager, arn, put_secret, secrets_manager
 from tests.support.aws import AWS_ENV
 from tests.support.leaks import make_secret
 from tests.support.process import SidecarProcess
+from tests.support.raw_http import assert_alive, assert_no_secret, exchange, get, metric, running_sidecar
+from tests.support.store_faults import ACCOUNT, FakeSecretsManager, arn, put_secret, secrets_manager
 from tests.support.upstream import EchoUpstream
 
 FETCHES = "sidecar_secret_fetch_duration_seconds_count"

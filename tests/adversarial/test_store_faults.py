@@ -17,7 +17,10 @@ import pytest
 
 from sidecar.config import DEFAULT_LOOKUP_TIMEOUT_SECONDS
 from sidecar.secrets.aws import MAX_ATTEMPTS
-from tests.adversarial.support_http import (
+from tests.support.aws import AWS_ENV
+from tests.support.leaks import make_secret
+from tests.support.process import SidecarProcess
+from tests.support.raw_http import (
     address,
     assert_alive,
     assert_no_secret,
@@ -26,10 +29,7 @@ from tests.adversarial.support_http import (
     metric,
     running_sidecar,
 )
-from tests.adversarial.support_store import FakeSecretsManager, FaultProxy, put_secret, secrets_manager
-from tests.support.aws import AWS_ENV
-from tests.support.leaks import make_secret
-from tests.support.process import SidecarProcess
+from tests.support.store_faults import FakeSecretsManager, FaultProxy, put_secret, secrets_manager
 from tests.support.upstream import EchoUpstream
 
 STORE_TIMEOUT = 1.0

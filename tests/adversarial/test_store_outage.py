@@ -29,7 +29,10 @@ from typing import Any
 
 import pytest
 
-from tests.adversarial.support_http import (
+from tests.support.aws import AWS_ENV
+from tests.support.leaks import make_secret
+from tests.support.process import SidecarProcess
+from tests.support.raw_http import (
     address,
     assert_alive,
     assert_no_secret,
@@ -38,10 +41,7 @@ from tests.adversarial.support_http import (
     metric,
     running_sidecar,
 )
-from tests.adversarial.support_store import FaultProxy, put_secret, secrets_manager
-from tests.support.aws import AWS_ENV
-from tests.support.leaks import make_secret
-from tests.support.process import SidecarProcess
+from tests.support.store_faults import FaultProxy, put_secret, secrets_manager
 from tests.support.upstream import EchoUpstream
 
 #: secrets.aws.timeout_seconds: one attempt's connect and read timeout.

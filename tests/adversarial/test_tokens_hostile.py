@@ -20,7 +20,10 @@ import pytest
 import yaml
 from jwt.algorithms import RSAAlgorithm
 
-from tests.adversarial.support_http import (
+from tests.support.idp import IdentityProvider, b64json, hs256_token, make_key, unsigned_token
+from tests.support.leaks import make_secret
+from tests.support.process import SidecarProcess
+from tests.support.raw_http import (
     LoopThread,
     assert_alive,
     assert_no_secret,
@@ -29,9 +32,6 @@ from tests.adversarial.support_http import (
     metric,
     running_sidecar,
 )
-from tests.support.idp import IdentityProvider, b64json, hs256_token, make_key, unsigned_token
-from tests.support.leaks import make_secret
-from tests.support.process import SidecarProcess
 from tests.support.upstream import EchoUpstream
 
 KEYS: dict[str, str] = {}

@@ -13,11 +13,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import trustme
 import yaml
 
-from tests.adversarial.support_evil_upstream import EvilUpstream
-from tests.adversarial.support_http import (
+from tests.support.evil_upstream import EvilUpstream
+from tests.support.leaks import make_secret
+from tests.support.process import SidecarProcess
+from tests.support.raw_http import (
     LOCAL,
     assert_alive,
     assert_no_secret,
@@ -26,8 +27,6 @@ from tests.adversarial.support_http import (
     metric,
     running_sidecar,
 )
-from tests.support.leaks import make_secret
-from tests.support.process import SidecarProcess
 from tests.support.tls import TlsEchoUpstream
 from tests.support.upstream import closed_port
 
@@ -51,14 +50,6 @@ def evil() -> Iterator[EvilUpstream]:
 
 
 @pytest.fixture(scope="module")
-def untrusted_tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsEchoUpstream]:
-    server = TlsEchoUpstream(trustme.CA(), tmp_path_factory.mktemp("untrusted"))
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def key() -> str:
     return make_secret("upfault")
 
@@ -68,7 +59,7 @@ def sc(
     request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,
     evil: EvilUpstream,
-    untrusted_tls: TlsEchoUpstream,
+    untrusted_tls_upstream: TlsEchoUpstream,
     key: str,
 ) -> Iterator[SidecarProcess]:
     workdir = tmp_path_factory.mktemp("upfault")
@@ -81,7 +72,7 @@ def sc(
             "evil": {"url": evil.url, "timeout_seconds": TIMEOUT, **common},
             "patient": {"url": f"http://localhost:{evil.port}", "timeout_seconds": 20, **common},
             "down": {"url": f"http://{LOCAL}:{closed_port()}", "timeout_seconds": TIMEOUT, **common},
-            "untrusted": {"url": untrusted_tls.url, "timeout_seconds": TIMEOUT, **common},
+            "untrusted": {"url": untrusted_tls_upstream.url, "timeout_seconds": TIMEOUT, **common},
         },
     }
     with running_sidecar(config, workdir, env=PARSERS[request.param], name=f"upfault-{request.param}") as proc:
@@ -244,11 +235,13 @@ def test_refused_connection_is_502_fast(sc: SidecarProcess, key: str) -> None:
     assert ex.elapsed < 3
 
 
-def test_untrusted_tls_is_refused_never_downgraded(sc: SidecarProcess, untrusted_tls: TlsEchoUpstream, key: str) -> None:
-    untrusted_tls.reset()
+def test_untrusted_tls_is_refused_never_downgraded(
+    sc: SidecarProcess, untrusted_tls_upstream: TlsEchoUpstream, key: str
+) -> None:
+    untrusted_tls_upstream.reset()
     ex = exchange(sc.url, get("/untrusted/echo/x"))
     assert ex.first.status == 502 and ex.first.sidecar_error == "upstream_unreachable", ex.text()
-    assert untrusted_tls.received == [], "a request went over TLS the sidecar could not verify"
+    assert untrusted_tls_upstream.received == [], "a request went over TLS the sidecar could not verify"
     assert_no_secret([ex.raw], key)
 
 

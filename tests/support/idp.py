@@ -38,6 +38,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
+from tests.support.upstream import Connections, close_connections, tracking
+
 DISCOVERY = "/.well-known/openid-configuration"
 JWKS = "/jwks.json"
 ATTACKER_JWKS = "/attacker/jwks.json"
@@ -140,6 +142,8 @@ class IdentityProvider:
         self.extra_jwks: list[Any] = []  # raw entries appended to the JWKS
         self._release = asyncio.Event()
         self._runner: web.AppRunner | None = None
+        #: every connection a request came in on: ``stop`` closes what is left open
+        self._connections: Connections = {}
         self.port = 0
 
     # ---- lifecycle
@@ -152,7 +156,7 @@ class IdentityProvider:
         await self.stop()
 
     async def start(self) -> None:
-        app = web.Application()
+        app = web.Application(middlewares=[tracking(self._connections)])
         app.router.add_get(self.issuer_path + DISCOVERY, self._discovery)
         app.router.add_get(JWKS, self._jwks)
         app.router.add_get(ATTACKER_JWKS, self._attacker_jwks)
@@ -165,10 +169,12 @@ class IdentityProvider:
             self.port = self._runner.addresses[0][1]
 
     async def stop(self) -> None:
+        """Stop listening and close every connection, sockets included, before returning."""
         self._release.set()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        await close_connections(self._connections)
 
     def release_hang(self) -> None:
         """Let requests held by ``hang`` answer now (with the keys published by then)."""
@@ -281,7 +287,11 @@ class ThreadedIdP:
         self.thread = threading.Thread(target=self.loop.run_forever, name="idp", daemon=True)
         self.thread.start()
         if start:
-            self.run(self.idp.start())
+            try:
+                self.run(self.idp.start())
+            except BaseException:
+                self._stop_loop()
+                raise
 
     def run(self, coro: Any, timeout: float = 10.0) -> Any:
         """Run a coroutine on the provider's loop and return its result."""
@@ -304,9 +314,15 @@ class ThreadedIdP:
         self.run(self.idp.come_back())
 
     def close(self) -> None:
-        self.run(self.idp.stop())
+        try:
+            self.run(self.idp.stop())
+        finally:
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+        assert not self.thread.is_alive(), "the identity provider's loop did not stop"
         self.loop.close()
 
 

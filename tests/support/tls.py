@@ -26,9 +26,7 @@ class TlsEchoUpstream(EchoUpstream):
         ca.cert_pem.write_to_path(str(self.ca_file))
 
     async def _start(self) -> None:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = web.AppRunner(self._app(), access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, 0, ssl_context=self.context)
         await site.start()

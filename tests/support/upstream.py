@@ -19,6 +19,8 @@ import asyncio
 import hashlib
 import socket
 import threading
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +28,39 @@ from aiohttp import web
 
 #: What /reason-echo puts before the key in its reason phrase.
 REASON_ECHO_PREFIX = "Bad key "
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+#: A server's connections that carried a request, with their sockets.
+Connections = dict[asyncio.BaseTransport, Any]
+
+
+def tracking(connections: Connections) -> Any:
+    """A middleware that records in ``connections`` each connection a request comes in on."""
+
+    @web.middleware
+    async def track(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.transport is not None:
+            connections.setdefault(request.transport, request.transport.get_extra_info("socket"))
+        return await handler(request)
+
+    return track
+
+
+async def close_connections(connections: Connections, timeout: float = 10.0) -> None:
+    """Cut every recorded connection and return once their sockets are closed.
+
+    For a server's runner.cleanup() only starts closing a TLS connection (its
+    close_notify waits for the peer): a loop stopped before that ends leaves the
+    socket open.
+    """
+    for transport in connections:
+        transport.abort()
+    deadline = time.monotonic() + timeout
+    while any(sock is not None and sock.fileno() != -1 for sock in connections.values()):
+        assert time.monotonic() < deadline, "a test server's connections did not close"
+        await asyncio.sleep(0)  # connection_lost, which closes the socket, runs on a later loop turn
+    connections.clear()
 
 
 def closed_port() -> int:
@@ -63,6 +98,7 @@ class EchoUpstream:
     _loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
     _runner: web.AppRunner | None = None
+    _connections: Connections = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -93,9 +129,13 @@ class EchoUpstream:
         self._thread.start()
         assert ready.wait(10), "echo upstream did not start"
 
-    async def _start(self) -> None:
-        app = web.Application()
+    def _app(self) -> web.Application:
+        app = web.Application(middlewares=[tracking(self._connections)])
         app.router.add_route("*", "/{tail:.*}", self._handle)
+        return app
+
+    async def _start(self) -> None:
+        app = self._app()
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, 0)
@@ -105,15 +145,17 @@ class EchoUpstream:
     def stop(self) -> None:
         if self._loop is None:
             return
-        fut = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop)  # type: ignore[union-attr]
-        fut.result(10)
-        # Let closing transports (TLS ones take a few loop turns) finish before the loop goes.
-        asyncio.run_coroutine_threadsafe(asyncio.sleep(0.2), self._loop).result(10)
+        asyncio.run_coroutine_threadsafe(self._cleanup(), self._loop).result(20)
         self._loop.call_soon_threadsafe(self._loop.stop)
         assert self._thread is not None
         self._thread.join(10)
         self._loop.close()
         self._loop = None
+
+    async def _cleanup(self) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+        await close_connections(self._connections)
 
     # ---- behaviour
 

@@ -23,7 +23,7 @@ from typing import Any
 import boto3
 from aiohttp import web
 
-from tests.adversarial.support_http import LOCAL, LoopThread, StreamServerMixin
+from tests.support.raw_http import LOCAL, LoopThread, StreamServerMixin
 
 ACCOUNT = "123456789012"
 REGION = "us-east-1"

@@ -15,7 +15,7 @@ import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from tests.adversarial.support_http import LOCAL, LoopThread, StreamServerMixin
+from tests.support.raw_http import LOCAL, LoopThread, StreamServerMixin
 
 #: Longest a misbehaviour holds a connection (silent, trickle): tests give up well before.
 HOLD_SECONDS = 15.0
