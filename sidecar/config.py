@@ -53,6 +53,10 @@ DEFAULT_JWKS_TIMEOUT_SECONDS = 5.0
 DEFAULT_TOKEN_CACHE_ENTRIES = 10000
 DEFAULT_SECRETS_BACKEND = "file"
 DEFAULT_AWS_VERSION_STAGE = "AWSCURRENT"
+DEFAULT_VAULT_MOUNT = "secret"
+DEFAULT_VAULT_AUTH_METHOD = "token"
+#: Where Kubernetes mounts the pod's service-account token (the kubernetes and jwt methods' default).
+DEFAULT_VAULT_JWT_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
 DEFAULT_LOOKUP_TIMEOUT_SECONDS = 5.0
 DEFAULT_CACHE_TTL_SECONDS = 300.0
 DEFAULT_NEGATIVE_TTL_SECONDS = 30.0
@@ -75,7 +79,16 @@ _SECRET_PLACEHOLDERS = frozenset({"client_id", "upstream"})
 _COMPLETE_ARN = re.compile(r"-[A-Za-z0-9]{6}$")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
-BACKENDS = ("file", "aws")
+BACKENDS = ("file", "aws", "vault")
+VAULT_AUTH_METHODS = ("token", "approle", "kubernetes", "jwt")
+#: secrets.vault.auth keys that apply to only some methods -> those methods.
+_VAULT_AUTH_KEYS = {
+    "role": ("kubernetes", "jwt"),
+    "jwt_file": ("kubernetes", "jwt"),
+    "token_file": ("token",),
+    "role_id": ("approle",),
+    "secret_id_file": ("approle",),
+}
 
 #: The settings' name for a listen address (``listen``, ``admin_listen``): a net.HostPort.
 ListenAddress = HostPort
@@ -148,6 +161,32 @@ class AwsBackendSettings:
 
 
 @dataclass(frozen=True)
+class VaultAuthSettings:
+    """How the sidecar logs in to Vault. Only paths and names: the token and secret id stay in their files."""
+
+    method: str = DEFAULT_VAULT_AUTH_METHOD
+    #: the auth method's mount path (default: the method's name)
+    mount: str = DEFAULT_VAULT_AUTH_METHOD
+    role: str | None = None
+    jwt_file: Path = DEFAULT_VAULT_JWT_FILE
+    #: token: a file holding the token (a Vault Agent sink), reread when it changes; None: ${VAULT_TOKEN}
+    token_file: Path | None = None
+    role_id: str | None = None
+    secret_id_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class VaultBackendSettings:
+    #: the config's address, else VAULT_ADDR's; "" only when another backend is configured
+    address: str = ""
+    namespace: str | None = None
+    #: the KV version 2 mount; a secret id is the path under it
+    mount: str = DEFAULT_VAULT_MOUNT
+    ca_file: Path | None = None
+    auth: VaultAuthSettings = field(default_factory=VaultAuthSettings)
+
+
+@dataclass(frozen=True)
 class CacheSettings:
     ttl_seconds: float = DEFAULT_CACHE_TTL_SECONDS
     negative_ttl_seconds: float = DEFAULT_NEGATIVE_TTL_SECONDS
@@ -162,6 +201,7 @@ class SecretsSettings:
     lookup_timeout_seconds: float = DEFAULT_LOOKUP_TIMEOUT_SECONDS
     file: FileBackendSettings = field(default_factory=FileBackendSettings)
     aws: AwsBackendSettings = field(default_factory=AwsBackendSettings)
+    vault: VaultBackendSettings = field(default_factory=VaultBackendSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
     prefetch: tuple[str, ...] = ()
 
@@ -287,8 +327,9 @@ def parse_settings(
     problems: list[str] = []
     if raw is None:
         raw = {}
-    raw = interpolate(raw, "", problems, os.environ if env is None else env)
-    r = _Reader(problems, base_dir or Path.cwd())
+    env = os.environ if env is None else env
+    raw = interpolate(raw, "", problems, env)
+    r = _Reader(problems, base_dir or Path.cwd(), env)
     settings = r.settings(raw)
     if problems or settings is None:
         raise ConfigError(problems)
@@ -305,9 +346,11 @@ T = TypeVar("T")
 class _Reader:
     """Typed accessors that record problems with their path instead of raising."""
 
-    def __init__(self, problems: list[str], base_dir: Path) -> None:
+    def __init__(self, problems: list[str], base_dir: Path, env: Mapping[str, str] | None = None) -> None:
         self.problems = problems
         self.base_dir = base_dir
+        #: the environment defaults come from (secrets.vault: VAULT_ADDR, VAULT_TOKEN)
+        self.env: Mapping[str, str] = env if env is not None else {}
         self.warnings: list[str] = []
 
     def warn(self, path: str, message: str) -> None:
@@ -531,6 +574,11 @@ class _Reader:
                         "refuses for every client: it cannot tell that suffix from one a client ID wrote; "
                         "write the secret's name or its ARN without the suffix",
                     )
+        if secrets.backend == "vault":
+            for up in upstreams.values():
+                problem = vault_path_problem(up.secret.replace("{client_id}", "x").replace("{upstream}", "x"))
+                if up.secret and problem:
+                    self.fail(f"upstreams.{up.name}.secret", f"is not a Vault KV path: {problem}")
         return Settings(
             listen=listen,
             admin_listen=admin,
@@ -742,7 +790,7 @@ class _Reader:
     def secrets(self, raw: Any) -> SecretsSettings:
         path = "secrets"
         m = self.mapping(
-            raw, path, frozenset({"backend", "lookup_timeout_seconds", "file", "aws", "cache", "prefetch"})
+            raw, path, frozenset({"backend", "lookup_timeout_seconds", "file", "aws", "vault", "cache", "prefetch"})
         )
         backend = (
             self.string(m, "backend", path, DEFAULT_SECRETS_BACKEND, choices=BACKENDS)
@@ -780,6 +828,7 @@ class _Reader:
                 f"{aws.timeout_seconds:g} is longer than secrets.lookup_timeout_seconds ({lookup_timeout:g}), "
                 "which bounds the whole lookup with every retry; lower it or raise lookup_timeout_seconds",
             )
+        vault = self.vault(m.get("vault"), active=backend == "vault")
         cm = self.mapping(
             m.get("cache"),
             f"{path}.cache",
@@ -800,9 +849,68 @@ class _Reader:
         )
         prefetch = self.string_list(m, "prefetch", path, (), item_check=_check_client_id)
         return SecretsSettings(
-            backend=backend, lookup_timeout_seconds=lookup_timeout, file=file_settings, aws=aws, cache=cache,
-            prefetch=prefetch,
+            backend=backend, lookup_timeout_seconds=lookup_timeout, file=file_settings, aws=aws, vault=vault,
+            cache=cache, prefetch=prefetch,
         )
+
+    def vault(self, raw: Any, *, active: bool) -> VaultBackendSettings:
+        """``secrets.vault``; what is missing fails only when it is the configured backend."""
+        path = "secrets.vault"
+        m = self.mapping(raw, path, frozenset({"address", "namespace", "mount", "ca_file", "auth"}))
+        address = (self.string(m, "address", path, None) or self.env.get("VAULT_ADDR") or "").rstrip("/")
+        if address:
+            self.check_service_url(address, f"{path}.address")
+        elif active:
+            self.fail(f"{path}.address", "is required (or set VAULT_ADDR)")
+        namespace = (self.string(m, "namespace", path, None) or "").strip("/") or None
+        mount = (self.string(m, "mount", path, DEFAULT_VAULT_MOUNT) or DEFAULT_VAULT_MOUNT).strip("/")
+        problem = vault_path_problem(mount)
+        if problem:
+            self.fail(f"{path}.mount", problem)
+        ap = f"{path}.auth"
+        am = self.mapping(
+            m.get("auth"), ap,
+            frozenset({"method", "mount", "role", "jwt_file", "token_file", "role_id", "secret_id_file"}),
+        )
+        method = (
+            self.string(am, "method", ap, DEFAULT_VAULT_AUTH_METHOD, choices=VAULT_AUTH_METHODS)
+            or DEFAULT_VAULT_AUTH_METHOD
+        )
+        auth_mount = (self.string(am, "mount", ap, None) or method).strip("/")
+        problem = vault_path_problem(auth_mount)
+        if problem:
+            self.fail(f"{ap}.mount", problem)
+        auth = VaultAuthSettings(
+            method=method,
+            mount=auth_mount,
+            role=self.string(am, "role", ap, None) or None,
+            jwt_file=self.path_value(am, "jwt_file", ap, must_exist=False) or DEFAULT_VAULT_JWT_FILE,
+            # Not required to exist now: a Vault Agent or an init container may write it after start.
+            token_file=self.path_value(am, "token_file", ap, must_exist=False),
+            role_id=self.string(am, "role_id", ap, None) or None,
+            secret_id_file=self.path_value(am, "secret_id_file", ap, must_exist=False),
+        )
+        if active:
+            self.check_vault_auth(auth, am, ap)
+        return VaultBackendSettings(
+            address=address, namespace=namespace, mount=mount, ca_file=self.ca_file(m, path), auth=auth
+        )
+
+    def check_vault_auth(self, auth: VaultAuthSettings, am: dict[str, Any], path: str) -> None:
+        """What the chosen method needs is there, and nothing that only another method reads."""
+        for key, methods in _VAULT_AUTH_KEYS.items():
+            if am.get(key) not in (None, "") and auth.method not in methods:
+                self.fail(f"{path}.{key}", f"applies to method {' or '.join(methods)}, not {auth.method}")
+        method = auth.method
+        if method in ("kubernetes", "jwt") and auth.role is None:
+            self.fail(f"{path}.role", f"is required with method {method} (the Vault role to log in as)")
+        if method == "approle":
+            if auth.role_id is None:
+                self.fail(f"{path}.role_id", "is required with method approle")
+            if auth.secret_id_file is None:
+                self.fail(f"{path}.secret_id_file", "is required with method approle (a file holding the secret id)")
+        if method == "token" and auth.token_file is None and not self.env.get("VAULT_TOKEN"):
+            self.fail(f"{path}.token_file", "is required with method token when VAULT_TOKEN is not set")
 
     def upstreams(self, raw: Any) -> dict[str, UpstreamSettings]:
         if raw is None:
@@ -997,6 +1105,19 @@ _FORBIDDEN_INJECT_HEADERS = frozenset(
         "te", "trailer", "proxy-connection",
     }
 )
+
+
+def vault_path_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a Vault path (a mount, a secret id), or None.
+
+    An empty segment, ``.`` or ``..`` would be read as another path (or resolved away
+    by a URL library): the id asked for and the secret read could differ.
+    """
+    if not value or value.startswith("/"):
+        return "must be a path like mcp/polygon/{client_id} (no leading /)"
+    if any(segment in ("", ".", "..") for segment in value.split("/")):
+        return "has an empty, . or .. segment"
+    return None
 
 
 def _check_passthrough(value: str) -> str | None:

@@ -5,7 +5,7 @@ It holds no secret by construction: the settings carry secret ids and templates,
 
 from __future__ import annotations
 
-from sidecar.config import Settings
+from sidecar.config import Settings, VaultBackendSettings
 from sidecar.net import host_port, loggable_url
 
 
@@ -40,14 +40,22 @@ def describe(settings: Settings) -> str:
     if settings.identity.default_client_id:
         lines.append(f"               default client ID {settings.identity.default_client_id}")
     s = settings.secrets
-    where = (
-        str(s.file.path)
-        if s.backend == "file"
-        else f"AWS Secrets Manager region={s.aws.region or '(default chain)'}"
-        + (f" endpoint={loggable_url(s.aws.endpoint_url)}" if s.aws.endpoint_url else "")
-        + f" stage={s.aws.version_stage}"
-    )
+    if s.backend == "file":
+        where = str(s.file.path)
+    elif s.backend == "aws":
+        where = (
+            f"AWS Secrets Manager region={s.aws.region or '(default chain)'}"
+            + (f" endpoint={loggable_url(s.aws.endpoint_url)}" if s.aws.endpoint_url else "")
+            + f" stage={s.aws.version_stage}"
+        )
+    else:
+        where = _vault(s.vault)
     lines.append(f"secrets:       {s.backend}: {where} lookup_timeout={s.lookup_timeout_seconds:g}s")
+    if s.backend == "vault":
+        lines.append(
+            "               an entry read without secret_field gives its one field; "
+            "an entry of several fields needs the upstream's secret_field"
+        )
     lines.append(
         f"cache:         ttl={s.cache.ttl_seconds:g}s negative={s.cache.negative_ttl_seconds:g}s "
         f"stale_if_error={s.cache.stale_if_error_seconds:g}s max={s.cache.max_entries}"
@@ -78,3 +86,21 @@ def describe(settings: Settings) -> str:
             + (" route_only" if not up.forward_proxy else "")
         )
     return "\n".join(lines)
+
+
+def _vault(v: VaultBackendSettings) -> str:
+    """Where Vault is and how the sidecar logs in: names and paths, never a token."""
+    a = v.auth
+    how = {
+        "token": f"token from {a.token_file}" if a.token_file else "token from VAULT_TOKEN",
+        "approle": f"approle role_id={a.role_id} secret_id from {a.secret_id_file}",
+        "kubernetes": f"kubernetes role={a.role} jwt from {a.jwt_file}",
+        "jwt": f"jwt role={a.role} jwt from {a.jwt_file}",
+    }[a.method]
+    return (
+        f"Vault KV v2 at {loggable_url(v.address)} mount={v.mount}"
+        + (f" namespace={v.namespace}" if v.namespace else "")
+        + (f" ca_file={v.ca_file}" if v.ca_file else "")
+        + f" auth={how}"
+        + (f" (at auth/{a.mount})" if a.mount != a.method else "")
+    )

@@ -87,7 +87,7 @@ def test_check_lists_every_problem_with_its_path(tmp_path: Path) -> None:
         {
             "listen": "nope",
             "lgo": {},
-            "secrets": {"backend": "vault"},
+            "secrets": {"backend": "hashicorp"},
             "upstreams": {
                 "polygon": {"url": "ftp://x", "secret": "{client}", "inject": {"cookie": "k"}},
                 "ok": {"url": "https://a.example", "secret": "{client_id}", "inject": {"query": "k"}, "timeout_seconds": -1},
@@ -100,7 +100,7 @@ def test_check_lists_every_problem_with_its_path(tmp_path: Path) -> None:
     for expected in (
         "listen: expected host:port",
         "lgo: unknown key (did you mean log?)",
-        "secrets.backend: expected one of file, aws",
+        "secrets.backend: expected one of file, aws, vault",
         "upstreams.polygon.url: expected an http:// or https:// URL",
         "upstreams.polygon.secret: unknown placeholder {client}",
         "upstreams.polygon.inject.cookie: unknown key",

@@ -872,8 +872,8 @@ def test_lookup_timeout_and_the_aws_attempt_timeout_that_fits_it(tmp_path: Path)
 
 def test_unknown_backend_is_refused(tmp_path: Path, keys_file: Path) -> None:
     raw = config(keys_file)
-    raw["secrets"]["backend"] = "vault"
-    assert one_problem(raw, tmp_path) == "secrets.backend: expected one of file, aws"
+    raw["secrets"]["backend"] = "hashicorp"
+    assert one_problem(raw, tmp_path) == "secrets.backend: expected one of file, aws, vault"
 
 
 def test_bad_yaml_gives_line_and_column(tmp_path: Path) -> None:

@@ -54,6 +54,7 @@ LAYER: dict[str, int] = {
     "sidecar.secrets.cache": PARTS,
     "sidecar.secrets.file": PARTS,
     "sidecar.secrets.aws": PARTS,
+    "sidecar.secrets.vault": PARTS,
     "sidecar.secrets.factory": PARTS,  # planned
     "sidecar.identity": PARTS,
     "sidecar.identity.base": PARTS,  # was identity.py

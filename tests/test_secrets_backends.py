@@ -1,4 +1,7 @@
-"""The secret stores: a local YAML/JSON file, and AWS Secrets Manager (moto's server mode)."""
+"""The secret stores: a local YAML/JSON file, AWS Secrets Manager (moto's server mode), Vault (a real OpenBao).
+
+The first section holds what every store does alike, run against each; then each
+store's own behaviour. Vault's own tests are in tests/test_vault.py."""
 
 from __future__ import annotations
 
@@ -24,15 +27,193 @@ from botocore.exceptions import (
 )
 
 import sidecar.secrets.file as file_module
-from sidecar.config import BACKENDS, AwsBackendSettings, CacheSettings, FileBackendSettings, SecretsSettings
+from sidecar.config import (
+    BACKENDS,
+    AwsBackendSettings,
+    CacheSettings,
+    FileBackendSettings,
+    SecretsSettings,
+    VaultBackendSettings,
+)
 from sidecar.errors import NoCredential, SecretStoreUnavailable
+from sidecar.metrics import REGISTRY
 from sidecar.secrets.aws import MAX_ATTEMPTS, AwsBackend
-from sidecar.secrets.base import EmptyStore, SecretNotFound, SecretPendingDeletion, StoreError, extract
+from sidecar.secrets.base import (
+    EmptyStore,
+    SecretBackend,
+    SecretNotFound,
+    SecretPendingDeletion,
+    StoreError,
+    WritesUnsupported,
+    extract,
+)
 from sidecar.secrets.cache import SecretCache
 from sidecar.secrets.factory import BUILDERS, BackendStartError, build_backend, start_backend
 from sidecar.secrets.file import FileBackend, FileLoadError, load_secret_file
+from sidecar.secrets.vault import VaultBackend
 from tests.support.leaks import make_secret
+from tests.support.openbao import OpenBao, openbao  # noqa: F401 - the session's OpenBao fixture
 from tests.support.upstream import closed_port
+
+# ====================================================================== every store alike
+
+
+class Store:
+    """One started backend, and how its users put a secret in it.
+
+    ``put_text``: the simplest secret each store holds: a string (file), a SecretString
+    (AWS), an entry of one field (Vault, which has no plain strings). ``put_fields``: an
+    object: a mapping (file), a JSON SecretString (AWS), an entry's fields (Vault).
+    """
+
+    def __init__(self, kind: str, backend: SecretBackend, tmp_path: Path, client: Any = None) -> None:
+        self.kind = kind
+        self.backend = backend
+        self.client = client
+        self.prefix = f"mcp/contract-{uuid.uuid4().hex[:10]}"
+        self._file = tmp_path / "keys.yaml"
+        self._file_data: dict[str, Any] = {}
+
+    def id(self, name: str) -> str:
+        return f"{self.prefix}/{name}"
+
+    async def put_text(self, secret_id: str, value: str) -> None:
+        await self._put(secret_id, value)
+
+    async def put_fields(self, secret_id: str, fields: dict[str, str]) -> None:
+        await self._put(secret_id, fields)
+
+    async def _put(self, secret_id: str, value: str | dict[str, str]) -> None:
+        if self.kind == "file":
+            self._file_data[secret_id] = value
+            rewrite(self._file, json.dumps(self._file_data))
+            assert isinstance(self.backend, FileBackend)
+            await self.backend.reload_if_changed()
+        elif self.kind == "aws":
+            text = value if isinstance(value, str) else json.dumps(value)
+            try:
+                self.client.create_secret(Name=secret_id, SecretString=text)
+            except self.client.exceptions.ResourceExistsException:
+                self.client.put_secret_value(SecretId=secret_id, SecretString=text)
+        else:
+            fields = {"api_key": value} if isinstance(value, str) else value
+            self.client.put(secret_id, **fields)
+
+
+@pytest.fixture(params=BACKENDS)
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    kind = request.param
+    if kind == "file":
+        path = tmp_path / "keys.yaml"
+        path.write_text("{}\n")
+        backend: Any = FileBackend(path)
+        out = Store(kind, backend, tmp_path)
+    elif kind == "aws":
+        endpoint = request.getfixturevalue("moto_endpoint")
+        request.getfixturevalue("aws_env")
+        backend = AwsBackend(AwsBackendSettings(region="us-east-1", endpoint_url=endpoint))
+        client = boto3.client("secretsmanager", region_name="us-east-1", endpoint_url=endpoint)
+        request.addfinalizer(client.close)
+        out = Store(kind, backend, tmp_path, client)
+    else:
+        bao: OpenBao = request.getfixturevalue("openbao")
+        backend = VaultBackend(VaultBackendSettings(address=bao.address), env={"VAULT_TOKEN": bao.token()})
+        out = Store(kind, backend, tmp_path, bao)
+    await backend.start()
+    yield out
+    await backend.close()
+
+
+async def test_every_store_gives_its_simplest_secret_as_the_key(store: Store) -> None:
+    key = make_secret(f"{store.kind}-simple")
+    await store.put_text(store.id("alice"), key)
+    secret, result = await SecretCache(store.backend, CacheSettings()).get(store.id("alice"))
+    assert (secret.reveal(), result) == (key, "miss")
+
+
+async def test_every_store_gives_an_objects_field_with_secret_field(store: Store) -> None:
+    key = make_secret(f"{store.kind}-field")
+    await store.put_fields(store.id("carol"), {"api_key": key, "region": "eu-west-1"})
+    cache = SecretCache(store.backend, CacheSettings())
+    assert (await cache.get(store.id("carol"), "api_key"))[0].reveal() == key
+    with pytest.raises(NoCredential) as info:
+        await cache.get(store.id("carol"), "missing")
+    assert info.value.reason == "secret_field_missing"
+
+
+async def test_every_store_says_no_secret_once_and_remembers_it(store: Store) -> None:
+    cache = SecretCache(store.backend, CacheSettings())
+    with pytest.raises(SecretNotFound):
+        await store.backend.fetch(store.id("nobody"))
+    for lookup in ("miss", "negative"):
+        with pytest.raises(NoCredential) as info:
+            await cache.get(store.id("nobody"))
+        assert (info.value.reason, info.value.lookup) == ("not_found", lookup)
+    assert cache.store_calls == 1
+
+
+async def test_every_store_reads_ids_exactly(store: Store) -> None:
+    key = make_secret(f"{store.kind}-exact")
+    await store.put_text(store.id("alice"), key)
+    assert (await SecretCache(store.backend, CacheSettings()).get(store.id("alice")))[0].reveal() == key
+    for other in ("Alice", "alice ", "alice.", "alic", "alice-AbCdEf", "alice/"):
+        with pytest.raises(SecretNotFound):
+            await store.backend.fetch(store.id(other))
+
+
+async def test_every_store_gives_a_rotated_value_on_the_next_read(store: Store) -> None:
+    old, new = make_secret(f"{store.kind}-old"), make_secret(f"{store.kind}-new")
+    await store.put_text(store.id("dave"), old)
+    cache = SecretCache(store.backend, CacheSettings())
+    assert (await cache.get(store.id("dave")))[0].reveal() == old
+    await store.put_text(store.id("dave"), new)
+    cache.invalidate(store.id("dave"))  # what an upstream's 401 does
+    assert (await cache.get(store.id("dave")))[0].reveal() == new
+
+
+async def test_every_store_labels_its_fetches_with_its_name(store: Store) -> None:
+    def fetches() -> float:
+        labels = {"backend": store.kind}
+        return REGISTRY.get_sample_value("sidecar_secret_fetch_duration_seconds_count", labels) or 0.0
+
+    before = fetches()
+    await store.put_text(store.id("erin"), make_secret(f"{store.kind}-metric"))
+    await SecretCache(store.backend, CacheSettings()).get(store.id("erin"))
+    assert fetches() == before + 1
+
+
+async def test_stores_without_writes_refuse_them_clearly(store: Store) -> None:
+    if store.kind == "vault":
+        pytest.skip("vault writes: tests/test_vault.py")
+    with pytest.raises(WritesUnsupported) as info:
+        await store.backend.write(store.id("alice"), {"refresh_token": "x"}, None)
+    assert str(info.value) == f"secret store error: unsupported (the {store.kind} backend does not write secrets)"
+
+
+@pytest.mark.parametrize("kind", ["aws", "vault"])
+async def test_every_remote_store_down_is_a_quick_store_error_then_unavailable(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    dead = f"http://127.0.0.1:{closed_port()}"
+    backend: Any
+    if kind == "aws":
+        request.getfixturevalue("aws_env")
+        backend = AwsBackend(AwsBackendSettings(region="us-east-1", endpoint_url=dead, timeout_seconds=1), 3.0)
+    else:
+        backend = VaultBackend(VaultBackendSettings(address=dead), 3.0, env={"VAULT_TOKEN": "unused"})
+    await backend.start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreError) as info:
+            await backend.fetch("mcp/polygon/alice")
+        assert info.value.kind in ("unreachable", "timeout")
+        assert "127.0.0.1" not in str(info.value)  # our words, not the client library's
+        with pytest.raises(SecretStoreUnavailable):
+            await SecretCache(backend, CacheSettings(), lookup_timeout=3.0).get("mcp/polygon/alice")
+        assert time.monotonic() - started < 3.0 + 3.0 + 2.0  # two lookups, each bounded, + slack
+    finally:
+        await backend.close()
+
 
 # ====================================================================== file backend
 
@@ -815,6 +996,9 @@ async def test_the_factory_builds_each_backend(tmp_path: Path) -> None:
     aws = build_backend(SecretsSettings(backend="aws", aws=AwsBackendSettings(region="eu-west-1")))
     assert isinstance(aws, AwsBackend)
     await aws.close()
+    vault = build_backend(SecretsSettings(backend="vault", vault=VaultBackendSettings(address="https://vault.example")))
+    assert isinstance(vault, VaultBackend) and vault.name == "vault"
+    await vault.close()
 
 
 async def test_a_store_that_cannot_start_is_one_error_naming_the_section(

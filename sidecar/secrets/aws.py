@@ -16,7 +16,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sidecar.config import DEFAULT_LOOKUP_TIMEOUT_SECONDS, AwsBackendSettings
-from sidecar.secrets.base import RawSecret, SecretMismatch, SecretNotFound, SecretPendingDeletion, StoreError
+from sidecar.secrets.base import (
+    RawSecret,
+    ReadOnlyStore,
+    SecretMismatch,
+    SecretNotFound,
+    SecretPendingDeletion,
+    StoreError,
+)
 
 if TYPE_CHECKING:
     from mypy_boto3_secretsmanager import SecretsManagerClient
@@ -137,7 +144,7 @@ def answer_mismatch(secret_id: str, answer: Any, version_stage: str, region: str
     return None
 
 
-class AwsBackend:
+class AwsBackend(ReadOnlyStore):
     """One botocore client, created at start, called from a small thread pool.
 
     A lookup makes at most MAX_ATTEMPTS calls, each with ``timeout_seconds`` as connect

@@ -5,12 +5,55 @@ from __future__ import annotations
 import hmac
 import json
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sidecar.errors import NoCredential
 
 #: What a backend hands back: a string, or a mapping (a JSON object secret).
 RawSecret = str | Mapping[str, Any]
+#: Which version of a secret a read saw, in the store's own terms (Vault KV: the version
+#: number); a check-and-set write names it to replace exactly that version.
+StoreVersion = int | str
+
+
+class StoredFields(dict[str, Any]):
+    """A secret that is always a set of named fields (a Vault KV v2 entry), with the version read.
+
+    Such a store has no plain-string secrets: ``vault kv put .../alice api_key=...`` is the
+    simplest entry there is. So with no ``secret_field``, an entry of exactly one field
+    is that field's value; one of several fields is refused (``secret_field_needed``),
+    since which one is meant cannot be guessed. A plain mapping (a file backend's nested
+    object) keeps needing ``secret_field``: there a plain string was an option.
+    """
+
+    __slots__ = ("version",)
+
+    def __init__(self, fields: Mapping[str, Any], version: StoreVersion | None = None) -> None:
+        super().__init__(fields)
+        #: the version this read saw; a later write_secret(..., expected=version) replaces exactly it
+        self.version = version
+
+
+def version_of(raw: RawSecret) -> StoreVersion | None:
+    """The version a read saw, when the backend says (Vault KV); None otherwise."""
+    return raw.version if isinstance(raw, StoredFields) else None
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """A check-and-set write landed: ``version`` is the store's version of it now."""
+
+    version: StoreVersion | None
+
+
+@dataclass(frozen=True, slots=True)
+class WriteConflict:
+    """Another writer replaced the version read first: nothing was written; read again."""
+
+
+#: What a check-and-set write comes back with.
+WriteResult = Written | WriteConflict
 
 
 class Secret:
@@ -98,6 +141,13 @@ class StoreError(Exception):
         super().__init__(f"secret store error: {kind}" + (f" ({detail})" if detail else ""))
 
 
+class WritesUnsupported(StoreError):
+    """This backend does not write secrets (yet): a write-back cannot happen here."""
+
+    def __init__(self, backend: str) -> None:
+        super().__init__("unsupported", f"the {backend} backend does not write secrets")
+
+
 class SecretBackend(Protocol):
     """Where secrets live. Implementations never block the event loop."""
 
@@ -111,10 +161,29 @@ class SecretBackend(Protocol):
         """Return the secret or raise SecretNotFound / StoreError. Never logs the value."""
         ...
 
+    async def write(self, secret_id: str, value: Mapping[str, str], expected: StoreVersion | None) -> WriteResult:
+        """Replace the secret with ``value`` if its current version is still ``expected``.
+
+        ``expected`` is what ``version_of`` gave for the read this write follows; None
+        writes only when there is no such secret yet. Returns Written, or WriteConflict
+        when another writer got there first; raises StoreError (WritesUnsupported for a
+        backend that cannot write). Never logs the value.
+        """
+        ...
+
     async def close(self) -> None: ...
 
 
-class EmptyStore:
+class ReadOnlyStore:
+    """For a backend that does not write: ``write`` refuses with WritesUnsupported."""
+
+    name: str
+
+    async def write(self, secret_id: str, value: Mapping[str, str], expected: StoreVersion | None) -> WriteResult:
+        raise WritesUnsupported(self.name)
+
+
+class EmptyStore(ReadOnlyStore):
     """The file backend with no file configured (allowed only with no upstreams): it holds nothing.
 
     A sidecar that only tunnels ``forward_proxy.passthrough_hosts`` needs no keys.
@@ -158,6 +227,15 @@ def _json_or_none(text: str) -> Any:
 
 
 def _extract(raw: RawSecret, field: str | None) -> Secret:
+    if field is None and isinstance(raw, StoredFields):
+        if not raw:
+            raise NoCredential("The stored secret has no fields.", reason="secret_field_missing")
+        if len(raw) > 1:
+            raise NoCredential(
+                "The stored secret has several fields; the upstream needs secret_field to pick one.",
+                reason="secret_field_needed",
+            )
+        field = next(iter(raw))
     if field is None:
         if isinstance(raw, str):
             return Secret(raw)

@@ -29,8 +29,14 @@ def _aws(settings: SecretsSettings) -> SecretBackend:
     return AwsBackend(settings.aws, settings.lookup_timeout_seconds)
 
 
+def _vault(settings: SecretsSettings) -> SecretBackend:
+    from sidecar.secrets.vault import VaultBackend  # plain aiohttp calls: no client library to import
+
+    return VaultBackend(settings.vault, settings.lookup_timeout_seconds)
+
+
 #: ``secrets.backend`` -> what builds it; the keys are ``config.BACKENDS`` (a test holds them equal).
-BUILDERS: dict[str, Callable[[SecretsSettings], SecretBackend]] = {"file": _file, "aws": _aws}
+BUILDERS: dict[str, Callable[[SecretsSettings], SecretBackend]] = {"file": _file, "aws": _aws, "vault": _vault}
 
 
 def build_backend(settings: SecretsSettings) -> SecretBackend:

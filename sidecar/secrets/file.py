@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from sidecar.secrets.base import RawSecret, SecretNotFound, StoreError
+from sidecar.secrets.base import RawSecret, ReadOnlyStore, SecretNotFound, StoreError
 
 log = logging.getLogger("sidecar.secrets.file")
 
@@ -105,7 +105,7 @@ def _identity(path: Path) -> tuple[int, int, int] | None:
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-class FileBackend:
+class FileBackend(ReadOnlyStore):
     """Keeps the file's mapping in memory; a watcher task swaps it when the file changes."""
 
     name = "file"

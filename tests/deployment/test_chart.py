@@ -147,6 +147,24 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             },
         },
     },
+    "vault-kubernetes": {
+        # Vault's kubernetes auth method: the sidecar logs in with a projected token of
+        # the pod's ServiceAccount; the app gets no token.
+        "sidecar": {
+            "vaultToken": {"audience": "vault"},
+            "config": {
+                "secrets": {
+                    "backend": "vault",
+                    "vault": {
+                        "address": "https://vault.vault.svc:8200",
+                        "namespace": "mcp",
+                        "auth": {"method": "kubernetes", "role": "fininfo-sidecar"},
+                    },
+                },
+                "upstreams": {"polygon": POLYGON},
+            },
+        },
+    },
     "classic-sidecar": {
         "sidecar": {
             "native": False,
@@ -253,7 +271,12 @@ def test_wrong_value_types_fail_the_schema(chart: helm.Chart) -> None:
         ({"sidecar": {"native": "yes"}}, "/sidecar/native"),
         ({"replicaCount": "2"}, "/replicaCount"),
         ({"sidecar": {"config": {"workers": "4"}}}, "/sidecar/config/workers"),
-        ({"sidecar": {"config": {"secrets": {"backend": "vault"}}}}, "/sidecar/config/secrets/backend"),
+        ({"sidecar": {"config": {"secrets": {"backend": "hashicorp"}}}}, "/sidecar/config/secrets/backend"),
+        (
+            {"sidecar": {"config": {"secrets": {"vault": {"auth": {"method": "ldap"}}}}}},
+            "/sidecar/config/secrets/vault/auth/method",
+        ),
+        ({"sidecar": {"vaultToken": {"expirationSeconds": 60}}}, "/sidecar/vaultToken/expirationSeconds"),
         (
             {"sidecar": {"config": {"upstreams": {"polygon": {**POLYGON, "injct": {}}}}}},
             "/sidecar/config/upstreams/polygon",
@@ -299,6 +322,13 @@ def test_impossible_combinations_fail_with_the_value_to_change(chart: helm.Chart
         (  # the sidecar refuses this too (a crash-looping pod otherwise)
             {"sidecar": {"config": {"forward_proxy": {"enabled": False, "passthrough_hosts": ["github.com"]}}}},
             "sidecar.config.forward_proxy.passthrough_hosts",
+        ),        (
+            {"sidecar": {"config": {"secrets": {"backend": "vault", "vault": {"auth": {"role": "r"}}}}}},
+            "sidecar.config.secrets.vault.address",
+        ),
+        (
+            {"sidecar": {"config": {"secrets": {"backend": "vault", "vault": {"address": "https://v:8200"}}}}},
+            "sidecar.config.secrets.vault.auth.role",
         ),
     ]
     for values, message in cases:
@@ -762,3 +792,33 @@ def test_schema_and_sidecar_agree_on_identity_jwt(chart: helm.Chart, case: str, 
     else:
         assert result.returncode == 2, f"{case}: Helm refuses it, the sidecar does not:\n{output}"
         assert sidecar_says in output, output
+
+
+def test_vault_kubernetes_login_uses_a_projected_token_in_the_sidecar_only(chart: helm.Chart) -> None:
+    manifests = render(chart, VALUE_SETS["vault-kubernetes"])
+    spec = pod_spec(manifests)
+    assert spec["automountServiceAccountToken"] is False  # the app gets no token of the pod's
+    (volume,) = [v for v in spec["volumes"] if v["name"] == "vault-token"]
+    (source,) = volume["projected"]["sources"]
+    assert source["serviceAccountToken"] == {"path": "token", "expirationSeconds": 3600, "audience": "vault"}
+    mounts = {m["name"]: m for m in sidecar_container(spec)["volumeMounts"]}
+    assert mounts["vault-token"]["readOnly"] is True
+    assert "vault-token" not in {m["name"] for m in app_container(spec)["volumeMounts"]}
+    vault = sidecar_config(manifests)["secrets"]["vault"]
+    assert vault == {
+        "address": "https://vault.vault.svc:8200", "namespace": "mcp", "mount": "secret",
+        "auth": {"method": "kubernetes", "role": "fininfo-sidecar",
+                 "jwt_file": mounts["vault-token"]["mountPath"] + "/token"},
+    }
+
+
+def test_vault_with_a_token_file_of_its_own_projects_nothing(chart: helm.Chart) -> None:
+    values = copy.deepcopy(VALUE_SETS["vault-kubernetes"])
+    values["sidecar"]["config"]["secrets"]["vault"]["auth"] = {
+        "method": "approle", "role_id": "6a1c...", "secret_id_file": "/etc/vault/secret-id",
+    }
+    manifests = render(chart, values)
+    assert "vault-token" not in {v["name"] for v in pod_spec(manifests)["volumes"]}
+    assert sidecar_config(manifests)["secrets"]["vault"]["auth"] == {
+        "method": "approle", "role_id": "6a1c...", "secret_id_file": "/etc/vault/secret-id",
+    }

@@ -1,4 +1,4 @@
-"""The docker compose examples: fininfo beside the sidecar, file backend and AWS variant.
+"""The docker compose examples: fininfo beside the sidecar, file backend, AWS and Vault variants.
 
 No Docker here, so the files are parsed and their arrangement asserted: the
 sidecar runs the image's entrypoint with the mounted config, the keys and
@@ -23,7 +23,13 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
-COMPOSE_FILES = {"file": EXAMPLES / "docker-compose.yml", "aws": EXAMPLES / "docker-compose.aws.yml"}
+COMPOSE_FILES = {
+    "file": EXAMPLES / "docker-compose.yml",
+    "aws": EXAMPLES / "docker-compose.aws.yml",
+    "vault": EXAMPLES / "docker-compose.vault.yml",
+}
+#: Services a variant runs besides the sidecar and fininfo (its store, for trying it out).
+STORE_SERVICES = {"vault": {"openbao", "openbao-seed"}}
 CONFIG_TARGET = "/etc/credential-sidecar/config.yaml"
 
 
@@ -49,9 +55,9 @@ def compose(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
 
 
 def test_two_services_built_from_the_repository(compose: tuple[str, dict[str, Any]]) -> None:
-    _, doc = compose
+    kind, doc = compose
     services = doc["services"]
-    assert set(services) == {"sidecar", "fininfo"}
+    assert set(services) == {"sidecar", "fininfo"} | STORE_SERVICES.get(kind, set())
     sidecar, fininfo = services["sidecar"], services["fininfo"]
     assert sidecar["image"] == "mcp-credential-sidecar:local"
     assert (EXAMPLES / sidecar["build"]["context"] / sidecar["build"]["dockerfile"]).resolve() == ROOT / "Dockerfile"
@@ -165,9 +171,33 @@ def test_the_sidecar_accepts_the_config_as_mounted(kind: str, tmp_path: Path) ->
             target.mkdir()  # e.g. no ~/.aws on this machine: docker would create it empty
     args = [interpolate(a) for a in sidecar["command"]]
     args[args.index("--config") + 1] = str(tmp_path / CONFIG_TARGET.lstrip("/"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SIDECAR_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SIDECAR_", "VAULT_"))}
     env["AWS_EC2_METADATA_DISABLED"] = "true"
+    for entry in sidecar.get("environment", []):  # what compose sets in the container (VAULT_ADDR, ...)
+        name, equals, value = entry.partition("=")
+        if equals:
+            env[name] = interpolate(value)
     result = subprocess.run(
         [executable, "check", *args], capture_output=True, text=True, env=env, timeout=60, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_vault_variant_gives_a_token_to_the_sidecar_only_and_seeds_the_path_it_reads() -> None:
+    services = load("vault")["services"]
+    sidecar, fininfo, openbao, seed = (services[n] for n in ("sidecar", "fininfo", "openbao", "openbao-seed"))
+    env = {e.partition("=")[0]: interpolate(e.partition("=")[2]) for e in sidecar["environment"]}
+    assert env["VAULT_ADDR"] == "http://openbao:8200"
+    # One dev token: the server's root token is what the sidecar logs in with.
+    root = next(a for a in openbao["command"] if a.startswith("-dev-root-token-id="))
+    assert env["VAULT_TOKEN"] == interpolate(root.partition("=")[2]) == interpolate(seed["environment"]["BAO_TOKEN"])
+    assert not [name for name in fininfo.get("environment", {}) if name.startswith(("VAULT_", "BAO_"))]
+    assert "ports" not in openbao  # reachable on the compose network only
+    assert sidecar["depends_on"] == {"openbao-seed": {"condition": "service_completed_successfully"}}
+    config_source = EXAMPLES / next(v["source"] for v in sidecar["volumes"] if v["target"] == CONFIG_TARGET)
+    config = yaml.safe_load(config_source.read_text())
+    assert config["secrets"]["backend"] == "vault"
+    # The seed writes the path the polygon template reads for the client "demo", under the KV mount.
+    written = seed["command"][seed["command"].index("put") + 1]
+    mount = config["secrets"]["vault"]["mount"]
+    assert written == f"{mount}/" + config["upstreams"]["polygon"]["secret"].format(client_id="demo")

@@ -75,6 +75,17 @@ mounts and the app's environment must agree on them.
 {{- define "credential-sidecar.configDir" -}}/etc/credential-sidecar/config{{- end }}
 {{- define "credential-sidecar.configPath" -}}{{ include "credential-sidecar.configDir" . }}/config.yaml{{- end }}
 {{- define "credential-sidecar.keysDir" -}}/etc/credential-sidecar/secrets{{- end }}
+{{- define "credential-sidecar.vaultTokenDir" -}}/var/run/secrets/credential-sidecar/vault{{- end }}
+
+{{/*
+true (as "true", or empty) when the chart projects a service-account token for the
+Vault login: backend vault, method kubernetes or jwt, and no jwt_file of the user's.
+*/}}
+{{- define "credential-sidecar.vaultProjectedToken" -}}
+{{- $s := .Values.sidecar.config.secrets }}
+{{- $auth := (($s.vault | default dict).auth | default dict) }}
+{{- if and (not .Values.sidecar.rawConfig) (eq $s.backend "vault") (has ($auth.method | default "token") (list "kubernetes" "jwt")) (not $auth.jwt_file) }}true{{ end }}
+{{- end }}
 {{- define "credential-sidecar.mitmSecretDir" -}}/etc/credential-sidecar/mitm-ca{{- end }}
 {{- define "credential-sidecar.sharedCADir" -}}/var/run/credential-sidecar/ca{{- end }}
 {{- define "credential-sidecar.sharedCAPath" -}}{{ include "credential-sidecar.sharedCADir" . }}/ca.crt{{- end }}
@@ -114,6 +125,16 @@ with a message that names the values to change.
 {{- if not .Values.sidecar.rawConfig }}
 {{- if and (eq $c.secrets.backend "file") $c.upstreams (not .Values.sidecar.secretsFile.existingSecret) }}
 {{- fail "sidecar.secretsFile.existingSecret: name the Secret holding the keys file (secrets.backend is file and upstreams are configured)" }}
+{{- end }}
+{{- if eq $c.secrets.backend "vault" }}
+{{- $vault := $c.secrets.vault | default dict }}
+{{- $auth := $vault.auth | default dict }}
+{{- if not $vault.address }}
+{{- fail "sidecar.config.secrets.vault.address: Vault's address is required with secrets.backend vault" }}
+{{- end }}
+{{- if and (has ($auth.method | default "token") (list "kubernetes" "jwt")) (not $auth.role) }}
+{{- fail (printf "sidecar.config.secrets.vault.auth.role: the Vault role to log in as is required with method %s" $auth.method) }}
+{{- end }}
 {{- end }}
 {{- /* identity.jwt as a list: what the schema cannot say, the sidecar refuses at start */}}
 {{- $jwt := ($c.identity | default dict).jwt }}
@@ -188,6 +209,25 @@ file uses exactly the sidecar's own key names, and null values are left out
 {{- end }}
 {{- end }}
 {{- $_ := set $secrets "aws" $aws }}
+{{- end }}
+{{- if eq $s.backend "vault" }}
+{{- $vault := dict }}
+{{- range $key, $value := ($s.vault | default dict) }}
+{{- if and (ne $key "auth") (not (kindIs "invalid" $value)) }}
+{{- $_ := set $vault $key $value }}
+{{- end }}
+{{- end }}
+{{- $auth := dict }}
+{{- range $key, $value := (($s.vault | default dict).auth | default dict) }}
+{{- if not (kindIs "invalid" $value) }}
+{{- $_ := set $auth $key $value }}
+{{- end }}
+{{- end }}
+{{- if include "credential-sidecar.vaultProjectedToken" . }}
+{{- $_ := set $auth "jwt_file" (printf "%s/token" (include "credential-sidecar.vaultTokenDir" .)) }}
+{{- end }}
+{{- $_ := set $vault "auth" $auth }}
+{{- $_ := set $secrets "vault" $vault }}
 {{- end }}
 {{- if $s.cache }}
 {{- $_ := set $secrets "cache" $s.cache }}
@@ -271,6 +311,12 @@ restartPolicy: Always) or into containers (classic), so it lives in one place.
     # backend, which rereads the file when it changes.
     - name: sidecar-keys
       mountPath: {{ include "credential-sidecar.keysDir" . }}
+      readOnly: true
+    {{- end }}
+    {{- if include "credential-sidecar.vaultProjectedToken" . }}
+    # The service-account token the sidecar logs in to Vault with; the app has none.
+    - name: vault-token
+      mountPath: {{ include "credential-sidecar.vaultTokenDir" . }}
       readOnly: true
     {{- end }}
     {{- if include "credential-sidecar.mitmEnabled" . }}
