@@ -52,7 +52,7 @@ from sidecar.secrets.factory import BUILDERS, BackendStartError, build_backend, 
 from sidecar.secrets.file import FileBackend, FileLoadError, load_secret_file
 from sidecar.secrets.vault import VaultBackend
 from tests.support.leaks import make_secret
-from tests.support.openbao import OpenBao, openbao  # noqa: F401 - the session's OpenBao fixture
+from tests.support.openbao import OpenBao
 from tests.support.upstream import closed_port
 
 # ====================================================================== every store alike

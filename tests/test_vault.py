@@ -34,7 +34,7 @@ from sidecar.secrets.base import (
 from sidecar.secrets.cache import SecretCache
 from sidecar.secrets.vault import VaultBackend
 from tests.support.leaks import make_secret, register_secret
-from tests.support.openbao import NAMESPACE, OpenBao, openbao, own_openbao  # noqa: F401 - fixtures
+from tests.support.openbao import NAMESPACE, OpenBao
 
 CACHE = CacheSettings()
 
@@ -100,7 +100,7 @@ class Backends:
 
 
 @pytest.fixture
-async def vaults(openbao: OpenBao, tmp_path: Path) -> AsyncIterator[Backends]:  # noqa: F811
+async def vaults(openbao: OpenBao, tmp_path: Path) -> AsyncIterator[Backends]:
     backends = Backends(openbao, tmp_path)
     yield backends
     await backends.close()
@@ -378,7 +378,7 @@ async def test_a_write_outside_the_policy_is_a_store_error(vaults: Backends) -> 
 # ====================================================================== outages and bounds
 
 
-async def test_a_sealed_vault_is_unavailable_until_unsealed(own_openbao: OpenBao, tmp_path: Path) -> None:  # noqa: F811
+async def test_a_sealed_vault_is_unavailable_until_unsealed(own_openbao: OpenBao, tmp_path: Path) -> None:
     vaults = Backends(own_openbao, tmp_path)
     try:
         key, path = make_secret("vault-sealed"), secret_path()

@@ -18,7 +18,7 @@ from typing import Any
 import requests
 
 from tests.support.leaks import make_secret
-from tests.support.openbao import OpenBao, openbao, own_openbao  # noqa: F401 - fixtures
+from tests.support.openbao import OpenBao
 from tests.support.process import SidecarProcess, metric
 from tests.support.upstream import EchoUpstream
 
@@ -58,7 +58,7 @@ def prefix() -> str:
 
 
 def test_kv_entries_are_injected_and_a_missing_path_is_no_credential(
-    start_sidecar: Start, openbao: OpenBao, echo: EchoUpstream, tmp_path: Path  # noqa: F811
+    start_sidecar: Start, openbao: OpenBao, echo: EchoUpstream, tmp_path: Path
 ) -> None:
     p = prefix()
     alice, carol = make_secret("vault-e2e-alice"), make_secret("vault-e2e-carol")
@@ -79,7 +79,7 @@ def test_kv_entries_are_injected_and_a_missing_path_is_no_credential(
 
 
 def test_concurrent_first_requests_make_one_login_and_one_read(
-    start_sidecar: Start, openbao: OpenBao, echo: EchoUpstream, tmp_path: Path  # noqa: F811
+    start_sidecar: Start, openbao: OpenBao, echo: EchoUpstream, tmp_path: Path
 ) -> None:
     p = prefix()
     openbao.put(f"{p}/polygon/bob", api_key=make_secret("vault-e2e-bob"))
@@ -95,7 +95,7 @@ def test_concurrent_first_requests_make_one_login_and_one_read(
 
 
 def test_a_policy_denial_is_503_and_a_cached_key_is_served_stale(
-    start_sidecar: Start, openbao: OpenBao, echo: EchoUpstream, tmp_path: Path  # noqa: F811
+    start_sidecar: Start, openbao: OpenBao, echo: EchoUpstream, tmp_path: Path
 ) -> None:
     p = prefix()
     policy = f"e2e-{uuid.uuid4().hex[:8]}"
@@ -122,7 +122,7 @@ def test_a_policy_denial_is_503_and_a_cached_key_is_served_stale(
 
 
 def test_a_sealed_then_stopped_vault_serves_cached_keys_and_refuses_the_rest_in_time(
-    start_sidecar: Start, own_openbao: OpenBao, echo: EchoUpstream, tmp_path: Path  # noqa: F811
+    start_sidecar: Start, own_openbao: OpenBao, echo: EchoUpstream, tmp_path: Path
 ) -> None:
     p = prefix()
     key = make_secret("vault-e2e-outage")
@@ -146,7 +146,7 @@ def test_a_sealed_then_stopped_vault_serves_cached_keys_and_refuses_the_rest_in_
 
 
 def test_a_token_file_and_prefetch(
-    start_sidecar: Start, openbao: OpenBao, echo: EchoUpstream, tmp_path: Path  # noqa: F811
+    start_sidecar: Start, openbao: OpenBao, echo: EchoUpstream, tmp_path: Path
 ) -> None:
     p = prefix()
     openbao.put(f"{p}/polygon/alice", api_key=make_secret("vault-e2e-prefetch-a"))

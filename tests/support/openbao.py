@@ -20,7 +20,6 @@ dedicated one for a test that stops or seals it.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
 import secrets as _random
@@ -33,7 +32,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import jwt as pyjwt
 import pytest
@@ -41,9 +40,9 @@ import requests
 import trustme
 from aiohttp import web
 
-from tests.adversarial.support_http import LoopThread
 from tests.support.idp import make_key
 from tests.support.leaks import register_secret
+from tests.support.raw_http import LoopThread
 from tests.support.upstream import closed_port
 
 START_TIMEOUT = 30.0
@@ -150,7 +149,6 @@ class OpenBao:
     _signing_key: Any = None
     _roles: set[tuple[str, str]] = field(default_factory=set)
 
-    _shared: ClassVar[OpenBao | None] = None  # the session's server (set by shared())
 
     @property
     def address(self) -> str:
@@ -218,19 +216,6 @@ class OpenBao:
         if self.tokenreview is not None:
             self.tokenreview.stop()
             self.tokenreview = None
-
-    @classmethod
-    def shared(cls) -> OpenBao:
-        """The session's server, started and set up on first use, stopped when the tests end."""
-        if cls._shared is None:
-            workdir = Path(tempfile.mkdtemp(prefix="openbao-"))
-            atexit.register(shutil.rmtree, workdir, ignore_errors=True)
-            server = cls(workdir)
-            atexit.register(server.stop)  # runs first: registered last
-            server.start()
-            server.setup()
-            cls._shared = server
-        return cls._shared
 
     # ------------------------------------------------------------------ the HTTP API
 
@@ -352,9 +337,16 @@ class OpenBao:
 
 
 @pytest.fixture(scope="session")
-def openbao() -> OpenBao:
-    """The session's OpenBao dev server, set up (see the module docstring)."""
-    return OpenBao.shared()
+def openbao() -> Iterator[OpenBao]:
+    """The session's OpenBao dev server, set up (see the module docstring), stopped when the session ends."""
+    server = OpenBao(Path(tempfile.mkdtemp(prefix="openbao-")))
+    try:
+        server.start()
+        server.setup()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(server.workdir, ignore_errors=True)
 
 
 @pytest.fixture
