@@ -166,7 +166,7 @@ class DataPlane:
             self._drop_hop_headers(rt, admitted.upstream, headers)
             answer, secret = await self._exchange(rt, exchange.method, admitted, headers, exchange.body, True, rec)
             upstream = admitted.upstream
-            head = ResponseHead(answer, upstream.injection.scrub_set(secret), upstream.settings.timeout_seconds)
+            head = ResponseHead(answer, upstream.injection.scrubber(secret), upstream.settings.timeout_seconds)
             rec.status = head.status
             if not await exchange.relay(answer, head):
                 rec.reason = "stream_interrupted"
@@ -333,7 +333,7 @@ class DataPlane:
         upstream = admitted.upstream
         secret = admitted.secret
         field = upstream.settings.secret_field
-        target = self._target(upstream, admitted.path, admitted.query, headers, secret)
+        target = upstream.injection.target(admitted.path, admitted.query, headers, secret)
         answer = await upstream.send(method, target, headers, data, admitted.client_id)
         if answer.status in (401, 403):
             fresh = await rt.cache.refresh_rejected(admitted.secret_id, field, secret)
@@ -351,7 +351,7 @@ class DataPlane:
                          extra={"upstream": upstream.name, "client_id": admitted.client_id})
                 rec.reason = "credential_rotated"
                 secret = fresh
-                target = self._target(upstream, admitted.path, admitted.query, headers, secret)
+                target = upstream.injection.target(admitted.path, admitted.query, headers, secret)
                 answer = await upstream.send(method, target, headers, data, admitted.client_id)
         return answer, secret
 
@@ -379,18 +379,8 @@ class DataPlane:
                 replayable = False
         answer, secret = await self._exchange(rt, request.method, admitted, headers, data, replayable, rec)
         upstream = admitted.upstream
-        head = ResponseHead(answer, upstream.injection.scrub_set(secret), upstream.settings.timeout_seconds)
+        head = ResponseHead(answer, upstream.injection.scrubber(secret), upstream.settings.timeout_seconds)
         return await self._stream_back(request, answer, head, rec)
-
-    @staticmethod
-    def _target(upstream: Upstream, path: str, query: str, headers: CIMultiDict[str], secret: Secret) -> str:
-        """Place the key (query or header); return the raw path and query to send."""
-        injection = upstream.injection
-        if injection.query is not None:
-            query = injection.query(query, secret)
-        else:
-            headers[injection.header] = injection.render(secret)  # type: ignore[index]
-        return path + "?" + query if query else path
 
     async def _stream_back(
         self, request: web.BaseRequest, answer: UpstreamAnswer, head: ResponseHead, rec: Record

@@ -18,7 +18,7 @@ from multidict import CIMultiDict
 from sidecar import net
 from sidecar.config import UpstreamSettings
 from sidecar.errors import SidecarError
-from sidecar.inject import CompiledInjection, compile_injector
+from sidecar.inject import Injection, build_injection
 from sidecar.net import Lookup, trust_context, url_host
 from sidecar.policy import compile_client_matcher
 from sidecar.transport.aio import AioClient
@@ -46,15 +46,12 @@ class Upstream:
         self.origin = f"{settings.scheme}://{self.authority}"
         #: the secret's name for a client: the template with the upstream already filled in
         self.secret_id = functools.partial(settings.secret.format, upstream=settings.name)
-        self.injection: CompiledInjection = compile_injector(settings.inject)
+        self.injection: Injection = build_injection(settings.inject)
         self.client_matcher = compile_client_matcher(settings.clients)
         self.scopes = frozenset(settings.scopes)
         # Expect: this hop meets it (the proxy answers 100 Continue and reads the body),
         # so the upstream must not wait for a body that is already here.
-        drop = set(HOP_BY_HOP) | LOCAL_CREDENTIAL_HEADERS | {"host", "expect"}
-        if self.injection.header is not None:
-            drop.add(self.injection.header.lower())
-        self.drop_request_headers = frozenset(drop)
+        self.drop_request_headers = HOP_BY_HOP | LOCAL_CREDENTIAL_HEADERS | {"host", "expect"} | self.injection.drop
         self._lean = lean_enabled() if lean is None else lean
         self._lookup = lookup
         #: the forbidden_address refusal both clients raise, naming this upstream's opt-in
