@@ -21,9 +21,10 @@ from setuptools import Extension, setup
 sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
 from build_backend import compile_requested  # one reading of SIDECAR_COMPILE for the backend and the build
 
-#: What a warm request runs through (identity/jwt_bearer in JWT mode). Left as Python:
-#: upstream.py (one call a request), transport/aio.py (the aiohttp client's pieces: it
-#: defines an OSError and an aiohttp resolver subclass, which mypyc cannot compile as
+#: What a warm request runs through (identity/jwt_bearer in JWT mode), and
+#: transport/failures.py (the lean client builds its refusals there). Left as Python:
+#: upstream.py (one call a request), transport/aio.py (the aiohttp client and its pieces:
+#: it defines an OSError and an aiohttp resolver subclass, which mypyc cannot compile as
 #: native classes), and what runs at start, reload or per connection (config, app,
 #: workers, connect, mitm, the secret backends, the identity factory).
 COMPILED = [
@@ -31,6 +32,7 @@ COMPILED = [
     "sidecar/aio_exchange.py",
     "sidecar/transport/base.py",
     "sidecar/transport/fast.py",
+    "sidecar/transport/failures.py",
     "sidecar/proxy.py",
     "sidecar/access_log.py",
     "sidecar/record.py",

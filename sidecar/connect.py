@@ -41,12 +41,11 @@ from sidecar.errors import (
     DestinationNotAllowed,
     SidecarError,
     UnsupportedHttpVersion,
-    UpstreamTimeout,
-    UpstreamUnreachable,
 )
 from sidecar.net import HostPort, normalize_host, parse_host_port, resolve_allowed
 from sidecar.record import FixedLine, Record
 from sidecar.refusal import error_bytes, error_response
+from sidecar.transport import failures
 
 #: The lean server (sidecar/fastserver.py) takes plain HTTP connections and hands
 #: aiohttp anything it does not serve itself; SIDECAR_SERVER=aiohttp gives aiohttp
@@ -479,8 +478,8 @@ class Front:
                 allowed = await resolve_allowed(
                     host, port, self.plane.runtime.passthrough_allow_private, _passthrough_forbidden
                 )
-        except TimeoutError:
-            raise UpstreamTimeout(reason="dns_timeout") from None
+        except TimeoutError as exc:
+            raise failures.tunnel("dns", exc) from None
         address = allowed[0]
         tunnel = _Tunnel(self)
         to_upstream = _Half(tunnel)
@@ -488,10 +487,8 @@ class Front:
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 upstream, _ = await loop.create_connection(lambda: to_client, address, port)
-        except TimeoutError:
-            raise UpstreamTimeout(reason="connect_timeout") from None
-        except OSError:
-            raise UpstreamUnreachable("The connection to the tunnel destination failed.", reason="connect") from None
+        except OSError as exc:  # a TimeoutError too
+            raise failures.tunnel("connect", exc) from None
         tunnel.client, tunnel.upstream = client, upstream
         to_client.peer = client
         to_upstream.peer = upstream

@@ -39,7 +39,7 @@ class ResponseHead:
 
     def __init__(self, answer: UpstreamAnswer, scrub: Scrubber, write_timeout: float) -> None:
         """``scrub``: the spellings of the key this answer must not carry (the upstream's
-        ``injection.scrub_set(secret)``); ``write_timeout``: the upstream's timeout (see below)."""
+        ``injection.scrubber(secret)``); ``write_timeout``: the upstream's timeout (see below)."""
         #: An app that reads none of the answer for this long loses it, and the upstream
         #: connection it holds goes: a stalled reader cannot keep one for longer.
         self.write_timeout = write_timeout

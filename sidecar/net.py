@@ -13,7 +13,7 @@ import ipaddress
 import re
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import SplitResult, urlsplit
@@ -241,15 +241,36 @@ async def lookup(host: str, port: int) -> list[str]:
     return [str(info[4][0]) for info in infos]
 
 
+#: How names are resolved: ``lookup``'s shape. Both upstream clients and CONNECT tunnels
+#: take one, so a test can answer a name with any address it likes (a rebinding name)
+#: and see the guard below refuse it, whichever client would have connected.
+Lookup = Callable[[str, int], Awaitable[list[str]]]
+
+
+def forbidden_destination() -> DestinationNotAllowed:
+    """The guard's refusal when the caller has no better one (see resolve_allowed's ``refusal``)."""
+    return DestinationNotAllowed(
+        "The destination resolves only to private, loopback, link-local or reserved addresses, "
+        "which the sidecar does not reach.",
+        reason="forbidden_address",
+    )
+
+
 async def resolve_allowed(
-    host: str, port: int, allow_private: bool, refusal: Callable[[], DestinationNotAllowed] | None = None
+    host: str,
+    port: int,
+    allow_private: bool,
+    refusal: Callable[[], DestinationNotAllowed] = forbidden_destination,
+    *,
+    lookup: Lookup = lookup,
 ) -> list[str]:
     """Resolve once; the addresses the guard allows. Callers connect only to these.
 
-    The lean client and CONNECT tunnels use this (each under its own deadline);
-    aiohttp's client gets the same filter through ``transport.aio.GuardedResolver``.
+    The one address guard: the lean client and CONNECT tunnels call it (each under its
+    own deadline), and aiohttp's client through ``transport.aio.GuardedResolver``.
     ``refusal`` is the caller's own forbidden_address refusal, naming the setting that
     would allow the host (``allow_private`` of an upstream, ``passthrough_allow_private``).
+    ``lookup`` resolves a name (an IP address is never looked up).
     """
     try:
         candidates = [ipaddress.ip_address(host).compressed]
@@ -260,11 +281,5 @@ async def resolve_allowed(
             raise UpstreamUnreachable("The destination name does not resolve.", reason="dns") from None
     allowed = allowed_addresses(candidates, allow_private)
     if not allowed:
-        if refusal is not None:
-            raise refusal()
-        raise DestinationNotAllowed(
-            "The destination resolves only to private, loopback, link-local or reserved addresses, "
-            "which the sidecar does not reach.",
-            reason="forbidden_address",
-        )
+        raise refusal()
     return allowed

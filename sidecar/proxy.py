@@ -121,7 +121,7 @@ class DataPlane:
                 data, replayable = await ex.read_body()
             answer, secret = await self._exchange(rt, ex.method, admitted, headers, data, replayable, rec)
             upstream = admitted.upstream
-            head = ResponseHead(answer, upstream.injection.scrub_set(secret), upstream.settings.timeout_seconds)
+            head = ResponseHead(answer, upstream.injection.scrubber(secret), upstream.settings.timeout_seconds)
             rec.status = head.status
             if not await ex.relay(answer, head):
                 rec.reason = "stream_interrupted"
@@ -279,7 +279,7 @@ class DataPlane:
         upstream = admitted.upstream
         secret = admitted.secret
         field = upstream.settings.secret_field
-        target = self._target(upstream, admitted.path, admitted.query, headers, secret)
+        target = upstream.injection.target(admitted.path, admitted.query, headers, secret)
         answer = await upstream.send(method, target, headers, data, admitted.client_id)
         if answer.status in (401, 403):
             fresh = await rt.cache.refresh_rejected(admitted.secret_id, field, secret)
@@ -297,16 +297,6 @@ class DataPlane:
                          extra={"upstream": upstream.name, "client_id": admitted.client_id})
                 rec.reason = "credential_rotated"
                 secret = fresh
-                target = self._target(upstream, admitted.path, admitted.query, headers, secret)
+                target = upstream.injection.target(admitted.path, admitted.query, headers, secret)
                 answer = await upstream.send(method, target, headers, data, admitted.client_id)
         return answer, secret
-
-    @staticmethod
-    def _target(upstream: Upstream, path: str, query: str, headers: CIMultiDict[str], secret: Secret) -> str:
-        """Place the key (query or header); return the raw path and query to send."""
-        injection = upstream.injection
-        if injection.query is not None:
-            query = injection.query(query, secret)
-        else:
-            headers[injection.header] = injection.render(secret)  # type: ignore[index]
-        return path + "?" + query if query else path

@@ -93,7 +93,7 @@ async def body(resp: FastResponse) -> bytes:
 
 async def get(p: FastPool, path: str = "/", client: str = "alice") -> bytes:
     """GET ``path`` through the pool for ``client``; the whole body."""
-    return await body(await p.request("GET", path, CIMultiDict(), None, client))
+    return await body(await p.send("GET", path, CIMultiDict(), None, client))
 
 
 async def test_keep_alive_reuses_one_connection_and_sends_one_clean_request() -> None:
@@ -109,8 +109,8 @@ async def test_keep_alive_reuses_one_connection_and_sends_one_clean_request() ->
         p = pool(up.port)
         headers = CIMultiDict({"X-A": "1", "Content-Length": "99", "Host": "evil"})
         for _ in range(3):
-            assert await body(await p.request("GET", "/x?y=1", headers, None, "alice")) == b"ok"
-        p.close()
+            assert await body(await p.send("GET", "/x?y=1", headers, None, "alice")) == b"ok"
+        await p.close()
     assert up.connections == 1
     assert seen[0].startswith(b"GET /x?y=1 HTTP/1.1\r\nHost: 127.0.0.1:")
     # The client frames the request itself: the app's Content-Length and Host never pass.
@@ -133,11 +133,11 @@ async def test_a_late_answer_on_an_idle_connection_is_never_paired_with_the_next
 
     async with RawUpstream(handler) as up:
         p = pool(up.port)
-        first = await p.request("GET", "/a", CIMultiDict(), None, "alice")
+        first = await p.send("GET", "/a", CIMultiDict(), None, "alice")
         assert first.status == 204 and await body(first) == b""
         await asyncio.sleep(0.4)  # the smuggled answer arrives while the connection idles
         assert await get(p, "/b") == b"real"
-        p.close()
+        await p.close()
     assert up.connections == 2
 
 
@@ -153,9 +153,9 @@ async def test_an_answer_smuggled_behind_a_complete_one_poisons_the_connection()
 
     async with RawUpstream(handler) as up:
         p = pool(up.port)
-        assert (await p.request("GET", "/a", CIMultiDict(), None, "alice")).status == 204
+        assert (await p.send("GET", "/a", CIMultiDict(), None, "alice")).status == 204
         assert await get(p, "/b") == b"real"
-        p.close()
+        await p.close()
     assert up.connections == 2
 
 
@@ -165,8 +165,8 @@ async def test_a_pooled_connection_closed_by_the_upstream_is_retried_once() -> N
         p = pool(up.port)
         assert await get(p, "/a") == b"ok"
         await asyncio.sleep(0.1)
-        assert await body(await p.request("POST", "/b", CIMultiDict(), b"payload", "alice")) == b"ok"
-        p.close()
+        assert await body(await p.send("POST", "/b", CIMultiDict(), b"payload", "alice")) == b"ok"
+        await p.close()
     assert up.connections == 2
 
 
@@ -191,8 +191,8 @@ async def test_malformed_answers_become_upstream_unreachable(answer: bytes) -> N
     async with RawUpstream(handler) as up:
         p = pool(up.port)
         with pytest.raises(UpstreamUnreachable):
-            await p.request("GET", "/", CIMultiDict(), None, "alice")
-        p.close()
+            await p.send("GET", "/", CIMultiDict(), None, "alice")
+        await p.close()
 
 
 async def test_interim_answers_are_skipped() -> None:
@@ -203,10 +203,10 @@ async def test_interim_answers_are_skipped() -> None:
 
     async with RawUpstream(handler) as up:
         p = pool(up.port)
-        resp = await p.request("GET", "/", CIMultiDict(), None, "alice")
+        resp = await p.send("GET", "/", CIMultiDict(), None, "alice")
         assert resp.status == 200 and "Link" not in resp.headers
         assert await body(resp) == b"ok"
-        p.close()
+        await p.close()
 
 
 async def test_truncated_body_is_an_error_not_a_clean_end() -> None:
@@ -217,16 +217,16 @@ async def test_truncated_body_is_an_error_not_a_clean_end() -> None:
 
     async with RawUpstream(handler) as up:
         p = pool(up.port)
-        resp = await p.request("GET", "/", CIMultiDict(), None, "alice")
+        resp = await p.send("GET", "/", CIMultiDict(), None, "alice")
         with pytest.raises(ConnectionError):
             await body(resp)
-        p.close()
+        await p.close()
 
 
 async def test_address_guard_refuses_loopback_without_allow_private() -> None:
     p = pool(9, allow_private=False)
     with pytest.raises(DestinationNotAllowed):
-        await p.request("GET", "/", CIMultiDict(), None, "alice")
+        await p.send("GET", "/", CIMultiDict(), None, "alice")
 
 
 async def test_open_connections_are_capped_and_waiters_get_the_freed_ones(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -256,7 +256,7 @@ async def test_open_connections_are_capped_and_waiters_get_the_freed_ones(monkey
         p = pool(up.port)
 
         results = await asyncio.wait_for(asyncio.gather(*(get(p) for _ in range(8))), 10)
-        p.close()
+        await p.close()
     assert results == [b"ok"] * 8
     assert up.connections <= 2 and peak <= 2
 
@@ -273,7 +273,7 @@ async def test_closed_connections_are_freed_at_once_not_left_to_the_cycle_collec
         async with RawUpstream(keep_alive_after(release)) as up, RawUpstream(answer_ok_once) as once:
             # Three at once, then closed by the pool.
             p = pool(up.port)
-            calls = [asyncio.ensure_future(p.request("GET", "/", CIMultiDict(), None, "alice")) for _ in range(3)]
+            calls = [asyncio.ensure_future(p.send("GET", "/", CIMultiDict(), None, "alice")) for _ in range(3)]
             await asyncio.sleep(0.05)
             release.set()
             assert [await body(await c) for c in calls] == [b"ok"] * 3
@@ -281,7 +281,7 @@ async def test_closed_connections_are_freed_at_once_not_left_to_the_cycle_collec
             q = pool(once.port)
             assert await get(q) == b"ok"
             assert p.open_connections == 3
-            p.close()
+            await p.close()
             for _ in range(100):  # until every close has reached its pool
                 if p.open_connections == 0 and q.open_connections == 0:
                     break
@@ -315,7 +315,7 @@ async def test_a_bursts_connections_serve_the_next_burst_without_new_handshakes(
             all_in.clear()
             assert await asyncio.wait_for(asyncio.gather(*(get(p) for _ in range(100))), 10) == [b"ok"] * 100
             assert up.connections == 100, f"burst {burst + 1}"
-        p.close()
+        await p.close()
 
 
 async def test_the_connection_cap_holds_while_the_name_is_being_resolved(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -324,20 +324,22 @@ async def test_the_connection_cap_holds_while_the_name_is_being_resolved(monkeyp
     import sidecar.transport.fast
 
     monkeypatch.setattr(sidecar.transport.fast, "MAX_CONNECTIONS", 3)
+    lookups: list[str] = []
 
-    async def slow_resolve(host: str, port: int, allow_private: bool, refusal: object = None) -> list[str]:
+    async def slow_lookup(host: str, port: int) -> list[str]:
+        lookups.append(host)
         await asyncio.sleep(0.05)
         return ["127.0.0.1"]
 
-    monkeypatch.setattr(sidecar.transport.fast, "resolve_allowed", slow_resolve)
     async with RawUpstream(keep_alive) as up:
-        p = pool(up.port)
+        p = FastPool("slow.test", up.port, None, True, 2.0, f"slow.test:{up.port}", lookup=slow_lookup)
         for _ in range(5):
             p.key_wait("alice", 1)
 
         assert await asyncio.gather(*(get(p) for _ in range(10))) == [b"ok"] * 10
         assert up.connections <= 3 and p.open_connections <= 3
-        p.close()
+        assert lookups and set(lookups) == {"slow.test"}  # the name went through the lookup given
+        await p.close()
 
 
 async def test_a_request_waiting_for_its_key_gets_a_connection_opened_meanwhile() -> None:
@@ -356,7 +358,7 @@ async def test_a_request_waiting_for_its_key_gets_a_connection_opened_meanwhile(
         assert up.connections == 1 and not p.warming
         assert await get(p, "/y") == b"ok"
         assert up.connections == 1
-        p.close()
+        await p.close()
 
 
 async def test_a_burst_waiting_for_one_key_finds_one_connection_each(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -382,7 +384,7 @@ async def test_a_burst_waiting_for_one_key_finds_one_connection_each(monkeypatch
 
         results = await asyncio.gather(*(get(p) for _ in range(20)))
         assert results == [b"ok"] * 20 and up.connections == 20  # no request connected on its own
-        p.close()
+        await p.close()
 
 
 async def test_an_idle_connection_past_its_time_is_neither_used_nor_counted_as_ready(
@@ -407,7 +409,7 @@ async def test_an_idle_connection_past_its_time_is_neither_used_nor_counted_as_r
         await asyncio.sleep(0.1)
         assert await get(p) == b"ok"
         assert up.connections == 3 and p.open_connections == 1  # a fresh connection; the expired ones closed
-        p.close()
+        await p.close()
 
 
 async def test_callers_without_a_key_do_not_keep_the_pool_connecting() -> None:
@@ -425,7 +427,7 @@ async def test_callers_without_a_key_do_not_keep_the_pool_connecting() -> None:
             p.key_wait("alice", -1)  # the lookup failed: 403 no_credential, no upstream call
         await asyncio.sleep(0.1)
         assert 1 <= up.connections <= 10 and not p.warming
-        p.close()
+        await p.close()
 
 
 async def test_warm_to_an_unreachable_upstream_is_silent_and_bounded() -> None:
@@ -437,8 +439,8 @@ async def test_warm_to_an_unreachable_upstream_is_silent_and_bounded() -> None:
     assert not p.warming  # every attempt ended, none raised, and none started after the failures
     assert p._shares["alice"].warm_credits == 0
     with pytest.raises(UpstreamUnreachable):
-        await p.request("GET", "/x", CIMultiDict(), None, "alice")  # the request itself reports the failure
-    p.close()
+        await p.send("GET", "/x", CIMultiDict(), None, "alice")  # the request itself reports the failure
+    await p.close()
 
 
 async def test_a_tls_handshake_that_never_ends_is_a_connect_timeout() -> None:
@@ -451,10 +453,10 @@ async def test_a_tls_handshake_that_never_ends_is_a_connect_timeout() -> None:
         p = FastPool("127.0.0.1", up.port, ssl.create_default_context(), True, 0.3, f"127.0.0.1:{up.port}")
         started = asyncio.get_running_loop().time()
         with pytest.raises(UpstreamTimeout) as info:
-            await p.request("GET", "/x", CIMultiDict(), None, "alice")
+            await p.send("GET", "/x", CIMultiDict(), None, "alice")
         assert info.value.reason == "connect_timeout"
         assert asyncio.get_running_loop().time() - started < 2
-        p.close()
+        await p.close()
 
 
 async def test_timeout_seconds_is_one_budget_for_the_connection_wait_and_the_head(
@@ -484,14 +486,14 @@ async def test_timeout_seconds_is_one_budget_for_the_connection_wait_and_the_hea
             await asyncio.sleep(0.01)
         loop = asyncio.get_running_loop()
         started = loop.time()
-        second = asyncio.ensure_future(p.request("GET", "/x", CIMultiDict(), None, "alice"))
+        second = asyncio.ensure_future(p.send("GET", "/x", CIMultiDict(), None, "alice"))
         await asyncio.sleep(0.35)
         release.set()
         assert await first == b"ok"
         with pytest.raises(UpstreamTimeout):
             await second  # the old code gave each step its own 0.5 s and answered 200 at about 0.7 s
         assert loop.time() - started >= 0.45
-        p.close()
+        await p.close()
 
 
 # ---------------------------------------------------------------- the pool is partitioned by client
@@ -509,7 +511,7 @@ async def test_a_connection_serves_one_client_only() -> None:
         assert await get(p, "/b2", "bob") == b"ok"
         assert up.connections == 2  # each reused their own
         assert (p.client_connections("alice"), p.client_connections("bob")) == (1, 1)
-        p.close()
+        await p.close()
 
 
 async def test_one_client_cannot_take_every_connection(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -550,7 +552,7 @@ async def test_one_client_cannot_take_every_connection(monkeypatch: pytest.Monke
         gate.set()
         assert await asyncio.wait_for(asyncio.gather(*alice), 5) == [b"ok"] * 5
         assert up.connections == 4 and p.client_connections("alice") <= 3
-        p.close()
+        await p.close()
 
 
 async def test_a_full_pool_closes_another_clients_idle_connection_to_make_room(
@@ -575,7 +577,7 @@ async def test_a_full_pool_closes_another_clients_idle_connection_to_make_room(
         assert up.connections == 3  # bob opened his own ...
         assert p.open_connections == 2  # ... in place of alice's longest-idle one
         assert (p.client_connections("alice"), p.client_connections("bob")) == (1, 1)
-        p.close()
+        await p.close()
 
 
 async def test_thousands_of_clients_stay_within_the_pool() -> None:
@@ -593,4 +595,4 @@ async def test_thousands_of_clients_stay_within_the_pool() -> None:
         assert len(p._shares) == MAX_CONNECTIONS  # one per client still holding a connection
         assert p.client_connections("client-0") == 0  # the longest idle went first
         assert p.client_connections(f"client-{clients - 1}") == 1
-        p.close()
+        await p.close()

@@ -7,24 +7,29 @@ from pathlib import Path
 from urllib.parse import parse_qsl, quote, quote_plus, unquote_plus
 
 import pytest
+from multidict import CIMultiDict
 
 from sidecar.config import InjectSettings, parse_settings
-from sidecar.inject import CompiledInjection, compile_injector
+from sidecar.inject import HeaderInjection, QueryInjection, build_injection
 from sidecar.secrets.base import Secret
 from tests.support.leaks import make_secret
 
 
-def query_rule(name: str = "apiKey", fmt: str = "{secret}") -> CompiledInjection:
-    injection = compile_injector(InjectSettings("query", name, fmt))
-    assert injection.query is not None
-    assert injection.header is None
+def query_rule(name: str = "apiKey", fmt: str = "{secret}") -> QueryInjection:
+    injection = build_injection(InjectSettings("query", name, fmt))
+    assert isinstance(injection, QueryInjection)
+    assert injection.drop == frozenset()  # the app's headers are not the query rule's business
+    return injection
+
+
+def header_rule(name: str, fmt: str = "{secret}") -> HeaderInjection:
+    injection = build_injection(InjectSettings("header", name, fmt))
+    assert isinstance(injection, HeaderInjection)
     return injection
 
 
 def inject(query: str, secret: Secret, name: str = "apiKey") -> str:
-    injector = query_rule(name).query
-    assert injector is not None
-    return injector(query, secret)
+    return query_rule(name).query(query, secret)
 
 
 @pytest.fixture
@@ -106,32 +111,57 @@ def test_rule_name_is_percent_encoded(key: str) -> None:
 
 def test_query_rule_with_a_format(key: str) -> None:
     injection = query_rule("token", "Bearer {secret}")
-    assert injection.query is not None
     assert injection.query("a=1", Secret(key)) == f"a=1&token=Bearer%20{key}"
     assert injection.render(Secret(key)) == f"Bearer {key}"
 
 
 def test_header_rule_with_bearer_format(key: str) -> None:
-    injection = compile_injector(InjectSettings("header", "Authorization", "Bearer {secret}"))
-    assert injection.query is None
-    assert injection.header == "Authorization"
+    injection = header_rule("Authorization", "Bearer {secret}")
+    assert injection.name == "Authorization"
+    assert injection.drop == frozenset({"authorization"})  # the app's own is never forwarded
     assert injection.render(Secret(key)) == f"Bearer {key}"
 
 
+def test_a_query_rule_targets_the_query_and_leaves_the_headers(key: str) -> None:
+    headers = CIMultiDict({"X-Other": "1"})
+    assert query_rule().target("/v1/x", "a=1&apiKey=evil", headers, Secret(key)) == f"/v1/x?a=1&apiKey={key}"
+    assert query_rule().target("/v1/x", "", headers, Secret(key)) == f"/v1/x?apiKey={key}"
+    assert list(headers.items()) == [("X-Other", "1")]
+
+
+def test_a_header_rule_sets_its_header_and_keeps_the_query(key: str) -> None:
+    rule = header_rule("Authorization", "Bearer {secret}")
+    headers = CIMultiDict({"authorization": "Bearer the-apps-own"})
+    assert rule.target("/v1/x", "", headers, Secret(key)) == "/v1/x"
+    assert rule.target("/v1/x", "a=1&b", headers, Secret(key)) == "/v1/x?a=1&b"
+    assert headers.getall("Authorization") == [f"Bearer {key}"]
+
+
+def test_renderings_are_made_once_per_key_value_and_shared_by_equal_rules(key: str) -> None:
+    """Two upstreams with one rule (or one upstream after a reload) share the key's scrubber."""
+    secret = Secret(key)
+    first = query_rule()
+    assert first.scrubber(secret) is first.scrubber(secret)
+    assert query_rule().scrubber(secret) is first.scrubber(secret)
+    other = query_rule(fmt="Bearer {secret}").scrubber(secret)
+    assert other is not first.scrubber(secret)
+    assert other("Bearer " + key) == "[redacted]"
+
+
 def test_header_rule_default_format_is_the_bare_key(key: str) -> None:
-    injection = compile_injector(InjectSettings("header", "X-API-Key"))
-    assert injection.header == "X-API-Key"
+    injection = header_rule("X-API-Key")
+    assert injection.name == "X-API-Key"
     assert injection.render(Secret(key)) == key
 
 
 def test_format_with_text_after_the_secret(key: str) -> None:
-    injection = compile_injector(InjectSettings("header", "Authorization", "Token token={secret}; v=1"))
+    injection = header_rule("Authorization", "Token token={secret}; v=1")
     assert injection.render(Secret(key)) == f"Token token={key}; v=1"
 
 
 def test_scrub_forms_cover_raw_formatted_and_percent_encoded(key: str) -> None:
     value = key + "/+= x"
-    injection = compile_injector(InjectSettings("header", "Authorization", "Bearer {secret}"))
+    injection = header_rule("Authorization", "Bearer {secret}")
     forms = set(injection.scrub_forms(Secret(value)))
     assert value in forms
     assert f"Bearer {value}" in forms
@@ -143,7 +173,6 @@ def test_scrub_forms_cover_raw_formatted_and_percent_encoded(key: str) -> None:
 def test_scrub_forms_cover_what_a_query_rule_puts_on_the_wire(key: str) -> None:
     value = key + "/&x"
     injection = query_rule()
-    assert injection.query is not None
     on_the_wire = injection.query("", Secret(value)).removeprefix("apiKey=")
     assert any(form in on_the_wire for form in injection.scrub_forms(Secret(value)))
     assert on_the_wire in injection.scrub_forms(Secret(value))
@@ -183,7 +212,7 @@ def test_every_format_config_accepts_renders_as_str_format(fmt: str, tmp_path: P
         base_dir=tmp_path,
         env={},
     )
-    injection = compile_injector(settings.upstreams["api"].inject)
+    injection = build_injection(settings.upstreams["api"].inject)
     assert injection.render(Secret(key)) == fmt.format(secret=key)
 
 
@@ -207,7 +236,7 @@ def test_scrubber_catches_every_spelling_of_the_key_in_an_echo(key: str, echo: s
         v=value, pct=pct, pct_lower=re.sub(r"%[0-9A-F]{2}", lambda m: m.group(0).lower(), pct),
         mixed=quote(value, safe="/+"), plus=quote_plus(value),
     )
-    scrub = query_rule().scrub_set(Secret(value))
+    scrub = query_rule().scrubber(Secret(value))
     out = scrub(f"https://elsewhere.example/next?apiKey={spelled}&page=2")
     leaked = key in out or key in unquote_plus(out)
     assert not leaked  # checked first, as a bool: a failure must not print the key
@@ -217,7 +246,7 @@ def test_scrubber_catches_every_spelling_of_the_key_in_an_echo(key: str, echo: s
 
 def test_scrubber_redacts_whole_text_whose_lower_case_changes_length(key: str) -> None:
     # "İ".lower() is two characters: offsets in the lower-cased copy no longer fit the text.
-    scrub = query_rule().scrub_set(Secret(key))
+    scrub = query_rule().scrubber(Secret(key))
     assert scrub(f"İstanbul {key.upper()} x") == "[redacted]"
     assert scrub("İstanbul, no key here") == "İstanbul, no key here"
     assert scrub(f"a {key} b {key.lower()} c") == "a [redacted] b [redacted] c"

@@ -1,15 +1,17 @@
-"""What both upstream clients share: the answer they return, the pool limits, the headers never forwarded.
+"""What both upstream clients share: their interface, their answer, the pool limits, the headers never forwarded.
 
 Compiled with the request path (setup.py); nothing here imports either client, so
-the lean client (``transport.fast``), the aiohttp pieces (``transport.aio``) and
+the lean client (``transport.fast``), the aiohttp client (``transport.aio``) and
 ``sidecar.upstream`` all import from here and not from each other.
 """
 
 from __future__ import annotations
 
+import os
+from importlib.util import find_spec
 from typing import Any, Protocol
 
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy
 
 #: RFC 9110 7.6.1 connection-specific fields, plus the proxy ones.
 HOP_BY_HOP = frozenset(
@@ -32,6 +34,16 @@ CLIENT_LIMIT = POOL_LIMIT * 3 // 4
 #: Resolved upstream addresses are reused this long (both clients).
 DNS_TTL_SECONDS = 10
 READ_BUFFER = 64 * 1024
+
+#: The lean client (transport.fast) carries the common requests and aiohttp the rest;
+#: SIDECAR_UPSTREAM_CLIENT=aiohttp sends everything through aiohttp (a comparison and an
+#: escape hatch). Read once, here, when the module is imported.
+_LEAN = os.environ.get("SIDECAR_UPSTREAM_CLIENT", "fast") != "aiohttp" and find_spec("httptools") is not None
+
+
+def lean_enabled() -> bool:
+    """Whether upstreams send through the lean client (unless an Upstream is told otherwise)."""
+    return _LEAN
 
 
 class UpstreamAnswer(Protocol):
@@ -63,3 +75,23 @@ class BodyReader(Protocol):
     async def readany(self) -> bytes: ...
 
     def at_eof(self) -> bool: ...
+
+
+class Transport(Protocol):
+    """One upstream's client: the lean pool (transport.fast.FastPool) or aiohttp's (transport.aio.AioClient).
+
+    ``sidecar.upstream.Upstream`` holds one of each, concretely typed, and picks
+    one per request; this Protocol types what they both are. Each raises the
+    contract's errors where it knows them; whatever else escapes is translated by
+    ``transport.failures``, where every upstream error is also counted.
+    """
+
+    async def start(self) -> None: ...
+
+    async def send(
+        self, method: str, target: str, headers: CIMultiDict[str], data: Any, client: str
+    ) -> UpstreamAnswer: ...
+
+    def key_wait(self, client: str, delta: int) -> None: ...
+
+    async def close(self) -> None: ...

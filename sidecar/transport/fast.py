@@ -7,8 +7,8 @@ per-request timeouts and URL objects). This client does one thing: send a
 request whose head and (already buffered) body are known, on a pooled
 connection, in a single write, and parse the answer with llhttp (httptools).
 
-It handles only what it can do completely; ``Upstream.send`` keeps aiohttp for
-the rest (HEAD, streamed request bodies, ``Expect``). Guarantees kept:
+It handles only what it can do completely; ``Upstream._pick`` leaves aiohttp
+(``transport.aio``) the rest (HEAD, streamed request bodies). Guarantees kept:
 
 - the address guard: names are resolved here, forbidden addresses dropped, and
   the connection goes to an address that passed;
@@ -34,8 +34,9 @@ from collections.abc import Callable
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from sidecar.errors import DestinationNotAllowed, SidecarError, UpstreamBodyError, UpstreamTimeout, UpstreamUnreachable
-from sidecar.net import ascii_digits, resolve_allowed
+from sidecar.errors import DestinationNotAllowed, SidecarError, UpstreamBodyError, UpstreamUnreachable
+from sidecar.net import Lookup, ascii_digits, forbidden_destination, lookup, resolve_allowed
+from sidecar.transport import failures
 from sidecar.transport.base import CLIENT_LIMIT as BASE_CLIENT_LIMIT
 from sidecar.transport.base import DNS_TTL_SECONDS, KEEPALIVE_SECONDS, POOL_LIMIT
 
@@ -213,7 +214,7 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamUnreachable("The upstream switched protocols.", reason="protocol"))
         except httptools.HttpParserError:
-            self._fail(UpstreamUnreachable("The upstream answered with a malformed response.", reason="protocol"))
+            self._fail(failures.malformed())
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -340,7 +341,7 @@ class _Connection(asyncio.Protocol):
         """The answer's head did not arrive in time: the exchange fails, the connection goes."""
         waiter = self._head_waiter
         if waiter is not None and not waiter.done():
-            waiter.set_exception(UpstreamTimeout(reason="timeout"))
+            waiter.set_exception(failures.head_timeout())
         self.abort()
 
     def finished(self, reusable: bool) -> None:
@@ -394,7 +395,7 @@ class _Share:
 
 
 class FastPool:
-    """Keep-alive connections to one upstream origin, partitioned by client, checked by the address guard.
+    """Keep-alive connections to one upstream origin, partitioned by client, checked by the address guard (Transport).
 
     At most MAX_CONNECTIONS are open at once for the upstream and at most CLIENT_LIMIT
     of them for one client, so one client cannot hold every connection while others
@@ -411,7 +412,8 @@ class FastPool:
         timeout: float,
         host_header: str,
         dial: tuple[str, int] | None = None,
-        refusal: Callable[[], DestinationNotAllowed] | None = None,
+        refusal: Callable[[], DestinationNotAllowed] = forbidden_destination,
+        lookup: Lookup = lookup,
     ) -> None:
         self.host = host  # the TLS server name and the name certificates are checked against
         self.port = port
@@ -422,6 +424,8 @@ class FastPool:
         self.allow_private = allow_private
         #: the forbidden_address refusal naming the opt-in (the upstream's allow_private)
         self.refusal = refusal
+        #: how the dial host is resolved (net.lookup; a test answers names itself)
+        self.lookup = lookup
         self.timeout = timeout
         self.host_line = f"Host: {host_header}\r\n".encode("ascii")
         # Kept: asyncio.get_running_loop() costs a getpid() syscall on every call (CPython 3.11).
@@ -456,7 +460,10 @@ class FastPool:
 
     # ---- requests
 
-    async def request(
+    async def start(self) -> None:
+        """Nothing to start: connections open on demand (the pool is built on a running loop)."""
+
+    async def send(
         self, method: str, target: str, headers: CIMultiDict[str], body: bytes | None, client: str
     ) -> FastResponse:
         """Send ``method target`` with ``headers`` and ``body`` for ``client``; return the answer's head."""
@@ -481,7 +488,7 @@ class FastPool:
             share = self._shares[client] = _Share(client)
         conn = self._take_idle(share)
         if conn is None and self._must_wait(share, share.waiting):
-            async with asyncio.timeout_at(deadline):  # a TimeoutError: Upstream.send's timeout
+            async with asyncio.timeout_at(deadline):  # a TimeoutError: translated by transport.failures
                 conn = await self._wait_for_slot(share)
         if conn is not None:
             try:
@@ -678,7 +685,9 @@ class FastPool:
         """The guard's allowed addresses for the dial host, reused for DNS_TTL_SECONDS."""
         now = time.monotonic()
         if not self._addresses or now - self._resolved_at >= DNS_TTL_SECONDS:
-            self._addresses = await resolve_allowed(self.dial_host, self.dial_port, self.allow_private, self.refusal)
+            self._addresses = await resolve_allowed(
+                self.dial_host, self.dial_port, self.allow_private, self.refusal, lookup=self.lookup
+            )
             self._resolved_at = now
         return self._addresses
 
@@ -688,7 +697,7 @@ class FastPool:
             async with asyncio.timeout_at(deadline):
                 return await self._open_connection(share)
         except TimeoutError:
-            raise UpstreamTimeout(reason="connect_timeout") from None
+            raise failures.connect_timeout() from None
 
     async def _open_connection(self, share: _Share) -> _Connection:
         loop = self.loop
@@ -720,7 +729,7 @@ class FastPool:
                         server_hostname=self.host if self.ssl_context is not None else None,
                     )
                 except ssl.SSLError:
-                    raise UpstreamUnreachable("The TLS handshake with the upstream failed.", reason="tls") from None
+                    raise failures.tls_failed() from None
                 except OSError as exc:
                     last = exc
                     continue
@@ -730,7 +739,7 @@ class FastPool:
                 conn.counted = True
                 counted_here = False
                 return conn
-            raise UpstreamUnreachable("The connection to the upstream failed.", reason="connect") from last
+            raise failures.connect_failed() from last
         finally:
             if counted_here:
                 self._open -= 1
@@ -738,7 +747,7 @@ class FastPool:
                 self._drop_if_unused(share)
                 self._wake_one()
 
-    def close(self) -> None:
+    async def close(self) -> None:
         self._closed = True
         for task in list(self._warming):
             task.cancel()
