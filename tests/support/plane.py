@@ -9,7 +9,7 @@ in one fails the run like a key anywhere else. No subprocess: a test costs
 milliseconds, and it runs whichever build is installed (pure, or compiled in place)
 without subclassing any compiled class.
 
-In ``config``, ``${ECHO}`` is the upstream's ``http://127.0.0.1:PORT``, and with
+In ``config``, ``${ECHO}`` is the upstream's ``http://127.0.0.1:PORT`` (``${ECHO_PORT}`` its port), and with
 ``tls=True`` ``${ECHO_TLS_PORT}`` is its TLS port and ``${CA_FILE}`` the CA that signed
 its certificate for ``TLS_NAMES`` (for ``connect_to`` + ``ca_file``): the config
 reader's own ``${VAR}`` interpolation fills them in.
@@ -162,7 +162,7 @@ def parse_response(raw: bytes) -> RawResponse:
 
 
 def _dechunk(data: bytes) -> bytes:
-    out = []
+    out: list[bytes] = []
     while True:
         size_line, _, data = data.partition(b"\r\n")
         size = int(size_line.split(b";")[0], 16)
@@ -237,7 +237,7 @@ async def data_plane(
             site = web.TCPSite(runner, "127.0.0.1", 0)
             await site.start()
             upstream.port = runner.addresses[0][1]
-            env = {"ECHO": upstream.url}
+            env = {"ECHO": upstream.url, "ECHO_PORT": str(upstream.port)}
             if tls:
                 env.update(await _start_tls(runner, upstream, workdir))
             raw = _with_harness_defaults(config, workdir)
