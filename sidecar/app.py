@@ -74,9 +74,22 @@ class _Parts:
 class Sidecar:
     """The running process: listeners, current runtime, readiness."""
 
-    def __init__(self, settings: Settings, worker: WorkerRole | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        worker: WorkerRole | None = None,
+        *,
+        access_log: AccessLog | None = None,
+        backend: SecretBackend | None = None,
+    ) -> None:
+        """``access_log`` and ``backend`` are for in-process tests (tests/support/plane.py): where
+        access lines go instead of stdout, and a started store served instead of ``secrets.backend``'s."""
         self.settings = settings
         self.worker = worker
+        self._access_log = access_log
+        self._backend = backend
+        #: The data-plane address once bound (with port 0 in the config, the port the system chose).
+        self.address: ListenAddress | None = None
         self.draining = False
         self._prefetched = False
         self._published: bool | None = None  # the readiness last reported
@@ -135,7 +148,7 @@ class Sidecar:
         )
         parts = await self._build(self.settings, None)
         self._parts = parts
-        access_log = AccessLog(self.settings.log.format, shared=self.worker is not None)
+        access_log = self._access_log or AccessLog(self.settings.log.format, shared=self.worker is not None)
         self._plane = DataPlane(self._runtime(parts), access_log)
         self._front = Front(
             self._plane,
@@ -164,10 +177,11 @@ class Sidecar:
             if self._admin_runner is not None:
                 await self._admin_runner.cleanup()
             raise StartupError(f"cannot listen: {exc.strerror or exc}") from None
+        self.address = ListenAddress(host, port)
         log.info(
             "listening" if self.worker is None else "worker listening",
             extra={
-                "listen": str(ListenAddress(host, port)),
+                "listen": str(self.address),
                 "pid": os.getpid(),
                 "admin_listen": bound_address(self._admin_runner),
                 "upstreams": sorted(s.upstreams),
@@ -188,10 +202,13 @@ class Sidecar:
         if previous is not None and previous.settings.secrets == settings.secrets:
             backend, cache = previous.backend, previous.cache
         else:
-            try:
-                backend = await start_backend(settings.secrets)
-            except BackendStartError as exc:
-                raise StartupError(str(exc)) from None
+            if previous is None and self._backend is not None:
+                backend = self._backend
+            else:
+                try:
+                    backend = await start_backend(settings.secrets)
+                except BackendStartError as exc:
+                    raise StartupError(str(exc)) from None
             cache = SecretCache(backend, settings.secrets.cache, lookup_timeout=settings.secrets.lookup_timeout_seconds)
             backend.on_change = cache.clear
         if previous is not None and previous.settings.identity == settings.identity:
