@@ -33,7 +33,7 @@ from aiohttp import web
 from sidecar.access_log import AccessLog
 from sidecar.app import Sidecar
 from sidecar.config import parse_settings
-from sidecar.secrets.base import RawSecret, SecretNotFound
+from sidecar.secrets.base import RawSecret, ReadOnlyStore, SecretNotFound
 from tests.support.leaks import output_file
 
 #: The names on the TLS upstream's certificate (``tls=True``).
@@ -47,7 +47,7 @@ EXCHANGE_SECONDS = 10.0
 Responder = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class DictStore:
+class DictStore(ReadOnlyStore):
     """A secret store in a dict: ``keys[secret_id] = new`` is a rotation the sidecar is not told about."""
 
     name = "file"
