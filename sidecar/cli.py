@@ -1,4 +1,4 @@
-"""The thin command line: ``credential-sidecar run|check [--config FILE]``."""
+"""The thin command line: ``credential-sidecar run|check [--config FILE]`` and ``webhook --config FILE``."""
 
 from __future__ import annotations
 
@@ -33,7 +33,31 @@ def _parser() -> argparse.ArgumentParser:
             default=os.environ.get("SIDECAR_CONFIG"),
             help="config file (default: $SIDECAR_CONFIG)",
         )
+    text = "serve the admission webhook that injects the sidecar into annotated pods"
+    webhook = sub.add_parser("webhook", help=text, description=text)
+    webhook.add_argument("--config", required=True, help="the webhook's config file")
+    webhook.add_argument("--check", action="store_true", help="validate the config file, print a summary and exit")
     return parser
+
+
+def _webhook(config: str, check_only: bool) -> int:
+    # The webhook shares nothing with the data plane: its own settings, its own server.
+    from sidecar.webhook.server import run
+    from sidecar.webhook.settings import load_webhook_settings
+
+    try:
+        settings = load_webhook_settings(config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    if check_only:
+        print(f"listen: {settings.listen} (HTTPS: {settings.tls_cert}, {settings.tls_key})")
+        print(f"image: {settings.image} ({settings.image_pull_policy})")
+        print(f"default_config_map: {settings.default_config_map or '(none: pods must name one)'}")
+        print("config OK")
+        return 0
+    return run(settings)
 
 
 def _load(config: str | None) -> tuple[Settings, Path] | None:
@@ -51,6 +75,8 @@ def _load(config: str | None) -> tuple[Settings, Path] | None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script and ``python -m sidecar``."""
     args = _parser().parse_args(argv)
+    if args.command == "webhook":
+        return _webhook(args.config, args.check)
     loaded = _load(args.config)
     if loaded is None:
         return EXIT_CONFIG

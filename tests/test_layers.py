@@ -94,6 +94,10 @@ LAYER: dict[str, int] = {
     "sidecar.workers": APP,
     "sidecar.admin": APP,
     "sidecar.cli": APP,
+    "sidecar.webhook": APP,  # the admission webhook: its own process, never the data plane
+    "sidecar.webhook.settings": APP,
+    "sidecar.webhook.mutate": APP,
+    "sidecar.webhook.server": APP,
     "sidecar.__main__": APP,
 }
 
