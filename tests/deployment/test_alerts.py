@@ -197,15 +197,20 @@ def test_chart_values_for_rules_and_dashboard_are_checked(chart: helm.Chart) -> 
 # --------------------------------------------------------------------------- the drain signal
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_a_draining_sidecar_reports_sidecar_draining(
-    start_sidecar: Callable[..., SidecarProcess], tmp_path: Path, echo: EchoUpstream
+    start_sidecar: Callable[..., SidecarProcess], tmp_path: Path, echo: EchoUpstream, workers: int
 ) -> None:
-    """The drain alert reads sidecar_draining: 0 while serving, 1 from SIGTERM until the process ends."""
+    """The drain alert reads sidecar_draining: 0 while serving, 1 from SIGTERM until the process ends.
+
+    With workers, the supervisor's /metrics says it (its gauge, over the workers' own).
+    """
     keys = tmp_path / "keys.yaml"
     keys.write_text(yaml.safe_dump({"mcp/echo/alice": "k-alice"}), encoding="utf-8")
     sc = start_sidecar(
         {
             "shutdown_grace_seconds": 10,
+            "workers": workers,
             "secrets": {"backend": "file", "file": {"path": str(keys)}},
             "upstreams": {
                 "echo": {"url": echo.url, "secret": "mcp/echo/{client_id}", "inject": {"query": "k"}, "allow_private": True}
