@@ -383,6 +383,7 @@ class Sidecar:
         """Stop accepting, let in-flight requests finish within the grace, close everything."""
         self.draining = True
         self._publish()
+        metrics.DRAINING.set(1)
         log.info("draining", extra={"grace_seconds": self.settings.shutdown_grace_seconds})
         if self._prefetch_task is not None:
             self._prefetch_task.cancel()

@@ -108,6 +108,11 @@ CONFIG_RELOADS = Counter("sidecar_config_reloads", "SIGHUP config reloads.", ["r
 # 1 while /readyz answers 200.
 # With workers only the supervisor sets it (to 1 when every worker is ready).
 READY = Gauge("sidecar_ready", "1 when ready to serve.", registry=REGISTRY, multiprocess_mode="livemax")
+# 1 from SIGTERM (or SIGINT) until the process exits: a drain that outlasts
+# shutdown_grace_seconds shows as a series that stays 1. With workers the supervisor sets it.
+DRAINING = Gauge(
+    "sidecar_draining", "1 while draining after SIGTERM.", registry=REGISTRY, multiprocess_mode="livemax"
+)
 #: sidecar_jwks_keys_loaded, made by the first set_jwks_keys_loaded in JWT mode: header mode
 #: and the supervisor of workers (which verifies nothing) have no such series, so an alert
 #: on 0 means what it says. With workers the lowest worker's value is shown (livemin).

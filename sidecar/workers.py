@@ -182,6 +182,7 @@ class Supervisor:
         from sidecar import metrics
 
         metrics.READY.set(1 if self.ready() else 0)
+        metrics.DRAINING.set(1 if self.draining else 0)
 
     async def _watch(self, worker: _Worker, proc: asyncio.subprocess.Process) -> None:
         code = await proc.wait()
