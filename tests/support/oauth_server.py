@@ -301,6 +301,7 @@ class OAuthServer:
         self.requests: Counter[str] = Counter()  # token requests by grant type
         self.resource_hits = 0
         self._lock = threading.Lock()
+        self._grant_lock = threading.Lock()
         self._hang = threading.Event()
         self._released = threading.Event()
         self.hanging = 0  # token requests waiting in hang()
@@ -448,7 +449,10 @@ class OAuthServer:
                 self._released.wait(HANG_LIMIT_SECONDS)
             if self.fail_status is not None:
                 return Response("upstream trouble", status=self.fail_status)
-            return server.create_token_response()  # type: ignore[no-any-return]
+            # One grant decision at a time, as a database transaction makes it: two uses of
+            # one refresh token cannot both see it unrevoked.
+            with self._grant_lock:
+                return server.create_token_response()  # type: ignore[no-any-return]
 
         @app.get("/authorize")
         def authorize() -> Response:
