@@ -999,8 +999,8 @@ async def test_a_ca_file_broken_after_check_fails_the_build_not_the_process(tmp_
         with pytest.raises(StartupError, match=r"^upstreams\.polygon\.ca_file: no PEM certificate could be loaded$"):
             await sidecar._build(changed, running)  # what a SIGHUP does
         # The failed build closed what it built for itself, and nothing the running config uses.
-        session = running.upstreams["polygon"].session
-        assert session is not None and not session.closed
+        aio = running.upstreams["polygon"].aio
+        assert aio is not None and aio.session is not None and not aio.session.closed
         watcher = running.backend._watcher  # type: ignore[attr-defined]  # the file backend's change watcher
         assert watcher is not None and not watcher.done()
         still_served = (await running.backend.fetch("alice")) == keys_file.read_text().split(": ", 1)[1].split("\n")[0]
