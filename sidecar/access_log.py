@@ -47,7 +47,7 @@ _second: list[Any] = [-1, ""]
 #: status, elapsed, client_id, identity, cache, error, reason, destination.
 _Entry = tuple[
     float, str, str, str, str, int, float, "str | None", "str | None", "str | None", "str | None", "str | None",
-    "str | None",
+    "str | None", "str | None",
 ]
 
 
@@ -159,7 +159,7 @@ class AccessLog:
             path = raw.split("?", 1)[0] if raw.startswith("/") else "-"
         self._add((
             time.time(), request.method, path, rec.mode, rec.upstream, rec.status, elapsed, rec.client_id,
-            rec.identity, rec.cache, rec.error, rec.reason, rec.destination,
+            rec.identity, rec.cache, rec.error, rec.reason, rec.destination, rec.credential,
         ))
 
     def line(
@@ -181,11 +181,11 @@ class AccessLog:
         """Write one access line; every field is ours or validated, never a secret."""
         self._add((
             time.time(), method, path, mode, upstream, status, elapsed, client_id, identity, cache, error, reason,
-            destination,
+            destination, None,
         ))
 
     def _format(self, entry: _Entry) -> str:
-        ts, method, path, mode, upstream, status, elapsed, client_id, identity, cache, error, reason, dest = entry
+        ts, method, path, mode, upstream, status, elapsed, client_id, identity, cache, error, reason, dest, cred = entry
         if self.fmt == "json":
             # Shaped by hand: every field but path and destination is a fixed word, a
             # validated client ID, a configured name or a number, none needing escapes;
@@ -198,6 +198,8 @@ class AccessLog:
             )
             if dest is not None:
                 text += f', "destination": {_encode_str(dest[:300])}'
+            if cred is not None:
+                text += f', "credential": "{cred}"'
             if error is not None:
                 text += f', "error": "{error}"'
             if reason is not None:
@@ -207,7 +209,7 @@ class AccessLog:
             "ts": _timestamp(ts), "event": "request", "mode": mode, "client_id": client_id,
             "identity": identity, "upstream": upstream, "method": method, "path": path[:512],
             "status": status, "duration_ms": round(elapsed * 1000, 3), "cache": cache,
-            "destination": dest, "error": error, "reason": reason,
+            "destination": dest, "credential": cred, "error": error, "reason": reason,
         }
         return " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
 

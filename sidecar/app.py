@@ -34,6 +34,7 @@ from sidecar.admin import bound_address
 from sidecar.buildinfo import build, stale_sources
 from sidecar.config import ListenAddress, Settings, load_settings
 from sidecar.connect import Front
+from sidecar.credentials.oauth import build_oauth_provider
 from sidecar.errors import ConfigError, NoCredential, SecretStoreUnavailable
 from sidecar.identity.base import IdentityResolver
 from sidecar.identity.factory import build_identity_resolver
@@ -223,10 +224,18 @@ class Sidecar:
         try:
             for name, up_settings in settings.upstreams.items():
                 old = previous.upstreams.get(name) if previous is not None else None
-                if old is not None and old.settings == up_settings:
+                same_cache = previous is not None and cache is previous.cache
+                if old is not None and old.settings == up_settings and (old.provider is None or same_cache):
                     upstreams[name] = old
                     continue
                 upstream = Upstream(up_settings)
+                if up_settings.credential.oauth:
+                    try:
+                        upstream.provider = build_oauth_provider(up_settings, cache)
+                    except OSError:
+                        raise StartupError(f"upstreams.{name}.credential.client_secret_file: cannot be read") from None
+                    if old is not None and old.provider is not None:
+                        upstream.provider.adopt(old.provider)  # a reload keeps the tokens got before
                 try:
                     await upstream.start()
                 except (ssl.SSLError, OSError):
@@ -294,6 +303,9 @@ class Sidecar:
         while pending:
             retry = []
             for client, up in pending:
+                if up.provider is not None:
+                    await up.provider.prefetch(client)  # an access token; failures are logged there
+                    continue
                 secret_id = up.secret_id(client_id=client)
                 try:
                     await parts.cache.get(secret_id, up.settings.secret_field)

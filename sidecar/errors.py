@@ -8,13 +8,16 @@ The hierarchy::
     ├── InvalidClientId               400     invalid_client_id
     ├── MissingIdentity               401     missing_identity
     ├── InvalidToken                  401     invalid_token
+    ├── ConsentRequired               401     consent_required
     ├── ClientNotAllowed              403     client_not_allowed
     ├── DestinationNotAllowed         403     destination_not_allowed
     ├── NoCredential                  403     no_credential
+    ├── CredentialRefused             403     credential_refused
     ├── UnknownUpstream               404     unknown_upstream
     ├── UpstreamUnreachable           502     upstream_unreachable
     ├── SecretStoreUnavailable        503     secret_store_unavailable
     ├── IdentityProviderUnavailable   503     identity_provider_unavailable
+    ├── TokenEndpointUnavailable      503     token_endpoint_unavailable
     └── UpstreamTimeout               504     upstream_timeout
 
     ConfigError (not an HTTP error: a list of "field.path: problem" lines)
@@ -83,6 +86,29 @@ class InvalidToken(SidecarError):
     default_message = "The identity token is missing, expired or not valid."
 
 
+class ConsentRequired(SidecarError):
+    """``oauth2_refresh_token``: no grant is stored for this user, or the provider no longer honours it.
+
+    The user has to grant access (again); ``authorize_url``, when configured, is where.
+    """
+
+    status = 401
+    code = "consent_required"
+    default_message = "This user has not granted access to the upstream, or the grant was revoked."
+
+    def __init__(
+        self, message: str | None = None, *, reason: str | None = None, authorize_url: str | None = None
+    ) -> None:
+        super().__init__(message, reason=reason)
+        self.authorize_url = authorize_url
+
+    def body(self) -> bytes:
+        out = {"error": self.code, "message": self.message}
+        if self.authorize_url:
+            out["authorize_url"] = self.authorize_url
+        return json.dumps(out).encode()
+
+
 class ClientNotAllowed(SidecarError):
     status = 403
     code = "client_not_allowed"
@@ -99,6 +125,14 @@ class NoCredential(SidecarError):
     status = 403
     code = "no_credential"
     default_message = "No credential is stored for this client and upstream."
+
+
+class CredentialRefused(SidecarError):
+    """The token endpoint refused the stored client or the exchange (invalid_client, access_denied, ...)."""
+
+    status = 403
+    code = "credential_refused"
+    default_message = "The token endpoint refused the credential for this client."
 
 
 class UnknownUpstream(SidecarError):
@@ -128,6 +162,14 @@ class IdentityProviderUnavailable(SidecarError):
     status = 503
     code = "identity_provider_unavailable"
     default_message = "The identity provider's signing keys could not be loaded; the token cannot be checked yet."
+
+
+class TokenEndpointUnavailable(SidecarError):
+    """OAuth types: the token endpoint is unreachable, failing or slow, and no valid token is cached."""
+
+    status = 503
+    code = "token_endpoint_unavailable"
+    default_message = "The OAuth token endpoint is unavailable and no valid access token is cached."
 
 
 class UpstreamTimeout(SidecarError):

@@ -99,6 +99,13 @@ ROTATIONS = Counter(
     "sidecar_secret_rotations", "Credential refreshes after an upstream refused a key.", ["upstream", "result"],
     registry=REGISTRY,
 )
+# OAuth token requests by upstream, grant (client_credentials, refresh_token, token_exchange) and
+# result: ok, refused (the endpoint said no: invalid_client, invalid_grant, ...), error (unreachable,
+# 5xx, a malformed answer), timeout.
+TOKEN_REQUESTS = Counter(
+    "sidecar_token_requests", "OAuth token endpoint requests by grant and result.", ["upstream", "grant", "result"],
+    registry=REGISTRY,
+)
 # JWKS fetches by result: ok, error, cooldown (a refresh that was skipped).
 JWKS_REFRESHES = Counter("sidecar_jwks_refreshes", "JWKS fetches by result.", ["result"], registry=REGISTRY)
 # Verified-token cache outcomes: hit, miss.

@@ -31,7 +31,7 @@ from sidecar.errors import (
     UnknownUpstream,
 )
 from sidecar.exchange import Exchange, ResponseHead
-from sidecar.identity.base import IdentityResolver
+from sidecar.identity.base import Identity, IdentityResolver
 from sidecar.net import normalize_host
 from sidecar.policy import client_allowed, scopes_allowed
 from sidecar.record import Record
@@ -80,6 +80,7 @@ class Admitted:
     client_id: str
     secret_id: str
     secret: Secret
+    identity: Identity | None = None  # OAuth types: who the token is for (rejected() needs it)
 
 
 def _check_path(path: str) -> None:
@@ -241,6 +242,13 @@ class DataPlane:
             raise ClientNotAllowed(reason="client_glob")
         if upstream.scopes and not scopes_allowed(upstream.scopes, identity.scopes):
             raise ClientNotAllowed("The caller holds none of the scopes this upstream needs.", reason="scope")
+        provider = upstream.provider
+        if provider is not None:
+            # An OAuth type: the value is an access token (credentials/oauth.py), a dict
+            # look-up when one is cached.
+            rec.credential = provider.kind
+            secret, rec.cache = await provider.get(identity)
+            return Admitted(upstream, path, query, identity.client_id, "", secret, identity)
         settings = upstream.settings
         secret_id = upstream.secret_id(client_id=identity.client_id)
         try:
@@ -282,7 +290,13 @@ class DataPlane:
         target = upstream.injection.target(admitted.path, admitted.query, headers, secret)
         answer = await upstream.send(method, target, headers, data, admitted.client_id)
         if answer.status in (401, 403):
-            fresh = await rt.cache.refresh_rejected(admitted.secret_id, field, secret)
+            if admitted.identity is not None:
+                # An OAuth token: a 401 drops it and gets a new one; a 403 is about
+                # permissions, which another token of the same grant would not change.
+                provider = upstream.provider
+                fresh = await provider.rejected(admitted.identity, secret) if answer.status == 401 else None
+            else:
+                fresh = await rt.cache.refresh_rejected(admitted.secret_id, field, secret)
             if fresh is None:
                 metrics.ROTATIONS.labels(upstream.name, "unchanged").inc()
             elif not replayable:

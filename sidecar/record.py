@@ -14,7 +14,8 @@ class Record:
     """What the access log line says about one request."""
 
     __slots__ = (
-        "cache", "client_id", "destination", "error", "identity", "mode", "path", "reason", "status", "upstream",
+        "cache", "client_id", "credential", "destination", "error", "identity", "mode", "path", "reason", "status",
+        "upstream",
     )
 
     def __init__(self) -> None:
@@ -24,6 +25,7 @@ class Record:
         self.client_id: str | None = None
         self.identity: str | None = None
         self.cache: str | None = None
+        self.credential: str | None = None  # the OAuth credential type; None for a stored key
         self.status = 0
         self.error: str | None = None
         self.reason: str | None = None

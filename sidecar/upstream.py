@@ -60,6 +60,8 @@ class Upstream:
         self.fast: FastPool | None = None
         self.aio: AioClient | None = None
         self._errors = counters(self.name)
+        #: OAuth types (credentials/oauth.py): where the access token comes from; None: the stored key
+        self.provider: Any = None
 
     async def start(self) -> None:
         """Create both clients (needs a running loop)."""
@@ -122,3 +124,5 @@ class Upstream:
     async def close(self) -> None:
         for transport in self._transports():
             await transport.close()
+        if self.provider is not None:
+            await self.provider.close()

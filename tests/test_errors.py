@@ -13,7 +13,7 @@ def test_every_refusal_class_in_errors_py_has_its_code_listed_once() -> None:
     classes = [
         c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, SidecarError) and c is not SidecarError
     ]
-    assert len(classes) == 13
+    assert len(classes) == 16
     assert set(ERROR_CODES) == {c.code for c in classes}
     assert len(ERROR_CODES) == len(set(ERROR_CODES))
     assert SidecarError.code not in ERROR_CODES  # internal_error has its own place

@@ -65,6 +65,7 @@ LAYER: dict[str, int] = {
     "sidecar.credentials.base": PARTS,  # planned
     "sidecar.credentials.static": PARTS,  # planned
     "sidecar.credentials.factory": PARTS,  # planned
+    "sidecar.credentials.oauth": PARTS,
     "sidecar.inject": PARTS,
     "sidecar.transport": PARTS,
     "sidecar.transport.base": PARTS,

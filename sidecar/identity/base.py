@@ -25,15 +25,21 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.client_id import CLIENT_ID_PATTERN
 from sidecar.errors import BadRequest, InvalidClientId
+from sidecar.secrets.base import Secret
 
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """Who is calling: the client ID, and for JWT callers the scopes and groups held."""
+    """Who is calling: the client ID, and for JWT callers the scopes and groups held.
+
+    ``token``: JWT mode, the caller's verified token itself, for ``token_exchange``
+    (credentials/oauth.py) to exchange; never forwarded, never compared or printed.
+    """
 
     client_id: str
     source: str = "header"  # header | jwt | default
     scopes: frozenset[str] = field(default_factory=frozenset)
+    token: Secret | None = field(default=None, compare=False, repr=False)
 
 
 #: Request headers as aiohttp hands them over (case-insensitive multidict).

@@ -64,6 +64,7 @@ from sidecar.identity.base import (
 )
 from sidecar.metrics import JWKS_REFRESHES, TOKEN_CACHE, bump
 from sidecar.net import loggable_url, split_http_url, trust_context
+from sidecar.secrets.base import Secret
 
 #: Named as when this module was sidecar/tokens.py: log levels and filters set on that name still apply.
 log = logging.getLogger("sidecar.tokens")
@@ -559,7 +560,7 @@ class _Issuer:
         self.audience = frozenset(settings.audience)
         self.keys = JwksSource(settings, monotonic=monotonic)
 
-    def check_claims(self, claims: dict[str, Any], now: float) -> tuple[Identity, float]:
+    def check_claims(self, claims: dict[str, Any], now: float, token: Secret | None = None) -> tuple[Identity, float]:
         s = self.settings
         exp = claims.get("exp")
         if exp is None:
@@ -584,7 +585,7 @@ class _Issuer:
                 log.debug("identity token refused: required claim %r does not match", name[:64])
                 raise _refuse("missing_required_claim")
         client_id = self._client_id(claims)
-        identity = Identity(validate_client_id(client_id), "jwt", claim_strings(claims, *SCOPE_CLAIMS))
+        identity = Identity(validate_client_id(client_id), "jwt", claim_strings(claims, *SCOPE_CLAIMS), token)
         return identity, exp
 
     def _client_id(self, claims: Mapping[str, Any]) -> str:
@@ -756,7 +757,7 @@ class JwtIdentity:
             raise _refuse("bad_signature") from None
         except (jwt.PyJWTError, ValueError, TypeError):
             raise _refuse("malformed") from None
-        identity, expires_at = issuer.check_claims(claims, self._clock())
+        identity, expires_at = issuer.check_claims(claims, self._clock(), Secret(token))
         return identity, expires_at, issuer
 
 

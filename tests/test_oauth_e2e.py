@@ -1,0 +1,264 @@
+"""The OAuth credential types through the real CLI, against the Authlib authorization server.
+
+The upstream is the server's own protected resource: it accepts only live tokens it
+issued and echoes whose they are, so "the upstream saw the right token" is checked by
+the party that issued it. The file backend and OpenBao hold the stored credentials.
+Every token, refresh token and client secret is registered with the leak check: none
+may appear in any output of the run.
+"""
+
+from __future__ import annotations
+
+import signal
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+import requests
+import yaml
+
+from tests.support.idp import IdentityProvider, ThreadedIdP
+from tests.support.leaks import make_secret
+from tests.support.oauth_server import TOKEN_EXCHANGE, OAuthServer
+from tests.support.openbao import OpenBao
+from tests.support.process import SidecarProcess, metric
+
+Start = Callable[..., SidecarProcess]
+
+
+def oauth_upstream(server: OAuthServer, credential: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    up: dict[str, Any] = {
+        "url": server.resource_url,
+        "secret": "mcp/api/{client_id}",
+        "allow_private": True,
+        "timeout_seconds": 3,
+        "credential": {"token_url": server.token_url, **credential},
+    }
+    up.update(extra)
+    return up
+
+
+def file_config(tmp_path: Path, keys: dict[str, Any], up: dict[str, Any], **top: Any) -> dict[str, Any]:
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text(yaml.safe_dump(keys), encoding="utf-8")
+    return {"secrets": {"backend": "file", "file": {"path": str(keys_file)}}, "upstreams": {"api": up}, **top}
+
+
+def call(sc: SidecarProcess, path: str = "/api/x", client: str = "alice", **headers: str) -> requests.Response:
+    if client:
+        headers["X-Client-Id"] = client
+    return requests.get(sc.url + path, headers=headers, timeout=15)
+
+
+def tokens(sc: SidecarProcess, grant: str, result: str = "ok") -> float:
+    return metric(sc, "sidecar_token_requests_total", {"upstream": "api", "grant": grant, "result": result})
+
+
+# ------------------------------------------------------------------ client credentials
+
+
+@pytest.fixture
+def agents(oauth_server: OAuthServer) -> dict[str, dict[str, str]]:
+    out = {}
+    for caller, oauth_client in (("alice", "agent-alice"), ("bob", "agent-bob")):
+        c = oauth_server.register_client(oauth_client, scope="reports")
+        out[f"mcp/api/{caller}"] = {"client_id": c.client_id, "client_secret": c.client_secret}
+    return out
+
+
+def test_client_credentials_end_to_end(
+    start_sidecar: Start, tmp_path: Path, oauth_server: OAuthServer, agents: dict[str, Any]
+) -> None:
+    up = oauth_upstream(oauth_server, {"type": "oauth2_client_credentials", "scopes": ["reports"]})
+    sc = start_sidecar(file_config(tmp_path, agents, up))
+    # A cold burst: any number of concurrent first requests make one token request per client.
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda i: call(sc, f"/api/r/{i}", "alice" if i % 2 else "bob"), range(32)))
+    assert [a.status_code for a in answers] == [200] * 32
+    assert {a.json()["client_id"] for a in answers} == {"agent-alice", "agent-bob"}
+    assert answers[1].json()["scope"] == "reports" and answers[1].json()["path"] == "/r/1"
+    assert oauth_server.requests["client_credentials"] == 2
+    # Warm: no token request.
+    assert call(sc).status_code == 200
+    assert oauth_server.requests["client_credentials"] == 2
+    assert tokens(sc, "client_credentials") == 2
+    line = sc.wait_for_line(lambda line: line.get("event") == "request" and line.get("cache") == "hit")
+    assert line["credential"] == "oauth2_client_credentials"
+    # A client with nothing stored.
+    resp = call(sc, client="carol")
+    assert resp.status_code == 403 and resp.headers["X-Sidecar-Error"] == "no_credential"
+
+
+def test_an_upstream_401_gets_one_retry_with_a_new_token(
+    start_sidecar: Start, tmp_path: Path, oauth_server: OAuthServer, agents: dict[str, Any]
+) -> None:
+    sc = start_sidecar(file_config(tmp_path, agents, oauth_upstream(oauth_server, {"type": "oauth2_client_credentials"})))
+    assert call(sc).status_code == 200
+    oauth_server.revoke_access()  # the upstream no longer takes the cached token
+    resp = call(sc)
+    assert resp.status_code == 200 and resp.json()["client_id"] == "agent-alice"
+    assert oauth_server.requests["client_credentials"] == 2
+    line = sc.wait_for_line(lambda line: line.get("event") == "request" and line.get("reason") == "credential_rotated")
+    assert line["status"] == 200
+
+
+def test_token_endpoint_failing_hanging_or_refusing(
+    start_sidecar: Start, tmp_path: Path, oauth_server: OAuthServer, agents: dict[str, Any]
+) -> None:
+    sc = start_sidecar(file_config(tmp_path, agents, oauth_upstream(oauth_server, {"type": "oauth2_client_credentials"})))
+    oauth_server.fail_status = 502
+    resp = call(sc)
+    assert resp.status_code == 503 and resp.headers["X-Sidecar-Error"] == "token_endpoint_unavailable"
+    assert resp.headers["Retry-After"]
+    oauth_server.fail_status = None
+    oauth_server.hang()
+    resp = call(sc, client="bob")  # bounded by the upstream's timeout_seconds (3)
+    assert resp.status_code == 503 and resp.headers["X-Sidecar-Error"] == "token_endpoint_unavailable"
+    oauth_server.release()
+    assert tokens(sc, "client_credentials", "timeout") == 1
+    oauth_server.refuse("agent-alice")
+    resp = call(sc)
+    assert resp.status_code == 403 and resp.headers["X-Sidecar-Error"] == "credential_refused"
+    assert tokens(sc, "client_credentials", "refused") == 1
+    assert call(sc, client="bob").status_code == 200
+
+
+def test_a_reload_keeps_the_cached_tokens(
+    start_sidecar: Start, tmp_path: Path, oauth_server: OAuthServer, agents: dict[str, Any]
+) -> None:
+    config = file_config(tmp_path, agents, oauth_upstream(oauth_server, {"type": "oauth2_client_credentials"}))
+    sc = start_sidecar(config)
+    assert call(sc).status_code == 200
+    sc.write_config({**config, "listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0", "shutdown_grace_seconds": 5})
+    sc.signal(signal.SIGHUP)
+    sc.wait_for_line(lambda line: line.get("message") == "config reloaded")
+    assert call(sc).status_code == 200
+    assert oauth_server.requests["client_credentials"] == 1
+
+
+# ------------------------------------------------------------------ refresh tokens
+
+
+def test_refresh_token_with_vault_rotates_into_the_store(
+    start_sidecar: Start, tmp_path: Path, oauth_server: OAuthServer, openbao: OpenBao
+) -> None:
+    app = oauth_server.register_client("app", grant_types=("refresh_token",), auth_method="client_secret_post")
+    prefix = f"mcp/oauth-{uuid.uuid4().hex[:8]}"
+    first = oauth_server.issue_grant("app", "alice")
+    openbao.put(f"{prefix}/alice", refresh_token=first)
+    revoked = oauth_server.issue_grant("app", "bob")
+    oauth_server.revoke_grant(revoked)
+    openbao.put(f"{prefix}/bob", refresh_token=revoked)
+    token_file = tmp_path / "vault-token"
+    token_file.write_text(openbao.token() + "\n")
+    config = {
+        "secrets": {"backend": "vault", "vault": {"address": openbao.address, "auth": {"method": "token", "token_file": str(token_file)}}},
+        "upstreams": {
+            "api": oauth_upstream(
+                oauth_server,
+                {"type": "oauth2_refresh_token", "client_id": "app", "client_secret": "${APP_SECRET}",
+                 "auth_method": "client_secret_post", "authorize_url": oauth_server.authorize_url},
+                secret=prefix + "/{client_id}",
+            )
+        },
+    }
+    sc = start_sidecar(config, env={"APP_SECRET": app.client_secret})
+    resp = call(sc)
+    assert resp.status_code == 200 and resp.json()["subject"] == "alice"
+    live = oauth_server.live_grants("alice")
+    assert len(live) == 1 and live[0] != first
+    stored = openbao.api("GET", f"secret/data/{prefix}/alice")["data"]
+    assert stored["data"]["refresh_token"] == live[0] and stored["metadata"]["version"] == 2
+    # A revoked grant, and no grant at all: consent is needed, and the body says where.
+    for user in ("bob", "carol"):
+        resp = call(sc, client=user)
+        assert resp.status_code == 401 and resp.headers["X-Sidecar-Error"] == "consent_required"
+        assert resp.json()["authorize_url"] == oauth_server.authorize_url
+
+
+def test_two_sidecars_racing_on_a_rotation_never_lose_the_grant(
+    start_sidecar: Start, tmp_path: Path, oauth_server: OAuthServer, openbao: OpenBao
+) -> None:
+    app = oauth_server.register_client("app", grant_types=("refresh_token",))
+    prefix = f"mcp/oauth-{uuid.uuid4().hex[:8]}"
+    users = [f"user{i}" for i in range(6)]
+    for user in users:
+        openbao.put(f"{prefix}/{user}", refresh_token=oauth_server.issue_grant("app", user))
+    token_file = tmp_path / "vault-token"
+    token_file.write_text(openbao.token() + "\n")
+    config = {
+        "secrets": {"backend": "vault", "vault": {"address": openbao.address, "auth": {"method": "token", "token_file": str(token_file)}}},
+        "upstreams": {
+            "api": oauth_upstream(
+                oauth_server, {"type": "oauth2_refresh_token", "client_id": "app", "client_secret": "${APP_SECRET}"},
+                secret=prefix + "/{client_id}",
+            )
+        },
+    }
+    env = {"APP_SECRET": app.client_secret}
+    a, b = start_sidecar(config, env=env), start_sidecar(config, env=env)
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda job: call(job[0], client=job[1]), [(sc, u) for u in users for sc in (a, b)]))
+    assert [r.status_code for r in answers] == [200] * len(answers)
+    for user in users:
+        live = oauth_server.live_grants(user)
+        assert len(live) == 1, user
+        assert openbao.api("GET", f"secret/data/{prefix}/{user}")["data"]["data"]["refresh_token"] == live[0]
+
+
+# ------------------------------------------------------------------ token exchange
+
+
+@pytest.fixture
+def idp() -> Iterator[IdentityProvider]:
+    threaded = ThreadedIdP()
+    yield threaded.idp
+    threaded.close()
+
+
+def test_token_exchange_with_a_real_jwks(
+    start_sidecar: Start, tmp_path: Path, oauth_server: OAuthServer, idp: IdentityProvider
+) -> None:
+    gw = oauth_server.register_client("gateway", grant_types=(TOKEN_EXCHANGE,), audiences=("api://reports",))
+    key = idp.keys[0]
+
+    def verify(token: str) -> str | None:
+        try:
+            return str(jwt.decode(token, key.public_pem, algorithms=[key.alg], issuer=idp.issuer)["sub"])
+        except jwt.PyJWTError:
+            return None
+
+    oauth_server.subject_verifier = verify
+    secret_file = tmp_path / "gateway-secret"
+    secret_file.write_text(gw.client_secret + "\n")
+    up = oauth_upstream(
+        oauth_server,
+        {"type": "token_exchange", "client_id": "gateway", "client_secret_file": str(secret_file),
+         "audience": "api://reports"},
+    )
+    del up["secret"]
+    sc = start_sidecar({
+        "identity": {"jwt": {"issuer": idp.issuer, "client_id_claims": ["sub"]}},
+        "upstreams": {"api": up},
+    })
+    user_token = idp.mint(sub="alice-sub", scope="openid")
+    resp = call(sc, client="", Authorization=f"Bearer {user_token}")
+    assert resp.status_code == 200, resp.text
+    seen = resp.json()
+    # The resource accepted the exchanged token (it refuses anything it did not issue, the
+    # user's own token included) and it was issued for this subject and audience.
+    assert (seen["subject"], seen["audience"], seen["client_id"]) == ("alice-sub", "api://reports", "gateway")
+    assert call(sc, client="", Authorization=f"Bearer {user_token}").status_code == 200
+    assert oauth_server.requests[TOKEN_EXCHANGE] == 1  # cached per subject
+    other = idp.mint(sub="bob-sub")
+    assert call(sc, client="", Authorization=f"Bearer {other}").json()["subject"] == "bob-sub"
+    assert tokens(sc, "token_exchange") == 2
+    # The exchange refused: credential_refused.
+    oauth_server.subject_verifier = lambda token: None
+    resp = call(sc, client="", Authorization=f"Bearer {idp.mint(sub='mallory')}")
+    assert resp.status_code == 403 and resp.headers["X-Sidecar-Error"] == "credential_refused"
+    assert make_secret  # every token the server issued is registered for the leak check

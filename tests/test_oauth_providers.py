@@ -1,0 +1,317 @@
+"""The OAuth providers (sidecar/credentials/oauth.py) in the test's loop, against the Authlib server.
+
+Real parts: the tests' authorization server (tests/support/oauth_server.py) on 127.0.0.1,
+the file backend on a real file, and OpenBao for check-and-set rotation. The clock is the
+provider's own (injected), so expiry is tested without waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from sidecar.config import parse_settings
+from sidecar.credentials.oauth import (
+    RefreshToken,
+    TokenExchange,
+    _TokenProvider,
+    build_oauth_provider,
+)
+from sidecar.errors import (
+    ConsentRequired,
+    CredentialRefused,
+    NoCredential,
+    TokenEndpointUnavailable,
+)
+from sidecar.identity.base import Identity
+from sidecar.secrets.base import Secret, SecretBackend
+from sidecar.secrets.cache import SecretCache
+from sidecar.secrets.file import FileBackend
+from sidecar.secrets.vault import VaultBackend
+from tests.support.oauth_server import TOKEN_EXCHANGE, OAuthServer
+from tests.support.openbao import OpenBao
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def upstream_config(server: OAuthServer, credential: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    up = {
+        "url": server.resource_url,
+        "secret": "mcp/api/{client_id}",
+        "allow_private": True,
+        "timeout_seconds": 2,
+        "credential": {"token_url": server.token_url, **credential},
+    }
+    up.update(extra)
+    if credential.get("type") == "token_exchange":
+        del up["secret"]  # nothing is stored
+    return up
+
+
+def settings_for(tmp_path: Path, up: dict[str, Any], backend: dict[str, Any] | None = None, **top: Any) -> Any:
+    keys = tmp_path / "keys.yaml"
+    if not keys.exists():
+        keys.write_text("{}\n")
+    raw = {"secrets": backend or {"file": {"path": str(keys)}}, "upstreams": {"api": up}, **top}
+    return parse_settings(raw, base_dir=tmp_path, env={})
+
+
+Make = Callable[..., Any]
+
+
+@pytest.fixture
+async def provider(tmp_path: Path, oauth_server: OAuthServer) -> AsyncIterator[Make]:
+    """``make(credential, keys={...})``: a provider over a file backend holding ``keys``."""
+    made: list[tuple[_TokenProvider, SecretBackend]] = []
+
+    async def make(credential: dict[str, Any], keys: dict[str, Any] | None = None, **top: Any) -> Any:
+        (tmp_path / "keys.yaml").write_text(yaml.safe_dump(keys or {}))
+        settings = settings_for(tmp_path, upstream_config(oauth_server, credential), **top)
+        backend = FileBackend(tmp_path / "keys.yaml")
+        await backend.start()
+        clock = Clock()
+        p = build_oauth_provider(
+            settings.upstreams["api"], SecretCache(backend, settings.secrets.cache, clock=clock), clock=clock
+        )
+        made.append((p, backend))
+        return p
+
+    yield make
+    for p, backend in made:
+        await p.close()
+        await backend.close()
+
+
+def agent(server: OAuthServer, name: str = "agent-1", **kwargs: Any) -> dict[str, str]:
+    client = server.register_client(name, **kwargs)
+    return {"client_id": client.client_id, "client_secret": client.client_secret}
+
+
+CC = {"type": "oauth2_client_credentials"}
+
+
+async def test_a_cold_burst_makes_one_token_request_and_a_warm_one_none(provider: Make, oauth_server: OAuthServer) -> None:
+    p = await provider(CC, {"mcp/api/alice": agent(oauth_server)})
+    results = await asyncio.gather(*(p.get(Identity("alice")) for _ in range(50)))
+    assert oauth_server.requests["client_credentials"] == 1
+    assert {word for _, word in results} == {"miss"}
+    token = results[0][0]
+    assert all(value == token for value, _ in results)
+    assert await p.get(Identity("alice")) == (token, "hit")
+    assert oauth_server.requests["client_credentials"] == 1
+    # The token is one the server issued to this client.
+    assert [t.client_id for t in oauth_server.access_tokens() if Secret(t.access_token) == token] == ["agent-1"]
+
+
+async def test_client_secret_post_and_scopes(provider: Make, oauth_server: OAuthServer) -> None:
+    creds = agent(oauth_server, auth_method="client_secret_post", scope="read write admin")
+    p = await provider({**CC, "auth_method": "client_secret_post", "scopes": ["read", "write"]}, {"mcp/api/alice": creds})
+    await p.get(Identity("alice"))
+    assert [t.scope for t in oauth_server.access_tokens()] == ["read write"]
+
+
+async def test_expiry_gets_a_new_token_and_serves_the_old_one_meanwhile(provider: Make, oauth_server: OAuthServer) -> None:
+    oauth_server.access_lifetime = 300
+    p = await provider(CC, {"mcp/api/alice": agent(oauth_server)})
+    first, _ = await p.get(Identity("alice"))
+    p._clock.now += 300 - 30 - 1
+    assert await p.get(Identity("alice")) == (first, "hit")
+    p._clock.now += 2  # inside the last 30 s: served, and the next one got behind it
+    assert await p.get(Identity("alice")) == (first, "stale")
+    while oauth_server.requests["client_credentials"] < 2 or "alice" in p._inflight:
+        await asyncio.sleep(0.01)
+    second, word = await p.get(Identity("alice"))
+    assert word == "hit" and not second == first
+
+
+async def test_no_expires_in_is_cached_sixty_seconds(provider: Make, oauth_server: OAuthServer) -> None:
+    oauth_server.access_lifetime = None
+    p = await provider(CC, {"mcp/api/alice": agent(oauth_server)})
+    first, _ = await p.get(Identity("alice"))
+    p._clock.now += 59
+    assert await p.get(Identity("alice")) == (first, "hit")
+    p._clock.now += 2
+    second, word = await p.get(Identity("alice"))
+    assert word == "miss" and not second == first
+
+
+async def test_an_upstream_401_drops_the_token_and_gets_one_new_one(provider: Make, oauth_server: OAuthServer) -> None:
+    p = await provider(CC, {"mcp/api/alice": agent(oauth_server)})
+    first, _ = await p.get(Identity("alice"))
+    fresh = await p.rejected(Identity("alice"), first)
+    assert fresh is not None and not fresh == first
+    assert oauth_server.requests["client_credentials"] == 2
+    # A request that saw the old token refused after the new one came gets the new one at once.
+    assert await p.rejected(Identity("alice"), first) == fresh
+    # The new token refused at once too: the upstream, not the token, refuses; no third request.
+    assert await p.rejected(Identity("alice"), fresh) is None
+    assert oauth_server.requests["client_credentials"] == 2
+
+
+@pytest.mark.parametrize("status", [500, 502, 503])
+async def test_a_failing_endpoint_is_503_unless_a_valid_token_is_cached(
+    provider: Make, oauth_server: OAuthServer, status: int
+) -> None:
+    oauth_server.access_lifetime = 300
+    p = await provider(CC, {"mcp/api/alice": agent(oauth_server), "mcp/api/bob": agent(oauth_server, "agent-2")})
+    token, _ = await p.get(Identity("alice"))
+    oauth_server.fail_status = status
+    with pytest.raises(TokenEndpointUnavailable) as info:
+        await p.get(Identity("bob"))
+    assert info.value.reason == "status_5xx"
+    p._clock.now += 280  # alice's token is near its end but still valid: served while the endpoint fails
+    assert await p.get(Identity("alice")) == (token, "stale")
+    p._clock.now += 30  # now it expired
+    with pytest.raises(TokenEndpointUnavailable):
+        await p.get(Identity("alice"))
+
+
+async def test_a_hanging_endpoint_is_bounded_by_timeout_seconds(provider: Make, oauth_server: OAuthServer) -> None:
+    p = await provider(CC, {"mcp/api/alice": agent(oauth_server)})
+    oauth_server.hang()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(TokenEndpointUnavailable) as info:
+        await asyncio.gather(*(p.get(Identity("alice")) for _ in range(5)))
+    assert info.value.reason == "timeout"
+    assert loop.time() - started < 2 + 1.5  # timeout_seconds: 2
+    assert oauth_server.requests["client_credentials"] == 1
+    oauth_server.release()
+
+
+async def test_a_refused_client_is_credential_refused(provider: Make, oauth_server: OAuthServer) -> None:
+    p = await provider(CC, {"mcp/api/alice": agent(oauth_server), "mcp/api/bob": {"client_id": "agent-1", "client_secret": "wrong"}})
+    oauth_server.refuse("agent-1")
+    with pytest.raises(CredentialRefused) as info:
+        await p.get(Identity("alice"))
+    assert info.value.reason == "invalid_client"
+    # A secret that is not an OAuth client's at all: no credential.
+    p2 = await provider(CC, {"mcp/api/carol": "just-a-string"})
+    with pytest.raises(NoCredential):
+        await p2.get(Identity("carol"))
+    with pytest.raises(NoCredential):
+        await p2.get(Identity("nobody"))
+
+
+async def test_refresh_token_without_a_grant_is_consent_required_with_the_authorize_url(
+    provider: Make, oauth_server: OAuthServer
+) -> None:
+    app = oauth_server.register_client("app", grant_types=("refresh_token",))
+    p = await provider(
+        {"type": "oauth2_refresh_token", "client_id": "app", "client_secret": app.client_secret,
+         "authorize_url": oauth_server.authorize_url},
+        {"mcp/api/alice": {"refresh_token": oauth_server.issue_grant("app", "alice")}},
+    )
+    assert isinstance(p, RefreshToken)
+    with pytest.raises(ConsentRequired) as info:
+        await p.get(Identity("bob"))
+    assert info.value.reason == "no_grant"
+    assert info.value.authorize_url == oauth_server.authorize_url
+    _, word = await p.get(Identity("alice"))
+    assert word == "miss"
+    oauth_server.revoke_user("alice")
+    p._clock.now += 4000
+    with pytest.raises(ConsentRequired) as info:
+        await p.get(Identity("alice"))
+    assert info.value.reason == "invalid_grant"
+
+
+async def test_token_exchange_sends_the_callers_token_and_caches_per_subject(provider: Make, oauth_server: OAuthServer) -> None:
+    gw = oauth_server.register_client("gw", grant_types=(TOKEN_EXCHANGE,), audiences=("api://reports",))
+    subjects = {"token-of-alice": "alice", "token-of-bob": "bob"}
+    oauth_server.subject_verifier = subjects.get
+    p = await provider(
+        {"type": "token_exchange", "client_id": "gw", "client_secret": gw.client_secret, "audience": "api://reports"},
+        identity={"jwt": {"issuer": "https://idp.example/", "jwks_url": "https://idp.example/jwks.json"}},
+    )
+    assert isinstance(p, TokenExchange)
+    alice = Identity("alice", "jwt", token=Secret("token-of-alice"))
+    a1, _ = await p.get(alice)
+    assert await p.get(alice) == (a1, "hit")
+    b1, _ = await p.get(Identity("bob", "jwt", token=Secret("token-of-bob")))
+    assert not a1 == b1
+    issued = {t.user_id: t for t in oauth_server.access_tokens()}
+    assert issued["alice"].audience == "api://reports" and Secret(issued["alice"].access_token) == a1
+    assert oauth_server.requests[TOKEN_EXCHANGE] == 2
+    with pytest.raises(CredentialRefused) as info:
+        await p.get(Identity("mallory", "jwt", token=Secret("forged")))
+    assert info.value.reason == "invalid_grant"
+
+
+async def test_token_exchange_audience_refused(provider: Make, oauth_server: OAuthServer) -> None:
+    gw = oauth_server.register_client("gw", grant_types=(TOKEN_EXCHANGE,), audiences=("api://reports",))
+    oauth_server.subject_verifier = lambda token: "alice"
+    p = await provider(
+        {"type": "token_exchange", "client_id": "gw", "client_secret": gw.client_secret, "audience": "api://payroll"},
+        identity={"jwt": {"issuer": "https://idp.example/", "jwks_url": "https://idp.example/jwks.json"}},
+    )
+    with pytest.raises(CredentialRefused) as info:
+        await p.get(Identity("alice", "jwt", token=Secret("t")))
+    assert info.value.reason == "invalid_target"
+
+
+# ------------------------------------------------------------------ rotation with check-and-set (OpenBao)
+
+
+async def vault_provider(
+    bao: OpenBao, tmp_path: Path, server: OAuthServer, app_secret: str, secret: str
+) -> tuple[RefreshToken, VaultBackend]:
+    token_file = tmp_path / f"token-{uuid.uuid4().hex[:6]}"
+    token_file.write_text(bao.token() + "\n")
+    backend_cfg = {"backend": "vault", "vault": {"address": bao.address, "auth": {"method": "token", "token_file": str(token_file)}}}
+    settings = settings_for(
+        tmp_path,
+        upstream_config(
+            server, {"type": "oauth2_refresh_token", "client_id": "app", "client_secret": app_secret}, secret=secret
+        ),
+        backend_cfg,
+    )
+    backend = VaultBackend(settings.secrets.vault, 5.0, env={})
+    await backend.start()
+    clock = Clock()
+    p = build_oauth_provider(settings.upstreams["api"], SecretCache(backend, settings.secrets.cache, clock=clock), clock=clock)
+    assert isinstance(p, RefreshToken)
+    return p, backend
+
+
+async def test_a_rotated_grant_is_written_back_before_use_and_two_replicas_never_lose_it(
+    openbao: OpenBao, tmp_path: Path, oauth_server: OAuthServer
+) -> None:
+    app = oauth_server.register_client("app", grant_types=("refresh_token",))
+    path = f"mcp/oauth-{uuid.uuid4().hex[:8]}"
+    first_grant = oauth_server.issue_grant("app", "alice")
+    openbao.put(f"{path}/api/alice", refresh_token=first_grant)
+    a, backend_a = await vault_provider(openbao, tmp_path, oauth_server, app.client_secret, path + "/api/{client_id}")
+    b, backend_b = await vault_provider(openbao, tmp_path, oauth_server, app.client_secret, path + "/api/{client_id}")
+    try:
+        alice = Identity("alice")
+        # Both replicas cold at once: one refreshes first and rotates; the other finds the
+        # grant it read revoked, reads the newer one from the store and refreshes with it.
+        await asyncio.gather(a.get(alice), b.get(alice))
+        live = oauth_server.live_grants("alice")
+        assert len(live) == 1 and live[0] != first_grant
+        stored = await backend_a.fetch(f"{path}/api/alice")
+        assert stored["refresh_token"] == live[0]  # the store holds the one grant that works
+        # And it keeps working: the next refresh, from either replica, starts from the store.
+        for p in (a, b):
+            p._clock.now += 4000
+            await p.get(alice)
+        live = oauth_server.live_grants("alice")
+        assert len(live) == 1
+        assert (await backend_b.fetch(f"{path}/api/alice"))["refresh_token"] == live[0]
+    finally:
+        for p, backend in ((a, backend_a), (b, backend_b)):
+            await p.close()
+            await backend.close()
