@@ -64,6 +64,8 @@ DEFAULT_STALE_IF_ERROR_SECONDS = 3600.0
 DEFAULT_CACHE_MAX_ENTRIES = 10000
 DEFAULT_UPSTREAM_TIMEOUT_SECONDS = 30.0
 DEFAULT_INJECT_FORMAT = "{secret}"
+DEFAULT_CREDENTIAL_TYPE = "api_key"
+DEFAULT_OAUTH_AUTH_METHOD = "client_secret_basic"
 
 # Asymmetric signature algorithms PyJWT verifies. 'none' and HS* are never allowed:
 # with an HMAC algorithm the public key itself would become the signing secret.
@@ -77,6 +79,21 @@ _ENV_PATTERN = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _SECRET_PLACEHOLDERS = frozenset({"client_id", "upstream"})
 #: A Secrets Manager ARN ending in its random suffix (sidecar/secrets/aws.py reads ARNs as partial only).
 _COMPLETE_ARN = re.compile(r"-[A-Za-z0-9]{6}$")
+#: ``upstreams.*.credential.type``: what the stored secret is and how the injected value is got
+CREDENTIAL_TYPES = ("api_key", "oauth2_client_credentials", "oauth2_refresh_token", "token_exchange")
+OAUTH_CREDENTIAL_TYPES = frozenset(CREDENTIAL_TYPES[1:])
+OAUTH_AUTH_METHODS = ("client_secret_basic", "client_secret_post")
+#: credential keys and the types they apply to (type and its presence checks are in ``credential``)
+_CREDENTIAL_KEYS: dict[str, tuple[str, ...]] = {
+    "token_url": CREDENTIAL_TYPES[1:],
+    "client_id": ("oauth2_refresh_token", "token_exchange"),
+    "client_secret": ("oauth2_refresh_token", "token_exchange"),
+    "client_secret_file": ("oauth2_refresh_token", "token_exchange"),
+    "auth_method": CREDENTIAL_TYPES[1:],
+    "scopes": CREDENTIAL_TYPES[1:],
+    "audience": ("token_exchange",),
+    "authorize_url": ("oauth2_refresh_token",),
+}
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
 BACKENDS = ("file", "aws", "vault")
@@ -214,6 +231,30 @@ class InjectSettings:
 
 
 @dataclass(frozen=True)
+class CredentialSettings:
+    """``upstreams.*.credential``: what the stored secret is and how the value injected is got.
+
+    ``client_secret`` is the OAuth app's secret (from ``${VAR}``), kept out of ``repr``;
+    ``client_secret_file`` is read when the upstream is built (each reload reads it again).
+    """
+
+    type: str = DEFAULT_CREDENTIAL_TYPE
+    token_url: str | None = None
+    client_id: str | None = None
+    client_secret: str | None = field(default=None, repr=False)
+    client_secret_file: Path | None = None
+    auth_method: str = DEFAULT_OAUTH_AUTH_METHOD
+    scopes: tuple[str, ...] = ()
+    audience: str | None = None
+    authorize_url: str | None = None
+
+    @property
+    def oauth(self) -> bool:
+        """Every type but api_key: the value injected is an access token from ``token_url``."""
+        return self.type in OAUTH_CREDENTIAL_TYPES
+
+
+@dataclass(frozen=True)
 class UpstreamSettings:
     name: str
     url: str
@@ -233,6 +274,7 @@ class UpstreamSettings:
     connect_to: tuple[str, int] | None = None
     #: take part in forward-proxy host matching (absolute-form and CONNECT); False: route mode only
     forward_proxy: bool = True
+    credential: CredentialSettings = field(default_factory=CredentialSettings)
 
 
 @dataclass(frozen=True)
@@ -563,7 +605,8 @@ class _Reader:
         secrets = self.secrets(m.get("secrets"))
         upstreams = self.upstreams(m.get("upstreams"))
         forward_proxy = self.forward_proxy(m.get("forward_proxy"), upstreams)
-        if upstreams and secrets.backend == "file" and secrets.file.path is None:
+        stored = any(up.secret for up in upstreams.values())  # token_exchange stores nothing
+        if stored and secrets.backend == "file" and secrets.file.path is None:
             self.fail("secrets.file.path", "is required with backend file")
         if secrets.backend == "aws":
             for up in upstreams.values():
@@ -574,6 +617,12 @@ class _Reader:
                         "refuses for every client: it cannot tell that suffix from one a client ID wrote; "
                         "write the secret's name or its ARN without the suffix",
                     )
+        for up in upstreams.values():
+            if up.credential.type == "token_exchange" and not identity.jwt:
+                self.fail(
+                    f"upstreams.{up.name}.credential.type",
+                    "token_exchange needs identity.jwt: it exchanges the caller's verified token",
+                )
         if secrets.backend == "vault":
             for up in upstreams.values():
                 problem = vault_path_problem(up.secret.replace("{client_id}", "x").replace("{upstream}", "x"))
@@ -942,6 +991,7 @@ class _Reader:
                 {
                     "url", "secret", "secret_field", "inject", "clients", "scopes",
                     "timeout_seconds", "allow_private", "ca_file", "connect_to", "forward_proxy",
+                    "credential",
                 }
             ),
         )
@@ -951,12 +1001,28 @@ class _Reader:
         parsed = parse_upstream_url(url) if url else None
         if url and isinstance(parsed, str):
             self.fail(f"{path}.url", parsed)
-        secret = self.required_string(m, "secret", path)
+        credential = self.credential(m.get("credential"), f"{path}.credential")
+        if credential.type == "token_exchange":
+            # The caller's own token is exchanged: nothing is stored per client.
+            secret = ""
+            if m.get("secret") not in (None, ""):
+                self.fail(f"{path}.secret", "does not apply to credential type token_exchange (nothing is stored)")
+        else:
+            secret = self.required_string(m, "secret", path)
         if secret:
             problem = check_template(secret, _SECRET_PLACEHOLDERS)
             if problem:
                 self.fail(f"{path}.secret", problem)
-        inject = self.inject(m.get("inject"), f"{path}.inject")
+        if credential.oauth and m.get("secret_field") not in (None, ""):
+            self.fail(
+                f"{path}.secret_field",
+                f"does not apply to credential type {credential.type} (the stored object's fields are fixed)",
+            )
+        if credential.oauth and m.get("inject") is None:
+            # An access token goes where OAuth puts it unless the upstream says otherwise.
+            inject: InjectSettings | None = InjectSettings("header", "Authorization", "Bearer {secret}")
+        else:
+            inject = self.inject(m.get("inject"), f"{path}.inject")
         clients = self.string_list(m, "clients", path, ("*",))
         allow_private = self.boolean(m, "allow_private", path, False)
         connect_to = self.connect_to(m, path)
@@ -989,10 +1055,53 @@ class _Reader:
             ca_file=self.ca_file(m, path),
             connect_to=connect_to,
             forward_proxy=self.boolean(m, "forward_proxy", path, True),
+            credential=credential,
         )
-        if not isinstance(parsed, tuple) or not secret or inject is None:
+        if not isinstance(parsed, tuple) or inject is None:
+            return None
+        if not secret and credential.type != "token_exchange":
             return None
         return up
+
+    def credential(self, raw: Any, path: str) -> CredentialSettings:
+        """``upstreams.*.credential``: the type, and for the OAuth types the token endpoint and app."""
+        m = self.mapping(raw, path, frozenset({"type", *_CREDENTIAL_KEYS}))
+        kind = self.string(m, "type", path, DEFAULT_CREDENTIAL_TYPE, choices=CREDENTIAL_TYPES)
+        kind = kind or DEFAULT_CREDENTIAL_TYPE
+        for key, types in _CREDENTIAL_KEYS.items():
+            if m.get(key) not in (None, "", []) and kind not in types:
+                self.fail(f"{path}.{key}", f"applies to type {' or '.join(types)}, not {kind}")
+        if kind not in OAUTH_CREDENTIAL_TYPES:
+            return CredentialSettings(type=kind)
+        token_url = self.required_string(m, "token_url", path) or None
+        self.check_service_url(token_url, f"{path}.token_url")
+        authorize_url = self.string(m, "authorize_url", path, None) or None
+        self.check_service_url(authorize_url, f"{path}.authorize_url")
+        client_id = self.string(m, "client_id", path, None) or None
+        secret_value = self.string(m, "client_secret", path, None) or None
+        secret_file = self.path_value(m, "client_secret_file", path, must_exist=True)
+        if kind != "oauth2_client_credentials" and client_id is None:
+            self.fail(f"{path}.client_id", f"is required with type {kind} (the OAuth app the sidecar acts as)")
+        if secret_value is not None and secret_file is not None:
+            self.fail(f"{path}.client_secret", "give client_secret or client_secret_file, not both")
+        if secret_value is not None and not isinstance(m.get("client_secret"), _FromEnv):
+            # A config file lives in a ConfigMap, a repository, a chart's values: no place for a secret.
+            self.warn(
+                f"{path}.client_secret",
+                "is written in the config file; take it from the environment (${VAR}) or client_secret_file",
+            )
+        return CredentialSettings(
+            type=kind,
+            token_url=token_url,
+            client_id=client_id,
+            client_secret=secret_value,
+            client_secret_file=secret_file,
+            auth_method=self.string(m, "auth_method", path, DEFAULT_OAUTH_AUTH_METHOD, choices=OAUTH_AUTH_METHODS)
+            or DEFAULT_OAUTH_AUTH_METHOD,
+            scopes=self.string_list(m, "scopes", path, ()),
+            audience=self.string(m, "audience", path, None) or None,
+            authorize_url=authorize_url,
+        )
 
     def connect_to(self, m: dict[str, Any], path: str) -> tuple[str, int] | None:
         """``connect_to: host:port`` (IPv6 as ``[::1]:443``), normalised; None when absent or invalid."""

@@ -5,7 +5,7 @@ It holds no secret by construction: the settings carry secret ids and templates,
 
 from __future__ import annotations
 
-from sidecar.config import Settings, VaultBackendSettings
+from sidecar.config import CredentialSettings, Settings, VaultBackendSettings
 from sidecar.net import host_port, loggable_url
 
 
@@ -78,8 +78,9 @@ def describe(settings: Settings) -> str:
         lines.append(
             f"  {up.name:<12} {up.url}"
             + (f"  connect_to={host_port(*up.connect_to)}" if up.connect_to else "")
-            + f"  secret={up.secret}"
+            + (f"  secret={up.secret}" if up.secret else "")
             + (f"[{up.secret_field}]" if up.secret_field else "")
+            + (f"  credential={_credential(up.credential)}" if up.credential.oauth else "")
             + f"  inject={where_key}  clients={','.join(up.clients)}"
             + (f"  scopes={','.join(up.scopes)}" if up.scopes else "")
             + (" allow_private" if up.allow_private else "")
@@ -104,3 +105,21 @@ def _vault(v: VaultBackendSettings) -> str:
         + f" auth={how}"
         + (f" (at auth/{a.mount})" if a.mount != a.method else "")
     )
+
+
+def _credential(c: CredentialSettings) -> str:
+    """The credential type and where its tokens come from: URLs, ids and file names, never a secret."""
+    parts = [c.type, f"token_url={loggable_url(c.token_url or '')}", c.auth_method]
+    if c.client_id:
+        parts.append(f"client_id={c.client_id}")
+    if c.client_secret_file:
+        parts.append(f"client_secret from {c.client_secret_file}")
+    elif c.client_secret:
+        parts.append("client_secret set")
+    if c.scopes:
+        parts.append(f"scopes={','.join(c.scopes)}")
+    if c.audience:
+        parts.append(f"audience={c.audience}")
+    if c.authorize_url:
+        parts.append(f"authorize_url={loggable_url(c.authorize_url)}")
+    return "(" + " ".join(parts) + ")"

@@ -13,7 +13,7 @@ import pytest
 from sidecar.buildinfo import build, compiled_modules, stale_sources
 from tests.support.leaks import OUTPUT_DIR, scan
 
-pytest_plugins = ["tests.support.fixtures", "tests.support.openbao"]
+pytest_plugins = ["tests.support.fixtures", "tests.support.openbao", "tests.support.oauth_server"]
 
 
 def pytest_configure(config: pytest.Config) -> None:
