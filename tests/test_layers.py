@@ -94,6 +94,7 @@ LAYER: dict[str, int] = {
     "sidecar.workers": APP,
     "sidecar.admin": APP,
     "sidecar.cli": APP,
+    "sidecar.oauth_login": APP,  # the oauth login command
     "sidecar.__main__": APP,
 }
 
