@@ -29,9 +29,8 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -181,10 +180,14 @@ def _dump(data: Mapping[str, RawSecret], as_json: bool) -> str:
 
 
 @contextlib.contextmanager
-def _locked(lock_path: Path, timeout: float) -> Any:
-    """An exclusive flock on ``lock_path`` (made if missing), given up after ``timeout``."""
+def _locked(lock_path: Path, timeout: float) -> Iterator[None]:
+    """An exclusive flock on ``lock_path`` (made if missing, empty), given up after ``timeout``.
+
+    Opened read-only: flock needs no write access, so another user who may write
+    the keys file (the CLI run by a person, the sidecar as its own user) can lock it too.
+    """
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(lock_path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as exc:
         raise StoreError("unavailable", f"cannot open the lock file {lock_path}: {exc.strerror}") from None
     try:
