@@ -1,4 +1,4 @@
-"""The thin command line: ``credential-sidecar run|check [--config FILE]`` and ``webhook --config FILE``."""
+"""The thin command line: ``run|check [--config FILE]``, ``webhook --config FILE``, ``oauth login``."""
 
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     webhook = sub.add_parser("webhook", help=text, description=text)
     webhook.add_argument("--config", required=True, help="the webhook's config file")
     webhook.add_argument("--check", action="store_true", help="validate the config file, print a summary and exit")
+    _oauth_parser(sub)
     return parser
 
 
@@ -60,6 +61,22 @@ def _webhook(config: str, check_only: bool) -> int:
     return run(settings)
 
 
+def _oauth_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``oauth login``: a user's grant for an oauth2_refresh_token upstream, stored in the configured backend."""
+    oauth = sub.add_parser("oauth", help="OAuth grants for oauth2_refresh_token upstreams")
+    actions = oauth.add_subparsers(dest="oauth_command", required=True)
+    text = "grant access once in a browser (authorization code + PKCE) and store the refresh token"
+    p = actions.add_parser("login", help=text, description=text)
+    p.add_argument("--config", default=os.environ.get("SIDECAR_CONFIG"), help="config file (default: $SIDECAR_CONFIG)")
+    p.add_argument("--upstream", required=True, metavar="NAME", help="an upstream of type oauth2_refresh_token")
+    p.add_argument("--client", required=True, metavar="ID", help="the client ID whose grant this is")
+    p.add_argument("--port", type=int, default=0, metavar="P", help="the redirect's port (default: a free one)")
+    p.add_argument(
+        "--timeout", type=float, default=300.0, metavar="SECONDS",
+        help="how long to wait for the browser's redirect (default: 300)",
+    )
+
+
 def _load(config: str | None) -> tuple[Settings, Path] | None:
     if not config:
         print("error: no config file: pass --config FILE or set SIDECAR_CONFIG", file=sys.stderr)
@@ -81,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     if loaded is None:
         return EXIT_CONFIG
     settings, path = loaded
+    if args.command == "oauth":
+        from sidecar.oauth_login import run_login  # aiohttp's server and the flow: only for this command
+
+        return run_login(settings, args.upstream, args.client, args.port, args.timeout)
     if args.command == "check":
         print(describe(settings))
         for warning in settings.warnings:

@@ -99,6 +99,7 @@ LAYER: dict[str, int] = {
     "sidecar.webhook.settings": APP,
     "sidecar.webhook.mutate": APP,
     "sidecar.webhook.server": APP,
+    "sidecar.oauth_login": APP,  # the oauth login command
     "sidecar.__main__": APP,
 }
 

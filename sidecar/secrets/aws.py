@@ -2,33 +2,56 @@
 
 botocore is imported only here, and this module only when ``secrets.backend: aws``,
 so a file-backend sidecar never pays for its import (about 16 MB RSS).
+
+Writes (an OAuth grant rotated, ``oauth login``) are PutSecretValue of the JSON
+value. Secrets Manager has no check-and-set, so the sidecar builds one from two
+parts. First it reads the secret again (GetSecretValue at ``version_stage``, the
+permission reads have already) and writes only when its VersionId is still the one
+the writer read. Then the new version's id, the ClientRequestToken, is not random:
+it is derived from the secret's ARN and the version it replaces. Secrets Manager
+never changes a version once made, so of two sidecars that read the same version
+and write different values, the second is refused (ResourceExistsException, which
+is WriteConflict here); a retry of our own call with the same value is the no-op
+Secrets Manager promises for a repeated token. What is left: a writer that is not a
+sidecar (the console, a rotation Lambda) makes a random version id, so a sidecar
+write can still land over such a write made between its check and its put, a window
+of one round trip. Creating a secret that does not exist yet (``expected`` None) is
+CreateSecret, which refuses a name that exists.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import random
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from sidecar.config import DEFAULT_LOOKUP_TIMEOUT_SECONDS, AwsBackendSettings
 from sidecar.secrets.base import (
     RawSecret,
-    ReadOnlyStore,
     SecretMismatch,
     SecretNotFound,
     SecretPendingDeletion,
     StoreError,
+    StoreVersion,
+    VersionedText,
+    WriteConflict,
+    WriteResult,
+    Written,
 )
 
 if TYPE_CHECKING:
     from mypy_boto3_secretsmanager import SecretsManagerClient
 
 log = logging.getLogger("sidecar.secrets.aws")
+
+_T = TypeVar("_T")
 
 #: Threads for blocking botocore calls. Single flight in the cache means one call
 #: per secret at a time, so this bounds concurrent distinct lookups, and also how many
@@ -59,6 +82,13 @@ _TRANSIENT = frozenset(
     {"InternalServiceError", "InternalFailure", "ServiceUnavailable", "RequestTimeout", "RequestTimeoutException",
      "PriorRequestNotComplete"}
 )
+
+#: Secrets Manager's answer when a version id (ClientRequestToken) or a name is taken already.
+_EXISTS = "ResourceExistsException"
+#: The namespace of the version ids sidecar writes derive (uuid5 of ARN and the version replaced).
+_VERSION_NAMESPACE = uuid.UUID("5b0f1c2e-8d1a-4f4e-9a57-3c1d2e6f7a80")
+#: The stage writes move unless ``version_stage`` names another.
+_CURRENT = "AWSCURRENT"
 
 #: Secrets Manager ends every secret's ARN in "-" and this many random characters.
 SUFFIX_LENGTH = 6
@@ -144,7 +174,16 @@ def answer_mismatch(secret_id: str, answer: Any, version_stage: str, region: str
     return None
 
 
-class AwsBackend(ReadOnlyStore):
+def next_version_id(arn: str, replaced: str | None) -> str:
+    """The id of the version a sidecar writes after ``replaced``: the same for every sidecar, so only one lands."""
+    return str(uuid.uuid5(_VERSION_NAMESPACE, f"{arn}\n{replaced or ''}"))
+
+
+class _Exists(Exception):
+    """ResourceExistsException: the version id or the name is taken (a write lost the race)."""
+
+
+class AwsBackend:
     """One botocore client, created at start, called from a small thread pool.
 
     A lookup makes at most MAX_ATTEMPTS calls, each with ``timeout_seconds`` as connect
@@ -206,13 +245,17 @@ class AwsBackend(ReadOnlyStore):
 
     def _get(self, secret_id: str, deadline: float) -> RawSecret:
         """Up to MAX_ATTEMPTS calls, retrying transient failures, none started past ``deadline``."""
+        return self._answer_value(secret_id, self._retrying(self._read_answer, secret_id, deadline))
+
+    def _retrying(self, call: Callable[..., _T], secret_id: str, deadline: float, *args: Any) -> _T:
+        """``call(secret_id, *args)``, again while it fails transiently: MAX_ATTEMPTS, none past ``deadline``."""
         attempt = 1
         while True:
             if time.monotonic() >= deadline:
                 # Queued behind busy threads until the lookup was over: no call is made for nobody.
                 raise StoreError("timeout", "no store thread was free within lookup_timeout_seconds")
             try:
-                return self._attempt(secret_id)
+                return call(secret_id, *args)
             except StoreError as failure:
                 pause = random.random() * self.backoff_seconds * 2 ** (attempt - 1)  # noqa: S311 - jitter
                 if not failure.transient or attempt >= MAX_ATTEMPTS or time.monotonic() + pause >= deadline:
@@ -220,7 +263,8 @@ class AwsBackend(ReadOnlyStore):
             time.sleep(pause)
             attempt += 1
 
-    def _attempt(self, secret_id: str) -> RawSecret:
+    def _call(self, secret_id: str, operation: str, **params: Any) -> Any:
+        """One Secrets Manager call; its failures sorted into the store's errors (none quoting AWS's message)."""
         from botocore.exceptions import (
             BotoCoreError,
             ClientError,
@@ -234,15 +278,15 @@ class AwsBackend(ReadOnlyStore):
         if self._client is None:
             raise StoreError("unavailable", "backend not started")
         try:
-            answer: Any = self._client.get_secret_value(
-                SecretId=secret_id, VersionStage=self.settings.version_stage
-            )
+            return getattr(self._client, operation)(**params)
         except ClientError as exc:
             error = exc.response.get("Error", {})
             code = str(error.get("Code", ""))
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if code == "InvalidRequestException" and _DELETION_WORD in str(error.get("Message", "")).lower():
                 raise SecretPendingDeletion(secret_id) from None
+            if code == _EXISTS:
+                raise _Exists() from None
             if code in _NOT_FOUND:
                 raise SecretNotFound(secret_id) from None
             if code in _DENIED:
@@ -263,8 +307,13 @@ class AwsBackend(ReadOnlyStore):
             raise StoreError("unavailable", type(exc).__name__, transient=True) from None
         except BotoCoreError as exc:
             raise StoreError("unavailable", type(exc).__name__) from None
-        string, binary = answer.get("SecretString"), answer.get("SecretBinary")
-        if string is None and binary is None:
+
+    def _read_answer(self, secret_id: str) -> Any:
+        """GetSecretValue at ``version_stage``, checked to be the secret asked for (else SecretMismatch)."""
+        answer = self._call(
+            secret_id, "get_secret_value", SecretId=secret_id, VersionStage=self.settings.version_stage
+        )
+        if answer.get("SecretString") is None and answer.get("SecretBinary") is None:
             # A body botocore could not parse comes back as an empty answer: a failing
             # store (503, retried), not an answer about some secret.
             raise StoreError("invalid", "secret has no value")
@@ -277,14 +326,90 @@ class AwsBackend(ReadOnlyStore):
                 extra={"secret_id": secret_id, "mismatch": mismatch},
             )
             raise SecretMismatch(secret_id)
+        return answer
+
+    @staticmethod
+    def _answer_value(secret_id: str, answer: Any) -> RawSecret:
+        """The value of a checked answer, carrying its VersionId (what a write names as ``expected``)."""
+        string, binary = answer.get("SecretString"), answer.get("SecretBinary")
+        version = answer.get("VersionId")
+        version = version if isinstance(version, str) and version else None
         if string is not None:
-            return str(string)
+            return VersionedText(str(string), version)
         if isinstance(binary, bytes | bytearray):
             try:
-                return bytes(binary).decode("utf-8")
+                text = bytes(binary).decode("utf-8")
             except UnicodeDecodeError:
-                raise StoreError("invalid", "binary secret is not UTF-8") from None
+                text = None  # raised below: the decoder's error holds the bytes
+            if text is not None:
+                return VersionedText(text, version)
+            raise StoreError("invalid", "binary secret is not UTF-8")
         raise StoreError("invalid", "secret has no value")
+
+    async def write(self, secret_id: str, value: Mapping[str, str], expected: StoreVersion | None) -> WriteResult:
+        """PutSecretValue of ``value`` as JSON if the secret's version is still ``expected`` (see the module doc).
+
+        ``expected`` None: CreateSecret, only when there is no such secret (by name: an
+        ARN names a secret that exists). Failures are the reads' StoreErrors; a secret
+        deleted or scheduled for deletion since the read is WriteConflict (a read then
+        says so), one that answers as another secret is refused.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + self.lookup_timeout
+        text = json.dumps(dict(value), separators=(",", ":"))
+        return await loop.run_in_executor(self._executor, self._write, secret_id, text, expected, deadline)
+
+    def _write(self, secret_id: str, text: str, expected: StoreVersion | None, deadline: float) -> WriteResult:
+        try:
+            answer = self._retrying(self._read_answer, secret_id, deadline)
+        except SecretMismatch:
+            raise StoreError("invalid", "the secret id answers as another secret; nothing written") from None
+        except SecretPendingDeletion:
+            if expected is None:
+                raise StoreError("invalid", "the secret is scheduled for deletion; restore it first") from None
+            return WriteConflict()
+        except SecretNotFound:
+            if expected is not None:
+                return WriteConflict()  # deleted since it was read
+            return self._create(secret_id, text, deadline)
+        current = answer.get("VersionId")
+        if expected is None or not isinstance(current, str) or current != str(expected):
+            return WriteConflict()
+        arn = str(answer["ARN"])  # answer_mismatch checked it is the secret asked for
+        try:
+            return self._retrying(self._put, secret_id, deadline, arn, text, next_version_id(arn, current))
+        except _Exists:
+            pass
+        # The version after ours exists: another sidecar wrote it first, unless AWSCURRENT was
+        # moved back to the version we read (a rollback), which leaves that id taken for good.
+        answer = self._retrying(self._read_answer, secret_id, deadline)
+        if answer.get("VersionId") != current:
+            return WriteConflict()
+        try:
+            return self._retrying(self._put, secret_id, deadline, arn, text, str(uuid.uuid4()))
+        except _Exists:
+            return WriteConflict()
+
+    def _put(self, secret_id: str, arn: str, text: str, token: str) -> WriteResult:
+        params: dict[str, Any] = {"SecretId": arn, "SecretString": text, "ClientRequestToken": token}
+        if self.settings.version_stage != _CURRENT:
+            params["VersionStages"] = [self.settings.version_stage]
+        answer = self._call(secret_id, "put_secret_value", **params)
+        return Written(str(answer.get("VersionId") or token))
+
+    def _create(self, secret_id: str, text: str, deadline: float) -> WriteResult:
+        if secret_id.startswith("arn:"):
+            raise StoreError("invalid", "no such secret; a secret is created by name, not by ARN")
+        token = next_version_id(secret_id, None)
+
+        def create(name: str) -> WriteResult:
+            answer = self._call(name, "create_secret", Name=name, SecretString=text, ClientRequestToken=token)
+            return Written(str(answer.get("VersionId") or token))
+
+        try:
+            return self._retrying(create, secret_id, deadline)
+        except _Exists:
+            return WriteConflict()  # another writer made it first
 
     async def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

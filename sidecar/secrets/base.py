@@ -35,9 +35,39 @@ class StoredFields(dict[str, Any]):
         self.version = version
 
 
+class VersionedText(str):
+    """A string secret with the version the read saw (an AWS VersionId, a file entry's hash).
+
+    Still a plain string to everything else: ``extract`` and the injectors see a str.
+    """
+
+    version: StoreVersion | None
+
+    def __new__(cls, value: str, version: StoreVersion | None) -> VersionedText:
+        text = super().__new__(cls, value)
+        text.version = version
+        return text
+
+
+class VersionedObject(dict[str, Any]):
+    """A JSON-object secret (a file backend's mapping) with the version read.
+
+    Unlike StoredFields, an object the store could have held as a plain string: it
+    needs ``secret_field`` like any mapping.
+    """
+
+    __slots__ = ("version",)
+
+    def __init__(self, fields: Mapping[str, Any], version: StoreVersion | None = None) -> None:
+        super().__init__(fields)
+        self.version = version
+
+
 def version_of(raw: RawSecret) -> StoreVersion | None:
-    """The version a read saw, when the backend says (Vault KV); None otherwise."""
-    return raw.version if isinstance(raw, StoredFields) else None
+    """The version a read saw, when the backend says (Vault KV, AWS, the file); None otherwise."""
+    if isinstance(raw, StoredFields | VersionedText | VersionedObject):
+        return raw.version
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,7 +268,7 @@ def _extract(raw: RawSecret, field: str | None) -> Secret:
         field = next(iter(raw))
     if field is None:
         if isinstance(raw, str):
-            return Secret(raw)
+            return Secret(str(raw))  # an exact str: a VersionedText would be copied by every render
         raise NoCredential(
             "The stored secret is an object; the upstream needs secret_field.", reason="secret_is_object"
         )

@@ -1,22 +1,59 @@
-"""Secrets from a local YAML/JSON file, reread when it changes (local runs, mounted Secrets)."""
+"""Secrets from a local YAML/JSON file, reread when it changes (local runs, mounted Secrets).
+
+Writes (an OAuth grant rotated, ``oauth login``) rewrite the whole file atomically:
+under an exclusive ``flock`` on a lock file beside it (``.<name>.lock``), the file is
+read again from disk, the entry compared with the version the writer read, and the
+new content written to a temporary file in the same directory, fsynced, given the
+file's mode, and renamed over the file (``os.replace``), then the directory fsynced.
+So a reader (this process's watcher, another sidecar, an editor) sees the old file
+or the new one, never half of one; and of two writers, in one process or in two,
+that read the same version, the one that takes the lock second finds the entry
+changed and gets WriteConflict. The lock is on a separate file because the rename
+replaces the keys file's inode: a lock on the file itself would be on the old one.
+
+An entry's version is a keyed hash (HMAC-SHA256 with a key made at start) of its
+value, computed when the file is loaded, so a read costs a dict get as before. The
+key is per process: a version never leaves the process that read it, and the hash
+of a short API key is no guess-checking oracle for anyone who sees it.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import fcntl
+import hmac
+import json
 import logging
 import os
-from collections.abc import Callable, Mapping
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import yaml
 
-from sidecar.secrets.base import RawSecret, ReadOnlyStore, SecretNotFound, StoreError
+from sidecar.secrets.base import (
+    RawSecret,
+    SecretNotFound,
+    StoreError,
+    StoreVersion,
+    VersionedObject,
+    VersionedText,
+    WriteConflict,
+    WriteResult,
+    Written,
+    version_of,
+)
 
 log = logging.getLogger("sidecar.secrets.file")
 
 #: How often the file's identity (inode, size, mtime) is compared. Kubernetes
 #: updates mounted Secrets by swapping a symlink, which this catches too.
 POLL_SECONDS = 1.0
+#: How long a write waits for another writer's lock on the file before giving up.
+LOCK_TIMEOUT_SECONDS = 5.0
 
 
 class _KeysLoader(yaml.SafeLoader):
@@ -105,7 +142,70 @@ def _identity(path: Path) -> tuple[int, int, int] | None:
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-class FileBackend(ReadOnlyStore):
+def entry_version(key: bytes, value: RawSecret) -> str:
+    """The version of one entry: a keyed hash of its value (a string and a mapping never share one)."""
+    if isinstance(value, str):
+        canonical = "s" + value
+    else:
+        canonical = "o" + json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hmac.new(key, canonical.encode("utf-8", "surrogatepass"), "sha256").hexdigest()[:32]
+
+
+def _versioned(key: bytes, data: Mapping[str, RawSecret]) -> dict[str, RawSecret]:
+    """Each entry as what a read hands out: the value, carrying its version."""
+    out: dict[str, RawSecret] = {}
+    for secret_id, value in data.items():
+        version = entry_version(key, value)
+        out[secret_id] = VersionedText(value, version) if isinstance(value, str) else VersionedObject(value, version)
+    return out
+
+
+def _is_json(path: Path, text: str) -> bool:
+    """Whether the file is JSON (kept JSON on a rewrite) rather than YAML."""
+    if path.suffix.lower() == ".json":
+        return True
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
+
+
+def _dump(data: Mapping[str, RawSecret], as_json: bool) -> str:
+    if as_json:
+        return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    # SafeDumper quotes every string an implicit type would claim (0123, yes, 2024-01-01):
+    # read back with _KeysLoader, each value is the same text.
+    text: str = yaml.safe_dump(dict(data), sort_keys=False, allow_unicode=True, default_flow_style=False, width=1 << 20)
+    return text
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path, timeout: float) -> Iterator[None]:
+    """An exclusive flock on ``lock_path`` (made if missing, empty), given up after ``timeout``.
+
+    Opened read-only: flock needs no write access, so another user who may write
+    the keys file (the CLI run by a person, the sidecar as its own user) can lock it too.
+    """
+    try:
+        fd = os.open(lock_path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise StoreError("unavailable", f"cannot open the lock file {lock_path}: {exc.strerror}") from None
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise StoreError("timeout", f"another writer held {lock_path}", transient=True) from None
+                time.sleep(0.01)  # a writer holds it for one read and one rename
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+class FileBackend:
     """Keeps the file's mapping in memory; a watcher task swaps it when the file changes."""
 
     name = "file"
@@ -116,10 +216,14 @@ class FileBackend(ReadOnlyStore):
         self._data: dict[str, RawSecret] = {}
         self._stamp: tuple[int, int, int] | None = None
         self._watcher: asyncio.Task[None] | None = None
+        #: versions are keyed hashes under this process's own key
+        self._key = os.urandom(32)
+        #: one reload or write at a time: a reload that read the file before a write must not land after it
+        self._lock = asyncio.Lock()
 
     async def start(self) -> None:
         self._stamp = _identity(self.path)
-        self._data = load_secret_file(self.path)  # a bad file at start is fatal
+        self._data = _versioned(self._key, load_secret_file(self.path))  # a bad file at start is fatal
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
     async def fetch(self, secret_id: str) -> RawSecret:
@@ -130,20 +234,109 @@ class FileBackend(ReadOnlyStore):
 
     async def reload_if_changed(self) -> bool:
         """Reread the file when its identity changed; keep the old data if it is broken."""
-        stamp = _identity(self.path)
-        if stamp == self._stamp:
+        if _identity(self.path) == self._stamp:
             return False
-        self._stamp = stamp
-        try:
-            data = await asyncio.get_running_loop().run_in_executor(None, load_secret_file, self.path)
-        except FileLoadError as exc:
-            log.error("secrets file not reloaded, keeping the previous contents: %s", exc)
-            return False
-        self._data = data
+        async with self._lock:
+            stamp = _identity(self.path)  # again: a write may have landed (and noted its own stamp) meanwhile
+            if stamp == self._stamp:
+                return False
+            self._stamp = stamp
+            try:
+                data = await asyncio.get_running_loop().run_in_executor(None, self._load)
+            except FileLoadError as exc:
+                log.error("secrets file not reloaded, keeping the previous contents: %s", exc)
+                return False
+            self._data = data
         log.info("secrets file reloaded", extra={"entries": len(data)})
         if self.on_change is not None:
             self.on_change()
         return True
+
+    def _load(self) -> dict[str, RawSecret]:
+        return _versioned(self._key, load_secret_file(self.path))
+
+    async def write(self, secret_id: str, value: Mapping[str, str], expected: StoreVersion | None) -> WriteResult:
+        """Set the entry to the object ``value`` if it is still the version read (None: if there is none).
+
+        The file on disk is what is compared, not this process's copy: another process
+        may have written since. On success this process's copy is the new file at
+        once, and the watcher does not take the rename for someone else's change;
+        when the file had changed on disk besides, ``on_change`` is called as the
+        watcher would have.
+        """
+        async with self._lock:
+            loop = asyncio.get_running_loop()
+            result, data, stamp, others = await loop.run_in_executor(
+                None, self._write_locked, secret_id, dict(value), expected
+            )
+            if data is not None:
+                self._data, self._stamp = data, stamp
+        if others and self.on_change is not None:
+            self.on_change()
+        return result
+
+    def _write_locked(
+        self, secret_id: str, value: dict[str, str], expected: StoreVersion | None
+    ) -> tuple[WriteResult, dict[str, RawSecret] | None, tuple[int, int, int] | None, bool]:
+        """In a thread: compare and replace under the lock file; the result, the new data and stamp, and
+        whether the file had changed on disk since this process last read it."""
+        real = Path(os.path.realpath(self.path))  # a symlinked file stays a symlink: its target is replaced
+        with _locked(real.with_name(f".{real.name}.lock"), LOCK_TIMEOUT_SECONDS):
+            before = _identity(self.path)
+            # As in load_secret_file, raised after the except block: the decoder's error holds the file's bytes.
+            problem = None
+            text, current = "", {}
+            try:
+                text = real.read_text(encoding="utf-8")
+                current = load_secret_file(real)
+            except FileLoadError as exc:
+                problem = str(exc)
+            except (OSError, UnicodeDecodeError):
+                problem = f"cannot read {self.path} as UTF-8 text"
+            if problem is not None:
+                raise StoreError("invalid", problem)
+            others = before != self._stamp
+            entry = current.get(secret_id)
+            if (expected is None) != (entry is None) or (
+                entry is not None and not hmac.compare_digest(entry_version(self._key, entry), str(expected))
+            ):
+                return WriteConflict(), None, None, False
+            current[secret_id] = dict(value)
+            self._replace(real, _dump(current, _is_json(real, text)))
+            stamp = _identity(self.path)
+        data = _versioned(self._key, current)
+        return Written(version_of(data[secret_id])), data, stamp, others
+
+    @staticmethod
+    def _replace(real: Path, text: str) -> None:
+        """``text`` as the file's new content: temp file, fsync, the file's mode, rename, directory fsync."""
+        directory = real.parent
+        try:
+            st = os.stat(real)
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{real.name}.", suffix=".tmp")
+        except OSError as exc:
+            raise StoreError("unavailable", f"cannot write beside {real}: {exc.strerror}") from None
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                out.write(text)
+                out.flush()
+                os.fchmod(out.fileno(), st.st_mode & 0o7777)
+                with contextlib.suppress(PermissionError):  # only root may give the file to another owner
+                    os.fchown(out.fileno(), st.st_uid, st.st_gid)
+                os.fsync(out.fileno())
+            os.replace(tmp, real)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            hint = " (a file bind-mounted on its own cannot be replaced: mount its directory)" if (
+                exc.errno == errno.EBUSY
+            ) else ""
+            raise StoreError("unavailable", f"cannot replace {real}: {exc.strerror}{hint}") from None
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)  # the rename itself survives a crash
+        finally:
+            os.close(dir_fd)
 
     async def _watch(self) -> None:
         while True:
