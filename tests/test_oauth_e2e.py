@@ -2,13 +2,15 @@
 
 The upstream is the server's own protected resource: it accepts only live tokens it
 issued and echoes whose they are, so "the upstream saw the right token" is checked by
-the party that issued it. The file backend and OpenBao hold the stored credentials.
+the party that issued it. The file backend holds the stored credentials; the refresh-token
+tests run with each backend that writes (the file, Secrets Manager in moto, OpenBao).
 Every token, refresh token and client secret is registered with the leak check: none
 may appear in any output of the run.
 """
 
 from __future__ import annotations
 
+import json
 import signal
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,11 +23,13 @@ import pytest
 import requests
 import yaml
 
+from tests.support.aws import AWS_ENV
 from tests.support.idp import IdentityProvider, ThreadedIdP
 from tests.support.leaks import make_secret
 from tests.support.oauth_server import TOKEN_EXCHANGE, OAuthServer
 from tests.support.openbao import OpenBao
 from tests.support.process import SidecarProcess, metric
+from tests.support.store_faults import put_secret, secrets_manager
 
 Start = Callable[..., SidecarProcess]
 
@@ -143,71 +147,171 @@ def test_a_reload_keeps_the_cached_tokens(
 # ------------------------------------------------------------------ refresh tokens
 
 
-def test_refresh_token_with_vault_rotates_into_the_store(
-    start_sidecar: Start, tmp_path: Path, oauth_server: OAuthServer, openbao: OpenBao
+class GrantStore:
+    """Where the users' grants live, seeded and read back by the test as an operator would.
+
+    One backend each (``grants`` is parametrized over them): the secret-store section of
+    the config, the upstream's ``secret`` template, the environment the sidecar needs.
+    """
+
+    secret = "mcp/api/{client_id}"
+    env: dict[str, str] = {}
+
+    def section(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def put(self, user: str, refresh_token: str) -> None:
+        raise NotImplementedError
+
+    def refresh_token(self, user: str) -> str | None:
+        raise NotImplementedError
+
+
+class FileGrants(GrantStore):
+    """One keys file: every sidecar of a test reads and rewrites the same file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.write_text("{}\n", encoding="utf-8")
+
+    def section(self) -> dict[str, Any]:
+        return {"backend": "file", "file": {"path": str(self.path)}}
+
+    def _entries(self) -> dict[str, Any]:
+        return dict(yaml.safe_load(self.path.read_text(encoding="utf-8")) or {})
+
+    def put(self, user: str, refresh_token: str) -> None:
+        entries = self._entries()
+        entries[self.secret.format(client_id=user)] = {"refresh_token": refresh_token}
+        self.path.write_text(yaml.safe_dump(entries), encoding="utf-8")
+
+    def refresh_token(self, user: str) -> str | None:
+        entry = self._entries().get(self.secret.format(client_id=user))
+        return entry.get("refresh_token") if isinstance(entry, dict) else None
+
+
+class AwsGrants(GrantStore):
+    """Secrets Manager (moto in server mode); names under a prefix of their own, as moto lives per session."""
+
+    env = dict(AWS_ENV)
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.client = secrets_manager(endpoint)
+        self.secret = f"mcp/oauth-{uuid.uuid4().hex[:8]}/{{client_id}}"
+
+    def section(self) -> dict[str, Any]:
+        return {"backend": "aws", "aws": {"region": "us-east-1", "endpoint_url": self.endpoint}}
+
+    def put(self, user: str, refresh_token: str) -> None:
+        put_secret(self.client, self.secret.format(client_id=user), SecretString=json.dumps({"refresh_token": refresh_token}))
+
+    def refresh_token(self, user: str) -> str | None:
+        value = self.client.get_secret_value(SecretId=self.secret.format(client_id=user))["SecretString"]
+        token = json.loads(value).get("refresh_token")
+        return token if isinstance(token, str) else None
+
+
+class VaultGrants(GrantStore):
+    """OpenBao's KV v2 at secret/, read with a token from a file."""
+
+    def __init__(self, openbao: OpenBao, token_file: Path) -> None:
+        self.openbao = openbao
+        self.prefix = f"mcp/oauth-{uuid.uuid4().hex[:8]}"
+        self.secret = self.prefix + "/{client_id}"
+        self.token_file = token_file
+        token_file.write_text(openbao.token() + "\n")
+
+    def section(self) -> dict[str, Any]:
+        auth = {"method": "token", "token_file": str(self.token_file)}
+        return {"backend": "vault", "vault": {"address": self.openbao.address, "auth": auth}}
+
+    def put(self, user: str, refresh_token: str) -> None:
+        self.openbao.put(f"{self.prefix}/{user}", refresh_token=refresh_token)
+
+    def refresh_token(self, user: str) -> str | None:
+        token = self.openbao.api("GET", f"secret/data/{self.prefix}/{user}")["data"]["data"].get("refresh_token")
+        return token if isinstance(token, str) else None
+
+
+@pytest.fixture(params=["file", "aws", "vault"])
+def grants(request: pytest.FixtureRequest, tmp_path: Path) -> GrantStore:
+    """The users' grants in each backend that writes: the file, Secrets Manager (moto), Vault (OpenBao)."""
+    if request.param == "file":
+        return FileGrants(tmp_path / "keys.yaml")
+    if request.param == "aws":
+        return AwsGrants(request.getfixturevalue("moto_endpoint"))
+    return VaultGrants(request.getfixturevalue("openbao"), tmp_path / "vault-token")
+
+
+def refresh_config(grants: GrantStore, server: OAuthServer, **credential: Any) -> dict[str, Any]:
+    credential = {
+        "type": "oauth2_refresh_token", "client_id": "app", "client_secret": "${APP_SECRET}", **credential
+    }
+    return {"secrets": grants.section(), "upstreams": {"api": oauth_upstream(server, credential, secret=grants.secret)}}
+
+
+def test_refresh_token_rotates_into_the_store(
+    start_sidecar: Start, oauth_server: OAuthServer, grants: GrantStore
 ) -> None:
     app = oauth_server.register_client("app", grant_types=("refresh_token",), auth_method="client_secret_post")
-    prefix = f"mcp/oauth-{uuid.uuid4().hex[:8]}"
     first = oauth_server.issue_grant("app", "alice")
-    openbao.put(f"{prefix}/alice", refresh_token=first)
+    grants.put("alice", first)
     revoked = oauth_server.issue_grant("app", "bob")
     oauth_server.revoke_grant(revoked)
-    openbao.put(f"{prefix}/bob", refresh_token=revoked)
-    token_file = tmp_path / "vault-token"
-    token_file.write_text(openbao.token() + "\n")
-    config = {
-        "secrets": {"backend": "vault", "vault": {"address": openbao.address, "auth": {"method": "token", "token_file": str(token_file)}}},
-        "upstreams": {
-            "api": oauth_upstream(
-                oauth_server,
-                {"type": "oauth2_refresh_token", "client_id": "app", "client_secret": "${APP_SECRET}",
-                 "auth_method": "client_secret_post", "authorize_url": oauth_server.authorize_url},
-                secret=prefix + "/{client_id}",
-            )
-        },
-    }
-    sc = start_sidecar(config, env={"APP_SECRET": app.client_secret})
+    grants.put("bob", revoked)
+    config = refresh_config(
+        grants, oauth_server, auth_method="client_secret_post", authorize_url=oauth_server.authorize_url
+    )
+    sc = start_sidecar(config, env={**grants.env, "APP_SECRET": app.client_secret})
     resp = call(sc)
     assert resp.status_code == 200 and resp.json()["subject"] == "alice"
+    # The provider rotated the grant (the first one is revoked): the store holds the new one.
     live = oauth_server.live_grants("alice")
     assert len(live) == 1 and live[0] != first
-    stored = openbao.api("GET", f"secret/data/{prefix}/alice")["data"]
-    assert stored["data"]["refresh_token"] == live[0] and stored["metadata"]["version"] == 2
+    assert grants.refresh_token("alice") == live[0]
+    # The next refresh starts from what was written, and its write replaces that version:
+    # the upstream refuses the cached access token, the sidecar refreshes and rotates again.
+    oauth_server.revoke_access()
+    resp = call(sc)
+    assert resp.status_code == 200 and resp.json()["subject"] == "alice"
+    again = oauth_server.live_grants("alice")
+    assert len(again) == 1 and again[0] not in (first, live[0])
+    assert grants.refresh_token("alice") == again[0]
+    assert tokens(sc, "refresh_token") == 2
     # A revoked grant, and no grant at all: consent is needed, and the body says where.
     for user in ("bob", "carol"):
         resp = call(sc, client=user)
         assert resp.status_code == 401 and resp.headers["X-Sidecar-Error"] == "consent_required"
         assert resp.json()["authorize_url"] == oauth_server.authorize_url
+    assert grants.refresh_token("bob") == revoked  # a refused grant is left for the user's next consent
 
 
 def test_two_sidecars_racing_on_a_rotation_never_lose_the_grant(
-    start_sidecar: Start, tmp_path: Path, oauth_server: OAuthServer, openbao: OpenBao
+    start_sidecar: Start, oauth_server: OAuthServer, grants: GrantStore
 ) -> None:
     app = oauth_server.register_client("app", grant_types=("refresh_token",))
-    prefix = f"mcp/oauth-{uuid.uuid4().hex[:8]}"
     users = [f"user{i}" for i in range(6)]
     for user in users:
-        openbao.put(f"{prefix}/{user}", refresh_token=oauth_server.issue_grant("app", user))
-    token_file = tmp_path / "vault-token"
-    token_file.write_text(openbao.token() + "\n")
-    config = {
-        "secrets": {"backend": "vault", "vault": {"address": openbao.address, "auth": {"method": "token", "token_file": str(token_file)}}},
-        "upstreams": {
-            "api": oauth_upstream(
-                oauth_server, {"type": "oauth2_refresh_token", "client_id": "app", "client_secret": "${APP_SECRET}"},
-                secret=prefix + "/{client_id}",
-            )
-        },
-    }
-    env = {"APP_SECRET": app.client_secret}
+        grants.put(user, oauth_server.issue_grant("app", user))
+    # Two replicas on one store (for the file backend: one keys file, as two sidecars beside it).
+    config = refresh_config(grants, oauth_server)
+    env = {**grants.env, "APP_SECRET": app.client_secret}
     a, b = start_sidecar(config, env=env), start_sidecar(config, env=env)
-    with ThreadPoolExecutor(12) as pool:
-        answers = list(pool.map(lambda job: call(job[0], client=job[1]), [(sc, u) for u in users for sc in (a, b)]))
-    assert [r.status_code for r in answers] == [200] * len(answers)
-    for user in users:
-        live = oauth_server.live_grants(user)
-        assert len(live) == 1, user
-        assert openbao.api("GET", f"secret/data/{prefix}/{user}")["data"]["data"]["refresh_token"] == live[0]
+    jobs = [(sc, u) for u in users for sc in (a, b)]
+    for _round in range(2):
+        with ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(lambda job: call(job[0], client=job[1]), jobs))
+        outcome = [(r.status_code, r.headers.get("X-Sidecar-Error")) for r in answers]
+        assert outcome == [(200, None)] * len(answers), (_round, outcome)
+        assert [r.json()["subject"] for r in answers] == [user for _, user in jobs]
+        for user in users:
+            live = oauth_server.live_grants(user)
+            assert len(live) == 1, user
+            assert grants.refresh_token(user) == live[0], user
+        # Round two: every cached access token refused at once, so both replicas refresh
+        # every user again, each from what the other may just have written.
+        oauth_server.revoke_access()
 
 
 # ------------------------------------------------------------------ token exchange

@@ -227,13 +227,22 @@ class FileBackend:
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
     async def fetch(self, secret_id: str) -> RawSecret:
+        # The file as it is now, not as the watcher last saw it: another sidecar or the CLI
+        # on the same file may have rotated a grant a moment ago, and a replica told
+        # invalid_grant reads the store again for exactly that grant. One stat; the file
+        # is reread only when it changed. (The secret cache stands in front of this.)
+        if _identity(self.path) != self._stamp:
+            await self.reload_if_changed()
         try:
             return self._data[secret_id]
         except KeyError:
             raise SecretNotFound(secret_id) from None
 
     async def reload_if_changed(self) -> bool:
-        """Reread the file when its identity changed; keep the old data if it is broken."""
+        """Reread the file when its identity changed; keep the old data if it is broken.
+
+        The watcher calls it every POLL_SECONDS, and ``fetch`` before each read.
+        """
         if _identity(self.path) == self._stamp:
             return False
         async with self._lock:
