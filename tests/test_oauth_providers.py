@@ -76,9 +76,13 @@ async def provider(tmp_path: Path, oauth_server: OAuthServer) -> AsyncIterator[M
     """``make(credential, keys={...})``: a provider over a file backend holding ``keys``."""
     made: list[tuple[_TokenProvider, SecretBackend]] = []
 
-    async def make(credential: dict[str, Any], keys: dict[str, Any] | None = None, **top: Any) -> Any:
+    async def make(
+        credential: dict[str, Any], keys: dict[str, Any] | None = None, *, cache: dict[str, Any] | None = None,
+        **top: Any,
+    ) -> Any:
         (tmp_path / "keys.yaml").write_text(yaml.safe_dump(keys or {}))
-        settings = settings_for(tmp_path, upstream_config(oauth_server, credential), **top)
+        secrets = {"file": {"path": str(tmp_path / "keys.yaml")}, "cache": cache} if cache else None
+        settings = settings_for(tmp_path, upstream_config(oauth_server, credential), secrets, **top)
         backend = FileBackend(tmp_path / "keys.yaml")
         await backend.start()
         clock = Clock()
@@ -315,3 +319,18 @@ async def test_a_rotated_grant_is_written_back_before_use_and_two_replicas_never
         for p, backend in ((a, backend_a), (b, backend_b)):
             await p.close()
             await backend.close()
+
+
+async def test_callers_without_a_credential_cannot_grow_the_provider_without_bound(provider: Make) -> None:
+    """In header mode any app may name any client ID: each unknown one is remembered as
+    "nothing stored" (negative_ttl_seconds), but never more of them than ``max_entries``,
+    or an app cycling through IDs would grow the sidecar's memory without end."""
+    p = await provider(CC, {}, cache={"max_entries": 8})
+    for n in range(100):
+        with pytest.raises(NoCredential):
+            await p.get(Identity(f"nobody-{n}"))
+    assert len(p._missing) <= 8
+    assert len(p._tokens) <= 8
+    # The most recent refusal is still remembered: no store read for it again.
+    with pytest.raises(NoCredential):
+        await p.get(Identity("nobody-99"))

@@ -280,6 +280,19 @@ class _Token:
     obtained: float
 
 
+def _bounded_put(table: dict[str, Any], key: str, value: Any, limit: int) -> None:
+    """``table[key] = value``, first dropping the oldest entries past ``limit`` (secrets.cache.max_entries).
+
+    Any app may name any client ID in header mode; without a bound, one cycling through
+    IDs would grow these tables (tokens, "nothing stored") without end. The oldest entry
+    goes first: at worst a client it held makes one more token request or store read.
+    """
+    table.pop(key, None)
+    while len(table) >= limit:
+        del table[next(iter(table))]
+    table[key] = value
+
+
 def _drop_outcome(task: asyncio.Task[Any]) -> None:
     if not task.cancelled():
         task.exception()
@@ -439,7 +452,10 @@ class _TokenProvider:
             raise self.refusal(exc) from None
         except (ConsentRequired, NoCredential) as err:
             self._tokens.pop(key, None)
-            self._missing[key] = (self._clock() + self.cache.settings.negative_ttl_seconds, err)
+            _bounded_put(
+                self._missing, key, (self._clock() + self.cache.settings.negative_ttl_seconds, err),
+                self.cache.settings.max_entries,
+            )
             raise
         now = self._clock()
         lifetime = answer.expires_in
@@ -449,7 +465,7 @@ class _TokenProvider:
             fresh = now + max(lifetime - EXPIRY_MARGIN, lifetime / 2)
             valid = now + lifetime - 1.0
         token = _Token(answer.access_token, fresh, valid, fresh, from_rejection, now)
-        self._tokens[key] = token
+        _bounded_put(self._tokens, key, token, self.cache.settings.max_entries)
         return token
 
     def _unavailable(self, key: str, exc: TokenUnavailable) -> _Token:
