@@ -5,7 +5,7 @@ It holds no secret by construction: the settings carry secret ids and templates,
 
 from __future__ import annotations
 
-from sidecar.config import CredentialSettings, Settings, VaultBackendSettings
+from sidecar.config import CredentialSettings, Settings, TracingSettings, VaultBackendSettings
 from sidecar.net import host_port, loggable_url
 
 
@@ -16,6 +16,7 @@ def describe(settings: Settings) -> str:
         f"listen:        {settings.listen}",
         f"admin_listen:  {settings.admin_listen}",
         f"workers:       {settings.workers}",
+        f"tracing:       {_tracing(settings.tracing)}",
     ]
     issuers = settings.identity.jwt
     if not issuers:
@@ -123,3 +124,13 @@ def _credential(c: CredentialSettings) -> str:
     if c.authorize_url:
         parts.append(f"authorize_url={loggable_url(c.authorize_url)}")
     return "(" + " ".join(parts) + ")"
+
+
+def _tracing(t: TracingSettings) -> str:
+    """Where spans go: the collector's URL (no user information or query), never a header."""
+    if t.otlp_endpoint is None:
+        return "off"
+    return (
+        f"OTLP/HTTP {loggable_url(t.otlp_endpoint)} service={t.service_name} timeout={t.timeout_seconds:g}s"
+        + (" client_id=on" if t.client_id else "")
+    )
