@@ -16,8 +16,9 @@ def describe(settings: Settings) -> str:
         f"listen:        {settings.listen}",
         f"admin_listen:  {settings.admin_listen}",
         f"workers:       {settings.workers}",
-        f"tracing:       {_tracing(settings.tracing)}",
     ]
+    if settings.tracing.otlp_endpoint is not None:
+        lines.append(f"tracing:       {_tracing(settings.tracing)}")
     issuers = settings.identity.jwt
     if not issuers:
         lines.append(f"identity:      header {settings.identity.header}")
@@ -128,8 +129,7 @@ def _credential(c: CredentialSettings) -> str:
 
 def _tracing(t: TracingSettings) -> str:
     """Where spans go: the collector's URL (no user information or query), never a header."""
-    if t.otlp_endpoint is None:
-        return "off"
+    assert t.otlp_endpoint is not None
     return (
         f"OTLP/HTTP {loggable_url(t.otlp_endpoint)} service={t.service_name} timeout={t.timeout_seconds:g}s"
         + (" client_id=on" if t.client_id else "")
