@@ -37,10 +37,11 @@ COPY scripts/build_backend.py ./scripts/
 COPY sidecar ./sidecar
 # A regular (non-editable) install: the package lands in the venv's site-packages
 # with its .pyc files compiled now, because the root filesystem is read-only at run time.
-# botocore (Secrets Manager) is a core dependency; fast: uvloop. pip itself is not needed
+# botocore (Secrets Manager) is a core dependency; fast: uvloop; tracing: OpenTelemetry
+# (loaded only when tracing.otlp_endpoint is set). pip itself is not needed
 # at run time, so it leaves the venv (about 17 MB). mypy is only in pip's throw-away
 # build environment. The last line fails the build if nothing was compiled.
-RUN SIDECAR_COMPILE=${SIDECAR_COMPILE} pip install ".[fast]" \
+RUN SIDECAR_COMPILE=${SIDECAR_COMPILE} pip install ".[fast,tracing]" \
  && python -m pip uninstall --yes pip \
  && cd / && python -c "import sys; from sidecar.buildinfo import build; print('sidecar build:', build()); \
       sys.exit('${SIDECAR_COMPILE}' == '1' and build() != 'compiled')"

@@ -45,6 +45,7 @@ from sidecar.proxy import DataPlane, Runtime
 from sidecar.secrets.base import SecretBackend
 from sidecar.secrets.cache import SecretCache
 from sidecar.secrets.factory import BackendStartError, start_backend
+from sidecar.tracing import Tracer, start_tracer
 from sidecar.upstream import Upstream
 
 if TYPE_CHECKING:
@@ -102,6 +103,7 @@ class Sidecar:
         self._admin_runner: web.AppRunner | None = None
         self._prefetch_task: asyncio.Task[None] | None = None
         self._retire_tasks: set[asyncio.Task[None]] = set()
+        self._tracer: Tracer | None = None
 
     @property
     def ready(self) -> bool:
@@ -151,6 +153,8 @@ class Sidecar:
         self._parts = parts
         access_log = self._access_log or AccessLog(self.settings.log.format, shared=self.worker is not None)
         self._plane = DataPlane(self._runtime(parts), access_log)
+        if s.tracing.otlp_endpoint is not None:
+            self._tracer = self._plane.tracer = start_tracer(s.tracing)
         self._front = Front(
             self._plane,
             {
@@ -339,7 +343,7 @@ class Sidecar:
             settings.forward_proxy.mitm.enabled and self._authority is None
         ):
             log.warning("config reload: turning TLS interception on needs a restart; not applied")
-        for key in ("listen", "admin_listen", "workers"):
+        for key in ("listen", "admin_listen", "workers", "tracing"):
             if getattr(settings, key) != getattr(old.settings, key):
                 log.warning("config reload: %s changes need a restart; not applied", key)
         try:
@@ -407,6 +411,8 @@ class Sidecar:
             task.cancel()
         if self._parts is not None:
             await self._close_parts(self._parts)
+        if self._tracer is not None:
+            await self._tracer.close()  # the last spans, within tracing.timeout_seconds
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
         if self._authority is not None:

@@ -8,6 +8,7 @@ touches the network or a secret store; of ours it imports errors, policy and net
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import math
 import os
@@ -42,6 +43,8 @@ DEFAULT_SHUTDOWN_GRACE_SECONDS = 20.0
 DEFAULT_WORKERS = 1
 DEFAULT_LOG_LEVEL = "info"
 DEFAULT_LOG_FORMAT = "json"
+DEFAULT_TRACING_SERVICE_NAME = "credential-sidecar"
+DEFAULT_TRACING_TIMEOUT_SECONDS = 5.0
 DEFAULT_IDENTITY_HEADER = "X-Client-Id"
 DEFAULT_JWT_HEADER = "Authorization"
 DEFAULT_JWT_ALGORITHMS = ("RS256",)
@@ -129,6 +132,16 @@ OWNER_EDITABLE_CLAIMS = frozenset({"preferred_username", "name", "nickname", "gi
 class LogSettings:
     level: str = DEFAULT_LOG_LEVEL
     format: str = DEFAULT_LOG_FORMAT
+
+
+@dataclass(frozen=True)
+class TracingSettings:
+    """``tracing``: one span per proxied request, exported over OTLP/HTTP (sidecar/tracing.py)."""
+
+    otlp_endpoint: str | None = None  # the collector's base URL; None: tracing off
+    service_name: str = DEFAULT_TRACING_SERVICE_NAME
+    timeout_seconds: float = DEFAULT_TRACING_TIMEOUT_SECONDS  # one export, retries included; the flush at drain
+    client_id: bool = False  # the client ID as a span attribute (personal data in user-based identity)
 
 
 @dataclass(frozen=True)
@@ -301,6 +314,7 @@ class Settings:
     shutdown_grace_seconds: float = DEFAULT_SHUTDOWN_GRACE_SECONDS
     workers: int = DEFAULT_WORKERS
     log: LogSettings = field(default_factory=LogSettings)
+    tracing: TracingSettings = field(default_factory=TracingSettings)
     identity: IdentitySettings = field(default_factory=IdentitySettings)
     secrets: SecretsSettings = field(default_factory=SecretsSettings)
     forward_proxy: ForwardProxySettings = field(default_factory=ForwardProxySettings)
@@ -589,7 +603,7 @@ class _Reader:
             "",
             frozenset(
                 {
-                    "listen", "admin_listen", "shutdown_grace_seconds", "workers", "log",
+                    "listen", "admin_listen", "shutdown_grace_seconds", "workers", "log", "tracing",
                     "identity", "secrets", "upstreams", "forward_proxy",
                 }
             ),
@@ -601,6 +615,7 @@ class _Reader:
         grace = self.number(m, "shutdown_grace_seconds", "", DEFAULT_SHUTDOWN_GRACE_SECONDS)
         workers = self.integer(m, "workers", "", DEFAULT_WORKERS, minimum=1, maximum=64)
         log = self.log(m.get("log"))
+        tracing = self.tracing(m.get("tracing"))
         identity = self.identity(m.get("identity"))
         secrets = self.secrets(m.get("secrets"))
         upstreams = self.upstreams(m.get("upstreams"))
@@ -634,6 +649,7 @@ class _Reader:
             shutdown_grace_seconds=grace,
             workers=workers,
             log=log,
+            tracing=tracing,
             identity=identity,
             secrets=secrets,
             upstreams=upstreams,
@@ -648,6 +664,29 @@ class _Reader:
             or DEFAULT_LOG_LEVEL,
             format=self.string(m, "format", "log", DEFAULT_LOG_FORMAT, choices=LOG_FORMATS)
             or DEFAULT_LOG_FORMAT,
+        )
+
+    def tracing(self, raw: Any) -> TracingSettings:
+        path = "tracing"
+        m = self.mapping(raw, path, frozenset({"otlp_endpoint", "service_name", "timeout_seconds", "client_id"}))
+        endpoint = self.string(m, "otlp_endpoint", path, None) or None
+        self.check_service_url(endpoint, f"{path}.otlp_endpoint")
+        if endpoint is not None and ("?" in endpoint or "#" in endpoint):
+            self.fail(f"{path}.otlp_endpoint", "must not contain a query or fragment")
+        if endpoint is not None and importlib.util.find_spec("opentelemetry.sdk") is None:
+            # Found, not imported: the SDK loads only when the sidecar starts with tracing on.
+            self.fail(
+                f"{path}.otlp_endpoint",
+                "needs the OpenTelemetry SDK, which is not installed: pip install 'mcp-credential-sidecar[tracing]'",
+            )
+        return TracingSettings(
+            otlp_endpoint=endpoint,
+            service_name=self.string(m, "service_name", path, DEFAULT_TRACING_SERVICE_NAME)
+            or DEFAULT_TRACING_SERVICE_NAME,
+            timeout_seconds=self.number(
+                m, "timeout_seconds", path, DEFAULT_TRACING_TIMEOUT_SECONDS, positive=True
+            ),
+            client_id=self.boolean(m, "client_id", path, False),
         )
 
     def identity(self, raw: Any) -> IdentitySettings:

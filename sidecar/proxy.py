@@ -43,6 +43,7 @@ from sidecar.upstream import Upstream
 
 if TYPE_CHECKING:
     from sidecar.access_log import AccessLog
+    from sidecar.tracing import RequestTracer
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -101,6 +102,7 @@ class DataPlane:
     def __init__(self, runtime: Runtime, access_log: AccessLog) -> None:
         self.runtime = runtime
         self.access_log = access_log
+        self.tracer: RequestTracer | None = None  # tracing.otlp_endpoint set: sidecar/tracing.py
 
     async def serve(self, ex: Exchange) -> None:
         """Take one request from its head to its answer; the exchange writes what goes back."""
@@ -108,12 +110,15 @@ class DataPlane:
         started = time.perf_counter()
         rec = Record()
         metrics.bump(metrics.INFLIGHT)
+        span = None if self.tracer is None else self.tracer.start(ex.method, ex.headers)
         try:
             if ex.refusal is not None:
                 raise ex.refusal
             admitted = await self._admit(rt, ex, rec)
             headers = ex.outgoing()
             self._drop_hop_headers(rt, admitted.upstream, headers)
+            if span is not None:
+                span.inject(headers)
             data: bytes | StreamReader | None
             if ex.body_ready:
                 data = ex.body
@@ -138,6 +143,8 @@ class DataPlane:
             ex.refuse(bug, reason_phrase(bug, rec.mode))
         finally:
             self.access_log.account(ex, rec, time.perf_counter() - started)
+            if span is not None:
+                span.end(rec)
 
     @staticmethod
     def _bug(exc: Exception, rec: Record) -> SidecarError:

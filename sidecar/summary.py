@@ -5,7 +5,7 @@ It holds no secret by construction: the settings carry secret ids and templates,
 
 from __future__ import annotations
 
-from sidecar.config import CredentialSettings, Settings, VaultBackendSettings
+from sidecar.config import CredentialSettings, Settings, TracingSettings, VaultBackendSettings
 from sidecar.net import host_port, loggable_url
 
 
@@ -17,6 +17,8 @@ def describe(settings: Settings) -> str:
         f"admin_listen:  {settings.admin_listen}",
         f"workers:       {settings.workers}",
     ]
+    if settings.tracing.otlp_endpoint is not None:
+        lines.append(f"tracing:       {_tracing(settings.tracing)}")
     issuers = settings.identity.jwt
     if not issuers:
         lines.append(f"identity:      header {settings.identity.header}")
@@ -123,3 +125,12 @@ def _credential(c: CredentialSettings) -> str:
     if c.authorize_url:
         parts.append(f"authorize_url={loggable_url(c.authorize_url)}")
     return "(" + " ".join(parts) + ")"
+
+
+def _tracing(t: TracingSettings) -> str:
+    """Where spans go: the collector's URL (no user information or query), never a header."""
+    assert t.otlp_endpoint is not None
+    return (
+        f"OTLP/HTTP {loggable_url(t.otlp_endpoint)} service={t.service_name} timeout={t.timeout_seconds:g}s"
+        + (" client_id=on" if t.client_id else "")
+    )

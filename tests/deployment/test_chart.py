@@ -59,6 +59,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                     "aws": {"region": "us-east-1"},
                     "prefetch": ["agent-reporting"],
                 },
+                "tracing": {"otlp_endpoint": "http://otel-collector.observability:4318"},
                 "upstreams": {
                     "polygon": POLYGON,
                     "internal": {
@@ -531,6 +532,10 @@ def test_configmap_renders_structured_values(chart: helm.Chart) -> None:
     assert aws["upstreams"]["internal"]["inject"] == {"header": "Authorization", "format": "Bearer {secret}"}
     assert aws["upstreams"]["internal"]["connect_to"] == "10.20.0.15:443"
     assert aws["upstreams"]["polygon-team"]["forward_proxy"] is False
+    assert aws["tracing"] == {
+        "otlp_endpoint": "http://otel-collector.observability:4318", "service_name": "credential-sidecar",
+        "timeout_seconds": 5, "client_id": False,
+    }
 
     jwt = sidecar_config(render(chart, VALUE_SETS["jwt-forward-proxy"]))["identity"]
     assert jwt["header"] == "X-Client-Id"

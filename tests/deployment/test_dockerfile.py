@@ -90,8 +90,8 @@ def test_dependencies_are_installed_in_the_builder_venv(parsed: tuple[dict[str, 
     assert env_of(builder)["PATH"].startswith(f"{VENV}/bin:")
     installs = [r for r in runs if re.search(r"\bpip install\b", r)]
     assert len(installs) == 1
-    # A regular install of this project (boto3 comes with it) plus uvloop: never editable.
-    assert '".[fast]"' in installs[0]
+    # A regular install of this project (boto3 comes with it) plus uvloop and OpenTelemetry: never editable.
+    assert '".[fast,tracing]"' in installs[0]
     assert "-e" not in shlex.split(installs[0])
     # Compiled by default, and the build fails when it was asked to compile and did not.
     assert [c.value[0] for c in instructions(builder, "ARG")] == ["SIDECAR_COMPILE=1"]

@@ -179,7 +179,7 @@ file uses exactly the sidecar's own key names, and null values are left out
 {{- /* Data plane stays on loopback; admin binds all addresses for the kubelet's probes. */}}
 {{- $_ := set $cfg "listen" (include "credential-sidecar.hostPort" (list .Values.sidecar.listenHost .Values.sidecar.ports.proxy)) }}
 {{- $_ := set $cfg "admin_listen" (include "credential-sidecar.hostPort" (list "0.0.0.0" .Values.sidecar.ports.admin)) }}
-{{- range $key := list "shutdown_grace_seconds" "workers" "log" }}
+{{- range $key := list "shutdown_grace_seconds" "workers" "log" "tracing" }}
 {{- if not (kindIs "invalid" (get $c $key)) }}
 {{- $_ := set $cfg $key (get $c $key) }}
 {{- end }}
