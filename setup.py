@@ -34,6 +34,7 @@ COMPILED = [
     "sidecar/transport/fast.py",
     "sidecar/transport/failures.py",
     "sidecar/proxy.py",
+    "sidecar/routing.py",
     "sidecar/access_log.py",
     "sidecar/record.py",
     "sidecar/refusal.py",

@@ -39,9 +39,9 @@ from sidecar.errors import ConfigError, NoCredential, SecretStoreUnavailable
 from sidecar.identity.base import IdentityResolver
 from sidecar.identity.factory import build_identity_resolver
 from sidecar.lifecycle import StartupError, on_signals, open_authority, start_admin
-from sidecar.net import parse_passthrough
 from sidecar.policy import client_allowed
 from sidecar.proxy import DataPlane, Runtime
+from sidecar.routing import Routes
 from sidecar.secrets.base import SecretBackend
 from sidecar.secrets.cache import SecretCache
 from sidecar.secrets.factory import BackendStartError, start_backend
@@ -260,40 +260,10 @@ class Sidecar:
 
     @staticmethod
     def _runtime(parts: _Parts) -> Runtime:
-        by_origin: dict[tuple[str, int], list[Upstream]] = {}
-        # Forward-proxy host matching (absolute-form and CONNECT) sees only upstreams that
-        # take part in it; forward_proxy: false ones are reached by route mode alone.
-        ordered = sorted(
-            (u for u in parts.upstreams.values() if u.settings.forward_proxy),
-            key=lambda u: len(u.settings.base_path),
-            reverse=True,
-        )
-        for up in ordered:
-            s = up.settings
-            by_origin.setdefault((s.host, s.port), []).append(up)
-        for up in ordered:
-            s = up.settings
-            if s.scheme == "https" and s.port == 443 and not any(
-                u.settings.scheme == "http" for u in by_origin.get((s.host, 80), [])
-            ):
-                # HTTP_PROXY clients send http://host/ (port 80) for an https upstream:
-                # the sidecar upgrades it to TLS.
-                by_origin.setdefault((s.host, 80), []).append(up)
         return Runtime(
-            upstreams=dict(parts.upstreams),
-            by_origin={origin: tuple(ups) for origin, ups in by_origin.items()},
+            routes=Routes.build(parts.upstreams, parts.settings.forward_proxy, parts.identity.strip_headers),
             identity=parts.identity,
             cache=parts.cache,
-            forward_proxy=parts.settings.forward_proxy.enabled,
-            mitm=parts.settings.forward_proxy.mitm.enabled,
-            passthrough_allow_private=parts.settings.forward_proxy.passthrough_allow_private,
-            passthrough=frozenset(
-                hp for hp in map(parse_passthrough, parts.settings.forward_proxy.passthrough_hosts) if hp
-            ),
-            drop_headers={
-                name: up.drop_request_headers | parts.identity.strip_headers
-                for name, up in parts.upstreams.items()
-            },
         )
 
     async def _prefetch_then_ready(self, parts: _Parts) -> None:

@@ -3,7 +3,8 @@
 aiohttp's server has no public way to take over a connection after CONNECT, so
 the listener's protocol looks at the first bytes of each connection. A request
 that does not start with ``CONNECT `` is handed, with those bytes, to an aiohttp
-``RequestHandler`` and never looked at again. A CONNECT is decided here:
+``RequestHandler`` and never looked at again. A CONNECT is handled here, as the
+runtime's ``Routes.connect`` (routing.py) decides:
 
     passthrough_hosts entry ─▶ address guard ─▶ 200, plain byte tunnel (no injection)
     upstream host, mitm on  ─▶ 200, TLS with a minted leaf ─▶ aiohttp handler bound to that origin
@@ -427,25 +428,12 @@ class Front:
             # Logged only once parsed: a raw authority could carry user:password@.
             rec.path = str(HostPort(host, port))
             rt = self.plane.runtime
-            if not rt.forward_proxy:
-                raise DestinationNotAllowed("Forward-proxy mode is disabled.", reason="forward_proxy_disabled")
-            if (host, port) in rt.passthrough:
-                # Nothing is injected into a byte tunnel, so a client named on the CONNECT has
-                # nothing to apply to: checked like any (JWT mode refuses it) and logged.
+            if rt.routes.connect(host, port, rec, self.authority is not None) is None:
+                # A passthrough host. Nothing is injected into a byte tunnel, so a client named on
+                # the CONNECT has nothing to apply to: checked like any (JWT mode refuses it) and logged.
                 rec.client_id = rt.identity.proxy_client_id(headers, connect=True)
                 await self._tunnel(transport, host, port, rest)
                 return
-            upstreams = rt.by_origin.get((host, port), ())
-            upstream = next((u for u in upstreams if u.settings.scheme == "https"), None)
-            if upstream is None:
-                raise DestinationNotAllowed(reason="not_an_upstream")
-            rec.upstream = upstream.name
-            if not rt.mitm or self.authority is None:
-                raise DestinationNotAllowed(
-                    "CONNECT to an upstream needs TLS interception (forward_proxy.mitm); "
-                    "use route mode or http:// with HTTP_PROXY.",
-                    reason="connect_not_intercepted",
-                )
             if rest:
                 raise BadRequest("Data arrived before the tunnel was established.", reason="early_data")
             rec.client_id = rt.identity.proxy_client_id(headers, connect=True)
@@ -476,7 +464,7 @@ class Front:
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 allowed = await resolve_allowed(
-                    host, port, self.plane.runtime.passthrough_allow_private, _passthrough_forbidden
+                    host, port, self.plane.runtime.routes.passthrough_allow_private, _passthrough_forbidden
                 )
         except TimeoutError as exc:
             raise failures.tunnel("dns", exc) from None

@@ -2,10 +2,10 @@
 
 One pipeline, ``DataPlane.serve``, over an ``Exchange`` (exchange.py) from either
 server: the lean one (fastserver.py) or aiohttp's low-level server (aio_exchange.py;
-no router, no middlewares). The first path segment or the absolute-form host picks
-the upstream with one dict look-up. Every refusal is a SidecarError the exchange
-turns into its answer (``Exchange.refuse``); every request ends in one access-log
-line (``AccessLog.account``).
+no router, no middlewares). ``Routes.route`` (routing.py) picks the upstream: the
+first path segment or the absolute-form host, one dict look-up. Every refusal is a
+SidecarError the exchange turns into its answer (``Exchange.refuse``); every request
+ends in one access-log line (``AccessLog.account``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 from aiohttp import StreamReader
 from multidict import CIMultiDict
@@ -24,18 +24,16 @@ from sidecar import metrics
 from sidecar.errors import (
     BadRequest,
     ClientNotAllowed,
-    DestinationNotAllowed,
     NoCredential,
     SecretStoreUnavailable,
     SidecarError,
-    UnknownUpstream,
 )
 from sidecar.exchange import Exchange, ResponseHead
 from sidecar.identity.base import Identity, IdentityResolver
-from sidecar.net import normalize_host
 from sidecar.policy import client_allowed, scopes_allowed
 from sidecar.record import Record
 from sidecar.refusal import reason_phrase
+from sidecar.routing import Route, Routes
 from sidecar.secrets.base import Secret
 from sidecar.secrets.cache import SecretCache
 from sidecar.transport.base import UpstreamAnswer
@@ -47,10 +45,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sidecar.proxy")
 
-#: Methods never forwarded: an upstream implementing them reflects the request,
-#: injected key included, back to the app.
-REFUSED_METHODS = frozenset({"TRACE", "TRACK"})
-
 
 @dataclass(frozen=True, slots=True)
 class Runtime:
@@ -60,22 +54,17 @@ class Runtime:
     (see setup.py) compiles this dataclass and needs them.
     """
 
-    upstreams: dict[str, Upstream]
-    by_origin: dict[tuple[str, int], tuple[Upstream, ...]]  # longest base path first
+    routes: Routes
     identity: IdentityResolver
     cache: SecretCache
-    forward_proxy: bool
-    mitm: bool
-    passthrough: frozenset[tuple[str, int]]
-    passthrough_allow_private: bool
-    drop_headers: dict[str, frozenset[str]]  # per upstream: request headers never forwarded
 
 
 @dataclass(slots=True)
 class Admitted:
     """A request that passed routing, identity, policy and the secret lookup."""
 
-    upstream: Upstream
+    route: Route
+    upstream: Upstream  # route.upstream, at hand
     path: str
     query: str
     client_id: str
@@ -116,7 +105,7 @@ class DataPlane:
                 raise ex.refusal
             admitted = await self._admit(rt, ex, rec)
             headers = ex.outgoing()
-            self._drop_hop_headers(rt, admitted.upstream, headers)
+            self._drop_hop_headers(admitted.route.drop, headers)
             if span is not None:
                 span.inject(headers)
             data: bytes | StreamReader | None
@@ -164,77 +153,11 @@ class DataPlane:
         metrics.count_refusal(err.code)
         return err
 
-    def _route(self, rt: Runtime, ex: Exchange, rec: Record) -> tuple[Upstream, str, str]:
-        """Pick the upstream; return it with the path and raw query to send."""
-        raw = ex.raw_path
-        if ex.method in REFUSED_METHODS:
-            raise BadRequest(f"{ex.method} is not forwarded: it would echo the injected key.", reason="method")
-        origin = ex.origin
-        if origin is not None:
-            # Inside an intercepted CONNECT: the destination was fixed by the CONNECT,
-            # whatever the Host header says.
-            rec.mode = "mitm"
-            if not rt.mitm:
-                raise DestinationNotAllowed("TLS interception was turned off.", reason="mitm_disabled")
-            if not raw.startswith("/"):
-                raise BadRequest("Requests inside a tunnel use origin-form targets.", reason="bad_target")
-            path, _, query = raw.partition("?")
-            rec.path = path
-            return self._match_origin(rt, origin, "https", path, query)
-        if raw.startswith("/"):
-            path, _, query = raw.partition("?")
-            rec.path = path
-            name, slash, rest = path[1:].partition("/")
-            upstream = rt.upstreams.get(name)
-            if upstream is None:
-                raise UnknownUpstream()
-            target = upstream.settings.base_path + ("/" + rest if slash else "")
-            return upstream, target or "/", query
-        rec.mode = "proxy"
-        if ex.method == "CONNECT":
-            # The listener handles CONNECT as the first request of a connection (connect.py);
-            # one that follows other requests on a kept-alive connection is refused.
-            raise DestinationNotAllowed("CONNECT must be the first request on a connection.", reason="connect")
-        if not rt.forward_proxy:
-            raise BadRequest("Forward-proxy requests are disabled.", reason="forward_proxy_disabled")
-        return self._match_absolute(rt, raw, rec)
-
-    def _match_absolute(self, rt: Runtime, raw: str, rec: Record) -> tuple[Upstream, str, str]:
-        try:
-            parts = urlsplit(raw)
-            port = parts.port
-        except ValueError:
-            raise BadRequest("The request target is not a valid URL.", reason="bad_target") from None
-        rec.path = parts.path or "/"
-        rec.destination = parts.netloc.rpartition("@")[2]  # never userinfo in a log line
-        scheme = parts.scheme.lower()
-        if scheme not in ("http", "https"):
-            raise DestinationNotAllowed("Only http and https destinations exist here.", reason="scheme")
-        if "@" in parts.netloc or parts.fragment:
-            raise BadRequest("The request target carries user information or a fragment.", reason="bad_target")
-        host = normalize_host(parts.hostname or "")
-        if host is None:
-            raise DestinationNotAllowed("The destination host is not valid.", reason="bad_host")
-        origin = (host, port or (443 if scheme == "https" else 80))
-        return self._match_origin(rt, origin, scheme, parts.path or "/", parts.query)
-
-    @staticmethod
-    def _match_origin(
-        rt: Runtime, origin: tuple[str, int], scheme: str, path: str, query: str
-    ) -> tuple[Upstream, str, str]:
-        """The upstream on this host and port with the longest base path that prefixes ``path``."""
-        for upstream in rt.by_origin.get(origin, ()):
-            if scheme == "https" and upstream.settings.scheme != "https":
-                continue  # never send what arrived over TLS on in the clear
-            base = upstream.settings.base_path
-            if not base or path == base or path.startswith(base + "/"):
-                return upstream, path, query
-        raise DestinationNotAllowed(reason="not_an_upstream")
-
     async def _admit(self, rt: Runtime, ex: Exchange, rec: Record) -> Admitted:
         """Route, identify, check policy and look the key up; every refusal raises."""
-        upstream, path, query = self._route(rt, ex, rec)
-        rec.upstream = upstream.name
+        route, path, query = rt.routes.route(ex.method, ex.raw_path, ex.origin, rec)
+        upstream = route.upstream
+        rec.upstream = route.name
         _check_path(path)
         # An absolute-form request may name its client to the proxy (a Proxy-Authorization user);
         # a request in an intercepted tunnel has whatever its CONNECT named.
@@ -255,7 +178,7 @@ class DataPlane:
             # look-up when one is cached.
             rec.credential = provider.kind
             secret, rec.cache = await provider.get(identity)
-            return Admitted(upstream, path, query, identity.client_id, "", secret, identity)
+            return Admitted(route, upstream, path, query, identity.client_id, "", secret, identity)
         settings = upstream.settings
         secret_id = upstream.secret_id(client_id=identity.client_id)
         try:
@@ -265,13 +188,13 @@ class DataPlane:
         except (NoCredential, SecretStoreUnavailable) as err:
             rec.cache = err.lookup  # the cache's outcome word, set where it was decided
             raise
-        return Admitted(upstream, path, query, identity.client_id, secret_id, secret)
+        return Admitted(route, upstream, path, query, identity.client_id, secret_id, secret)
 
     @staticmethod
-    def _drop_hop_headers(rt: Runtime, upstream: Upstream, headers: CIMultiDict[str]) -> None:
-        """Remove identity, hop-by-hop and app-supplied key headers from the outgoing copy."""
+    def _drop_hop_headers(drop: frozenset[str], headers: CIMultiDict[str]) -> None:
+        """Remove identity, hop-by-hop and app-supplied key headers (the route's ``drop``) from the outgoing copy."""
         connection = headers.getall("Connection", None)
-        for name in rt.drop_headers[upstream.name]:
+        for name in drop:
             headers.popall(name, None)
         if connection:
             # RFC 9110 7.6.1: fields named in Connection are for this hop only, on every

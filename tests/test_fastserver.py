@@ -24,6 +24,7 @@ from sidecar.access_log import AccessLog
 from sidecar.config import CacheSettings, IdentitySettings
 from sidecar.identity.header import HeaderIdentity
 from sidecar.proxy import DataPlane, Runtime
+from sidecar.routing import Routes
 from sidecar.secrets.cache import SecretCache
 from sidecar.secrets.file import FileBackend
 from tests.support.leaks import make_secret
@@ -271,9 +272,8 @@ def _idle_plane() -> DataPlane:
     (A real one, not None: the compiled build checks argument types.)
     """
     runtime = Runtime(
-        upstreams={}, by_origin={}, identity=HeaderIdentity(IdentitySettings()),
+        routes=Routes({}, {}, forward_proxy=False), identity=HeaderIdentity(IdentitySettings()),
         cache=SecretCache(FileBackend(Path("/nonexistent/keys.json")), CacheSettings()),
-        forward_proxy=False, mitm=False, passthrough=frozenset(), passthrough_allow_private=False, drop_headers={},
     )
     return DataPlane(runtime, AccessLog())
 

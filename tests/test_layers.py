@@ -73,7 +73,7 @@ LAYER: dict[str, int] = {
     "sidecar.transport.aio": PARTS,
     "sidecar.transport.failures": PARTS,  # planned
     "sidecar.upstream": PARTS,
-    "sidecar.routing": PARTS,  # planned
+    "sidecar.routing": PARTS,
     "sidecar.tracing": PARTS,  # one span per request (OpenTelemetry, imported only when on)
     # 3 pipeline: one request, from exchange to answer
     "sidecar.exchange": PIPELINE,  # ResponseHead, body rules; planned: the Exchange seam

@@ -3,29 +3,24 @@
 Five readers of host and port exist: ``listen``/``admin_listen`` (net.parse_listen),
 ``forward_proxy.passthrough_hosts`` (net.parse_passthrough), a CONNECT's authority
 (connect.parse_authority), ``connect_to`` (net.parse_host_port) and URLs (an upstream's
-``url``: net.parse_upstream_url; an absolute-form request target: proxy's
-_match_absolute). They do not agree on every input (a bare ``::1:8080``, a bracketed
+``url``: net.parse_upstream_url; an absolute-form request target: routing's
+Routes.route). They do not agree on every input (a bare ``::1:8080``, a bracketed
 name, port 0, an IPv6 zone). These tables hold each one's answer so that a change
 to any of them is a decision, never a side effect of sharing code.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from sidecar import net
-from sidecar.access_log import AccessLog
-from sidecar.config import CacheSettings, IdentitySettings, InjectSettings, UpstreamSettings
+from sidecar.config import InjectSettings, UpstreamSettings
 from sidecar.connect import parse_authority
 from sidecar.errors import BadRequest, SidecarError
-from sidecar.identity.header import HeaderIdentity
-from sidecar.proxy import DataPlane, Runtime
 from sidecar.record import Record
-from sidecar.secrets.cache import SecretCache
-from sidecar.secrets.file import FileBackend
+from sidecar.routing import Route, Routes
 from sidecar.upstream import Upstream
 
 # Each table: input -> (host, port), or how it is refused. LISTEN and PASSTHROUGH refuse
@@ -348,15 +343,6 @@ def test_upstream_url(value: str, expected: tuple[str, int] | str) -> None:
     assert (parsed if isinstance(parsed, str) else parsed[1:3]) == expected
 
 
-def _runtime(by_origin: dict[tuple[str, int], tuple[Upstream, ...]]) -> Runtime:
-    # Real objects, not stand-ins: the compiled build checks argument types.
-    return Runtime(
-        upstreams={}, by_origin=by_origin, identity=HeaderIdentity(IdentitySettings()),
-        cache=SecretCache(FileBackend(Path("/nonexistent/keys.json")), CacheSettings()),
-        forward_proxy=True, mitm=False, passthrough=frozenset(), passthrough_allow_private=False, drop_headers={},
-    )
-
-
 def _origin_of(target: str, origin: tuple[str, int]) -> bool:
     """Whether the forward proxy routes the absolute-form ``target`` to ``origin``."""
     up = Upstream(
@@ -365,17 +351,16 @@ def _origin_of(target: str, origin: tuple[str, int]) -> bool:
             base_path="", secret="k/{client_id}", inject=InjectSettings("query", "apiKey"),
         )
     )
-    rt = _runtime({origin: (up,)})
+    route = Route(up, frozenset())
     try:
-        return DataPlane(rt, AccessLog())._match_absolute(rt, target, Record())[0] is up
+        return Routes({}, {origin: (route,)}).route("GET", target, None, Record())[0] is route
     except SidecarError:
         return False
 
 
 def _refusal_of(target: str) -> str | None:
-    rt = _runtime({})
     try:
-        DataPlane(rt, AccessLog())._match_absolute(rt, target, Record())
+        Routes({}, {}).route("GET", target, None, Record())
     except SidecarError as err:
         return err.reason
     return None
