@@ -28,12 +28,12 @@ from build_backend import compile_requested  # one reading of SIDECAR_COMPILE fo
 #: native classes), and what runs at start, reload or per connection (config, app,
 #: workers, connect, mitm, the secret backends, the identity factory).
 COMPILED = [
-    "sidecar/fastserver.py",
-    "sidecar/aio_exchange.py",
+    "sidecar/listen/fast.py",
+    "sidecar/listen/aio_exchange.py",
     "sidecar/transport/base.py",
     "sidecar/transport/fast.py",
     "sidecar/transport/failures.py",
-    "sidecar/proxy.py",
+    "sidecar/pipeline.py",
     "sidecar/routing.py",
     "sidecar/access_log.py",
     "sidecar/record.py",

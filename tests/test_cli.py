@@ -190,7 +190,7 @@ def test_the_record_of_compiled_sources_names_what_changed(tmp_path: Path, monke
     (tmp_path / "record.json").write_text(json.dumps(recorded))
     assert buildinfo.changed_since_compiled() == ["config.py", "gone.py", "proxy.py"]
     # Stale only matters when compiled modules run: a pure build never runs old code.
-    monkeypatch.setattr(buildinfo, "compiled_modules", lambda: ("sidecar.proxy",))
+    monkeypatch.setattr(buildinfo, "compiled_modules", lambda: ("sidecar.pipeline",))
     assert buildinfo.stale_sources() == ["config.py", "gone.py", "proxy.py"]
     monkeypatch.setattr(buildinfo, "compiled_modules", lambda: ())
     assert buildinfo.stale_sources() == []

@@ -17,8 +17,8 @@ import pytest
 
 from sidecar import net
 from sidecar.config import InjectSettings, UpstreamSettings
-from sidecar.connect import parse_authority
 from sidecar.errors import BadRequest, SidecarError
+from sidecar.listen.connect import parse_authority
 from sidecar.record import Record
 from sidecar.routing import Route, Routes
 from sidecar.upstream import Upstream
