@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "sidecar"
+PACKAGE = Path(__file__).resolve().parents[2] / "sidecar"
 
 GROUND, CONFIG, PARTS, PIPELINE, LISTENERS, APP = range(6)
 LAYER_NAMES = ("ground", "config", "parts", "pipeline", "listeners", "app")
@@ -237,7 +237,7 @@ def test_every_import_names_a_module_that_exists() -> None:
 def test_every_module_has_a_layer() -> None:
     unplaced = sorted(set(GRAPH) - set(LAYER))
     assert not unplaced, (
-        f"{', '.join(unplaced)}: not in LAYER (tests/test_layers.py); say where it belongs "
+        f"{', '.join(unplaced)}: not in LAYER (tests/unit/test_layers.py); say where it belongs "
         f"({', '.join(f'{i} {n}' for i, n in enumerate(LAYER_NAMES))})"
     )
 
