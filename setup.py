@@ -30,12 +30,12 @@ from build_backend import compile_requested  # one reading of SIDECAR_COMPILE fo
 #: the credential Protocol), and the OAuth providers (credentials/oauth.py: a warm request
 #: is one dict look-up there).
 COMPILED = [
-    "sidecar/fastserver.py",
-    "sidecar/aio_exchange.py",
+    "sidecar/listen/fast.py",
+    "sidecar/listen/aio_exchange.py",
     "sidecar/transport/base.py",
     "sidecar/transport/fast.py",
     "sidecar/transport/failures.py",
-    "sidecar/proxy.py",
+    "sidecar/pipeline.py",
     "sidecar/routing.py",
     "sidecar/credentials/static.py",
     "sidecar/access_log.py",

@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -105,6 +106,51 @@ def start(children: bench.Children, name: str, tree: Path, tmp: Path, upstream: 
     return child, port
 
 
+def interleave(
+    sides: dict[str, tuple[bench.Child, int]], path: str, headers: list[str], script: Path | None,
+    concurrency: list[int], rounds: int, duration: int, note: Callable[[list[int]], str] | None = None,
+) -> dict[int, dict[str, list[dict[str, float]]]]:
+    """Short wrk rounds against sides A and B in turn (ABBA); prints each round, the medians, the paired ratios.
+
+    ``sides`` maps "A" and "B" to a sidecar and its port; ``note(pids)`` adds a word to a
+    side's column after its round. Returns every round's wrk result by concurrency and side.
+    """
+    results: dict[int, dict[str, list[dict[str, float]]]] = {}
+    for c in concurrency:
+        got: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
+        results[c] = got
+        for i in range(rounds):
+            line = f"c={c:<3} round {i + 1}:"
+            # A then B, then B then A: whatever the VM does between the two runs of a
+            # round (a side that runs second tends to find the caches warmer, or colder)
+            # falls on each side equally.
+            order = list(sides.items()) if i % 2 == 0 else list(reversed(sides.items()))
+            for name, (child, port) in order:
+                pids = [child.pid, *bench.children_of(child.pid)]
+                r = bench.run_wrk(f"http://127.0.0.1:{port}{path}", c, duration, headers, pids, script=script)
+                got[name].append(r)
+                line += f"  {name} {r['cpu_us_per_req']:6.1f} us/req {r['rps']:8.0f} req/s"
+                if r["non2xx"]:  # refused or failed requests: not what the round meant to measure
+                    line += f" ({r['non2xx']:.0f} non-2xx)"
+                if note is not None:
+                    line += note(pids)
+            print(line, flush=True)
+        med = {n: (statistics.median(r["cpu_us_per_req"] for r in rs), statistics.median(r["rps"] for r in rs))
+               for n, rs in got.items()}
+        print(f"c={c:<3} median:   A {med['A'][0]:6.1f} us/req {med['A'][1]:8.0f} req/s"
+              f"   B {med['B'][0]:6.1f} us/req {med['B'][1]:8.0f} req/s"
+              f"   B/A CPU {med['B'][0] / med['A'][0]:.3f}, req/s {med['B'][1] / med['A'][1]:.3f}")
+        # Each round's A and B ran back to back: their ratio does not pair a fast minute
+        # of the VM with a slow one, as a ratio of two medians can.
+        pairs = list(zip(got["A"], got["B"], strict=True))
+        cpu = [b["cpu_us_per_req"] / a["cpu_us_per_req"] for a, b in pairs if a["cpu_us_per_req"]]
+        rps = [b["rps"] / a["rps"] for a, b in pairs if a["rps"]]
+        if cpu and rps:
+            print(f"c={c:<3} paired:   median of the per-round B/A ratios: CPU {statistics.median(cpu):.3f},"
+                  f" req/s {statistics.median(rps):.3f}")
+    return results
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("a", help="git ref of A, . for the working tree, or a directory holding a sidecar/ tree")
@@ -175,38 +221,12 @@ def main() -> int:
         print(f"A = {args.a}, B = {args.b}; {args.rounds} rounds of {args.duration} s per concurrency"
               + ("; forward-proxy mode (absolute-form request lines)" if args.forward_proxy else "")
               + (f"; {args.clients} clients in turn" if args.clients else ""))
-        for c in args.concurrency:
-            got: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
-            for i in range(args.rounds):
-                line = f"c={c:<3} round {i + 1}:"
-                # A then B, then B then A: whatever the VM does between the two runs of a
-                # round (a side that runs second tends to find the caches warmer, or colder)
-                # falls on each side equally.
-                order = list(sides.items()) if i % 2 == 0 else list(reversed(sides.items()))
-                for name, (child, port) in order:
-                    pids = [child.pid, *bench.children_of(child.pid)]
-                    r = bench.run_wrk(f"http://127.0.0.1:{port}{path}", c, args.duration, headers, pids,
-                                      script=script)
-                    got[name].append(r)
-                    line += f"  {name} {r['cpu_us_per_req']:6.1f} us/req {r['rps']:8.0f} req/s"
-                    if r["non2xx"]:  # refused or failed requests: not what the round meant to measure
-                        line += f" ({r['non2xx']:.0f} non-2xx)"
-                    if args.clients:
-                        line += f" {upstream_connections(pids, upstream):4d} conns"
-                print(line, flush=True)
-            med = {n: (statistics.median(r["cpu_us_per_req"] for r in rs), statistics.median(r["rps"] for r in rs))
-                   for n, rs in got.items()}
-            print(f"c={c:<3} median:   A {med['A'][0]:6.1f} us/req {med['A'][1]:8.0f} req/s"
-                  f"   B {med['B'][0]:6.1f} us/req {med['B'][1]:8.0f} req/s"
-                  f"   B/A CPU {med['B'][0] / med['A'][0]:.3f}, req/s {med['B'][1] / med['A'][1]:.3f}")
-            # Each round's A and B ran back to back: their ratio does not pair a fast minute
-            # of the VM with a slow one, as a ratio of two medians can.
-            pairs = list(zip(got["A"], got["B"], strict=True))
-            cpu = [b["cpu_us_per_req"] / a["cpu_us_per_req"] for a, b in pairs if a["cpu_us_per_req"]]
-            rps = [b["rps"] / a["rps"] for a, b in pairs if a["rps"]]
-            if cpu and rps:
-                print(f"c={c:<3} paired:   median of the per-round B/A ratios: CPU {statistics.median(cpu):.3f},"
-                      f" req/s {statistics.median(rps):.3f}")
+
+        def conns(pids: list[int]) -> str:
+            return f" {upstream_connections(pids, upstream):4d} conns"
+
+        interleave(sides, path, headers, script, args.concurrency, args.rounds, args.duration,
+                   conns if args.clients else None)
     finally:
         children.stop_all()
         for tree in trees:

@@ -33,15 +33,15 @@ from sidecar.access_log import AccessLog, configure_logging, flush_access_lines
 from sidecar.admin import bound_address
 from sidecar.buildinfo import build, stale_sources
 from sidecar.config import ListenAddress, Settings, load_settings
-from sidecar.connect import Front
 from sidecar.credentials.base import CredentialProvider
 from sidecar.credentials.factory import CredentialBuildError, build_provider
 from sidecar.errors import ConfigError, NoCredential, SecretStoreUnavailable
 from sidecar.identity.base import IdentityResolver
 from sidecar.identity.factory import build_identity_resolver
 from sidecar.lifecycle import StartupError, on_signals, open_authority, start_admin
+from sidecar.listen.front import Front
+from sidecar.pipeline import DataPlane, Runtime
 from sidecar.policy import client_allowed
-from sidecar.proxy import DataPlane, Runtime
 from sidecar.routing import Routes
 from sidecar.secrets.base import SecretBackend
 from sidecar.secrets.cache import SecretCache

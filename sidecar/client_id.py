@@ -3,7 +3,7 @@
 A client ID becomes part of a secret's name, so it may not hold ``/``, ``..``, an
 ARN's ``:`` or anything beyond 128 characters. The refusal's message (errors.py),
 the settings' checks (config.py) and the request path (identity/base.py) read it here;
-tests/test_client_id_pattern.py checks the chart's schema and the docs against it.
+tests/unit/test_client_id.py checks the chart's schema and the docs against it.
 """
 
 from __future__ import annotations

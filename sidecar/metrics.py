@@ -255,7 +255,7 @@ def observe_many(histogram: Any, values: list[float]) -> None:
     request at a time made two of each per request. A value goes to the first
     bucket whose bound is >= it, as ``Histogram.observe`` does; the last bound is
     +Inf. The child's ``_sum``, ``_buckets`` and ``_upper_bounds`` are
-    prometheus_client's own (unchanged since 0.4); tests/test_metrics.py compares
+    prometheus_client's own (unchanged since 0.4); tests/unit/test_metrics.py compares
     the result with ``observe`` sample by sample.
     """
     bounds = histogram._upper_bounds

@@ -85,7 +85,7 @@ def parse_host_port(
 
     With no options it reads ``connect_to``: a port from 1 to 65535 is required, brackets
     hold an IPv6 address (no zone) and nothing else, and the host is normalised
-    (normalize_host). The options are where the other readers differ; tests/test_net.py
+    (normalize_host). The options are where the other readers differ; tests/unit/test_net.py
     pins what each makes of the same inputs.
 
     - ``default_port``: the port when none is written (a passthrough entry: 443).
@@ -100,7 +100,7 @@ def parse_host_port(
 
     URLs are split by urllib instead (split_http_url, and the forward proxy's absolute-form
     targets): there an empty port or port 0 means the scheme's default, and a bracket
-    must hold an IP address. tests/test_net.py pins those rules beside these.
+    must hold an IP address. tests/unit/test_net.py pins those rules beside these.
     """
     expected = f"expected host:port (IPv6 as [::1]:443), got {value!r}"
     raw_port: str | None = None

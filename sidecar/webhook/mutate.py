@@ -1,6 +1,6 @@
 """Pure admission logic: an AdmissionReview (parsed JSON) in, the answer out.
 
-No I/O here, so every pod shape is a table entry in tests/test_webhook.py. The
+No I/O here, so every pod shape is a table entry in tests/e2e/test_webhook.py. The
 answer is an ``Outcome``: the HTTP status, the body to send and the one log
 line's fields. The rules (docs/deployment.md, "Automatic injection"):
 

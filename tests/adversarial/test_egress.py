@@ -5,7 +5,7 @@ so a single byte the sidecar sends there shows up in its connection count. Priva
 link-local, CGNAT and other non-loopback addresses are refused by the sidecar before
 any connection, which the tests check by status and by the upstream's silence (they
 cannot host a canary: every packet in this suite stays on 127.0.0.1, and the address
-classification itself is covered in-process by tests/test_policy.py).
+classification itself is covered in-process by tests/unit/test_policy.py).
 """
 
 from __future__ import annotations

@@ -274,7 +274,7 @@ def test_the_installed_package_lives_in_the_venv(image_venv: Path, tmp_path: Pat
     assert list(image_venv.glob("lib/python3*/site-packages/sidecar/__pycache__/config.*.pyc"))
     python = image_venv / "bin" / "python"
     result = subprocess.run(
-        [str(python), "-c", "import sidecar, sidecar.fastserver as f; from sidecar.buildinfo import build; "
+        [str(python), "-c", "import sidecar, sidecar.listen.fast as f; from sidecar.buildinfo import build; "
          "print(sidecar.__file__, build(), f.__file__)"],
         cwd=tmp_path,
         capture_output=True,

@@ -27,7 +27,7 @@ import requests
 import yaml
 from cryptography import x509
 
-from tests.test_webhook import IMAGE, WebhookProcess, admission_review, pod
+from tests.e2e.test_webhook import IMAGE, WebhookProcess, admission_review, pod
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART_DIR = ROOT / "charts" / "credential-sidecar-injector"

@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 
-from sidecar import fastserver
 from sidecar.access_log import AccessLog
 from sidecar.config import IdentitySettings
 from sidecar.identity.header import HeaderIdentity
-from sidecar.proxy import DataPlane, Runtime
+from sidecar.listen import fast as fastserver
+from sidecar.pipeline import DataPlane, Runtime
 from sidecar.routing import Routes
 from tests.support.leaks import make_secret
 from tests.support.process import SidecarProcess
@@ -351,10 +351,11 @@ async def test_a_head_handed_to_aiohttp_that_never_completes_is_closed(
     monkeypatch: pytest.MonkeyPatch, sent: bytes
 ) -> None:
     """aiohttp's own idle limit (3630 s) held such a head, and its memory, for an hour."""
-    from sidecar import connect
+    from sidecar.listen import aio_server
+    from sidecar.listen import front as listener
 
-    monkeypatch.setattr(connect, "HTTP_WAIT_SECONDS", 0.3)
-    front = connect.Front(_idle_plane(), {"access_log": None, "max_line_size": 32768, "max_field_size": 32768}, None)
+    monkeypatch.setattr(aio_server, "HTTP_WAIT_SECONDS", 0.3)
+    front = listener.Front(_idle_plane(), {"access_log": None, "max_line_size": 32768, "max_field_size": 32768}, None)
     _, port = await front.listen("127.0.0.1", 0)
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)

@@ -1,7 +1,7 @@
 """The secret stores: a local YAML/JSON file, AWS Secrets Manager (moto's server mode), Vault (a real OpenBao).
 
 The first section holds what every store does alike, run against each; then each
-store's own behaviour. Vault's own tests are in tests/test_vault.py."""
+store's own behaviour. Vault's own tests are in tests/unit/secrets/test_vault.py."""
 
 from __future__ import annotations
 
@@ -183,7 +183,7 @@ async def test_every_store_labels_its_fetches_with_its_name(store: Store) -> Non
 
 
 async def test_a_store_without_writes_refuses_them_clearly() -> None:
-    """Every configurable store writes (tests/test_store_writes.py); the empty one, with no file, does not."""
+    """Every configurable store writes (tests/unit/secrets/test_writes.py); the empty one, with no file, does not."""
     with pytest.raises(WritesUnsupported) as info:
         await EmptyStore().write("alice", {"refresh_token": "x"}, None)
     assert str(info.value) == "secret store error: unsupported (the file backend does not write secrets)"

@@ -18,9 +18,9 @@ import pytest
 
 from sidecar import net
 from sidecar.config import CacheSettings, InjectSettings, UpstreamSettings
-from sidecar.connect import parse_authority
 from sidecar.credentials.static import StaticKey
 from sidecar.errors import BadRequest, SidecarError
+from sidecar.listen.connect import parse_authority
 from sidecar.record import Record
 from sidecar.routing import Route, Routes
 from sidecar.secrets.cache import SecretCache

@@ -327,7 +327,7 @@ RACER = textwrap.dedent("""
 def test_two_processes_racing_on_one_file_one_wins_the_other_is_told(tmp_path: Path) -> None:
     path = tmp_path / "keys.yaml"
     path.write_text("bob: {refresh_token: r0}\n")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[3])}
     values = [make_secret(f"file-proc-{n}") for n in range(3)]
     procs = [
         subprocess.Popen(

@@ -904,6 +904,6 @@ async def test_logs_never_contain_tokens(
     ],
 )
 def test_keys_are_never_fetched_in_the_clear_for_an_https_issuer(trusted: str, url: str, refused: bool) -> None:
-    # The rule itself; tests/test_jwt_e2e.py runs both paths that use it (discovery, redirects)
+    # The rule itself; tests/e2e/test_jwt.py runs both paths that use it (discovery, redirects)
     # against an IdP over TLS.
     assert downgrades(trusted, url) is refused

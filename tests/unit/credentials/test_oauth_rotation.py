@@ -5,7 +5,7 @@ are check-and-set under a lock file. A replica the provider answered ``invalid_g
 reads the store again for the grant another replica just wrote; with the file backend
 that read must be the file as it is now, not the copy the watcher last loaded (up to
 POLL_SECONDS old), or the replica gives up and asks the user for consent again. The
-end-to-end race is in tests/test_oauth_e2e.py; this is the same at the store, with no
+end-to-end race is in tests/e2e/test_oauth.py; this is the same at the store, with no
 timing in it.
 """
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "sidecar"
+PACKAGE = Path(__file__).resolve().parents[2] / "sidecar"
 
 GROUND, CONFIG, PARTS, PIPELINE, LISTENERS, APP = range(6)
 LAYER_NAMES = ("ground", "config", "parts", "pipeline", "listeners", "app")
@@ -36,18 +36,18 @@ LAYER: dict[str, int] = {
     # 0 ground: depends on nothing of ours but its neighbours here
     "sidecar": GROUND,  # the package itself (__version__)
     "sidecar.errors": GROUND,
-    "sidecar.client_id": GROUND,  # planned: CLIENT_ID_PATTERN, the one source
+    "sidecar.client_id": GROUND,  # CLIENT_ID_PATTERN, the one source
     "sidecar.policy": GROUND,
     "sidecar.metrics": GROUND,
     "sidecar.buildinfo": GROUND,
     "sidecar.mitm": GROUND,
     "sidecar.record": GROUND,  # the access record, RequestLine
-    "sidecar.net": GROUND,  # planned: the one host:port parser, URL split, trust, lookup
+    "sidecar.net": GROUND,  # the one host:port parser, URL split, trust, lookup
     "sidecar.refusal": GROUND,  # the HTTP shape of a refusal
     # 1 config: the settings schema and what reads or describes it
     "sidecar.access_log": CONFIG,
     "sidecar.config": CONFIG,
-    "sidecar.summary": CONFIG,  # planned: check's one-screen summary
+    "sidecar.summary": CONFIG,  # check's one-screen summary
     # 2 parts: what the pipeline is built from
     "sidecar.secrets": PARTS,
     "sidecar.secrets.base": PARTS,
@@ -55,7 +55,7 @@ LAYER: dict[str, int] = {
     "sidecar.secrets.file": PARTS,
     "sidecar.secrets.aws": PARTS,
     "sidecar.secrets.vault": PARTS,
-    "sidecar.secrets.factory": PARTS,  # planned
+    "sidecar.secrets.factory": PARTS,
     "sidecar.identity": PARTS,
     "sidecar.identity.base": PARTS,  # was identity.py
     "sidecar.identity.header": PARTS,
@@ -71,27 +71,23 @@ LAYER: dict[str, int] = {
     "sidecar.transport.base": PARTS,
     "sidecar.transport.fast": PARTS,  # was fastclient.py
     "sidecar.transport.aio": PARTS,
-    "sidecar.transport.failures": PARTS,  # planned
+    "sidecar.transport.failures": PARTS,
     "sidecar.upstream": PARTS,
     "sidecar.routing": PARTS,
     "sidecar.tracing": PARTS,  # one span per request (OpenTelemetry, imported only when on)
     # 3 pipeline: one request, from exchange to answer
-    "sidecar.exchange": PIPELINE,  # ResponseHead, body rules; planned: the Exchange seam
-    "sidecar.pipeline": PIPELINE,  # planned (today's proxy.py)
-    "sidecar.proxy": PIPELINE,  # today's name of pipeline.py
+    "sidecar.exchange": PIPELINE,  # the Exchange seam, ResponseHead, body rules
+    "sidecar.pipeline": PIPELINE,  # DataPlane.serve: the one pipeline (was proxy.py)
     # 4 listeners: sockets, servers, CONNECT
-    "sidecar.listen": LISTENERS,  # planned
-    "sidecar.listen.fast": LISTENERS,  # planned (today's fastserver.py)
-    "sidecar.listen.aio_exchange": LISTENERS,  # planned
-    "sidecar.listen.aio_server": LISTENERS,  # planned
-    "sidecar.listen.connect": LISTENERS,  # planned
-    "sidecar.listen.front": LISTENERS,  # planned
-    "sidecar.fastserver": LISTENERS,  # today's name of listen/fast.py
-    "sidecar.aio_exchange": LISTENERS,  # today's name of listen/aio_exchange.py
-    "sidecar.connect": LISTENERS,  # today's name of listen/connect.py and listen/front.py
+    "sidecar.listen": LISTENERS,
+    "sidecar.listen.fast": LISTENERS,  # the lean server (was fastserver.py)
+    "sidecar.listen.aio_exchange": LISTENERS,
+    "sidecar.listen.aio_server": LISTENERS,
+    "sidecar.listen.connect": LISTENERS,
+    "sidecar.listen.front": LISTENERS,  # owns the socket (was connect.py's Front)
     # 5 app: process lifecycle, supervisor, admin, CLI
     "sidecar.runtime": APP,  # planned
-    "sidecar.lifecycle": APP,  # planned
+    "sidecar.lifecycle": APP,
     "sidecar.app": APP,
     "sidecar.workers": APP,
     "sidecar.admin": APP,
@@ -219,12 +215,12 @@ def test_the_walk_sees_lazy_and_type_checking_imports() -> None:
         "from typing import TYPE_CHECKING\n"
         "from sidecar import metrics, __version__\n"
         "from . import errors\n"
-        "if TYPE_CHECKING:\n    from sidecar.proxy import DataPlane\n"
+        "if TYPE_CHECKING:\n    from sidecar.pipeline import DataPlane\n"
         "def f():\n    import sidecar.secrets.cache\n    from .secrets import base\n"
     )
     found = {target for target, _ in imports_of("sidecar._probe", source, modules())}
     assert found == {
-        "sidecar.metrics", "sidecar", "sidecar.errors", "sidecar.proxy", "sidecar.secrets.cache", "sidecar.secrets.base"
+        "sidecar.metrics", "sidecar", "sidecar.errors", "sidecar.pipeline", "sidecar.secrets.cache", "sidecar.secrets.base"
     }
 
 
@@ -241,7 +237,7 @@ def test_every_import_names_a_module_that_exists() -> None:
 def test_every_module_has_a_layer() -> None:
     unplaced = sorted(set(GRAPH) - set(LAYER))
     assert not unplaced, (
-        f"{', '.join(unplaced)}: not in LAYER (tests/test_layers.py); say where it belongs "
+        f"{', '.join(unplaced)}: not in LAYER (tests/unit/test_layers.py); say where it belongs "
         f"({', '.join(f'{i} {n}' for i, n in enumerate(LAYER_NAMES))})"
     )
 

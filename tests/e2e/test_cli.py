@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 import sidecar
-from sidecar import buildinfo, fastserver
+from sidecar import buildinfo
+from sidecar.listen import fast as lean_server
 from tests.support.leaks import make_secret
 from tests.support.process import SidecarProcess
 from tests.support.upstream import closed_port
@@ -168,7 +169,7 @@ def test_version_and_the_listening_line_name_the_build_that_runs(
     tmp_path: Path, start_sidecar: Callable[..., SidecarProcess]
 ) -> None:
     # What really runs: the data plane imports from C extensions (compiled) or from .py files.
-    expected = "compiled" if str(fastserver.__file__).endswith(tuple(EXTENSION_SUFFIXES)) else "python"
+    expected = "compiled" if str(lean_server.__file__).endswith(tuple(EXTENSION_SUFFIXES)) else "python"
     assert buildinfo.build() == expected
     result = cli("--version")
     assert result.returncode == 0
@@ -190,7 +191,7 @@ def test_the_record_of_compiled_sources_names_what_changed(tmp_path: Path, monke
     (tmp_path / "record.json").write_text(json.dumps(recorded))
     assert buildinfo.changed_since_compiled() == ["config.py", "gone.py", "proxy.py"]
     # Stale only matters when compiled modules run: a pure build never runs old code.
-    monkeypatch.setattr(buildinfo, "compiled_modules", lambda: ("sidecar.proxy",))
+    monkeypatch.setattr(buildinfo, "compiled_modules", lambda: ("sidecar.pipeline",))
     assert buildinfo.stale_sources() == ["config.py", "gone.py", "proxy.py"]
     monkeypatch.setattr(buildinfo, "compiled_modules", lambda: ())
     assert buildinfo.stale_sources() == []

@@ -14,7 +14,7 @@ import pytest
 
 pytest_plugins = ["pytester"]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 CONFTEST = """
 from tests.conftest import pytest_sessionfinish, pytest_sessionstart  # the suite's own hooks

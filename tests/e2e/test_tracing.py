@@ -357,7 +357,7 @@ OFF_SCRIPT = textwrap.dedent(
 
 def test_off_the_traceparent_passes_unchanged_and_nothing_is_loaded(keys: dict[str, str]) -> None:
     # A fresh interpreter: this one has imported OpenTelemetry for the receiver.
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     out = subprocess.run(
         [sys.executable, "-c", OFF_SCRIPT, TRACEPARENT, keys["alice"]],
         capture_output=True, text=True, timeout=60, cwd=root,

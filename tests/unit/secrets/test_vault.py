@@ -1,6 +1,6 @@
 """The vault backend against a real OpenBao dev server (tests/support/openbao.py).
 
-What every store does alike runs in tests/test_secrets_backends.py; here is what is
+What every store does alike runs in tests/unit/secrets/test_backends.py; here is what is
 Vault's own: the four ways to log in, keeping the login alive, telling an expired
 token from a policy denial, KV v2 entries and their versions, check-and-set
 writes, namespaces, TLS with ca_file, and a sealed or silent Vault.

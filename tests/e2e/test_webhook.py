@@ -36,7 +36,7 @@ from sidecar.webhook.mutate import review
 from sidecar.webhook.settings import WebhookSettings, parse_webhook_settings
 from tests.support.leaks import make_secret, output_file
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 KUBE_VERSION = "1.31"
 IMAGE = "registry.example.com/mcp-credential-sidecar:0.2.0"
 START_TIMEOUT = 20.0

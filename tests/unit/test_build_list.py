@@ -15,7 +15,7 @@ import pytest
 
 from sidecar.buildinfo import compiled_modules
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def compiled_list() -> list[str]:

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from sidecar.access_log import AccessLog
     from sidecar.tracing import RequestTracer
 
-log = logging.getLogger("sidecar.proxy")
+log = logging.getLogger("sidecar.proxy")  # the name operators filter on, kept from before the module was renamed
 
 
 @dataclass(frozen=True, slots=True)

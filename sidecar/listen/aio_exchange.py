@@ -16,7 +16,7 @@ from multidict import CIMultiDict
 
 from sidecar.errors import BadRequest, SidecarError, UnsupportedHttpVersion
 from sidecar.exchange import REPLAY_BODY_LIMIT, STREAM_BROKEN, Exchange, ResponseHead
-from sidecar.proxy import DataPlane
+from sidecar.pipeline import DataPlane
 from sidecar.refusal import error_response
 from sidecar.transport.base import UpstreamAnswer
 

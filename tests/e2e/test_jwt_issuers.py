@@ -27,7 +27,7 @@ from tests.support.tls import TlsEchoUpstream
 from tests.support.upstream import EchoUpstream
 
 Start = Callable[..., SidecarProcess]
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def call(sc: SidecarProcess, path: str, token: str) -> requests.Response:
