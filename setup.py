@@ -26,7 +26,9 @@ from build_backend import compile_requested  # one reading of SIDECAR_COMPILE fo
 #: upstream.py (one call a request), transport/aio.py (the aiohttp client and its pieces:
 #: it defines an OSError and an aiohttp resolver subclass, which mypyc cannot compile as
 #: native classes), and what runs at start, reload or per connection (config, app,
-#: workers, connect, mitm, the secret backends, the identity factory).
+#: workers, connect, mitm, the secret backends, the identity and credential factories,
+#: the credential Protocol), and the OAuth providers (credentials/oauth.py: a warm request
+#: is one dict look-up there).
 COMPILED = [
     "sidecar/listen/fast.py",
     "sidecar/listen/aio_exchange.py",
@@ -35,6 +37,7 @@ COMPILED = [
     "sidecar/transport/failures.py",
     "sidecar/pipeline.py",
     "sidecar/routing.py",
+    "sidecar/credentials/static.py",
     "sidecar/access_log.py",
     "sidecar/record.py",
     "sidecar/refusal.py",

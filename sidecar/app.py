@@ -33,7 +33,8 @@ from sidecar.access_log import AccessLog, configure_logging, flush_access_lines
 from sidecar.admin import bound_address
 from sidecar.buildinfo import build, stale_sources
 from sidecar.config import ListenAddress, Settings, load_settings
-from sidecar.credentials.oauth import build_oauth_provider
+from sidecar.credentials.base import CredentialProvider
+from sidecar.credentials.factory import CredentialBuildError, build_provider
 from sidecar.errors import ConfigError, NoCredential, SecretStoreUnavailable
 from sidecar.identity.base import IdentityResolver
 from sidecar.identity.factory import build_identity_resolver
@@ -71,6 +72,8 @@ class _Parts:
     cache: SecretCache
     identity: IdentityResolver
     upstreams: dict[str, Upstream]
+    #: per upstream, built anew for each config (never kept: a kept upstream may meet a new cache)
+    credentials: dict[str, CredentialProvider]
 
 
 class Sidecar:
@@ -225,30 +228,32 @@ class Sidecar:
             await identity.start(wait=previous is not None)
         upstreams: dict[str, Upstream] = {}
         started: list[Upstream] = []
+        credentials: dict[str, CredentialProvider] = {}
         try:
             for name, up_settings in settings.upstreams.items():
                 old = previous.upstreams.get(name) if previous is not None else None
-                same_cache = previous is not None and cache is previous.cache
-                if old is not None and old.settings == up_settings and (old.provider is None or same_cache):
-                    upstreams[name] = old
-                    continue
-                upstream = Upstream(up_settings)
-                if up_settings.credential.oauth:
+                if old is not None and old.settings == up_settings:
+                    upstream = old
+                else:
+                    upstream = Upstream(up_settings)
                     try:
-                        upstream.provider = build_oauth_provider(up_settings, cache)
-                    except OSError:
-                        raise StartupError(f"upstreams.{name}.credential.client_secret_file: cannot be read") from None
-                    if old is not None and old.provider is not None:
-                        upstream.provider.adopt(old.provider)  # a reload keeps the tokens got before
-                try:
-                    await upstream.start()
-                except (ssl.SSLError, OSError):
-                    # check read the ca_file; it changed since (or cannot be read now).
-                    raise StartupError(f"upstreams.{name}.ca_file: no PEM certificate could be loaded") from None
-                started.append(upstream)
+                        await upstream.start()
+                    except (ssl.SSLError, OSError):
+                        # check read the ca_file; it changed since (or cannot be read now).
+                        raise StartupError(f"upstreams.{name}.ca_file: no PEM certificate could be loaded") from None
+                    started.append(upstream)
                 upstreams[name] = upstream
+                # Every provider is new: over this config's cache, handed the one it replaces
+                # for what outlives a reload (OAuth tokens).
+                replaced = previous.credentials.get(name) if previous is not None else None
+                try:
+                    credentials[name] = build_provider(up_settings, cache, upstream.key_wait, replaced)
+                except CredentialBuildError as exc:
+                    raise StartupError(str(exc)) from None
         except BaseException:
             # A reload that fails here keeps the running parts: close only what was built for it.
+            for provider in credentials.values():
+                await provider.close()
             for upstream in started:
                 await upstream.close()
             if previous is None or identity is not previous.identity:
@@ -256,37 +261,34 @@ class Sidecar:
             if previous is None or backend is not previous.backend:
                 await backend.close()
             raise
-        return _Parts(settings, backend, cache, identity, upstreams)
+        return _Parts(settings, backend, cache, identity, upstreams, credentials)
 
     @staticmethod
     def _runtime(parts: _Parts) -> Runtime:
         return Runtime(
-            routes=Routes.build(parts.upstreams, parts.settings.forward_proxy, parts.identity.strip_headers),
+            routes=Routes.build(
+                parts.upstreams, parts.settings.forward_proxy, parts.identity.strip_headers, parts.credentials
+            ),
             identity=parts.identity,
-            cache=parts.cache,
         )
 
     async def _prefetch_then_ready(self, parts: _Parts) -> None:
         pending = [
-            (client, up)
+            (client, up, parts.credentials[name])
             for client in parts.settings.secrets.prefetch
-            for up in parts.upstreams.values()
+            for name, up in parts.upstreams.items()
             if client_allowed(up.client_matcher, client)
         ]
         delay = 0.5
         while pending:
             retry = []
-            for client, up in pending:
-                if up.provider is not None:
-                    await up.provider.prefetch(client)  # an access token; failures are logged there
-                    continue
-                secret_id = up.secret_id(client_id=client)
+            for client, up, credential in pending:
                 try:
-                    await parts.cache.get(secret_id, up.settings.secret_field)
+                    await credential.prefetch(client)  # the OAuth types log their own failures
                 except NoCredential:
                     log.warning("prefetch: no credential", extra={"client_id": client, "upstream": up.name})
                 except SecretStoreUnavailable:
-                    retry.append((client, up))
+                    retry.append((client, up, credential))
             pending = retry
             if pending:
                 log.warning("prefetch: secret store unavailable; retrying", extra={"remaining": len(pending)})
@@ -341,6 +343,10 @@ class Sidecar:
     def _retire(self, old: _Parts, new: _Parts) -> None:
         """Close what the new runtime dropped, after in-flight requests had time to finish."""
         upstreams = [u for n, u in old.upstreams.items() if new.upstreams.get(n) is not u]
+        # Every provider is replaced; the new ones took over what outlives a reload.
+        credentials = [c for n, c in old.credentials.items() if new.credentials.get(n) is not c]
+        for credential in credentials:
+            credential.retire()  # no more background token requests; requests in flight still call it
         identity = old.identity if old.identity is not new.identity else None
         backend = old.backend if old.backend is not new.backend else None
         cache = old.cache if old.cache is not new.cache else None
@@ -349,6 +355,8 @@ class Sidecar:
 
         async def later() -> None:
             await asyncio.sleep(self.settings.shutdown_grace_seconds)
+            for credential in credentials:
+                await credential.close()
             for up in upstreams:
                 await up.close()
             if identity is not None:
@@ -391,6 +399,8 @@ class Sidecar:
 
     @staticmethod
     async def _close_parts(parts: _Parts) -> None:
+        for credential in parts.credentials.values():
+            await credential.close()
         for up in parts.upstreams.values():
             await up.close()
         await parts.identity.close()

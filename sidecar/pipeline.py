@@ -1,4 +1,4 @@
-"""The data plane: identity -> policy -> secret -> inject -> forward -> stream back.
+"""The data plane: identity -> policy -> credential -> inject -> forward -> stream back.
 
 One pipeline, ``DataPlane.serve``, over an ``Exchange`` (exchange.py) from either
 server: the lean one (fastserver.py) or aiohttp's low-level server (aio_exchange.py;
@@ -35,7 +35,6 @@ from sidecar.record import Record
 from sidecar.refusal import reason_phrase
 from sidecar.routing import Route, Routes
 from sidecar.secrets.base import Secret
-from sidecar.secrets.cache import SecretCache
 from sidecar.transport.base import UpstreamAnswer
 from sidecar.upstream import Upstream
 
@@ -54,23 +53,20 @@ class Runtime:
     (see setup.py) compiles this dataclass and needs them.
     """
 
-    routes: Routes
+    routes: Routes  # the upstreams, and each one's credential provider
     identity: IdentityResolver
-    cache: SecretCache
 
 
 @dataclass(slots=True)
 class Admitted:
-    """A request that passed routing, identity, policy and the secret lookup."""
+    """A request that passed routing, identity, policy and the credential lookup."""
 
     route: Route
     upstream: Upstream  # route.upstream, at hand
     path: str
     query: str
-    client_id: str
-    secret_id: str
+    identity: Identity
     secret: Secret
-    identity: Identity | None = None  # OAuth types: who the token is for (rejected() needs it)
 
 
 def _check_path(path: str) -> None:
@@ -114,7 +110,7 @@ class DataPlane:
                 replayable = True
             else:
                 data, replayable = await ex.read_body()
-            answer, secret = await self._exchange(rt, ex.method, admitted, headers, data, replayable, rec)
+            answer, secret = await self._exchange(ex.method, admitted, headers, data, replayable, rec)
             upstream = admitted.upstream
             head = ResponseHead(answer, upstream.injection.scrubber(secret), upstream.settings.timeout_seconds)
             rec.status = head.status
@@ -154,7 +150,7 @@ class DataPlane:
         return err
 
     async def _admit(self, rt: Runtime, ex: Exchange, rec: Record) -> Admitted:
-        """Route, identify, check policy and look the key up; every refusal raises."""
+        """Route, identify, check policy and get the credential; every refusal raises."""
         route, path, query = rt.routes.route(ex.method, ex.raw_path, ex.origin, rec)
         upstream = route.upstream
         rec.upstream = route.name
@@ -172,23 +168,15 @@ class DataPlane:
             raise ClientNotAllowed(reason="client_glob")
         if upstream.scopes and not scopes_allowed(upstream.scopes, identity.scopes):
             raise ClientNotAllowed("The caller holds none of the scopes this upstream needs.", reason="scope")
-        provider = upstream.provider
-        if provider is not None:
-            # An OAuth type: the value is an access token (credentials/oauth.py), a dict
-            # look-up when one is cached.
-            rec.credential = provider.kind
-            secret, rec.cache = await provider.get(identity)
-            return Admitted(route, upstream, path, query, identity.client_id, "", secret, identity)
-        settings = upstream.settings
-        secret_id = upstream.secret_id(client_id=identity.client_id)
+        rec.credential = route.logged_type  # the OAuth types are named on the access line
         try:
-            secret, rec.cache = await rt.cache.get(
-                secret_id, settings.secret_field, upstream.key_wait, identity.client_id
-            )
+            # api_key: the secret cache (credentials/static.py); OAuth: an access token, a
+            # dict look-up when one is cached (credentials/oauth.py).
+            secret, rec.cache = await route.credential.get(identity)
         except (NoCredential, SecretStoreUnavailable) as err:
             rec.cache = err.lookup  # the cache's outcome word, set where it was decided
             raise
-        return Admitted(route, upstream, path, query, identity.client_id, secret_id, secret)
+        return Admitted(route, upstream, path, query, identity, secret)
 
     @staticmethod
     def _drop_hop_headers(drop: frozenset[str], headers: CIMultiDict[str]) -> None:
@@ -205,7 +193,6 @@ class DataPlane:
 
     async def _exchange(
         self,
-        rt: Runtime,
         method: str,
         admitted: Admitted,
         headers: CIMultiDict[str],
@@ -213,20 +200,19 @@ class DataPlane:
         replayable: bool,
         rec: Record,
     ) -> tuple[UpstreamAnswer, Secret]:
-        """Inject, send; on 401/403 with a rotated key in the store, send once more."""
+        """Inject, send; on 401/403 with a new credential to be had, send once more.
+
+        The provider decides (``rejected``): a stored key rotated in the store, on 401 or
+        403; a new OAuth token, on 401 only.
+        """
         upstream = admitted.upstream
         secret = admitted.secret
-        field = upstream.settings.secret_field
+        client = admitted.identity.client_id
         target = upstream.injection.target(admitted.path, admitted.query, headers, secret)
-        answer = await upstream.send(method, target, headers, data, admitted.client_id)
-        if answer.status in (401, 403):
-            if admitted.identity is not None:
-                # An OAuth token: a 401 drops it and gets a new one; a 403 is about
-                # permissions, which another token of the same grant would not change.
-                provider = upstream.provider
-                fresh = await provider.rejected(admitted.identity, secret) if answer.status == 401 else None
-            else:
-                fresh = await rt.cache.refresh_rejected(admitted.secret_id, field, secret)
+        answer = await upstream.send(method, target, headers, data, client)
+        status = answer.status
+        if status == 401 or status == 403:
+            fresh = await admitted.route.credential.rejected(admitted.identity, secret, status)
             if fresh is None:
                 metrics.ROTATIONS.labels(upstream.name, "unchanged").inc()
             elif not replayable:
@@ -238,9 +224,9 @@ class DataPlane:
                 answer.close()
                 metrics.ROTATIONS.labels(upstream.name, "replayed").inc()
                 log.info("upstream refused a credential that has since changed; replaying once",
-                         extra={"upstream": upstream.name, "client_id": admitted.client_id})
+                         extra={"upstream": upstream.name, "client_id": client})
                 rec.reason = "credential_rotated"
                 secret = fresh
                 target = upstream.injection.target(admitted.path, admitted.query, headers, secret)
-                answer = await upstream.send(method, target, headers, data, admitted.client_id)
+                answer = await upstream.send(method, target, headers, data, client)
         return answer, secret

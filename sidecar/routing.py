@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 from sidecar.config import ForwardProxySettings
+from sidecar.credentials.base import CredentialProvider
 from sidecar.errors import BadRequest, DestinationNotAllowed, UnknownUpstream
 from sidecar.net import normalize_host, parse_passthrough
 from sidecar.record import Record
@@ -31,13 +32,17 @@ Origin = tuple[str, int]
 
 
 class Route:
-    """One upstream as requests reach it: what is sent where, and what never goes along."""
+    """One upstream as requests reach it: what is sent where, what never goes along, and
+    how the credential is got (its provider, built for this runtime)."""
 
-    __slots__ = ("base_path", "drop", "https", "name", "upstream")
+    __slots__ = ("base_path", "credential", "drop", "https", "logged_type", "name", "upstream")
 
-    def __init__(self, upstream: Upstream, drop: frozenset[str]) -> None:
+    def __init__(self, upstream: Upstream, drop: frozenset[str], credential: CredentialProvider) -> None:
         self.upstream = upstream
         self.name = upstream.name
+        self.credential = credential
+        #: the access line's ``credential``: the type, but None for a stored key (``api_key``)
+        self.logged_type: str | None = None if credential.kind == "api_key" else credential.kind
         #: request headers never forwarded: hop-by-hop, local credentials, the injection
         #: point, and the headers that carried identity
         self.drop = drop
@@ -68,9 +73,18 @@ class Routes:
         self.passthrough_allow_private = passthrough_allow_private
 
     @staticmethod
-    def build(upstreams: Mapping[str, Upstream], fp: ForwardProxySettings, strip_headers: frozenset[str]) -> Routes:
-        """The tables for these upstreams; ``strip_headers``: what the identity resolver read."""
-        by_name = {name: Route(up, up.drop_request_headers | strip_headers) for name, up in upstreams.items()}
+    def build(
+        upstreams: Mapping[str, Upstream],
+        fp: ForwardProxySettings,
+        strip_headers: frozenset[str],
+        credentials: Mapping[str, CredentialProvider],
+    ) -> Routes:
+        """The tables for these upstreams. ``strip_headers``: what the identity resolver reads;
+        ``credentials``: each upstream's provider, built for this runtime (credentials/factory.py)."""
+        by_name = {
+            name: Route(up, up.drop_request_headers | strip_headers, credentials[name])
+            for name, up in upstreams.items()
+        }
         by_origin: dict[Origin, list[Route]] = {}
         ordered = sorted(
             (r for r in by_name.values() if r.upstream.settings.forward_proxy),

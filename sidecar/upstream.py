@@ -44,8 +44,6 @@ class Upstream:
         #: host[:port] as in a Host header and a URL (the port only when not the default)
         self.authority = url_host(settings.host) + ("" if settings.port == default_port else f":{settings.port}")
         self.origin = f"{settings.scheme}://{self.authority}"
-        #: the secret's name for a client: the template with the upstream already filled in
-        self.secret_id = functools.partial(settings.secret.format, upstream=settings.name)
         self.injection: Injection = build_injection(settings.inject)
         self.client_matcher = compile_client_matcher(settings.clients)
         self.scopes = frozenset(settings.scopes)
@@ -60,8 +58,6 @@ class Upstream:
         self.fast: FastPool | None = None
         self.aio: AioClient | None = None
         self._errors = counters(self.name)
-        #: OAuth types (credentials/oauth.py): where the access token comes from; None: the stored key
-        self.provider: Any = None
 
     async def start(self) -> None:
         """Create both clients (needs a running loop)."""
@@ -124,5 +120,3 @@ class Upstream:
     async def close(self) -> None:
         for transport in self._transports():
             await transport.close()
-        if self.provider is not None:
-            await self.provider.close()

@@ -326,6 +326,7 @@ class _TokenProvider:
         #: per key: until when "nothing stored" is remembered (negative_ttl_seconds)
         self._missing: dict[str, tuple[float, SidecarError]] = {}
         self.token_requests = 0
+        self._retired = False
 
     # ---- the seam
 
@@ -342,7 +343,7 @@ class _TokenProvider:
                 return token.value, "hit"
             if now < token.valid_until:
                 # Near its end: served as it is; the next one is got behind this request.
-                if now >= token.retry_after and key not in self._inflight:
+                if now >= token.retry_after and key not in self._inflight and not self._retired:
                     task = self._start(identity, key, from_rejection=False)
                     self._refreshing.add(task)
                     task.add_done_callback(self._refreshing.discard)
@@ -350,8 +351,13 @@ class _TokenProvider:
         token = await self._load(identity, key, from_rejection=False)
         return token.value, "miss"
 
-    async def rejected(self, identity: Identity, value: Secret) -> Secret | None:
-        """The upstream refused ``value`` (401): drop it and get a new token; None when there is no other."""
+    async def rejected(self, identity: Identity, value: Secret, status: int) -> Secret | None:
+        """The upstream refused ``value``: on a 401 drop it and get a new token; None when there is no other.
+
+        A 403 is about permissions, which another token of the same grant would not change: None.
+        """
+        if status != 401:
+            return None
         key = self.key(identity)
         token = self._tokens.get(key)
         now = self._clock()
@@ -371,23 +377,38 @@ class _TokenProvider:
         return None
 
     def retire(self) -> None:
-        """A reload replaced the runtime: stop background token requests."""
-        for task in list(self._refreshing):
-            task.cancel()
+        """A reload replaced this provider: start no more background token requests.
+
+        One under way is left to finish (into the token table the new provider shares):
+        cancelled, a refresh-token rotation could lose the grant between the token
+        endpoint's answer and the write-back.
+        """
+        self._retired = True
 
     async def close(self) -> None:
         for task in list(self._inflight.values()):
             task.cancel()
         await self.client.close()
 
-    def adopt(self, previous: _TokenProvider) -> None:
+    def adopt(self, previous: object) -> None:
         """Keep the tokens a provider of the previous config got, when they came from the same place.
 
-        A reload (SIGHUP) that changes nothing about where tokens come from must not make
-        every client get a new one.
+        A reload (SIGHUP) builds every provider anew (``credentials.factory``); one that
+        changes nothing about where tokens come from must not make every client get a new
+        one. With the same secret store, what was read from it is kept too: the "nothing
+        stored" answers, and per type the last good read (a rotated grant not yet written
+        back exists only there). The tables are shared, not copied: a token request the
+        replaced provider still has in flight lands where this one looks.
         """
-        if type(previous) is type(self) and previous.same_source(self):
-            self._tokens = previous._tokens
+        if not (isinstance(previous, _TokenProvider) and type(previous) is type(self) and previous.same_source(self)):
+            return
+        self._tokens = previous._tokens
+        if previous.cache is self.cache:
+            self._missing = previous._missing
+            self.keep_store_reads(previous)
+
+    def keep_store_reads(self, previous: _TokenProvider) -> None:
+        """Per type: take over what ``previous`` (of this type, over the same store) read from the store."""
 
     def same_source(self, other: _TokenProvider) -> bool:
         a, b = self.credential, other.credential
@@ -526,6 +547,10 @@ class ClientCredentials(_TokenProvider):
         #: the last good read per client: used while the store fails
         self._clients: dict[str, _Client] = {}
 
+    def keep_store_reads(self, previous: _TokenProvider) -> None:
+        assert isinstance(previous, ClientCredentials)
+        self._clients = previous._clients
+
     async def obtain(self, identity: Identity, key: str) -> TokenAnswer:
         client = await self._client(identity.client_id)
         return await self.client.request(self.grant, {}, client.client_id, client.secret)
@@ -581,6 +606,10 @@ class RefreshToken(_TokenProvider):
         self.app_id = settings.credential.client_id
         self.app_secret = app_secret(settings.credential)
         self._grants: dict[str, _Grant] = {}
+
+    def keep_store_reads(self, previous: _TokenProvider) -> None:
+        assert isinstance(previous, RefreshToken)
+        self._grants = previous._grants
 
     def consent(self, reason: str) -> ConsentRequired:
         return ConsentRequired(reason=reason, authorize_url=self.credential.authorize_url)

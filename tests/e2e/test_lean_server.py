@@ -20,13 +20,11 @@ from typing import Any
 import pytest
 
 from sidecar.access_log import AccessLog
-from sidecar.config import CacheSettings, IdentitySettings
+from sidecar.config import IdentitySettings
 from sidecar.identity.header import HeaderIdentity
 from sidecar.listen import fast as fastserver
 from sidecar.pipeline import DataPlane, Runtime
 from sidecar.routing import Routes
-from sidecar.secrets.cache import SecretCache
-from sidecar.secrets.file import FileBackend
 from tests.support.leaks import make_secret
 from tests.support.process import SidecarProcess
 from tests.support.upstream import EchoUpstream
@@ -271,10 +269,7 @@ def _idle_plane() -> DataPlane:
 
     (A real one, not None: the compiled build checks argument types.)
     """
-    runtime = Runtime(
-        routes=Routes({}, {}, forward_proxy=False), identity=HeaderIdentity(IdentitySettings()),
-        cache=SecretCache(FileBackend(Path("/nonexistent/keys.json")), CacheSettings()),
-    )
+    runtime = Runtime(routes=Routes({}, {}, forward_proxy=False), identity=HeaderIdentity(IdentitySettings()))
     return DataPlane(runtime, AccessLog())
 
 

@@ -205,6 +205,29 @@ def test_inflight_request_keeps_its_config_across_reload(
     assert get(sc, "/polygon/echo/x").status_code == 404
 
 
+def test_a_reload_to_another_store_takes_keys_from_it_though_the_upstream_is_kept(
+    start_sidecar: Start, tmp_path: Path, echo: EchoUpstream
+) -> None:
+    # The upstream's settings are unchanged, so the reload keeps its Upstream (and its
+    # connections); the store and its cache are new, and so is the credential provider
+    # built over them. A provider kept with the Upstream would serve the old store's key.
+    old, new = make_secret("store-old"), make_secret("store-new")
+    config = file_config(tmp_path, echo, {"alice": old})
+    sc = start_sidecar(config)
+    echo.accepted_key = old
+    assert get(sc, "/polygon/keyed").status_code == 200  # the old key is cached now
+    other = tmp_path / "other-keys.yaml"
+    other.write_text(yaml.safe_dump({"alice": new}), encoding="utf-8")
+    secrets = {"backend": "file", "file": {"path": str(other)}}
+    sc.write_config({**config, "listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0", "secrets": secrets})
+    sc.signal(signal.SIGHUP)
+    sc.wait_for_line(lambda line: line.get("message") == "config reloaded")
+    echo.accepted_key = new
+    sent = len(echo.received)
+    assert get(sc, "/polygon/keyed").status_code == 200
+    assert len(echo.received) == sent + 1  # sent once, with the new store's key: no refusal, no replay
+
+
 def test_rotation_in_secrets_manager_is_picked_up_and_replayed(
     configured_sidecar: Start, moto_endpoint: str, echo: EchoUpstream
 ) -> None:

@@ -144,6 +144,41 @@ def test_a_reload_keeps_the_cached_tokens(
     assert oauth_server.requests["client_credentials"] == 1
 
 
+def test_a_reload_whose_client_secret_file_cannot_be_read_is_refused_and_the_running_config_serves_on(
+    start_sidecar: Start, tmp_path: Path, oauth_server: OAuthServer
+) -> None:
+    app = oauth_server.register_client("app", grant_types=("refresh_token",), auth_method="client_secret_post")
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(yaml.safe_dump({"mcp/api/alice": {"refresh_token": oauth_server.issue_grant("app", "alice")}}))
+    secret_file = tmp_path / "app-secret"
+    secret_file.write_text(app.client_secret + "\n")
+    credential = {
+        "type": "oauth2_refresh_token", "client_id": "app", "client_secret_file": str(secret_file),
+        "auth_method": "client_secret_post",
+    }
+    config = {
+        "secrets": {"backend": "file", "file": {"path": str(keys)}},
+        "upstreams": {"api": oauth_upstream(oauth_server, credential)},
+        "listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0",
+    }
+    sc = start_sidecar(config)
+    assert call(sc).status_code == 200
+    # The file is there (the config reader checks that) but holds no text: the providers
+    # are built before the swap, so the reload is refused whole.
+    secret_file.write_bytes(b"\xff\xfe not text")
+    sc.write_config(config)
+    sc.signal(signal.SIGHUP)
+    line = sc.wait_for_line(lambda line: str(line.get("message")).startswith("config reload refused"))
+    assert line["problems"] == ["upstreams.api.credential.client_secret_file: cannot be read"]
+    assert call(sc).status_code == 200  # the running provider, its token cached
+    # Fixed: the reload goes through and keeps the token.
+    secret_file.write_text(app.client_secret + "\n")
+    sc.signal(signal.SIGHUP)
+    sc.wait_for_line(lambda line: line.get("message") == "config reloaded")
+    assert call(sc).status_code == 200
+    assert oauth_server.requests["refresh_token"] == 1
+
+
 # ------------------------------------------------------------------ refresh tokens
 
 

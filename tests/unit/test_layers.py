@@ -61,10 +61,10 @@ LAYER: dict[str, int] = {
     "sidecar.identity.header": PARTS,
     "sidecar.identity.jwt_bearer": PARTS,  # was tokens.py
     "sidecar.identity.factory": PARTS,
-    "sidecar.credentials": PARTS,  # planned
-    "sidecar.credentials.base": PARTS,  # planned
-    "sidecar.credentials.static": PARTS,  # planned
-    "sidecar.credentials.factory": PARTS,  # planned
+    "sidecar.credentials": PARTS,
+    "sidecar.credentials.base": PARTS,
+    "sidecar.credentials.static": PARTS,
+    "sidecar.credentials.factory": PARTS,
     "sidecar.credentials.oauth": PARTS,
     "sidecar.inject": PARTS,
     "sidecar.transport": PARTS,

@@ -11,16 +11,20 @@ to any of them is a decision, never a side effect of sharing code.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from sidecar import net
-from sidecar.config import InjectSettings, UpstreamSettings
+from sidecar.config import CacheSettings, InjectSettings, UpstreamSettings
+from sidecar.credentials.static import StaticKey
 from sidecar.errors import BadRequest, SidecarError
 from sidecar.listen.connect import parse_authority
 from sidecar.record import Record
 from sidecar.routing import Route, Routes
+from sidecar.secrets.cache import SecretCache
+from sidecar.secrets.file import FileBackend
 from sidecar.upstream import Upstream
 
 # Each table: input -> (host, port), or how it is refused. LISTEN and PASSTHROUGH refuse
@@ -351,7 +355,8 @@ def _origin_of(target: str, origin: tuple[str, int]) -> bool:
             base_path="", secret="k/{client_id}", inject=InjectSettings("query", "apiKey"),
         )
     )
-    route = Route(up, frozenset())
+    cache = SecretCache(FileBackend(Path("/nonexistent/keys.json")), CacheSettings())
+    route = Route(up, frozenset(), StaticKey(up.settings, cache))
     try:
         return Routes({}, {origin: (route,)}).route("GET", target, None, Record())[0] is route
     except SidecarError:

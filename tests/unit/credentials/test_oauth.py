@@ -140,6 +140,21 @@ async def test_expiry_gets_a_new_token_and_serves_the_old_one_meanwhile(provider
     assert word == "hit" and not second == first
 
 
+async def test_a_provider_a_reload_replaced_starts_no_background_request(
+    provider: Make, oauth_server: OAuthServer
+) -> None:
+    # Its successor shares the token table and gets the next token; one this provider
+    # started in the background would only race it.
+    oauth_server.access_lifetime = 300
+    p = await provider(CC, {"mcp/api/alice": agent(oauth_server)})
+    first, _ = await p.get(Identity("alice"))
+    p.retire()
+    p._clock.now += 300 - 30 + 1
+    assert await p.get(Identity("alice")) == (first, "stale")
+    assert not p._inflight
+    assert oauth_server.requests["client_credentials"] == 1
+
+
 async def test_no_expires_in_is_cached_sixty_seconds(provider: Make, oauth_server: OAuthServer) -> None:
     oauth_server.access_lifetime = None
     p = await provider(CC, {"mcp/api/alice": agent(oauth_server)})
@@ -154,13 +169,16 @@ async def test_no_expires_in_is_cached_sixty_seconds(provider: Make, oauth_serve
 async def test_an_upstream_401_drops_the_token_and_gets_one_new_one(provider: Make, oauth_server: OAuthServer) -> None:
     p = await provider(CC, {"mcp/api/alice": agent(oauth_server)})
     first, _ = await p.get(Identity("alice"))
-    fresh = await p.rejected(Identity("alice"), first)
+    # A 403 is about permissions: another token of the same grant would not change it.
+    assert await p.rejected(Identity("alice"), first, 403) is None
+    assert oauth_server.requests["client_credentials"] == 1
+    fresh = await p.rejected(Identity("alice"), first, 401)
     assert fresh is not None and not fresh == first
     assert oauth_server.requests["client_credentials"] == 2
     # A request that saw the old token refused after the new one came gets the new one at once.
-    assert await p.rejected(Identity("alice"), first) == fresh
+    assert await p.rejected(Identity("alice"), first, 401) == fresh
     # The new token refused at once too: the upstream, not the token, refuses; no third request.
-    assert await p.rejected(Identity("alice"), fresh) is None
+    assert await p.rejected(Identity("alice"), fresh, 401) is None
     assert oauth_server.requests["client_credentials"] == 2
 
 
