@@ -355,8 +355,8 @@ class Sidecar:
 
         async def later() -> None:
             await asyncio.sleep(self.settings.shutdown_grace_seconds)
-            for credential in credentials:
-                await credential.close()
+            # Together: each waits for its own token requests in flight (credentials/oauth.py close).
+            await asyncio.gather(*(credential.close() for credential in credentials))
             for up in upstreams:
                 await up.close()
             if identity is not None:
@@ -399,8 +399,8 @@ class Sidecar:
 
     @staticmethod
     async def _close_parts(parts: _Parts) -> None:
-        for credential in parts.credentials.values():
-            await credential.close()
+        # Together: each waits for its own token requests in flight (credentials/oauth.py close).
+        await asyncio.gather(*(credential.close() for credential in parts.credentials.values()))
         for up in parts.upstreams.values():
             await up.close()
         await parts.identity.close()

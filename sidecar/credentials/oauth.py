@@ -386,8 +386,20 @@ class _TokenProvider:
         self._retired = True
 
     async def close(self) -> None:
-        for task in list(self._inflight.values()):
-            task.cancel()
+        """Let token requests in flight finish, then close the client.
+
+        A refresh answered with a rotated grant has already revoked the old one at the
+        provider: cut before its write-back, the user's only grant would be lost. Each
+        request is bounded (the upstream's ``timeout_seconds``, then the store's
+        ``lookup_timeout_seconds`` for the write), so this wait is too; what is left after
+        it is cancelled.
+        """
+        pending = set(self._inflight.values())
+        if pending:
+            bound = self.settings.timeout_seconds + self.cache.lookup_timeout + 1.0
+            _, late = await asyncio.wait(pending, timeout=bound)
+            for task in late:
+                task.cancel()
         await self.client.close()
 
     def adopt(self, previous: object) -> None:

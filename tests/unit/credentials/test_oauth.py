@@ -8,6 +8,7 @@ provider's own (injected), so expiry is tested without waiting.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -27,6 +28,7 @@ from sidecar.errors import (
     ConsentRequired,
     CredentialRefused,
     NoCredential,
+    SidecarError,
     TokenEndpointUnavailable,
 )
 from sidecar.identity.base import Identity
@@ -352,3 +354,34 @@ async def test_callers_without_a_credential_cannot_grow_the_provider_without_bou
     # The most recent refusal is still remembered: no store read for it again.
     with pytest.raises(NoCredential):
         await p.get(Identity("nobody-99"))
+
+
+async def test_closing_a_provider_mid_refresh_never_loses_the_rotated_grant(
+    provider: Make, oauth_server: OAuthServer, tmp_path: Path
+) -> None:
+    """A reload closes the replaced provider after the grace period, and a shutdown closes
+    every one. A refresh still in flight then has been answered with a rotated grant, or soon
+    will be, and the old grant is revoked: cut before its write-back, the user's grant is gone."""
+    app = oauth_server.register_client("app", grant_types=("refresh_token",))
+    first = oauth_server.issue_grant("app", "alice")
+    p = await provider(
+        {"type": "oauth2_refresh_token", "client_id": "app", "client_secret": app.client_secret},
+        {"mcp/api/alice": {"refresh_token": first}},
+    )
+    oauth_server.hang()
+    request = asyncio.ensure_future(p.get(Identity("alice")))
+    while oauth_server.hanging < 1:
+        await asyncio.sleep(0.01)
+    closing = asyncio.ensure_future(p.close())
+    await asyncio.sleep(0)  # close() has begun while the refresh waits at the endpoint
+    oauth_server.release()
+    await asyncio.wait_for(closing, 30)
+    with contextlib.suppress(asyncio.CancelledError, SidecarError):
+        await request
+    # The endpoint finishes the refresh whatever the provider did: the first grant is revoked.
+    deadline = asyncio.get_running_loop().time() + 10
+    while oauth_server.live_grants("alice") == [first] and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)
+    live = oauth_server.live_grants("alice")
+    stored = yaml.safe_load((tmp_path / "keys.yaml").read_text())["mcp/api/alice"]["refresh_token"]
+    assert len(live) == 1 and stored == live[0], "the grant the provider rotated is not the one stored"
