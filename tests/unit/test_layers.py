@@ -86,7 +86,6 @@ LAYER: dict[str, int] = {
     "sidecar.listen.connect": LISTENERS,
     "sidecar.listen.front": LISTENERS,  # owns the socket (was connect.py's Front)
     # 5 app: process lifecycle, supervisor, admin, CLI
-    "sidecar.runtime": APP,  # planned
     "sidecar.lifecycle": APP,
     "sidecar.app": APP,
     "sidecar.workers": APP,
