@@ -73,7 +73,7 @@ def upstream_connections(pids: list[int], port: int) -> int:
 def start(children: bench.Children, name: str, tree: Path, tmp: Path, upstream: int,
           workers: int = 1, clients: int = 0, token: str | None = None,
           forward_proxy: bool = False) -> tuple[bench.Child, int]:
-    port, admin = bench.free_port(), bench.free_port()
+    port, admin = bench.free_ports(2)
     keys = tmp / "keys.json"
     names = ["alice", bench.CLIENT_ID, *(f"client-{i}" for i in range(clients))]
     keys.write_text(json.dumps({f"mcp/polygon/{n}": "k-" + "x" * 32 for n in names}), encoding="utf-8")
@@ -179,9 +179,9 @@ def main() -> int:
     trees: list[Path] = []
     try:
         # bench/run.py's upstream: the ~300-byte JSON at /, static files under /files/.
-        upstream = bench.free_port()
+        upstream, tls_port = bench.free_ports(2)
         bench.make_tls(tmp)
-        conf = bench.render_nginx("upstream.conf", tmp, HTTP_PORT=upstream, TLS_PORT=bench.free_port())
+        conf = bench.render_nginx("upstream.conf", tmp, HTTP_PORT=upstream, TLS_PORT=tls_port)
         path = "/x"
         (tmp / "files").mkdir(mode=0o755)
         token = None

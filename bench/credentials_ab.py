@@ -123,7 +123,7 @@ def write_nginx(tmp: Path, port: int, check_b: str) -> Path:
 
 def sidecar_config(tmp: Path, name: str, secrets: dict[str, Any], upstream: dict[str, Any],
                    jwks_url: str | None) -> tuple[Path, int, int]:
-    port, admin = bench.free_port(), bench.free_port()
+    port, admin = bench.free_ports(2)
     document: dict[str, Any] = {
         "listen": f"127.0.0.1:{port}", "admin_listen": f"127.0.0.1:{admin}", "log": {"level": "warning"},
         "secrets": {**secrets, "cache": {"ttl_seconds": WARM_SECONDS}}, "workers": 1,
