@@ -17,7 +17,6 @@ import json
 import math
 import re
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -34,7 +33,7 @@ from tests.support.aws import AWS_ENV
 from tests.support.leaks import output_file
 from tests.support.process import SidecarProcess, metric
 from tests.support.store_faults import FakeSecretsManager
-from tests.support.upstream import EchoUpstream, closed_port
+from tests.support.upstream import EchoUpstream, closed_port, free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART_DIR = ROOT / "charts" / "credential-sidecar"
@@ -141,10 +140,6 @@ def test_chart_lints_clean_with_rules_and_dashboard_on() -> None:
 # --------------------------------------------------------------------------- a real Prometheus
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
@@ -160,7 +155,7 @@ class Prometheus:
     """``prometheus`` scraping one target every second, with a ServiceMonitor's namespace and pod labels."""
 
     def __init__(self, target: str, workdir: Path) -> None:
-        self.port = _free_port()
+        self.port = free_ports(1)[0]
         self.url = f"http://127.0.0.1:{self.port}"
         config = workdir / "prometheus.yml"
         config.write_text(

@@ -13,7 +13,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import dockerfile
 import pytest
+
+from tests.support.upstream import free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -180,16 +181,6 @@ def test_fininfo_image_is_built_the_same_way() -> None:
 # --------------------------------------------------------------------------- the build, replayed
 
 
-def _free_ports(count: int) -> list[int]:
-    """Distinct free loopback ports (all held open while choosing, so none repeats)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def _dockerignore_anywhere() -> list[str]:
@@ -316,7 +307,7 @@ def test_the_entrypoint_runs_and_passes_its_healthcheck(
     _, (_, final) = parsed
     (entrypoint,) = instructions(final, "ENTRYPOINT")
     (health,) = instructions(final, "HEALTHCHECK")
-    proxy_port, admin_port = _free_ports(2)
+    proxy_port, admin_port = free_ports(2)
     # The example config on free ports, with its keys directory beside it as in the container.
     config = tmp_path / "config.yaml"
     config.write_text(

@@ -28,6 +28,7 @@ from tests.support.leaks import make_secret, output_file
 from tests.support.oauth_server import OAuthServer
 from tests.support.openbao import OpenBao
 from tests.support.store_faults import secrets_manager
+from tests.support.upstream import free_ports
 
 APP = "mcp-github-app"
 #: how long any step of the CLI may take on a busy machine
@@ -217,7 +218,7 @@ def test_the_authorize_url_carries_the_contracts_parameters(
 ) -> None:
     register_app(oauth_server)
     config = write_config(tmp_path, oauth_server, file_secrets(tmp_path))
-    port = free_port()
+    port = free_ports(1)[0]
     login = logins(config, "--upstream", "github", "--client", "alice", "--port", str(port),
                    env={"APP_SECRET": "unused"})
     url = urlsplit(login.authorize_url())
@@ -366,9 +367,3 @@ def test_a_port_in_use_is_a_usage_error(tmp_path: Path, oauth_server: OAuthServe
         )
     assert result.returncode == 2
     assert result.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

@@ -65,9 +65,20 @@ async def close_connections(connections: Connections, timeout: float = 10.0) -> 
 
 def closed_port() -> int:
     """A port on 127.0.0.1 that nothing listens on (bound once, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free ports on 127.0.0.1 for a server to listen on: each socket stays bound until
+    all are chosen (the kernel may hand a port out again as soon as its socket is closed)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 @dataclass
