@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import hashlib
 import json
 import logging
 import ssl
@@ -739,6 +740,14 @@ class TokenExchange(_TokenProvider):
         super().__init__(settings, cache, **kwargs)
         self.app_id = settings.credential.client_id
         self.app_secret = app_secret(settings.credential)
+
+    def key(self, identity: Identity) -> str:
+        """Per subject token, not per client ID: with ``azp`` or ``client_id`` as the client ID
+        every user of one app shares it, and an exchanged token acts for its own subject only.
+        A digest, so the cache's keys hold no token."""
+        if identity.token is None:
+            return identity.client_id  # obtain() refuses it
+        return identity.client_id + "\x00" + hashlib.sha256(identity.token.reveal().encode()).hexdigest()
 
     def refusal(self, exc: TokenRefused) -> SidecarError:
         return CredentialRefused(

@@ -385,3 +385,24 @@ async def test_closing_a_provider_mid_refresh_never_loses_the_rotated_grant(
     live = oauth_server.live_grants("alice")
     stored = yaml.safe_load((tmp_path / "keys.yaml").read_text())["mcp/api/alice"]["refresh_token"]
     assert len(live) == 1 and stored == live[0], "the grant the provider rotated is not the one stored"
+
+
+async def test_token_exchange_never_hands_one_subjects_token_to_another_with_the_same_client_id(
+    provider: Make, oauth_server: OAuthServer
+) -> None:
+    """With client_id_claims reading azp or client_id, every user of one app has the same client
+    ID; each caller's exchanged token acts for that caller's own subject, so it is cached per
+    subject token, never per client ID alone."""
+    gw = oauth_server.register_client("gw", grant_types=(TOKEN_EXCHANGE,), audiences=("api://reports",))
+    oauth_server.subject_verifier = {"token-of-alice": "alice", "token-of-bob": "bob"}.get
+    p = await provider(
+        {"type": "token_exchange", "client_id": "gw", "client_secret": gw.client_secret, "audience": "api://reports"},
+        identity={"jwt": {"issuer": "https://idp.example/", "jwks_url": "https://idp.example/jwks.json"}},
+    )
+    alice, _ = await p.get(Identity("mcp-app", "jwt", token=Secret("token-of-alice")))
+    bob, _ = await p.get(Identity("mcp-app", "jwt", token=Secret("token-of-bob")))
+    issued = {t.user_id: Secret(t.access_token) for t in oauth_server.access_tokens()}
+    assert issued.keys() == {"alice", "bob"}, "bob was handed the token exchanged for alice"
+    assert bob == issued["bob"] and alice == issued["alice"]
+    # Each still comes from the cache the second time.
+    assert await p.get(Identity("mcp-app", "jwt", token=Secret("token-of-bob"))) == (bob, "hit")
