@@ -341,11 +341,15 @@ class FileBackend:
                 exc.errno == errno.EBUSY
             ) else ""
             raise StoreError("unavailable", f"cannot replace {real}: {exc.strerror}{hint}") from None
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)  # the rename itself survives a crash
-        finally:
-            os.close(dir_fd)
+        # The rename has landed: the write is done. Making the rename itself survive a crash
+        # is best effort (some network and FUSE file systems refuse a directory fsync), never
+        # a reason to report a landed write as failed, which would drop a rotated grant.
+        with contextlib.suppress(OSError):
+            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
 
     async def _watch(self) -> None:
         while True:

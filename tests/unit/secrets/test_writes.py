@@ -224,6 +224,28 @@ async def test_a_file_rewrite_keeps_every_other_entry_its_mode_and_yaml(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == [".keys.yaml.lock", "keys.yaml"]  # no temp file left
 
 
+async def test_a_landed_write_is_written_where_the_directory_cannot_be_fsynced(
+    tmp_path: Path, files: list[FileBackend], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Some network and FUSE file systems refuse fsync on a directory (EINVAL). The rename has
+    landed by then: reporting the write as failed would make a rotated grant look unsaved."""
+    path = tmp_path / "keys.yaml"
+    path.write_text(f"carol:\n  refresh_token: {make_secret('file-dirsync-old')}\n")
+    backend = await start_file(files, path)
+    read = await backend.fetch("carol")
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(22, "Invalid argument")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    new = make_secret("file-dirsync-new")
+    assert isinstance(await backend.write("carol", {"refresh_token": new}, version_of(read)), Written)
+    assert load_secret_file(path) == {"carol": {"refresh_token": new}}
+
+
 async def test_a_json_file_stays_json(tmp_path: Path, files: list[FileBackend]) -> None:
     path = tmp_path / "keys.json"
     path.write_text(json.dumps({"alice": make_secret("file-json-a"), "bob": {"refresh_token": "r0"}}))
