@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-import run as bench  # noqa: E402  (bench/run.py: processes, ports, wrk, /proc)
+import harness as bench  # noqa: E402  (bench/harness.py: processes, ports, wrk, /proc)
 
 
 def tree_for(ref: str, tmp: Path) -> Path:

@@ -49,7 +49,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(REPO))  # tests/support: the OpenBao and OAuth servers the suite uses
 
 import ab  # noqa: E402  (bench/ab.py: trees, the interleaved rounds)
-import run as bench  # noqa: E402  (bench/run.py: processes, ports, wrk, /proc)
+import harness as bench  # noqa: E402  (bench/harness.py: processes, ports, wrk, /proc)
 
 SOURCES = ("vault", "oauth", "token_exchange")
 #: A's key (bench/ab.py's) and B's Vault key: the same length, different, so nginx tells them apart.

@@ -14,26 +14,25 @@ Phases (see bench/README.md for what each number means):
 3. stream    1 GiB download and upload through the sidecar (MB/s, RSS growth).
 4. cold      500 simultaneous first requests for one uncached client, AWS backend
              against a fake Secrets Manager with 50 ms latency (store calls, p99).
-5. profile   optional: py-spy on the header-mode sidecar at c=16.
+5. floors    wrk at c=16/64 against a bare aiohttp server and a bare aiohttp
+             passthrough beside the sidecar: what aiohttp alone costs.
+6. profile   optional: py-spy on the header-mode sidecar at c=16.
 
 Every server listens on 127.0.0.1 only; every loop and child is bounded in time;
-every child process is stopped in ``finally``.
+every child process is stopped in ``finally``. The harness it shares with the other
+benchmarks (processes, ports, wrk, /proc, the fixture) is bench/harness.py; the tables
+and verdicts it prints are bench/report.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import http.client
 import json
 import os
-import platform
 import re
-import resource
 import shutil
-import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,273 +44,42 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-PY = sys.executable
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-MB = 1_000_000
-MIB = 1024 * 1024
+from harness import (
+    BODY,
+    CLIENT_ID,
+    CLK_TCK,
+    HERE,
+    JWT_ISSUER,
+    MB,
+    MIB,
+    PY,
+    REPO,
+    Child,
+    Children,
+    children_of,
+    cpu_ticks,
+    free_port,
+    http_get,
+    machine,
+    make_jwt,
+    make_tls,
+    median_of,
+    port_open,
+    raise_nofile,
+    render_nginx,
+    rss_bytes,
+    run_wrk,
+    wait_until,
+)
+from report import in_mib, report
 
-CLIENT_ID = "bench-client"
 API_KEY = "bk-0123456789abcdef0123456789abcdef"
 QUERY_PATH = "/v1/quote?symbol=AAPL&adjusted=true"
-# About 300 bytes, like a small market-data answer. No ' or $: it sits in an nginx string.
-BODY = (
-    '{"ticker":"AAPL","queryCount":1,"resultsCount":1,"adjusted":true,"results":[{"T":"AAPL",'
-    '"v":70790813,"vw":131.6292,"o":130.465,"c":131.96,"h":132.42,"l":129.64,"t":1673240400000,'
-    '"n":645365}],"status":"OK","request_id":"6a7e466379af0a71039d60cc78e72282","count":1,'
-    '"next_url":null,"note":"bench fixture answer padded to about three hundred bytes"}'
-)
-# http: the keys are served over http on 127.0.0.1, and an https issuer would need
-# identity.jwt.allow_http_jwks (a flag older versions, A in bench/ab.py, do not know).
-JWT_ISSUER = "http://idp.bench.invalid/realms/bench"
 STORE_LATENCY = 0.05
 
 # Each pair a target compares is measured back to back within a repeat (nginx then
 # sidecar-w2, sidecar then sidecar-jwt), so the per-repeat ratio sees the same VM hour.
 TARGETS = ("direct", "nginx", "sidecar-w2", "sidecar", "sidecar-jwt")
-
-
-# --------------------------------------------------------------------------- /proc
-
-
-def _stat_fields(pid: int) -> list[str]:
-    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-        text = f.read()
-    return text[text.rindex(")") + 2 :].split()
-
-
-def cpu_split(pids: list[int]) -> tuple[int, int]:
-    """(utime, stime) of every process in ``pids`` (all threads), in clock ticks."""
-    user = system = 0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            fields = _stat_fields(pid)
-            user += int(fields[11])
-            system += int(fields[12])
-    return user, system
-
-
-def cpu_ticks(pids: list[int]) -> int:
-    """utime + stime of every process in ``pids`` (all threads), in clock ticks."""
-    return sum(cpu_split(pids))
-
-
-def rss_bytes(pids: list[int], key: str = "VmRSS") -> int:
-    total = 0
-    for pid in pids:
-        with contextlib.suppress(OSError), open(f"/proc/{pid}/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    total += int(line.split()[1]) * 1024
-    return total
-
-
-def children_of(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                if int(_stat_fields(int(entry))[1]) == pid:
-                    out.append(int(entry))
-    return out
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct free ports: each socket stays bound until all are chosen (the kernel
-    may hand out a port again as soon as the socket that had it is closed)."""
-    import socket
-
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def _raise_nofile() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    with contextlib.suppress(ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
-
-
-# --------------------------------------------------------------------------- processes
-
-
-@dataclass
-class Child:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: Path
-    pids: list[int] = field(default_factory=list)  # what CPU and RSS are measured over
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-
-class Children:
-    """Every child the run starts; ``stop_all`` ends them (TERM, then KILL) and their workers."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.children: list[Child] = []
-
-    def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> Child:
-        log = self.tmp / f"{name}.out"
-        with open(log, "wb") as out:
-            popen = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                cwd=self.tmp, preexec_fn=_raise_nofile,
-            )
-        child = Child(name, popen, log, [popen.pid])
-        self.children.append(child)
-        return child
-
-    def stop(self, child: Child, timeout: float = 5.0) -> None:
-        workers = [p for p in child.pids if p != child.pid] + children_of(child.pid)
-        if child.popen.poll() is None:
-            child.popen.send_signal(signal.SIGTERM)
-            try:
-                child.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                child.popen.kill()
-                child.popen.wait(timeout)
-        for pid in set(workers):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        if child in self.children:
-            self.children.remove(child)
-
-    def stop_all(self) -> None:
-        for child in reversed(list(self.children)):
-            with contextlib.suppress(Exception):
-                self.stop(child)
-
-
-def tail(path: Path, lines: int = 20) -> str:
-    with contextlib.suppress(OSError):
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    return ""
-
-
-def http_get(port: int, path: str, headers: dict[str, str] | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", path, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
-
-
-def wait_until(check: Callable[[], bool], child: Child, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if child.popen.poll() is not None:
-            raise RuntimeError(f"{child.name} exited ({child.popen.returncode}) before {what}:\n{tail(child.log)}")
-        with contextlib.suppress(OSError, http.client.HTTPException):
-            if check():
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"{child.name}: no {what} after {timeout:g}s:\n{tail(child.log)}")
-
-
-def port_open(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-# --------------------------------------------------------------------------- wrk
-
-_UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
-
-
-def _ms(text: str) -> float:
-    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text.strip())
-    if not m:
-        raise ValueError(f"unparsable wrk latency {text!r}")
-    return float(m.group(1)) * _UNITS_MS[m.group(2)]
-
-
-def parse_wrk(out: str) -> dict[str, float]:
-    """Requests, requests/s, p50/p99 (ms) and error counts from ``wrk --latency`` output."""
-    result: dict[str, float] = {"non2xx": 0, "socket_errors": 0}
-    m = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m)", out)
-    if not m:
-        raise ValueError(f"wrk output without a request count:\n{out}")
-    result["requests"] = int(m.group(1))
-    result["rps"] = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    for pct, key in (("50", "p50_ms"), ("99", "p99_ms")):
-        pm = re.search(rf"^\s+{pct}%\s+(\S+)", out, re.M)
-        if pm:
-            result[key] = _ms(pm.group(1))
-    nm = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
-    if nm:
-        result["non2xx"] = int(nm.group(1))
-    sm = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    if sm:
-        result["socket_errors"] = sum(int(g) for g in sm.groups())
-    return result
-
-
-def run_wrk(
-    url: str, connections: int, duration: int, headers: list[str], measured: list[int],
-    extra_measured: list[int] | None = None, script: Path | None = None,
-) -> dict[str, float]:
-    """One wrk run; CPU per request of the ``measured`` processes from /proc (utime+stime)."""
-    cmd = ["wrk", f"-t{min(connections, 2)}", f"-c{connections}", f"-d{duration}s", "--latency", "--timeout", "10s"]
-    if script is not None:
-        cmd += ["-s", str(script)]
-    for h in headers:
-        cmd += ["-H", h]
-    cmd.append(url)
-    before = cpu_split(measured)
-    before_extra = cpu_ticks(extra_measured or [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60, check=False)
-    after = cpu_split(measured)
-    after_extra = cpu_ticks(extra_measured or [])
-    if proc.returncode != 0:
-        raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stderr or proc.stdout}")
-    result = parse_wrk(proc.stdout)
-    n = max(result["requests"], 1)
-    user, system = after[0] - before[0], after[1] - before[1]
-    result["cpu_us_per_req"] = (user + system) / CLK_TCK / n * 1e6
-    result["cpu_sys_share"] = system / (user + system) if user + system else 0.0
-    if extra_measured:
-        result["upstream_cpu_us_per_req"] = (after_extra - before_extra) / CLK_TCK / n * 1e6
-    return result
-
-
-def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
-    keys = set().union(*(r.keys() for r in runs))
-    return {k: statistics.median(r[k] for r in runs if k in r) for k in keys}
-
-
-def paired_ratio(results: dict[str, Any], num: str, den: str, c: str) -> float | None:
-    """Median over repeats of num/den req/s, each pair from one repeat (measured back to back).
-
-    A ratio of two medians can pair a fast-hour point with a slow-hour one; on a shared
-    VM that moves a 5 s point by several percent. None without runs for both.
-    """
-    runs = results.get("load_runs", {})
-    both = zip(runs.get(num, {}).get(c, []), runs.get(den, {}).get(c, []), strict=False)
-    pairs = [a["rps"] / d["rps"] for a, d in both if d["rps"]]
-    return statistics.median(pairs) if pairs else None
 
 
 # --------------------------------------------------------------------------- setup
@@ -335,55 +103,6 @@ class Bench:
                     break
             self.ports[name] = p
         return self.ports[name]
-
-
-def make_tls(tmp: Path) -> None:
-    import trustme
-
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    tls = tmp / "tls"
-    tls.mkdir()
-    ca.cert_pem.write_to_path(str(tls / "ca.pem"))
-    cert.private_key_pem.write_to_path(str(tls / "server.key"))
-    cert.cert_chain_pems[0].write_to_path(str(tls / "server.pem"))
-    with open(tls / "server.pem", "ab") as f:
-        for pem in cert.cert_chain_pems[1:]:
-            f.write(pem.bytes())
-
-
-def make_jwt(tmp: Path) -> str:
-    import jwt
-    from cryptography.hazmat.primitives.asymmetric import rsa
-    from jwt.algorithms import RSAAlgorithm
-
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    jwk = RSAAlgorithm.to_jwk(key.public_key(), as_dict=True)
-    jwk.update({"kid": "bench-1", "use": "sig", "alg": "RS256"})
-    (tmp / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
-    now = int(time.time())
-    claims = {
-        "iss": JWT_ISSUER, "sub": CLIENT_ID, "client_id": CLIENT_ID, "iat": now, "exp": now + 4 * 3600,
-        "scope": "market:read",
-    }
-    return jwt.encode(claims, key, algorithm="RS256", headers={"kid": "bench-1"})
-
-
-def render_nginx(template: str, tmp: Path, **fields: str | int) -> Path:
-    text = (HERE / "nginx" / template).read_text()
-    user = "user root root;" if os.geteuid() == 0 else ""
-    values = {"DIR": str(tmp), "USER": user, "BODY": BODY, **{k: str(v) for k, v in fields.items()}}
-    for key, value in values.items():
-        text = text.replace("{{" + key + "}}", value)
-    leftover = re.search(r"\{\{\w+\}\}", text)
-    if leftover:
-        raise RuntimeError(f"{template}: unfilled {leftover.group(0)}")
-    name = template.replace(".conf", "")
-    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        (tmp / f"{name}-tmp" / sub).mkdir(parents=True, exist_ok=True)
-    path = tmp / f"nginx-{template}"
-    path.write_text(text)
-    return path
 
 
 def start_nginx(b: Bench, name: str, conf: Path, port: int) -> Child:
@@ -748,7 +467,7 @@ def run_burst(b: Bench, port: int, client: str, path: str) -> dict[str, Any]:
     proc = subprocess.run(
         [PY, str(HERE / "support" / "burst.py"), "--port", str(port), "--n", str(b.args.burst),
          "--client", client, "--path", path],
-        capture_output=True, text=True, timeout=120, check=False, preexec_fn=_raise_nofile,
+        capture_output=True, text=True, timeout=120, check=False, preexec_fn=raise_nofile,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"burst at port {port} failed: {proc.stderr[-2000:]}")
@@ -904,272 +623,6 @@ def phase_profile(b: Bench) -> None:
 # --------------------------------------------------------------------------- report
 
 
-def _mb(n: float) -> str:
-    return f"{n / MIB:.1f}"
-
-
-def verdict(ok: bool | None) -> str:
-    return "n/a " if ok is None else ("PASS" if ok else "MISS")
-
-
-def report(b: Bench) -> tuple[str, list[tuple[str, str, str]]]:
-    """The results as markdown tables, and the list of (target, measured, verdict)."""
-    r = b.results
-    lines: list[str] = []
-    checks: list[tuple[str, str, str]] = []
-    load = r.get("load", {})
-    conc = [str(c) for c in b.args.concurrency]
-    if load:
-        lines += [f"### Load (wrk, median of {b.args.repeat}; CPU = the proxy's utime+stime / requests)", "",
-                  "| target | c | req/s | p50 ms | p99 ms | CPU µs/req (proxy) | of which sys | "
-                  "CPU µs/req (upstream nginx) | errors |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for t in TARGETS:
-            for c in conc:
-                m = load.get(t, {}).get(c)
-                if not m:
-                    continue
-                up = m.get("upstream_cpu_us_per_req")
-                lines.append(
-                    f"| {t} | {c} | {m['rps']:.0f} | {m.get('p50_ms', float('nan')):.3f} | "
-                    f"{m.get('p99_ms', float('nan')):.3f} | {m['cpu_us_per_req']:.1f} | "
-                    f"{m.get('cpu_sys_share', 0) * 100:.0f}% | "
-                    f"{'' if up is None else f'{up:.1f}'} | {int(m['non2xx'] + m['socket_errors'])} |"
-                )
-        lines += ["", "| ratio | " + " | ".join(f"c={c}" for c in conc) + " |",
-                  "|---|" + "---:|" * len(conc)]
-
-        def ratio_row(label: str, num: str, den: str, key: str = "rps") -> None:
-            cells = []
-            for c in conc:
-                a, d = load.get(num, {}).get(c), load.get(den, {}).get(c)
-                cells.append(f"{a[key] / d[key]:.3f}" if a and d and d[key] else "")
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-
-        ratio_row("sidecar / nginx-proxy req/s", "sidecar", "nginx")
-        ratio_row("sidecar-jwt / sidecar req/s", "sidecar-jwt", "sidecar")
-        ratio_row("sidecar workers=2 / nginx-proxy req/s", "sidecar-w2", "nginx")
-        ratio_row("nginx-proxy / direct req/s", "nginx", "direct")
-        ratio_row("sidecar / nginx-proxy CPU per req", "sidecar", "nginx", "cpu_us_per_req")
-        ratio_row("sidecar-jwt / sidecar CPU per req", "sidecar-jwt", "sidecar", "cpu_us_per_req")
-
-        def paired_row(label: str, num: str, den: str) -> None:
-            cells = [paired_ratio(r, num, den, c) for c in conc]
-            lines.append(f"| {label} | " + " | ".join("" if x is None else f"{x:.3f}" for x in cells) + " |")
-
-        paired_row("sidecar-jwt / sidecar req/s, median of per-repeat pairs", "sidecar-jwt", "sidecar")
-        paired_row("sidecar workers=2 / nginx-proxy req/s, median of per-repeat pairs", "sidecar-w2", "nginx")
-        d1 = load.get("direct", {}).get(conc[0])
-        if d1:
-            lines += ["", f"Added p50 latency over direct at c={conc[0]}:"]
-            for t in ("nginx", "sidecar", "sidecar-jwt"):
-                m = load.get(t, {}).get(conc[0])
-                if m:
-                    lines.append(f"- {t}: {(m['p50_ms'] - d1['p50_ms']) * 1000:.0f} µs "
-                                 f"(p50 {m['p50_ms']:.3f} ms vs {d1['p50_ms']:.3f} ms)")
-        for c in ("16", "64"):
-            s, n = load.get("sidecar", {}).get(c), load.get("nginx", {}).get(c)
-            if s:
-                checks.append((f"CPU per request ≤ 80 µs at c={c}", f"{s['cpu_us_per_req']:.1f} µs",
-                               verdict(s["cpu_us_per_req"] <= 80)))
-            if s and n:
-                checks.append((f"req/s ≥ 0.2x nginx at c={c}", f"{s['rps'] / n['rps']:.3f}x",
-                               verdict(s["rps"] / n["rps"] >= 0.2)))
-        for c in ("16", "64"):
-            w, n = load.get("sidecar-w2", {}).get(c), load.get("nginx", {}).get(c)
-            paired = paired_ratio(r, "sidecar-w2", "nginx", c)
-            if w and n and paired is not None:
-                checks.append((f"workers: 2 (SO_REUSEPORT) ≥ 0.35x nginx at c={c}",
-                               f"{paired:.3f}x paired (ratio of medians {w['rps'] / n['rps']:.3f}x)",
-                               verdict(paired >= 0.35)))
-        # The target is for one connection: at c=16 the p50 is mostly queueing, not latency added.
-        s1, direct1 = load.get("sidecar", {}).get("1"), load.get("direct", {}).get("1")
-        if s1 and direct1:
-            added = s1["p50_ms"] - direct1["p50_ms"]
-            checks.append(("added p50 at c=1 ≤ 0.2 ms", f"{added:.3f} ms", verdict(added <= 0.2)))
-        for c in ("16", "64"):
-            j, s = load.get("sidecar-jwt", {}).get(c), load.get("sidecar", {}).get(c)
-            paired = paired_ratio(r, "sidecar-jwt", "sidecar", c)
-            if j and s and paired is not None:
-                checks.append((f"JWT within 10% of header mode at c={c} (req/s)",
-                               f"{paired:.3f}x paired (ratio of medians {j['rps'] / s['rps']:.3f}x)",
-                               verdict(paired >= 0.9)))
-    idle = r.get("rss_idle", {})
-    if idle:
-        lines += ["", "### Resident memory", "", "| process | RSS MiB |", "|---|---:|"]
-        for k, v in idle.items():
-            lines.append(f"| {k} (idle) | {_mb(v)} |")
-        for k, v in r.get("rss_after_load", {}).items():
-            lines.append(f"| {k} (after load{', VmHWM' if k.endswith('peak') else ''}) | {_mb(v)} |")
-        if "rss_aws_after_cold" in r:
-            lines.append(f"| sidecar_aws (after cold bursts) | {_mb(r['rss_aws_after_cold'])} |")
-        imported = r.get("boto3_imported_by_file_backend")
-        lines.append(f"\nboto3/botocore imported by a file-backend start: **{imported}**")
-        checks.append(("idle RSS ≤ 50 MB, file backend", f"{_mb(idle['sidecar_file_warm'])} MiB (warm), "
-                       f"{_mb(idle['sidecar_file_start'])} MiB (start)",
-                       verdict(idle["sidecar_file_warm"] <= 50 * MB)))
-        checks.append(("idle RSS ≤ 65 MB, AWS backend", f"{_mb(idle['sidecar_aws_warm'])} MiB (after one fetch), "
-                       f"{_mb(idle['sidecar_aws_start'])} MiB (start)",
-                       verdict(max(idle["sidecar_aws_warm"], idle["sidecar_aws_start"]) <= 65 * MB)))
-    https = r.get("https", {})
-    if https:
-        lines += ["", "### New connection per request, HTTPS upstream (wrk -H 'Connection: close')", "",
-                  "wrk's latency starts after connect and handshake, so the per-call time that includes them "
-                  "is c / req/s.", "",
-                  "| client path | c | req/s | ms per call (c / req/s) | wrk p50 ms | wrk p99 ms "
-                  "| CPU µs/req, measured proxy | CPU µs/req, upstream nginx |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for name, by_c in https.items():
-            for c, m in by_c.items():
-                lines.append(f"| {name} | {c} | {m['rps']:.0f} | {m['mean_ms_per_call']:.3f} | "
-                             f"{m.get('p50_ms', 0):.3f} | {m.get('p99_ms', 0):.3f} | "
-                             f"{m['cpu_us_per_req']:.1f} | {m.get('upstream_cpu_us_per_req', 0):.1f} |")
-        for c in (str(x) for x in b.args.https_concurrency):
-            d, s = https.get("direct-https", {}).get(c), https.get("sidecar-pooled-tls", {}).get(c)
-            if d and s:
-                ratio = s["rps"] / d["rps"]
-                checks.append((f"no-keep-alive HTTPS client faster via sidecar (c={c})",
-                               f"{ratio:.2f}x req/s, {s['mean_ms_per_call']:.3f} vs "
-                               f"{d['mean_ms_per_call']:.3f} ms per call",
-                               # Within 2% is a tie (repeat noise), not "faster".
-                               "TIE " if abs(ratio - 1) < 0.02 else verdict(ratio > 1)))
-            rtt = f"rtt{b.args.rtt_ms:g}ms"
-            d, s = https.get(f"direct-https-{rtt}", {}).get(c), https.get(f"sidecar-pooled-tls-{rtt}", {}).get(c)
-            if d and s:
-                checks.append((f"(context) the same, upstream {b.args.rtt_ms:g} ms RTT away (c={c})",
-                               f"{s['rps'] / d['rps']:.2f}x req/s, {s['mean_ms_per_call']:.3f} vs "
-                               f"{d['mean_ms_per_call']:.3f} ms per call",
-                               verdict(s["rps"] > d["rps"])))
-    stream = r.get("stream")
-    if stream:
-        lines += ["", f"### Streaming {stream['bytes'] / MIB:.0f} MiB (RSS sampled every 50 ms)", "",
-                  "| transfer | MB/s | seconds | sidecar RSS before MiB | peak MiB | growth MiB |",
-                  "|---|---:|---:|---:|---:|---:|"]
-        for name in ("download-direct", "download-sidecar", "upload-direct", "upload-sidecar"):
-            m = stream[name]
-            lines.append(f"| {name} | {m['mb_per_s']:.0f} | {m['seconds']:.2f} | {_mb(m['rss_before'])} | "
-                         f"{_mb(m['rss_peak'])} | {_mb(m['rss_growth'])} |")
-        for name in ("download-sidecar", "upload-sidecar"):
-            g = stream[name]["rss_growth"]
-            checks.append((f"RSS growth ≤ 20 MB streaming ({name.split('-')[0]})", f"{_mb(g)} MiB",
-                           verdict(g <= 20 * MB)))
-    cold = r.get("cold")
-    if cold:
-        lines += ["", f"### {b.args.burst} simultaneous first requests, one uncached client "
-                  f"(AWS backend, store latency {cold['store_latency_ms']:.0f} ms)", "",
-                  "The same 500 connections then send the same requests again with the key cached (warm): "
-                  "the difference is the cold path's own cost. The same burst sent straight to the upstream "
-                  "nginx (direct) is the client's and loopback's own floor.", "",
-                  "| run | store calls | store fetch ms (sidecar's metric) | min ms | p50 ms | p99 ms | max ms "
-                  "| statuses | warm p50 ms | warm p99 ms | cold p99 - warm p99 ms | direct p99 ms |",
-                  "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
-        for i, m in enumerate(cold["runs"], 1):
-            lines.append(f"| {i} | {m['store_calls']} | {m['sidecar_store_fetch_ms']:.1f} | {m['min_ms']:.1f} | "
-                         f"{m['p50_ms']:.1f} | {m['p99_ms']:.1f} | {m['max_ms']:.1f} | {m['statuses']} | "
-                         f"{m['warm_p50_ms']:.1f} | {m['warm_p99_ms']:.1f} | "
-                         f"{m['p99_ms'] - m['warm_p99_ms']:.1f} | {m['direct_p99_ms']:.1f} |")
-        calls = [m["store_calls"] for m in cold["runs"]]
-        p99 = statistics.median(m["p99_ms"] for m in cold["runs"])
-        ok = all(m["statuses"] == {"200": m["n"]} for m in cold["runs"])
-        checks.append(("exactly one store call per cold burst (all answers 200)",
-                       ", ".join(map(str, calls)) + ("" if ok else " (some answers not 200)"),
-                       verdict(ok and all(c == 1 for c in calls))))
-        limit = cold["store_latency_ms"] + 10
-        checks.append((f"cold p99 ≤ store latency + 10 ms ({limit:.0f} ms)", f"{p99:.1f} ms (median of runs)",
-                       verdict(p99 <= limit)))
-        added = statistics.median(m["p99_ms"] - m["warm_p99_ms"] for m in cold["runs"])
-        checks.append((f"(context) cold p99 minus warm p99 of the same burst ≤ store latency + 10 ms ({limit:.0f} ms)",
-                       f"{added:.1f} ms (median of runs)", verdict(added <= limit)))
-    floors = r.get("floors")
-    if floors:
-        lines += ["", "### Where the CPU goes without a profiler: aiohttp's own floor (same run, wrk, median)", "",
-                  "| server | c | req/s | CPU µs/req | of which sys |", "|---|---:|---:|---:|---:|"]
-        for name in ("aiohttp-server", "aiohttp-passthrough", "sidecar"):
-            for c, m in floors.get(name, {}).items():
-                lines.append(f"| {name} | {c} | {m['rps']:.0f} | {m['cpu_us_per_req']:.1f} | "
-                             f"{m.get('cpu_sys_share', 0) * 100:.0f}% |")
-        for c in ("16", "64"):
-            srv, thru, sc = (floors.get(n, {}).get(c) for n in ("aiohttp-server", "aiohttp-passthrough", "sidecar"))
-            if srv and thru and sc:
-                # The sidecar serves the common request with its own lean server and client
-                # (sidecar/fastserver.py, sidecar/transport/fast.py), so it is no longer
-                # "aiohttp's passthrough plus our code"; the floors say what those would cost.
-                lines.append(f"\nc={c}: a bare aiohttp server answering by itself costs "
-                             f"{srv['cpu_us_per_req']:.0f} µs a request, a bare aiohttp server + client passthrough "
-                             f"{thru['cpu_us_per_req']:.0f} µs; the sidecar, doing identity, policy, the key "
-                             f"lookup, injection, the access line and metrics on top of its passthrough, "
-                             f"{sc['cpu_us_per_req']:.0f} µs ({sc['cpu_us_per_req'] / thru['cpu_us_per_req']:.2f}x "
-                             "the bare aiohttp passthrough).")
-    prof = r.get("profile")
-    if prof:
-        lines += ["", f"### py-spy profile of the sidecar at c=16 ({prof['samples']} samples, "
-                  f"{prof['rps_while_sampled']:.0f} req/s while sampled)", "",
-                  "Cost buckets (each sample charged to the innermost frame that names one):", "",
-                  "| bucket | % of samples |", "|---|---:|"]
-        lines += [f"| {n} | {p} |" for n, p in prof["buckets"]]
-        lines += ["", "Top self time:", "", "| function | % |", "|---|---:|"]
-        lines += [f"| `{n}` | {p} |" for n, p in prof["self"][:15]]
-        lines += ["", "Inclusive time (our code and the libraries on the path):", "", "| function | % |", "|---|---:|"]
-        lines += [f"| `{n}` | {p} |" for n, p in prof["inclusive"][:30]]
-    if checks:
-        lines += ["", "### Targets (issue 8)", "", "| target | measured | verdict |", "|---|---|---|"]
-        lines += [f"| {t} | {m} | {v.strip()} |" for t, m, v in checks]
-    return "\n".join(lines), checks
-
-
-def machine() -> dict[str, str]:
-    model = ""
-    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    mem = ""
-    with contextlib.suppress(OSError), open("/proc/meminfo", encoding="utf-8") as f:
-        mem = f.readline().split(":", 1)[1].strip()
-
-    def version(cmd: list[str]) -> str:
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
-            return (p.stdout or p.stderr).strip().splitlines()[0]
-        return "?"
-
-    try:
-        import aiohttp
-
-        aio = aiohttp.__version__
-    except ImportError:
-        aio = "?"
-    try:
-        import uvloop
-
-        uv = uvloop.__version__
-    except ImportError:
-        uv = "not installed"
-    return {
-        "cpu": model, "nproc": str(os.cpu_count()), "memory": mem, "kernel": platform.release(),
-        "python": platform.python_version(), "aiohttp": aio, "uvloop": uv,
-        "nginx": version(["nginx", "-v"]), "wrk": version(["wrk", "--version"]),
-        # compiled (mypyc, scripts/compile.sh) or python: the same source, about 20% apart
-        "sidecar_build": sidecar_build(REPO),
-    }
-
-
-def sidecar_build(tree: Path) -> str:
-    """``compiled`` or ``python``: how the sidecar in ``tree`` runs under this interpreter.
-
-    Fails if Python imports ``sidecar`` from anywhere but ``tree`` (an installed copy, say).
-    """
-    out = subprocess.run(
-        [PY, "-c", "import sidecar, sidecar.buildinfo as b; print(sidecar.__file__); print(b.build())"],
-        env={**os.environ, "PYTHONPATH": str(tree)}, cwd=tree, capture_output=True, text=True, timeout=30, check=True,
-    ).stdout.splitlines()
-    where, build = out[0], out[1]
-    if not Path(where).resolve().is_relative_to(tree.resolve()):
-        raise RuntimeError(f"{tree}: Python imports sidecar from {where}")
-    return build
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -1219,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         setup(b)
         print(f"  setup done in {time.monotonic() - started:.1f}s; idle RSS "
-              + ", ".join(f"{k}={_mb(v)}MiB" for k, v in b.results["rss_idle"].items()), flush=True)
+              + ", ".join(f"{k}={in_mib(v)}MiB" for k, v in b.results["rss_idle"].items()), flush=True)
         for phase in args.phases:
             t0 = time.monotonic()
             {"load": phase_load, "https": phase_https, "stream": phase_stream, "cold": phase_cold,
@@ -1236,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     b.results["elapsed_seconds"] = round(time.monotonic() - started, 1)
     b.results["loadavg_end"] = Path("/proc/loadavg").read_text().strip()
-    text, _checks = report(b)
+    text, _checks = report(b.results, b.args, TARGETS)
     print()
     print(text)
     print()
