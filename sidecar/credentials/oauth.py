@@ -337,7 +337,6 @@ class _TokenProvider:
         self._refreshing: set[asyncio.Task[_Token]] = set()
         #: per key: until when "nothing stored" is remembered (negative_ttl_seconds)
         self._missing: dict[str, tuple[float, SidecarError]] = {}
-        self.token_requests = 0
         self._retired = False
 
     # ---- the seam
@@ -480,7 +479,6 @@ class _TokenProvider:
         _drop_outcome(task)
 
     async def _fetch(self, identity: Identity, key: str, from_rejection: bool) -> _Token:
-        self.token_requests += 1
         try:
             answer = await self.obtain(identity, key)
         except TokenUnavailable as exc:
