@@ -101,7 +101,7 @@ ROTATIONS = Counter(
 )
 # OAuth token requests by upstream, grant (client_credentials, refresh_token, token_exchange) and
 # result: ok, refused (the endpoint said no: invalid_client, invalid_grant, ...), error (unreachable,
-# 5xx, a malformed answer), timeout.
+# 5xx, 408, 429, temporarily_unavailable or server_error, a malformed answer), timeout.
 TOKEN_REQUESTS = Counter(
     "sidecar_token_requests", "OAuth token endpoint requests by grant and result.", ["upstream", "grant", "result"],
     registry=REGISTRY,

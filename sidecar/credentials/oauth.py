@@ -104,7 +104,10 @@ _ALIASES = {
     "incorrect_client_credentials": "invalid_client",
     "unverified_user_email": "access_denied",
 }
-_KNOWN_ERRORS = EXCHANGE_REFUSALS | {"unsupported_grant_type", "temporarily_unavailable", "server_error"}
+#: error codes that say the endpoint is down, not that it refuses (RFC 6749 4.1.2.1; Keycloak,
+#: Entra and Okta answer them during outages, often with 400): token_endpoint_unavailable
+TRANSIENT_ERRORS = frozenset({"temporarily_unavailable", "server_error"})
+_KNOWN_ERRORS = EXCHANGE_REFUSALS | TRANSIENT_ERRORS | {"unsupported_grant_type"}
 
 
 class TokenRefused(Exception):
@@ -210,14 +213,22 @@ class TokenClient:
 
     @staticmethod
     def _read(status: int, raw: bytes) -> TokenAnswer:
+        """The answer classified, in this one place: a token, TokenUnavailable (try again later) or TokenRefused.
+
+        Unavailable first, whatever the body says: a 5xx, 408 or 429, or an error code saying
+        the endpoint is down (``temporarily_unavailable``, ``server_error``) with any status.
+        Only then is an error a refusal: for a refresh token, a refusal can end in
+        ``consent_required``, and an outage must never ask the user to consent again.
+        """
         doc = _json_object(raw) if len(raw) <= MAX_ANSWER_BYTES else None
-        if doc is not None and "error" in doc:
-            # RFC 6749 5.2 (400, or 401 for client authentication); GitHub answers 200 with an error.
-            if status >= 500:
-                raise TokenUnavailable("status_5xx")
-            raise TokenRefused(_error_code(doc["error"]))
         if status >= 500 or status in (408, 429):
             raise TokenUnavailable("status_5xx" if status >= 500 else "throttled")
+        if doc is not None and "error" in doc:
+            # RFC 6749 5.2 (400, or 401 for client authentication); GitHub answers 200 with an error.
+            code = _error_code(doc["error"])
+            if code in TRANSIENT_ERRORS:
+                raise TokenUnavailable(code)
+            raise TokenRefused(code)
         if status == 401:
             raise TokenRefused("invalid_client")
         if status != 200 or doc is None:
@@ -326,7 +337,6 @@ class _TokenProvider:
         self._refreshing: set[asyncio.Task[_Token]] = set()
         #: per key: until when "nothing stored" is remembered (negative_ttl_seconds)
         self._missing: dict[str, tuple[float, SidecarError]] = {}
-        self.token_requests = 0
         self._retired = False
 
     # ---- the seam
@@ -469,7 +479,6 @@ class _TokenProvider:
         _drop_outcome(task)
 
     async def _fetch(self, identity: Identity, key: str, from_rejection: bool) -> _Token:
-        self.token_requests += 1
         try:
             answer = await self.obtain(identity, key)
         except TokenUnavailable as exc:

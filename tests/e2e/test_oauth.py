@@ -118,7 +118,12 @@ def test_token_endpoint_failing_hanging_or_refusing(
     resp = call(sc)
     assert resp.status_code == 503 and resp.headers["X-Sidecar-Error"] == "token_endpoint_unavailable"
     assert resp.headers["Retry-After"]
-    oauth_server.fail_status = None
+    # An outage the endpoint reports as an OAuth error with 400 (Keycloak, Entra, Okta): not a refusal.
+    oauth_server.fail_status, oauth_server.fail_error = 400, "temporarily_unavailable"
+    resp = call(sc)
+    assert resp.status_code == 503 and resp.headers["X-Sidecar-Error"] == "token_endpoint_unavailable"
+    assert tokens(sc, "client_credentials", "error") == 2
+    oauth_server.fail_status = oauth_server.fail_error = None
     oauth_server.hang()
     resp = call(sc, client="bob")  # bounded by the upstream's timeout_seconds (3)
     assert resp.status_code == 503 and resp.headers["X-Sidecar-Error"] == "token_endpoint_unavailable"

@@ -24,7 +24,8 @@ here (401 otherwise) and echoes what it saw (subject, client, audience, scope, p
 an upstream that refuses a revoked or expired token for real.
 
 Controls for tests: ``requests`` (token requests by grant type), ``fail_status`` (answer
-every token request with that 5xx), ``hang()`` / ``release()`` (token requests wait),
+every token request with that status and no token: a plain-text body, or with ``fail_error``
+set an RFC 6749 5.2 JSON error with that code, as providers answer during an outage), ``hang()`` / ``release()`` (token requests wait),
 ``refuse(client_id)`` (the client is unknown: ``invalid_client``), ``revoke_grant`` /
 ``revoke_access`` / ``revoke_user``. ``issue_grant`` seeds a refresh token as if the user
 had gone through the authorization-code flow.
@@ -296,8 +297,10 @@ class OAuthServer:
         self.login_user = "alice"
         #: token exchange: the subject of a valid subject token, None for an invalid one
         self.subject_verifier: Callable[[str], str | None] | None = None
-        #: answer every token request with this status (a 5xx) and no token
+        #: answer every token request with this status and no token
         self.fail_status: int | None = None
+        #: with fail_status: the body is ``{"error": fail_error, ...}`` (RFC 6749 5.2), not plain text
+        self.fail_error: str | None = None
         self.requests: Counter[str] = Counter()  # token requests by grant type
         self.resource_hits = 0
         self._lock = threading.Lock()
@@ -448,7 +451,10 @@ class OAuthServer:
                     self.hanging += 1
                 self._released.wait(HANG_LIMIT_SECONDS)
             if self.fail_status is not None:
-                return Response("upstream trouble", status=self.fail_status)
+                if self.fail_error is None:
+                    return Response("upstream trouble", status=self.fail_status)
+                body = {"error": self.fail_error, "error_description": "The service is not available. Try again later."}
+                return Response(json.dumps(body), status=self.fail_status, content_type="application/json")
             # One grant decision at a time, as a database transaction makes it: two uses of
             # one refresh token cannot both see it unrevoked.
             with self._grant_lock:

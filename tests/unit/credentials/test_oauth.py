@@ -32,6 +32,7 @@ from sidecar.errors import (
     TokenEndpointUnavailable,
 )
 from sidecar.identity.base import Identity
+from sidecar.metrics import REGISTRY, apply_pending
 from sidecar.secrets.base import Secret, SecretBackend
 from sidecar.secrets.cache import SecretCache
 from sidecar.secrets.file import FileBackend
@@ -200,6 +201,87 @@ async def test_a_failing_endpoint_is_503_unless_a_valid_token_is_cached(
     p._clock.now += 30  # now it expired
     with pytest.raises(TokenEndpointUnavailable):
         await p.get(Identity("alice"))
+
+
+async def _two_callers(
+    kind: str, provider: Make, oauth_server: OAuthServer
+) -> tuple[_TokenProvider, Identity, Identity]:
+    """A provider of ``kind`` and two callers the endpoint serves."""
+    if kind == "client_credentials":
+        keys = {"mcp/api/alice": agent(oauth_server), "mcp/api/bob": agent(oauth_server, "agent-2")}
+        return await provider(CC, keys), Identity("alice"), Identity("bob")
+    if kind == "refresh_token":
+        app = oauth_server.register_client("app", grant_types=("refresh_token",))
+        keys = {f"mcp/api/{user}": {"refresh_token": oauth_server.issue_grant("app", user)} for user in ("alice", "bob")}
+        credential = {"type": "oauth2_refresh_token", "client_id": "app", "client_secret": app.client_secret,
+                      "authorize_url": oauth_server.authorize_url}
+        return await provider(credential, keys), Identity("alice"), Identity("bob")
+    gw = oauth_server.register_client("gw", grant_types=(TOKEN_EXCHANGE,), audiences=("api://reports",))
+    oauth_server.subject_verifier = {"token-of-alice": "alice", "token-of-bob": "bob"}.get
+    p = await provider(
+        {"type": "token_exchange", "client_id": "gw", "client_secret": gw.client_secret, "audience": "api://reports"},
+        identity={"jwt": {"issuer": "https://idp.example/", "jwks_url": "https://idp.example/jwks.json"}},
+    )
+    return p, Identity("alice", "jwt", token=Secret("token-of-alice")), Identity("bob", "jwt", token=Secret("token-of-bob"))
+
+
+def token_requests(grant: str, result: str) -> float:
+    apply_pending()
+    labels = {"upstream": "api", "grant": grant, "result": result}
+    return REGISTRY.get_sample_value("sidecar_token_requests_total", labels) or 0.0
+
+
+@pytest.mark.parametrize("grant", ["client_credentials", "refresh_token", "token_exchange"])
+@pytest.mark.parametrize(
+    ("status", "error", "reason"),
+    [
+        # RFC 6749 4.1.2.1's outage codes: Keycloak, Entra and Okta send them, often with 400.
+        (400, "temporarily_unavailable", "temporarily_unavailable"),
+        (400, "server_error", "server_error"),
+        (500, "server_error", "status_5xx"),
+        # Rate limited: try later, whatever the body calls it.
+        (429, "slow_down", "throttled"),
+        (429, None, "throttled"),
+    ],
+)
+async def test_an_endpoint_saying_it_is_down_is_unavailable_never_a_refusal(
+    provider: Make, oauth_server: OAuthServer, tmp_path: Path, grant: str, status: int, error: str | None, reason: str
+) -> None:
+    """An endpoint answering that it cannot serve now says nothing about the caller's credential:
+    503 token_endpoint_unavailable (or the cached token while it is valid), never 403
+    credential_refused, and for a refresh token never consent_required: the stored grant stays."""
+    oauth_server.access_lifetime = 300
+    p, alice, bob = await _two_callers(grant, provider, oauth_server)
+    token, _ = await p.get(alice)
+    stored = yaml.safe_load((tmp_path / "keys.yaml").read_text())  # alice's grant rotated once
+    live = {user: oauth_server.live_grants(user) for user in ("alice", "bob")}
+    errors, refusals = token_requests(grant, "error"), token_requests(grant, "refused")
+    oauth_server.fail_status, oauth_server.fail_error = status, error
+    # Nothing cached for bob: 503.
+    with pytest.raises(TokenEndpointUnavailable) as info:
+        await p.get(bob)
+    assert info.value.reason == reason
+    # Alice's token is near its end but still valid: served, and the next one tried behind it.
+    p._clock.now += 280
+    assert await p.get(alice) == (token, "stale")
+    while p._inflight:
+        await asyncio.sleep(0.01)
+    # That try failed the same way: the token is still served (a refusal would have dropped it).
+    assert await p.get(alice) == (token, "stale")
+    assert token_requests(grant, "error") - errors == 2
+    assert token_requests(grant, "refused") == refusals
+    if grant == "refresh_token":
+        # The grants stay as they were, in the store and at the provider; no consent asked for.
+        assert yaml.safe_load((tmp_path / "keys.yaml").read_text()) == stored
+        assert {user: oauth_server.live_grants(user) for user in ("alice", "bob")} == live
+        assert not p._missing
+    # The endpoint back: bob gets a token with what was stored (nothing remembered as refused).
+    oauth_server.fail_status = oauth_server.fail_error = None
+    fresh, word = await p.get(bob)
+    assert word == "miss" and not fresh == token
+    if grant == "refresh_token":
+        now = yaml.safe_load((tmp_path / "keys.yaml").read_text())["mcp/api/bob"]["refresh_token"]
+        assert oauth_server.live_grants("bob") == [now] != live["bob"]
 
 
 async def test_a_hanging_endpoint_is_bounded_by_timeout_seconds(provider: Make, oauth_server: OAuthServer) -> None:
