@@ -57,7 +57,8 @@ DEFAULT_TOKEN_CACHE_ENTRIES = 10000
 DEFAULT_SECRETS_BACKEND = "file"
 DEFAULT_AWS_VERSION_STAGE = "AWSCURRENT"
 DEFAULT_VAULT_MOUNT = "secret"
-DEFAULT_VAULT_AUTH_METHOD = "token"
+#: The pod's own service-account identity: nothing long-lived to mount, the usual way in a cluster.
+DEFAULT_VAULT_AUTH_METHOD = "kubernetes"
 #: Where Kubernetes mounts the pod's service-account token (the kubernetes and jwt methods' default).
 DEFAULT_VAULT_JWT_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
 DEFAULT_LOOKUP_TIMEOUT_SECONDS = 5.0
@@ -956,6 +957,7 @@ class _Reader:
         if problem:
             self.fail(f"{path}.mount", problem)
         ap = f"{path}.auth"
+        known = len(self.problems)
         am = self.mapping(
             m.get("auth"), ap,
             frozenset({"method", "mount", "role", "jwt_file", "token_file", "role_id", "secret_id_file"}),
@@ -964,6 +966,8 @@ class _Reader:
             self.string(am, "method", ap, DEFAULT_VAULT_AUTH_METHOD, choices=VAULT_AUTH_METHODS)
             or DEFAULT_VAULT_AUTH_METHOD
         )
+        # A misspelt key or method leaves the method unsure: what the default method would need is no clue then.
+        method_sure = len(self.problems) == known
         auth_mount = (self.string(am, "mount", ap, None) or method).strip("/")
         problem = vault_path_problem(auth_mount)
         if problem:
@@ -978,7 +982,7 @@ class _Reader:
             role_id=self.string(am, "role_id", ap, None) or None,
             secret_id_file=self.path_value(am, "secret_id_file", ap, must_exist=False),
         )
-        if active:
+        if active and method_sure:
             self.check_vault_auth(auth, am, ap)
         return VaultBackendSettings(
             address=address, namespace=namespace, mount=mount, ca_file=self.ca_file(m, path), auth=auth

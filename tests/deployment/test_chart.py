@@ -817,6 +817,22 @@ def test_vault_kubernetes_login_uses_a_projected_token_in_the_sidecar_only(chart
     }
 
 
+def test_vault_with_no_method_named_is_the_sidecars_default_kubernetes_login(chart: helm.Chart) -> None:
+    """A null method drops the chart's value: the sidecar then logs in by kubernetes, so the chart projects for it."""
+    values = copy.deepcopy(VALUE_SETS["vault-kubernetes"])
+    values["sidecar"]["config"]["secrets"]["vault"]["auth"] = {"method": None, "role": "fininfo-sidecar"}
+    manifests = render(chart, values)
+    mounts = {m["name"]: m for m in sidecar_container(pod_spec(manifests))["volumeMounts"]}
+    assert sidecar_config(manifests)["secrets"]["vault"]["auth"] == {
+        "role": "fininfo-sidecar", "jwt_file": mounts["vault-token"]["mountPath"] + "/token",
+    }
+    values["sidecar"]["config"]["secrets"]["vault"]["auth"] = {"method": None}
+    with pytest.raises(helm.HelmRenderError, match=re.escape(
+        "sidecar.config.secrets.vault.auth.role: the Vault role to log in as is required with method kubernetes"
+    )):
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+
+
 def test_vault_with_a_token_file_of_its_own_projects_nothing(chart: helm.Chart) -> None:
     values = copy.deepcopy(VALUE_SETS["vault-kubernetes"])
     values["sidecar"]["config"]["secrets"]["vault"]["auth"] = {

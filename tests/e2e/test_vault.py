@@ -6,6 +6,7 @@ file); the apps' requests go through the data plane to the echo upstream.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -179,3 +180,34 @@ def test_check_summarises_the_vault_section_and_fails_clearly_on_missing_pieces(
                          capture_output=True, text=True, timeout=30)
     assert run.returncode != 0
     assert "secrets.vault.auth.role_id: is required with method approle" in run.stdout + run.stderr
+
+
+def test_with_no_auth_block_check_wants_the_kubernetes_role_even_with_a_vault_token_about(tmp_path: Path) -> None:
+    """The default login is the pod's own (kubernetes): a VAULT_TOKEN in the environment does not change it."""
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(
+        "secrets:\n  backend: vault\n  vault:\n    address: https://vault.internal:8200\n"
+        "upstreams:\n  polygon: {url: 'https://api.polygon.io', secret: 'mcp/polygon/{client_id}',"
+        " inject: {query: apiKey}}\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "SIDECAR_"))}
+    env["VAULT_TOKEN"] = "s.not-a-default"
+
+    def check() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "sidecar", "check", "--config", str(config)],
+                              capture_output=True, text=True, timeout=30, env=env)
+
+    run = check()
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "secrets.vault.auth.role: is required with method kubernetes" in run.stdout + run.stderr
+    assert "token_file" not in run.stdout + run.stderr
+    config.write_text(config.read_text().replace(
+        "    address: https://vault.internal:8200\n",
+        "    address: https://vault.internal:8200\n    auth: {role: mcp-sidecar}\n",
+    ))
+    run = check()
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert ("auth=kubernetes role=mcp-sidecar jwt from /var/run/secrets/kubernetes.io/serviceaccount/token"
+            " lookup_timeout=5s") in run.stdout
+    assert "(at auth/" not in run.stdout  # the mount is the method's name
+    assert "s.not-a-default" not in run.stdout + run.stderr

@@ -79,12 +79,13 @@ mounts and the app's environment must agree on them.
 
 {{/*
 true (as "true", or empty) when the chart projects a service-account token for the
-Vault login: backend vault, method kubernetes or jwt, and no jwt_file of the user's.
+Vault login: backend vault, method kubernetes (also when none is named: the sidecar's
+default) or jwt, and no jwt_file of the user's.
 */}}
 {{- define "credential-sidecar.vaultProjectedToken" -}}
 {{- $s := .Values.sidecar.config.secrets }}
 {{- $auth := (($s.vault | default dict).auth | default dict) }}
-{{- if and (not .Values.sidecar.rawConfig) (eq $s.backend "vault") (has ($auth.method | default "token") (list "kubernetes" "jwt")) (not $auth.jwt_file) }}true{{ end }}
+{{- if and (not .Values.sidecar.rawConfig) (eq $s.backend "vault") (has ($auth.method | default "kubernetes") (list "kubernetes" "jwt")) (not $auth.jwt_file) }}true{{ end }}
 {{- end }}
 {{- define "credential-sidecar.mitmSecretDir" -}}/etc/credential-sidecar/mitm-ca{{- end }}
 {{- define "credential-sidecar.sharedCADir" -}}/var/run/credential-sidecar/ca{{- end }}
@@ -132,8 +133,10 @@ with a message that names the values to change.
 {{- if not $vault.address }}
 {{- fail "sidecar.config.secrets.vault.address: Vault's address is required with secrets.backend vault" }}
 {{- end }}
-{{- if and (has ($auth.method | default "token") (list "kubernetes" "jwt")) (not $auth.role) }}
-{{- fail (printf "sidecar.config.secrets.vault.auth.role: the Vault role to log in as is required with method %s" $auth.method) }}
+{{- /* no method: the sidecar's default, kubernetes */}}
+{{- $method := $auth.method | default "kubernetes" }}
+{{- if and (has $method (list "kubernetes" "jwt")) (not $auth.role) }}
+{{- fail (printf "sidecar.config.secrets.vault.auth.role: the Vault role to log in as is required with method %s" $method) }}
 {{- end }}
 {{- end }}
 {{- /* identity.jwt as a list: what the schema cannot say, the sidecar refuses at start */}}

@@ -33,6 +33,7 @@ from sidecar.config import (
     CacheSettings,
     FileBackendSettings,
     SecretsSettings,
+    VaultAuthSettings,
     VaultBackendSettings,
 )
 from sidecar.errors import NoCredential, SecretStoreUnavailable
@@ -54,6 +55,9 @@ from sidecar.secrets.vault import VaultBackend
 from tests.support.leaks import make_secret
 from tests.support.openbao import OpenBao
 from tests.support.upstream import closed_port
+
+#: Vault's token auth from VAULT_TOKEN, which these tests hand the backend (the default method is kubernetes).
+TOKEN_AUTH = VaultAuthSettings(method="token", mount="token")
 
 # ====================================================================== every store alike
 
@@ -117,7 +121,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         out = Store(kind, backend, tmp_path, client)
     else:
         bao: OpenBao = request.getfixturevalue("openbao")
-        backend = VaultBackend(VaultBackendSettings(address=bao.address), env={"VAULT_TOKEN": bao.token()})
+        backend = VaultBackend(VaultBackendSettings(address=bao.address, auth=TOKEN_AUTH), env={"VAULT_TOKEN": bao.token()})
         out = Store(kind, backend, tmp_path, bao)
     await backend.start()
     yield out
@@ -199,7 +203,7 @@ async def test_every_remote_store_down_is_a_quick_store_error_then_unavailable(
         request.getfixturevalue("aws_env")
         backend = AwsBackend(AwsBackendSettings(region="us-east-1", endpoint_url=dead, timeout_seconds=1), 3.0)
     else:
-        backend = VaultBackend(VaultBackendSettings(address=dead), 3.0, env={"VAULT_TOKEN": "unused"})
+        backend = VaultBackend(VaultBackendSettings(address=dead, auth=TOKEN_AUTH), 3.0, env={"VAULT_TOKEN": "unused"})
     await backend.start()
     try:
         started = time.monotonic()

@@ -37,6 +37,8 @@ from tests.support.leaks import make_secret, register_secret
 from tests.support.openbao import NAMESPACE, OpenBao
 
 CACHE = CacheSettings()
+#: Token auth from VAULT_TOKEN (the default method is kubernetes, which these tests name when they mean it).
+TOKEN = VaultAuthSettings(method="token", mount="token")
 
 
 def rewrite(path: Path, text: str) -> None:
@@ -71,6 +73,7 @@ class Backends:
         self, lookup_timeout: float = 5.0, env: dict[str, str] | None = None, **settings: Any
     ) -> VaultBackend:
         settings.setdefault("address", self.bao.address)
+        settings.setdefault("auth", TOKEN)  # no auth named: the token in ``env``'s VAULT_TOKEN
         backend = VaultBackend(VaultBackendSettings(**settings), lookup_timeout, env=env or {})
         self.started.append(backend)
         await backend.start()
@@ -172,7 +175,7 @@ async def test_a_refused_login_is_an_auth_error_whose_log_holds_no_secret_id(
 
 async def test_a_missing_token_file_is_an_auth_error_naming_the_file(vaults: Backends, tmp_path: Path) -> None:
     absent = tmp_path / "not-yet-written"
-    backend = await vaults.start(auth=VaultAuthSettings(token_file=absent))
+    backend = await vaults.start(auth=VaultAuthSettings(method="token", mount="token", token_file=absent))
     with pytest.raises(StoreError) as info:
         await backend.fetch(secret_path())
     assert info.value.kind == "auth" and str(absent) in str(info.value)

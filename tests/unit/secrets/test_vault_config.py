@@ -26,15 +26,44 @@ def problems(raw: dict[str, Any], tmp_path: Path, env: dict[str, str] | None = N
     return list(info.value.problems)
 
 
+TOKEN_AUTH = {"auth": {"method": "token"}}
+
+
 def test_address_and_token_come_from_the_environment_as_for_the_vault_cli(tmp_path: Path) -> None:
-    settings = parse(vault_config(), tmp_path, {"VAULT_ADDR": "https://vault.example:8200/", "VAULT_TOKEN": "t"})
-    assert settings.secrets.vault == VaultBackendSettings(address="https://vault.example:8200")
-    assert settings.secrets.vault.auth == VaultAuthSettings(method="token", mount="token", token_file=None)
+    settings = parse(vault_config(TOKEN_AUTH), tmp_path, {"VAULT_ADDR": "https://vault.example:8200/", "VAULT_TOKEN": "t"})
+    assert settings.secrets.vault == VaultBackendSettings(
+        address="https://vault.example:8200", auth=VaultAuthSettings(method="token", mount="token")
+    )
+    assert settings.secrets.vault.auth.token_file is None
     assert settings.secrets.vault.mount == "secret"
 
 
+def test_without_an_auth_block_the_sidecar_logs_in_as_its_pod(tmp_path: Path) -> None:
+    """The contract's default: the kubernetes method with the service-account token, not a token to mount."""
+    raw = vault_config({"address": "https://vault.example:8200", "auth": {"role": "mcp-sidecar"}})
+    auth = parse(raw, tmp_path, {"VAULT_TOKEN": "ignored"}).secrets.vault.auth
+    assert auth == VaultAuthSettings(
+        method="kubernetes", mount="kubernetes", role="mcp-sidecar",
+        jwt_file=Path("/var/run/secrets/kubernetes.io/serviceaccount/token"),
+    )
+    assert VaultBackendSettings().auth == VaultAuthSettings(method="kubernetes", mount="kubernetes")
+
+
+def test_no_auth_block_reads_as_the_kubernetes_method_and_asks_for_its_role(tmp_path: Path) -> None:
+    assert problems(vault_config({"address": "https://vault.example:8200"}), tmp_path, {"VAULT_TOKEN": "t"}) == [
+        "secrets.vault.auth.role: is required with method kubernetes (the Vault role to log in as)",
+    ]
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("{}\n")
+    raw = {"secrets": {"file": {"path": str(keys)}, "vault": {"address": "https://vault.example:8200"}}}
+    auth = parse(raw, tmp_path).secrets.vault.auth  # not the backend, so not checked: the bare defaults
+    assert (auth.method, auth.mount, auth.role, auth.jwt_file) == (
+        "kubernetes", "kubernetes", None, Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+    )
+
+
 def test_nothing_to_reach_or_log_in_with_is_two_clear_problems(tmp_path: Path) -> None:
-    assert problems(vault_config(), tmp_path) == [
+    assert problems(vault_config(TOKEN_AUTH), tmp_path) == [
         "secrets.vault.address: is required (or set VAULT_ADDR)",
         "secrets.vault.auth.token_file: is required with method token when VAULT_TOKEN is not set",
     ]
@@ -89,7 +118,7 @@ def test_each_method_says_what_it_misses(auth: dict[str, Any], expected: list[st
 
 
 def test_paths_that_are_not_one_vault_path_are_refused(tmp_path: Path) -> None:
-    raw = vault_config({"address": "https://v:8200", "mount": "a//b"}, secret="mcp/../{client_id}")
+    raw = vault_config({"address": "https://v:8200", "mount": "a//b", **TOKEN_AUTH}, secret="mcp/../{client_id}")
     assert problems(raw, tmp_path, {"VAULT_TOKEN": "t"}) == [
         "secrets.vault.mount: has an empty, . or .. segment",
         "upstreams.polygon.secret: is not a Vault KV path: has an empty, . or .. segment",
@@ -97,7 +126,7 @@ def test_paths_that_are_not_one_vault_path_are_refused(tmp_path: Path) -> None:
 
 
 def test_an_address_with_user_information_is_refused(tmp_path: Path) -> None:
-    found = problems(vault_config({"address": "https://user:pw@v:8200"}), tmp_path, {"VAULT_TOKEN": "t"})
+    found = problems(vault_config({"address": "https://user:pw@v:8200", **TOKEN_AUTH}), tmp_path, {"VAULT_TOKEN": "t"})
     assert len(found) == 1 and found[0].startswith("secrets.vault.address: ")
 
 
@@ -125,7 +154,7 @@ def test_check_describes_where_vault_is_and_how_the_sidecar_logs_in(tmp_path: Pa
     k8s = describe(parse(vault_config({"address": "https://v:8200", "auth": {"method": "kubernetes", "role": "x"}}),
                          tmp_path))
     assert f"auth=kubernetes role=x jwt from {DEFAULT_VAULT_JWT_FILE} lookup_timeout" in k8s
-    token = describe(parse(vault_config({"address": "https://v:8200"}), tmp_path, {"VAULT_TOKEN": "s.sekrit"}))
+    token = describe(parse(vault_config({"address": "https://v:8200", **TOKEN_AUTH}), tmp_path, {"VAULT_TOKEN": "s.sekrit"}))
     assert "auth=token from VAULT_TOKEN" in token and "s.sekrit" not in token
 
 

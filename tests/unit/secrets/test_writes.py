@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from sidecar.config import AwsBackendSettings, VaultBackendSettings
+from sidecar.config import AwsBackendSettings, VaultAuthSettings, VaultBackendSettings
 from sidecar.secrets.aws import AwsBackend, next_version_id
 from sidecar.secrets.base import (
     RawSecret,
@@ -102,7 +102,7 @@ async def writable(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
     else:
         bao: OpenBao = request.getfixturevalue("openbao")
         token = bao.token()
-        settings_v = VaultBackendSettings(address=bao.address)
+        settings_v = VaultBackendSettings(address=bao.address, auth=VaultAuthSettings(method="token", mount="token"))
         out = Writable(kind, lambda: VaultBackend(settings_v, env={"VAULT_TOKEN": token}), tmp_path, bao)
     yield out
     for backend in out.started:
