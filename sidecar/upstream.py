@@ -1,6 +1,6 @@
 """One configured upstream: its rules, and the one choice of the client that carries each request.
 
-Everything per upstream is built once (origin string, injection rule, client
+Everything per upstream is built once (authority, injection rule, client
 glob, header drop list, both clients); a request only does look-ups. The clients
 are in ``sidecar.transport`` (``base``: the Transport interface, limits and the
 answer Protocol; ``fast``: the lean client; ``aio``: aiohttp's; ``failures``: the
@@ -43,7 +43,6 @@ class Upstream:
         default_port = 443 if settings.scheme == "https" else 80
         #: host[:port] as in a Host header and a URL (the port only when not the default)
         self.authority = url_host(settings.host) + ("" if settings.port == default_port else f":{settings.port}")
-        self.origin = f"{settings.scheme}://{self.authority}"
         self.injection: Injection = build_injection(settings.inject)
         self.client_matcher = compile_client_matcher(settings.clients)
         self.scopes = frozenset(settings.scopes)

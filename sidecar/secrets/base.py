@@ -16,6 +16,14 @@ RawSecret = str | Mapping[str, Any]
 #: number); a check-and-set write names it to replace exactly that version.
 StoreVersion = int | str
 
+#: What a masked value prints as.
+MASK = "********"
+
+
+def _fields_repr(raw: Mapping[str, Any], version: StoreVersion | None) -> str:
+    """A read's field names and version, never a value: what its repr, a log line or a traceback shows."""
+    return f"{type(raw).__name__}(fields={[str(name) for name in raw]!r}, version={version!r})"
+
 
 class StoredFields(dict[str, Any]):
     """A secret that is always a set of named fields (a Vault KV v2 entry), with the version read.
@@ -34,11 +42,18 @@ class StoredFields(dict[str, Any]):
         #: the version this read saw; a later write_secret(..., expected=version) replaces exactly it
         self.version = version
 
+    def __repr__(self) -> str:
+        # dict's repr (and so str, format and %r) would print every value.
+        return _fields_repr(self, self.version)
+
 
 class VersionedText(str):
     """A string secret with the version the read saw (an AWS VersionId, a file entry's hash).
 
-    Still a plain string to everything else: ``extract`` and the injectors see a str.
+    Still a plain string to everything else: ``extract`` and the injectors see a str,
+    and ``str(text)`` is the value (an exact str). What only shows it, ``repr`` (so
+    ``%r``, ``!r``, a traceback's locals) and ``format`` (f-strings, ``str.format``),
+    prints it masked: nothing formats a raw read to use it.
     """
 
     version: StoreVersion | None
@@ -47,6 +62,12 @@ class VersionedText(str):
         text = super().__new__(cls, value)
         text.version = version
         return text
+
+    def __repr__(self) -> str:
+        return f"VersionedText({MASK!r}, version={self.version!r})"
+
+    def __format__(self, spec: str) -> str:
+        return format(MASK, spec)
 
 
 class VersionedObject(dict[str, Any]):
@@ -61,6 +82,9 @@ class VersionedObject(dict[str, Any]):
     def __init__(self, fields: Mapping[str, Any], version: StoreVersion | None = None) -> None:
         super().__init__(fields)
         self.version = version
+
+    def __repr__(self) -> str:
+        return _fields_repr(self, self.version)
 
 
 def version_of(raw: RawSecret) -> StoreVersion | None:
@@ -108,7 +132,7 @@ class Secret:
         return self._value
 
     def __repr__(self) -> str:
-        return "Secret('********')"
+        return f"Secret({MASK!r})"
 
     __str__ = __repr__
 
