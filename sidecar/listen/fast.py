@@ -38,6 +38,7 @@ from multidict import CIMultiDict
 from sidecar.exchange import NO_BODY_STATUS, REPLAY_BODY_LIMIT, STREAM_BROKEN, Exchange, ResponseHead
 from sidecar.pipeline import DataPlane
 from sidecar.refusal import error_bytes
+from sidecar.transport.base import receive_buffer
 from sidecar.transport.fast import FastResponse, time_out
 
 if TYPE_CHECKING:
@@ -255,8 +256,12 @@ class FastExchange(Exchange):
         return True
 
 
-class FastConnection(asyncio.Protocol):
-    """One app connection on the fast path; see the module docstring."""
+class FastConnection(asyncio.BufferedProtocol):
+    """One app connection on the fast path; see the module docstring.
+
+    Reads land in the thread's receive buffer (``transport.base.receive_buffer``)
+    and are appended to this connection's own at once.
+    """
 
     def __init__(self, server: FastServer) -> None:
         self.server = server
@@ -271,6 +276,7 @@ class FastConnection(asyncio.Protocol):
         self.fresh = True  # nothing read yet: the connection could still be a CONNECT
         self.task: asyncio.Task[None] | None = None
         self._drain: asyncio.Future[None] | None = None
+        self._received = receive_buffer()
 
     @property
     def busy(self) -> bool:
@@ -284,7 +290,14 @@ class FastConnection(asyncio.Protocol):
         self.server.connections.add(self)
         self.deadline = time.monotonic() + HEAD_TIMEOUT
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._received
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self._received[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
+        """``data``: what arrived; copied here, as a view of the receive buffer is reused by the next read."""
         self.buffer += data
         if self.fresh:
             head = self.buffer[:8]

@@ -60,7 +60,7 @@ class Front:
         """Bind; returns the bound address."""
         loop = asyncio.get_running_loop()
         # The lean server reads the first bytes itself and passes a CONNECT on to connect.py.
-        factory: Callable[[], asyncio.Protocol] = (
+        factory: Callable[[], asyncio.BaseProtocol] = (
             self.fast.protocol if self.fast is not None else self.connect.sniffer
         )
         self._listener = await loop.create_server(

@@ -38,7 +38,7 @@ from sidecar.errors import DestinationNotAllowed, SidecarError, UpstreamBodyErro
 from sidecar.net import Lookup, ascii_digits, forbidden_destination, lookup, resolve_allowed
 from sidecar.transport import failures
 from sidecar.transport.base import CLIENT_LIMIT as BASE_CLIENT_LIMIT
-from sidecar.transport.base import DNS_TTL_SECONDS, KEEPALIVE_SECONDS, POOL_LIMIT
+from sidecar.transport.base import DNS_TTL_SECONDS, KEEPALIVE_SECONDS, POOL_LIMIT, receive_buffer
 
 #: Limits on an answer's head, as aiohttp's client has (one field, the whole head).
 MAX_FIELD_BYTES = 16 * 1024
@@ -170,8 +170,12 @@ class FastResponse:
             conn.finished(reusable=False)
 
 
-class _Connection(asyncio.Protocol):
-    """One upstream connection: writes a request, parses one answer at a time."""
+class _Connection(asyncio.BufferedProtocol):
+    """One upstream connection: writes a request, parses one answer at a time.
+
+    Reads land in the thread's receive buffer (``transport.base.receive_buffer``);
+    llhttp parses them there, and the head and body pieces it hands back are copies.
+    """
 
     def __init__(self, pool: FastPool, share: _Share) -> None:
         self.pool = pool
@@ -193,13 +197,20 @@ class _Connection(asyncio.Protocol):
         self._head_bytes = 0
         self._failed = False
         self._expecting = False  # an exchange is waiting for (the rest of) its answer
+        self._received = receive_buffer()
 
     # ---- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._received
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self._received[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
         parser = self._parser
         if self._failed or parser is None:
             return

@@ -191,6 +191,46 @@ def test_content_length_body_arrives_whole_and_split(sidecar: SidecarProcess) ->
     conn.close()
 
 
+def test_requests_arriving_in_pieces_on_many_connections_each_keep_their_own_bytes(
+    sidecar: SidecarProcess,
+) -> None:
+    """The lean server reads every connection into one receive buffer: a piece must be
+    taken out of it before the next read, whichever connection that read is for."""
+    conns = [Conn(sidecar) for _ in range(8)]
+    payloads = [bytes([i]) * 5000 + f"connection {i}".encode() for i in range(len(conns))]
+    requests = [
+        b"POST /polygon/upload HTTP/1.1\r\nHost: s\r\nX-Client-Id: %s\r\nContent-Length: %d\r\n\r\n"
+        % (b"alice" if i % 2 else b"bob", len(payload)) + payload
+        for i, payload in enumerate(payloads)
+    ]
+    for conn in conns:
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # Heads and bodies cut mid-way, sent round-robin: reads of the connections alternate.
+    cuts = [0, 30, 70, 2000, 4000, None]
+    for start, end in zip(cuts, cuts[1:], strict=False):
+        for conn, request in zip(conns, requests, strict=True):
+            conn.send(request[start:end])
+    for conn, payload in zip(conns, payloads, strict=True):
+        status, _, body = conn.response()
+        assert status == 200
+        assert json.loads(body) == {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+        conn.close()
+
+
+def test_answers_arriving_in_pieces_on_many_upstream_connections_each_keep_their_own_bytes(
+    sidecar: SidecarProcess,
+) -> None:
+    """The lean client reads every upstream connection into one receive buffer too."""
+    conns = [Conn(sidecar) for _ in range(8)]
+    for i, conn in enumerate(conns):
+        conn.send(get(f"/polygon/stream?chunks=6&delay=0.01&tag=answer{i}"))
+    for i, conn in enumerate(conns):
+        status, _, body = conn.response()
+        assert status == 200
+        assert body == b"".join(f"answer{i}-{n}\n".encode() for n in range(6))
+        conn.close()
+
+
 def test_streamed_upstream_answer_is_relayed_chunked_and_the_connection_kept(sidecar: SidecarProcess) -> None:
     conn = Conn(sidecar)
     conn.send(get("/polygon/stream?chunks=4&delay=0.05"))

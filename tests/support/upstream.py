@@ -3,7 +3,7 @@
 Paths (after any prefix):
   /echo/...            JSON of what arrived: method, raw path, query, headers, body size
   /status/CODE         that status, with a small JSON body
-  /stream?chunks=N&delay=S   N chunks, S seconds apart (chunked encoding)
+  /stream?chunks=N&delay=S&tag=T   N chunks "T-i\n" (T: chunk), S seconds apart (chunked encoding)
   /sse?events=N&delay=S      text/event-stream
   /slow?delay=S        answers after S seconds
   /redirect?to=URL     302 to URL plus the query it received (so an injected key is echoed)
@@ -195,7 +195,9 @@ class EchoUpstream:
             code = int(tail.rsplit("/", 1)[1])
             return web.json_response({"upstream_status": code}, status=code)
         if "/stream" in tail:
-            return await self._stream(request, int(q.get("chunks", "3")), float(q.get("delay", "0.1")))
+            return await self._stream(
+                request, int(q.get("chunks", "3")), float(q.get("delay", "0.1")), q.get("tag", "chunk")
+            )
         if "/sse" in tail:
             return await self._sse(request, int(q.get("events", "3")), float(q.get("delay", "0.1")))
         if "/slow" in tail:
@@ -233,12 +235,12 @@ class EchoUpstream:
         }
 
     @staticmethod
-    async def _stream(request: web.Request, chunks: int, delay: float) -> web.StreamResponse:
+    async def _stream(request: web.Request, chunks: int, delay: float, tag: str) -> web.StreamResponse:
         resp = web.StreamResponse(status=200, headers={"Content-Type": "text/plain"})
         resp.enable_chunked_encoding()
         await resp.prepare(request)
         for i in range(chunks):
-            await resp.write(f"chunk-{i}\n".encode())
+            await resp.write(f"{tag}-{i}\n".encode())
             await asyncio.sleep(delay)
         await resp.write_eof()
         return resp
