@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 import socket
 from collections.abc import Callable
@@ -207,7 +208,7 @@ def test_requests_arriving_in_pieces_on_many_connections_each_keep_their_own_byt
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     # Heads and bodies cut mid-way, sent round-robin: reads of the connections alternate.
     cuts = [0, 30, 70, 2000, 4000, None]
-    for start, end in zip(cuts, cuts[1:], strict=False):
+    for start, end in itertools.pairwise(cuts):
         for conn, request in zip(conns, requests, strict=True):
             conn.send(request[start:end])
     for conn, payload in zip(conns, payloads, strict=True):
