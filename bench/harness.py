@@ -1,6 +1,6 @@
 """What the benchmarks share: processes, ports, wrk, /proc and the fixture they serve.
 
-bench/run.py, bench/ab.py and bench/credentials_ab.py import it (``import harness as bench``
+bench/run.py, bench/ab.py, bench/credentials_ab.py and bench/icount.py import it (``import harness as bench``
 in the last two). It offers:
 
 - /proc readers: ``cpu_split``/``cpu_ticks`` (utime, stime), ``rss_bytes``, ``children_of``;
