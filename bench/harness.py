@@ -1,7 +1,7 @@
 """What the benchmarks share: processes, ports, wrk, /proc and the fixture they serve.
 
-bench/run.py, bench/ab.py, bench/credentials_ab.py and bench/icount.py import it (``import harness as bench``
-in the last two). It offers:
+bench/run.py, bench/ab.py, bench/credentials_ab.py and bench/icount.py import it (``import harness as
+bench`` in the last three). It offers:
 
 - /proc readers: ``cpu_split``/``cpu_ticks`` (utime, stime), ``rss_bytes``, ``children_of``;
 - ports and processes: ``free_port``/``free_ports``, ``port_open``, ``Child``/``Children`` (every
