@@ -8,8 +8,10 @@ Three types (``upstreams.*.credential.type``, see docs/credentials.md):
 - ``oauth2_refresh_token``: the store holds this user's grant (``{"refresh_token": ...}``)
   to the upstream's OAuth app (``credential.client_id``/secret). A rotated refresh token is
   written back to the store, check-and-set on the version read, before the access token
-  is used; when another replica wrote first, the newer grant is read and used. No grant,
-  or ``invalid_grant``: ``consent_required`` (with ``authorize_url`` when configured).
+  is used; when another replica wrote first, the newer grant is read and used. When the
+  store fails, the rotated grant is written again in the background until it lands, and
+  once more when the provider is closed. No grant, or ``invalid_grant``:
+  ``consent_required`` (with ``authorize_url`` when configured).
 - ``token_exchange``: the caller's verified JWT (``Identity.token``) is exchanged
   (RFC 8693) for a token with the upstream's ``audience``; nothing is stored.
 
@@ -36,13 +38,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import copy
 import hashlib
 import json
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -90,6 +93,10 @@ REJECTED_BACKOFF_SECONDS = 30.0
 #: for a grant another replica may be about to write back
 GRANT_REREADS = 3
 GRANT_REREAD_SECONDS = 0.2
+#: a rotated grant the store did not take is written again this long after the failure,
+#: then twice as long after each failed try, up to WRITE_RETRY_MAX_SECONDS apart
+WRITE_RETRY_FIRST_SECONDS = 1.0
+WRITE_RETRY_MAX_SECONDS = 30.0
 #: the largest token endpoint answer read
 MAX_ANSWER_BYTES = 256 * 1024
 
@@ -338,6 +345,7 @@ class _TokenProvider:
         #: per key: until when "nothing stored" is remembered (negative_ttl_seconds)
         self._missing: dict[str, tuple[float, SidecarError]] = {}
         self._retired = False
+        self._closed = False
 
     # ---- the seam
 
@@ -405,6 +413,7 @@ class _TokenProvider:
         ``lookup_timeout_seconds`` for the write), so this wait is too; what is left after
         it is cancelled.
         """
+        self._closed = True
         pending = set(self._inflight.values())
         if pending:
             bound = self.settings.timeout_seconds + self.cache.lookup_timeout + 1.0
@@ -614,7 +623,33 @@ class _Grant:
     refresh_token: Secret
     version: StoreVersion | None
     #: the provider rotated it but the store did not take it yet: this is the only copy
+    #: (written again in the background; a write that lands clears it, in place, so a
+    #: refresh holding this grant writes its own rotation on the version now stored)
     unsaved: bool = False
+
+
+@dataclass(slots=True)
+class _WriteLock:
+    lock: asyncio.Lock
+    users: int = 0
+
+
+class _WriteBacks:
+    """The grant writes of one store: one at a time per secret id, and the retries of those that failed.
+
+    Shared, like the grants, by the providers a reload chains over the same store
+    (``adopt``). ``owner`` is the one whose ``close`` makes the last attempt and stops
+    the retries: the provider that took over at a reload (``successor``, once the replaced
+    one is retired), or the one that made it.
+    """
+
+    def __init__(self, owner: RefreshToken) -> None:
+        self.owner = owner
+        self.successor: RefreshToken | None = None
+        self.locks: dict[str, _WriteLock] = {}
+        #: per secret id: the task writing its unsaved grant again
+        self.retries: dict[str, asyncio.Task[None]] = {}
+        self.closed = False
 
 
 class RefreshToken(_TokenProvider):
@@ -628,10 +663,48 @@ class RefreshToken(_TokenProvider):
         self.app_id = settings.credential.client_id
         self.app_secret = app_secret(settings.credential)
         self._grants: dict[str, _Grant] = {}
+        self._writebacks = _WriteBacks(self)
 
     def keep_store_reads(self, previous: _TokenProvider) -> None:
         assert isinstance(previous, RefreshToken)
         self._grants = previous._grants
+        self._writebacks = previous._writebacks
+        self._writebacks.successor = self
+
+    def retire(self) -> None:
+        """As for every provider; and the retries of unsaved grants pass to the provider that took them over."""
+        super().retire()
+        writebacks = self._writebacks
+        heir = writebacks.successor
+        # A reload that failed after adopting closed its provider: that one never takes over.
+        if writebacks.owner is self and heir is not None and heir is not self and not heir._closed:
+            writebacks.owner = heir
+
+    async def close(self) -> None:
+        """Let token requests in flight finish (and their write-backs); then one last write of every unsaved grant.
+
+        Bounded: the wait for requests in flight as for every provider, then at most
+        ``lookup_timeout_seconds`` for a retry's write under way and as long again for the
+        last one. A grant still not stored after it is lost with this process: logged.
+        """
+        await super().close()
+        writebacks = self._writebacks
+        if writebacks.owner is not self or writebacks.closed:
+            return  # a reload's successor shares these grants and writes them
+        writebacks.closed = True
+        unsaved = [key for key, grant in self._grants.items() if grant.unsaved]
+        if unsaved:
+            lasts = [asyncio.get_running_loop().create_task(self._last_write(key)) for key in unsaved]
+            _, late = await asyncio.wait(lasts, timeout=2 * self.cache.lookup_timeout + 1.0)
+            for task in late:
+                task.cancel()
+                task.add_done_callback(_drop_outcome)
+        retries = list(writebacks.retries.values())
+        writebacks.retries.clear()
+        for task in retries:
+            task.cancel()  # each sleeps, or waits for a lock no write holds now
+        if retries:
+            await asyncio.wait(retries, timeout=1.0)
 
     def consent(self, reason: str) -> ConsentRequired:
         return ConsentRequired(reason=reason, authorize_url=self.credential.authorize_url)
@@ -667,6 +740,8 @@ class RefreshToken(_TokenProvider):
         if rotated is not None and not rotated == grant.refresh_token:
             grant = await self._write_back(secret_id, grant, rotated)
         self._grants[key] = grant
+        if grant.unsaved:
+            self._keep_writing(key, secret_id)
         return answer
 
     async def _current(self, secret_id: str, key: str) -> _Grant:
@@ -704,31 +779,57 @@ class RefreshToken(_TokenProvider):
                 return current
         return None
 
-    async def _write_back(self, secret_id: str, grant: _Grant, rotated: Secret) -> _Grant:
-        """Store the rotated refresh token, check-and-set on the version read; the grant to keep using.
+    @contextlib.asynccontextmanager
+    async def _writing(self, secret_id: str) -> AsyncIterator[None]:
+        """One grant write per secret id at a time: a request's write-back, a retry, the last try at close."""
+        locks = self._writebacks.locks
+        held = locks.get(secret_id)
+        if held is None:
+            held = locks[secret_id] = _WriteLock(asyncio.Lock())
+        held.users += 1
+        try:
+            async with held.lock:
+                yield
+        finally:
+            held.users -= 1
+            if not held.users:
+                del locks[secret_id]
 
-        Written: the new grant. Another writer first: the store's (newer) grant. The store
-        failing: the new grant, kept here as the only copy and written with the next refresh.
-        """
+    async def _store(self, secret_id: str, token: Secret, version: StoreVersion | None) -> Written | WriteConflict:
+        """One check-and-set write of a grant, within ``lookup_timeout_seconds``; StoreError (counted) when it fails."""
         backend = self.cache.backend
         try:
-            result = await asyncio.wait_for(
-                backend.write(secret_id, {"refresh_token": rotated.reveal()}, grant.version), self.cache.lookup_timeout
+            return await asyncio.wait_for(
+                backend.write(secret_id, {"refresh_token": token.reveal()}, version), self.cache.lookup_timeout
             )
         except (StoreError, TimeoutError) as exc:
-            kind = exc.kind if isinstance(exc, StoreError) else "timeout"
-            log.error(
-                "the rotated refresh token could not be written back; it is kept in memory until a write succeeds",
-                extra={"upstream": self.name, "secret_id": secret_id, "kind": kind},
-            )
-            return _Grant(rotated, grant.version, unsaved=True)
+            failure = exc if isinstance(exc, StoreError) else StoreError("timeout")
+            metrics.SECRET_STORE_ERRORS.labels(backend.name, failure.kind).inc()
+            raise StoreError(failure.kind) from None
         finally:
             # Whatever the cache held for this secret predates the rotation.
             self.cache.invalidate(secret_id)
             self.cache.invalidate(secret_id, "refresh_token")
+
+    async def _write_back(self, secret_id: str, grant: _Grant, rotated: Secret) -> _Grant:
+        """Store the rotated refresh token, check-and-set on the version read; the grant to keep using.
+
+        Written: the new grant. Another writer first: the store's (newer) grant. The store
+        failing: the new grant, kept here as the only copy and written again in the
+        background (``_keep_writing``).
+        """
+        async with self._writing(secret_id):
+            # Read under the lock: a retry that just stored ``grant`` moved its version on.
+            try:
+                result = await self._store(secret_id, rotated, grant.version)
+            except StoreError as exc:
+                log.error(
+                    "the rotated refresh token could not be written back; it is kept in memory and written again",
+                    extra={"upstream": self.name, "secret_id": secret_id, "kind": exc.kind},
+                )
+                return _Grant(rotated, grant.version, unsaved=True)
         if isinstance(result, Written):
             return _Grant(rotated, result.version)
-        assert isinstance(result, WriteConflict)
         log.info(
             "another replica rotated this grant first; using the stored one",
             extra={"upstream": self.name, "secret_id": secret_id},
@@ -737,6 +838,103 @@ class RefreshToken(_TokenProvider):
             return self._grant(await self.read_store(secret_id))
         except (SecretNotFound, StoreError, ConsentRequired):
             return _Grant(rotated, grant.version, unsaved=True)
+
+    def _keep_writing(self, key: str, secret_id: str) -> None:
+        """Write this key's unsaved grant again in the background, unless a task already does (one per secret id)."""
+        writebacks = self._writebacks
+        if writebacks.closed or secret_id in writebacks.retries:
+            return
+        task = asyncio.get_running_loop().create_task(self._retry_write(key, secret_id))
+        writebacks.retries[secret_id] = task
+        task.add_done_callback(_drop_outcome)
+
+    async def _retry_write(self, key: str, secret_id: str) -> None:
+        """Until the unsaved grant is stored, replaced (a newer rotation, another writer's grant) or dropped.
+
+        Backing off from WRITE_RETRY_FIRST_SECONDS to WRITE_RETRY_MAX_SECONDS; one
+        warning per failed try. Each try is bounded by ``lookup_timeout_seconds``.
+        """
+        writebacks = self._writebacks
+        delay = WRITE_RETRY_FIRST_SECONDS
+        try:
+            while True:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, WRITE_RETRY_MAX_SECONDS)
+                async with self._writing(secret_id):
+                    failed = await self._write_unsaved(key, secret_id)
+                if failed is None or failed == "unsupported":
+                    return  # done; or a store that takes no writes, which trying again will not change
+                log.warning(
+                    "the rotated refresh token still cannot be written back; trying again",
+                    extra={"upstream": self.name, "secret_id": secret_id, "kind": failed, "retry_in": delay},
+                )
+        finally:
+            # No await between the last look at the grant and this: a newer unsaved grant
+            # either was seen by this task or finds no task and starts one.
+            if writebacks.retries.get(secret_id) is asyncio.current_task():
+                del writebacks.retries[secret_id]
+
+    async def _last_write(self, key: str) -> None:
+        """At close: once more for this key's unsaved grant, after any try under way; the retry task stopped."""
+        secret_id = self.secret_id(key)
+        async with self._writing(secret_id):
+            retry = self._writebacks.retries.pop(secret_id, None)
+            if retry is not None:
+                retry.cancel()  # it sleeps or waits for this lock: no write of it is cut
+            failed = await self._write_unsaved(key, secret_id)
+        if failed is not None:
+            log.error(
+                "the rotated refresh token could not be written back before the provider closed; "
+                "the user will have to consent again",
+                extra={"upstream": self.name, "secret_id": secret_id, "kind": failed},
+            )
+
+    async def _write_unsaved(self, key: str, secret_id: str) -> str | None:
+        """Write this key's grant if it is still unsaved (the caller holds the write lock); None when done, or
+        the store's failure kind (try again).
+
+        A conflict means another writer stored a grant after the version ours follows:
+        if it is ours (an earlier try landed after all), it is saved; if not, the store's
+        grant is used from now on (none stored: none is kept), and ours is dropped.
+        """
+        grant = self._grants.get(key)
+        if grant is None or not grant.unsaved:
+            return None  # stored, replaced by a newer rotation that was, or dropped
+        try:
+            result = await self._store(secret_id, grant.refresh_token, grant.version)
+        except StoreError as exc:
+            return exc.kind
+        if isinstance(result, Written):
+            grant.version, grant.unsaved = result.version, False
+            log.info(
+                "the rotated refresh token was written back",
+                extra={"upstream": self.name, "secret_id": secret_id},
+            )
+            return None
+        try:
+            stored: _Grant | None = self._grant(await self.read_store(secret_id))
+        except StoreError as exc:
+            metrics.SECRET_STORE_ERRORS.labels(self.cache.backend.name, exc.kind).inc()
+            return exc.kind
+        except (SecretNotFound, ConsentRequired):
+            stored = None
+        if stored is not None and stored.refresh_token == grant.refresh_token:
+            grant.version, grant.unsaved = stored.version, False
+            log.info(
+                "the rotated refresh token was written back",
+                extra={"upstream": self.name, "secret_id": secret_id},
+            )
+            return None
+        log.warning(
+            "another writer stored a grant after the one the unsaved rotation follows; using the store's",
+            extra={"upstream": self.name, "secret_id": secret_id, "stored": "grant" if stored else "none"},
+        )
+        if self._grants.get(key) is grant:
+            if stored is None:
+                del self._grants[key]
+            else:
+                self._grants[key] = stored
+        return None
 
 
 class TokenExchange(_TokenProvider):
