@@ -59,6 +59,13 @@ def panels() -> list[dict[str, Any]]:
     return [p for p in dashboard()["panels"] if p["type"] != "row"]
 
 
+def metric_of(expr: str) -> str:
+    """The metric a panel query reads (the first sidecar_* name in it)."""
+    match = re.search(r"sidecar_\w+", expr)
+    assert match is not None, expr
+    return match.group(0)
+
+
 def substitute(expr: str) -> str:
     """A panel query as Grafana sends it, with every variable this dashboard uses filled in."""
     out = (
@@ -300,17 +307,39 @@ def test_every_panel_returns_data_from_a_real_prometheus(
                 values = prometheus.api(f"label/{match.group(2)}/values", **{"match[]": substitute(match.group(1))})
                 assert values == [NAMESPACE if variable["name"] == "namespace" else POD], variable["name"]
 
-        empty = []
-        for panel in panels():
-            for target in panel["targets"]:
-                data = prometheus.api(
-                    "query_range", query=substitute(target["expr"]), start=started, end=time.time(), step=1
-                )
-                numbers = [
-                    float(v) for series in data["result"] for _, v in series["values"] if math.isfinite(float(v))
-                ]
-                if not numbers:
-                    empty.append(panel["title"])
-        assert set(empty) == set(MAY_BE_EMPTY), f"panels without data: {empty}"
+        def empty_panels() -> dict[str, str]:
+            """Panel title -> a query of it that returned no number over the run."""
+            empty = {}
+            for panel in panels():
+                for target in panel["targets"]:
+                    data = prometheus.api(
+                        "query_range", query=substitute(target["expr"]), start=started, end=time.time(), step=1
+                    )
+                    numbers = [
+                        float(v) for series in data["result"] for _, v in series["values"] if math.isfinite(float(v))
+                    ]
+                    if not numbers:
+                        empty[panel["title"]] = target["expr"]
+            return empty
+
+        # Asked again until it holds (once in a few CI runs a rate over the outage's new series
+        # came back empty right after the waits above, for a cause not yet placed); the failure
+        # says which query and what Prometheus held for its metric.
+        last: dict[str, str] = {}
+
+        def every_panel_has_data() -> bool:
+            nonlocal last
+            last = empty_panels()
+            return set(last) == set(MAY_BE_EMPTY)
+
+        try:
+            _wait(every_panel_has_data, "every panel to return data", timeout=60)
+        except AssertionError:
+            held = {
+                title: prometheus.api("query", query=f'{{__name__=~"{metric_of(expr)}", pod="{POD}"}}[120s]')["result"]
+                for title, expr in last.items()
+                if title not in MAY_BE_EMPTY
+            }
+            raise AssertionError(f"panels without data: {last}; their samples: {held}") from None
     finally:
         prometheus.stop()
