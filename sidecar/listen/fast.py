@@ -294,11 +294,8 @@ class FastConnection(asyncio.BufferedProtocol):
         return self._received
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(self._received[:nbytes])
-
-    def data_received(self, data: bytes | memoryview) -> None:
-        """``data``: what arrived; copied here, as a view of the receive buffer is reused by the next read."""
-        self.buffer += data
+        # Copied out at once: the next read, on any connection, reuses the receive buffer.
+        self.buffer += self._received[:nbytes]
         if self.fresh:
             head = self.buffer[:8]
             if _CONNECT.startswith(head) and len(head) < 8:

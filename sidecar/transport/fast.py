@@ -208,9 +208,6 @@ class _Connection(asyncio.BufferedProtocol):
         return self._received
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(self._received[:nbytes])
-
-    def data_received(self, data: bytes | memoryview) -> None:
         parser = self._parser
         if self._failed or parser is None:
             return
@@ -221,7 +218,8 @@ class _Connection(asyncio.BufferedProtocol):
             return
         self._got_bytes = True
         try:
-            parser.feed_data(data)
+            # llhttp reads the receive buffer in place; what it hands back are copies.
+            parser.feed_data(self._received[:nbytes])
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamUnreachable("The upstream switched protocols.", reason="protocol"))
         except httptools.HttpParserError:
