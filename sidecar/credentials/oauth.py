@@ -539,22 +539,27 @@ class _TokenProvider:
     async def read_store(self, secret_id: str) -> RawSecret:
         """The store's current value, within ``secrets.lookup_timeout_seconds``; never cached.
 
-        Raises SecretNotFound, or StoreError (``timeout`` once the time is up).
+        Raises SecretNotFound, or StoreError (``timeout`` once the time is up), counted in
+        ``sidecar_secret_store_errors_total`` here, as ``_store`` counts a failed write.
         """
-        call = asyncio.get_running_loop().create_task(self.cache.backend.fetch(secret_id))
+        backend = self.cache.backend
+        call = asyncio.get_running_loop().create_task(backend.fetch(secret_id))
         try:
             done, _ = await asyncio.wait((call,), timeout=self.cache.lookup_timeout)
         finally:
             if not call.done():
                 call.cancel()
                 call.add_done_callback(_drop_outcome)
-        if not done:
-            raise StoreError("timeout", "no answer within lookup_timeout_seconds")
-        return call.result()
+        try:
+            if not done:
+                raise StoreError("timeout", "no answer within lookup_timeout_seconds")
+            return call.result()
+        except StoreError as exc:
+            metrics.SECRET_STORE_ERRORS.labels(backend.name, exc.kind).inc()
+            raise
 
     def store_failed(self, exc: StoreError) -> SecretStoreUnavailable:
-        exc.__context__ = None
-        metrics.SECRET_STORE_ERRORS.labels(self.cache.backend.name, exc.kind).inc()
+        exc.__context__ = None  # counted where it was raised (read_store)
         log.error(
             "secret store failed reading an OAuth credential", extra={"upstream": self.name, "kind": exc.kind}
         )
@@ -914,7 +919,6 @@ class RefreshToken(_TokenProvider):
         try:
             stored: _Grant | None = self._grant(await self.read_store(secret_id))
         except StoreError as exc:
-            metrics.SECRET_STORE_ERRORS.labels(self.cache.backend.name, exc.kind).inc()
             return exc.kind
         except (SecretNotFound, ConsentRequired):
             stored = None
